@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+INVENTORY ?= $(if $(wildcard .fleet/inventory.yml),.fleet/inventory.yml,inventory/local.yml)
+N ?= 3
+
+.PHONY: install train test test-unit bench provision fleet-up fleet-down reset lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/system-deps.sh
+	bash scripts/system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+train: install
+	$(BIN)/invoke train --devices 4
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests -m "not multiproc and not fleet"
+
+bench: install
+	$(BIN)/python bench/run.py
+
+provision: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-playbook -i $(INVENTORY) ansible/site.yml
+
+fleet-up: install
+	$(BIN)/python tools/fleet.py up --hosts $(N)
+
+fleet-down:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/fleet.py down
+
+reset: install
+	$(BIN)/mlx-train reset-distributed
+
+lint: install
+	cd ansible && ../$(BIN)/ansible-lint
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

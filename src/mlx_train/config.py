@@ -1,0 +1,207 @@
+"""Typed run configuration: validated once here, trusted everywhere after.
+
+`TrainConfig` is the whole resolved configuration written to `config.yaml`; `DistributedConfig`
+is the part the guide shows users (devices, per-device batch, accumulation, backend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+BACKENDS = ("ring", "mpi", "any")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _positive_int(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{name} must be a positive integer, got {value!r}",
+        )
+
+
+@dataclass
+class DistributedConfig:
+    """How the work is split: `global batch = num_devices x batch_size_per_device x accumulation`."""
+
+    num_devices: int = 1
+    batch_size_per_device: int = 8
+    gradient_accumulation: int = 1
+    backend: str = "ring"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation")
+        _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        return _dump(self, path)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "DistributedConfig":
+        return from_dict(cls, _load(source))
+
+
+@dataclass
+class ModelConfig:
+    # "gpt" (built in) or "package.module:factory" (bring your own; see docs/model_development.md)
+    name: str = "gpt"
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    seq_len: int = 128
+    vocab_size: int = 256
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "n_layers", "d_model", "n_heads", "seq_len", "vocab_size")
+        _check(self.d_model % self.n_heads == 0,
+               f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        _check(self.name == "gpt" or ":" in self.name,
+               f"unknown model {self.name!r}: use 'gpt' or 'package.module:factory'")
+
+
+@dataclass
+class DataConfig:
+    # None: the running Python's standard library sources (present on every machine).
+    path: Optional[str] = None
+    val_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+    precision: str = "fp32"
+    grad_checkpoint: bool = False
+    steps: int = 300
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+    # Per-device memory budget in bytes; None means "derive from the device".
+    memory_budget: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _positive_int(self, "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        _check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
+
+    def identity(self) -> dict:
+        """What makes two runs the same run: resuming with a different identity is refused.
+
+        The split of the global batch, precision and checkpointing are left out on purpose:
+        out-of-memory recovery changes them while keeping the run's mathematics.
+        """
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "optim": dataclasses.asdict(self.optim),
+            "global_batch_size": self.dist.global_batch_size,
+            "steps": self.steps,
+            "seed": self.seed,
+        }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        return _dump(self, path)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "TrainConfig":
+        return from_dict(cls, _load(source))
+
+
+def from_dict(cls, data: Any, where: str = "config"):
+    """Build dataclass `cls` from plain data, naming the offending key on any mismatch."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in {where} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(hint, value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float, str, bool) and not isinstance(value, base):
+        raise ValueError(f"{where} must be {base.__name__}, got {value!r}")
+    if base is int and isinstance(value, bool):
+        raise ValueError(f"{where} must be int, got {value!r}")
+    return value
+
+
+def _dump(obj: Any, path: str | Path | None) -> str:
+    text = yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def _load(source: str | Path) -> Any:
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ValueError(f"{path} is not valid YAML{at}: fix or delete it") from None

@@ -1,0 +1,141 @@
+"""Corpora and deterministic sharded batching.
+
+The default corpus is the running Python's standard library source: every machine that can run
+the trainer has it, so the main job needs no download. Tokens are bytes (vocabulary 256) unless a
+`.npy` of token ids says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import numpy as np
+
+from .config import DataConfig, DistributedConfig
+from .errors import UserError
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    description: str
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    if cfg.path is None:
+        return _stdlib_corpus(cfg.val_fraction)
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise UserError(f"data path {path} does not exist: pass a text file or folder, a .jsonl with a "
+                        "'text' field, or a .npy of token ids")
+    if path.suffix == ".npy":
+        tokens = _load_npy(path)
+        vocab = max(256, int(tokens.max()) + 1)
+    elif path.suffix == ".jsonl":
+        tokens, vocab = _load_jsonl(path), 256
+    else:
+        tokens, vocab = _load_text(path), 256
+    cut = len(tokens) - max(1, int(len(tokens) * cfg.val_fraction))
+    return Corpus(tokens[:cut], tokens[cut:], vocab, f"{path} ({len(tokens):,} tokens)")
+
+
+def _stdlib_corpus(val_fraction: float) -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts))
+    train, val = [], []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        # A file-level split keyed on the path keeps the split identical on every host and run.
+        bucket = val if zlib.crc32(rel.encode()) % 1000 < val_fraction * 1000 else train
+        bucket.append(f.read_bytes())
+    to_arr = lambda parts: np.frombuffer(b"\n".join(parts), dtype=np.uint8)
+    return Corpus(to_arr(train), to_arr(val), 256, f"Python {sysconfig.get_python_version()} stdlib ({len(files)} files)")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path} is not a readable .npy file ({exc})") from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.size == 0 or arr.min() < 0:
+        raise UserError(f"{path} must hold a non-empty 1-D array of non-negative integer token ids")
+    return arr
+
+
+def _load_jsonl(path: Path) -> np.ndarray:
+    docs = []
+    with path.open("rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"].encode())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{path}:{n} is not a JSON object with a string 'text' field") from None
+    if not docs:
+        raise UserError(f"{path} holds no documents")
+    return np.frombuffer(b"\n".join(docs), dtype=np.uint8)
+
+
+def _load_text(path: Path) -> np.ndarray:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [b for b in (f.read_bytes() for f in files) if b and b"\0" not in b[:4096]]
+    if not parts:
+        raise UserError(f"{path} holds no text files")
+    return np.frombuffer(b"\n".join(parts), dtype=np.uint8)
+
+
+class Batcher:
+    """Maps (step, micro-batch, rank) to a disjoint slice of a per-epoch permutation of windows.
+
+    Global batch `step` covers positions [step*G, (step+1)*G) of an endless sequence of epochs;
+    micro-batch m of rank r takes positions m*N*B + r*B ... + B - 1 of it. The same positions are
+    covered whatever N, B and accumulation are, so the data depends on the step alone: that is the
+    whole "data position" a checkpoint needs, and it survives a change of the batch split.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, split: str = "train"):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.n_windows = (len(tokens) - 1) // seq_len
+        self.split = split
+        self._perm_epoch, self._perm = -1, None
+
+    def require(self, n: int, what: str) -> None:
+        if self.n_windows < n:
+            raise UserError(
+                f"the {self.split} data has {self.n_windows} sequences of {self.seq_len} tokens, fewer than "
+                f"{what} ({n}): lower --batch-size, --accumulation or --seq-len, or use more data")
+
+    def _perm_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def window_ids(self, step: int, micro: int, rank: int, dist: DistributedConfig) -> np.ndarray:
+        B, N = dist.batch_size_per_device, dist.num_devices
+        start = step * dist.global_batch_size + micro * N * B + rank * B
+        positions = np.arange(start, start + B)
+        epochs, offsets = positions // self.n_windows, positions % self.n_windows
+        return np.array([self._perm_for(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+    def batch(self, step: int, micro: int, rank: int, dist: DistributedConfig) -> Tuple[np.ndarray, np.ndarray]:
+        ids = self.window_ids(step, micro, rank, dist)
+        idx = ids[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None, :]
+        chunk = self.tokens[idx].astype(np.int32)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def micro_batches(self, step: int, rank: int, dist: DistributedConfig) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        for m in range(dist.gradient_accumulation):
+            yield self.batch(step, m, rank, dist)

@@ -1,0 +1,131 @@
+"""Checkpoints: safetensors for arrays, a JSON manifest with checksums, atomic by rename.
+
+Layout: `checkpoints/step-000120/{model,optimizer}.safetensors` + `manifest.json`. A checkpoint is
+written under a temporary name and renamed into place, so a crash mid-write never leaves a
+directory that looks complete; a damaged one (bad checksum, missing file) is skipped on load in
+favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+
+FORMAT = 1
+_PREFIX = "step-"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    model: Dict[str, mx.array]
+    optimizer: Dict[str, mx.array]
+    rng: Optional[mx.array]
+    meta: dict
+
+
+@dataclass
+class LoadResult:
+    checkpoint: Optional[Checkpoint]
+    # (path, reason) for every newer checkpoint that was damaged and skipped.
+    skipped: List[tuple] = field(default_factory=list)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str, mx.array],
+         rng: Optional[mx.array] = None, meta: Optional[dict] = None, keep: int = 3) -> Path:
+    """Write checkpoint `step` under `root` atomically and keep only the newest `keep`."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    arrays = {"model": model, "optimizer": dict(optimizer)}
+    if rng is not None:
+        arrays["optimizer"]["__rng__"] = rng
+    files = {}
+    for name, tree in arrays.items():
+        path = tmp / f"{name}.safetensors"
+        mx.save_safetensors(str(path), tree)
+        files[path.name] = _sha256(path)
+    manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files, "meta": meta or {}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for f in tmp.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # a rerun of the same step after a restart: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in list_steps(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_steps(root: Path) -> List[Path]:
+    """Checkpoint directories, oldest first (temporary ones excluded)."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def verify(path: Path) -> Optional[str]:
+    """Return why checkpoint `path` is unusable, or None when it is intact."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"manifest unreadable ({exc.__class__.__name__})"
+    if manifest.get("format") != FORMAT:
+        return f"unknown checkpoint format {manifest.get('format')!r}"
+    for name, digest in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if _sha256(f) != digest:
+            return f"{name} checksum mismatch"
+    return None
+
+
+def load_latest(root: Path) -> LoadResult:
+    result = LoadResult(None)
+    for path in reversed(list_steps(root)):
+        reason = verify(path)
+        if reason:
+            result.skipped.append((str(path), reason))
+            continue
+        manifest = json.loads((path / "manifest.json").read_text())
+        opt = mx.load(str(path / "optimizer.safetensors"))
+        rng = opt.pop("__rng__", None)
+        result.checkpoint = Checkpoint(manifest["step"], path, mx.load(str(path / "model.safetensors")), opt,
+                                       rng, manifest.get("meta", {}))
+        return result
+    return result

@@ -1,0 +1,57 @@
+"""Sub-commands about the fleet and tuning: configure, check-network, reset-distributed, optimize."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_configure(a: argparse.Namespace) -> int:
+    from .configure import configure
+
+    return configure(distributed=a.distributed, inventory=a.inventory, output=a.output, hostfile=a.hostfile)
+
+
+def cmd_check_network(a: argparse.Namespace) -> int:
+    from .network import check_network
+
+    return check_network(cluster_file=a.cluster, backend=a.backend, size_mb=a.size_mb)
+
+
+def cmd_reset(a: argparse.Namespace) -> int:
+    from .reset import reset_distributed
+
+    return reset_distributed(cluster_file=a.cluster, local_only=a.local)
+
+
+def cmd_optimize(a: argparse.Namespace) -> int:
+    from .optimize import optimize
+
+    return optimize(a)
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("configure", help="write the cluster file from an Ansible inventory")
+    p.add_argument("--distributed", action="store_true", help="configure for multi-host training")
+    p.add_argument("--inventory", help="Ansible inventory (default: the test fleet's, else inventory/local.yml)")
+    p.add_argument("--output", default="cluster.yaml", help="cluster file to write")
+    p.add_argument("--hostfile", default="hostfile.json", help="mlx.launch-compatible hostfile to write")
+    p.set_defaults(func=cmd_configure)
+
+    p = sub.add_parser("check-network", help="ssh, interfaces, MCA values, ring ports and bandwidth between hosts")
+    p.add_argument("--cluster")
+    p.add_argument("--backend", choices=["ring", "mpi"], default="ring")
+    p.add_argument("--size-mb", type=float, default=8.0, help="all_sum buffer size for the bandwidth probe")
+    p.set_defaults(func=cmd_check_network)
+
+    p = sub.add_parser("reset-distributed", help="stop this project's stray ranks and remove stale files")
+    p.add_argument("--cluster")
+    p.add_argument("--local", action="store_true", help="only this machine")
+    p.set_defaults(func=cmd_reset)
+
+    p = sub.add_parser("optimize", help="measure candidate settings and write the best as a config file")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--config", help="base config (YAML)")
+    p.add_argument("--output", default="optimized.yaml")
+    p.add_argument("--trial-steps", type=int, default=4)
+    p.add_argument("--memory-budget")
+    p.set_defaults(func=cmd_optimize)

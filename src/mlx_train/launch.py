@@ -1,0 +1,152 @@
+"""How ranks are started: the commands and environments for each process, nothing more.
+
+Three shapes, all running the same `python -m mlx_train.worker`:
+- ring, local ranks: one child per rank with the ring's peer list on loopback;
+- ring over ssh: one `ssh host ... worker` per rank with the hosts' pinned addresses;
+- mpi: one `mpirun --tag-output` carrying every rank (local or `--host` list).
+The supervisor (supervisor.py) owns the processes these describe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from .config import TrainConfig
+from .errors import UserError
+
+LOCAL = "localhost"
+
+
+@dataclass
+class Host:
+    name: str                    # ssh destination, or "localhost"
+    addr: str = "127.0.0.1"      # address the ring backend binds and connects on
+    python: str = sys.executable  # absolute interpreter on that host
+    cores: Optional[int] = None
+    slots: int = 1               # ranks this host takes
+
+    @property
+    def local(self) -> bool:
+        return self.name == LOCAL
+
+
+@dataclass
+class RankProc:
+    argv: List[str]
+    env: Dict[str, str]
+    host: str
+    ranks: List[int]
+    tagged: bool = False         # lines arrive as mpirun's "[job,rank]<stdout>:" tags
+
+
+def local_hosts(n: int) -> List[Host]:
+    return [Host(LOCAL, "127.0.0.1", sys.executable, os.cpu_count(), n)]
+
+
+def rank_hosts(hosts: List[Host]) -> List[Host]:
+    """Host of each rank, ranks in blocks so ring neighbours share a host where they can."""
+    return [h for h in hosts for _ in range(h.slots)]
+
+
+def worker_args(cfg: TrainConfig, run_dir: str, run_id: str, resume: bool, stop_after: Optional[int]) -> List[str]:
+    args = ["-m", "mlx_train.worker", "--config-json", json.dumps(cfg.to_dict(), separators=(",", ":")),
+            "--run-dir", run_dir, "--run-id", run_id]
+    if resume:
+        args.append("--resume")
+    if stop_after is not None:
+        args += ["--stop-after", str(stop_after)]
+    return args
+
+
+def _free_ports(n: int) -> List[int]:
+    """n ports free on loopback now (held open together so they are distinct)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _remote_ports(n: int) -> List[int]:
+    # Remote hosts cannot be probed from here; a fresh random base per attempt steps around
+    # sockets still in TIME_WAIT from the previous attempt.
+    base = random.randrange(20000, 60000 - n)
+    return list(range(base, base + n))
+
+
+def _ssh(host: Host, env: Dict[str, str], argv: List[str]) -> List[str]:
+    # Environment variables do not cross ssh, so they go on the remote command line. A login
+    # shell is not used: the interpreter path is absolute.
+    remote = " ".join(["exec", "env", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
+    return ["ssh", "-T", "-o", "BatchMode=yes", host.name, remote]
+
+
+def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List[RankProc]:
+    per_rank = rank_hosts(hosts)
+    n = len(per_rank)
+    ports = _free_ports(n) if all(h.local for h in hosts) else _remote_ports(n)
+    peers = json.dumps([[f"{h.addr}:{p}"] for h, p in zip(per_rank, ports)])
+    procs = []
+    for rank, host in enumerate(per_rank):
+        argv = [host.python, *base_args, "--rank", str(rank), "--ring-hosts", peers,
+                "--ranks-on-host", str(host.slots)]
+        env = {"PYTHONUNBUFFERED": "1"}
+        if host.local:
+            procs.append(RankProc(argv, {**os.environ, **env}, host.name, [rank]))
+        else:
+            procs.append(RankProc(_ssh(host, env, argv), dict(os.environ), host.name, [rank]))
+    return procs
+
+
+def mpi_env() -> Dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1"}
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if sys.platform.startswith("linux") and not any(os.path.exists(os.path.join(d, "libmpi.so")) for d in
+                                                     ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")):
+        # Debian's openmpi-bin alone ships only the versioned library MLX does not look for.
+        env["MLX_MPI_LIBNAME"] = "libmpi.so.40"
+    return env
+
+
+def plan_mpi(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List[RankProc]:
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise UserError("--backend mpi needs OpenMPI's mpirun on PATH: run `make install` (Debian: apt-get install "
+                        "openmpi-bin libopenmpi-dev; macOS: brew install open-mpi), or use --backend ring")
+    per_rank = rank_hosts(hosts)
+    env = mpi_env()
+    argv = [mpirun, "-np", str(len(per_rank)), "--tag-output"]
+    if all(h.local for h in hosts):
+        argv += ["--oversubscribe"]
+    else:
+        argv += ["--host", ",".join(f"{h.name}:{h.slots}" for h in hosts)]
+    for key in sorted(env):
+        argv += ["-x", key]
+    python = hosts[0].python
+    argv += [python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
+    return [RankProc(argv, {**os.environ, **env}, hosts[0].name if len(hosts) == 1 else "mpirun",
+                     list(range(len(per_rank))), tagged=True)]
+
+
+def plan(cfg: TrainConfig, hosts: List[Host], run_dir: str, run_id: str, resume: bool,
+         stop_after: Optional[int] = None) -> List[RankProc]:
+    total = sum(h.slots for h in hosts)
+    if total != cfg.dist.num_devices:
+        raise UserError(f"{cfg.dist.num_devices} devices asked for but the hosts provide {total} slots: "
+                        "change --devices or the cluster file")
+    base = worker_args(cfg, run_dir, run_id, resume, stop_after)
+    return plan_mpi(cfg, hosts, base) if cfg.dist.backend == "mpi" else plan_ring(cfg, hosts, base)

@@ -1,0 +1,128 @@
+"""Start or resume a run: resolve the configuration, check it against the data, supervise it."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from . import cluster
+from .config import TrainConfig, from_dict
+from .console import ProgressView
+from .data import Batcher, load_corpus
+from .errors import UserError
+from .launch import Host, local_hosts
+from .rundir import RUNS_ROOT, RunDir, new_run_id
+from .supervisor import Supervisor
+
+
+@dataclass
+class RunRequest:
+    overrides: dict                    # nested {"dist": {...}, "model": {...}, ...}: only what the user set
+    config_file: Optional[str] = None
+    run_dir: Optional[str] = None
+    resume: Optional[str] = None
+    distributed: bool = False
+    cluster_file: Optional[str] = None
+    max_restarts: int = 3
+    stall_timeout: float = 300.0
+    stop_after: Optional[int] = None
+    optimize_memory: bool = False
+    live: Optional[bool] = None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def resolve_config(req: RunRequest) -> TrainConfig:
+    """defaults < --config file (or the resumed run's config.yaml) < flags; validated here, once."""
+    base = TrainConfig().to_dict()
+    source = "flags"
+    if req.resume:
+        base, source = RunDir(req.resume).load_config().to_dict(), f"{req.resume}/config.yaml"
+    elif req.config_file:
+        try:
+            base, source = _merge(base, TrainConfig.from_yaml(req.config_file).to_dict()), req.config_file
+        except ValueError as exc:
+            raise UserError(f"--config {req.config_file}: {exc}") from None
+    try:
+        return from_dict(TrainConfig, _merge(base, req.overrides))
+    except ValueError as exc:
+        raise UserError(f"{exc} (from {source}): fix the value and run again") from None
+
+
+def check_data(cfg: TrainConfig) -> TrainConfig:
+    """Fail before any rank starts if the data cannot feed this configuration; fill in the vocabulary."""
+    corpus = load_corpus(cfg.data)
+    if cfg.model.name == "gpt" and corpus.vocab_size > cfg.model.vocab_size:
+        cfg.model.vocab_size = corpus.vocab_size
+    if cfg.model.name == "gpt" and corpus.vocab_size < cfg.model.vocab_size and cfg.data.path is None:
+        raise UserError(f"vocab_size {cfg.model.vocab_size} does not match the byte corpus (256)")
+    Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training").require(cfg.dist.global_batch_size,
+                                                                            "one global batch")
+    Batcher(corpus.val, cfg.model.seq_len, cfg.seed, "validation").require(
+        cfg.dist.num_devices * cfg.dist.batch_size_per_device, "one validation batch per device")
+    return cfg
+
+
+def hosts_for(req: RunRequest, cfg: TrainConfig) -> List[Host]:
+    if req.distributed or req.cluster_file:
+        hosts = cluster.with_devices(cluster.load_hosts(req.cluster_file),
+                                     req.overrides.get("dist", {}).get("num_devices"))
+        cfg.dist.num_devices = sum(h.slots for h in hosts)
+        return hosts
+    return local_hosts(cfg.dist.num_devices)
+
+
+def start(req: RunRequest) -> int:
+    cfg = resolve_config(req)
+    hosts = hosts_for(req, cfg)
+    if req.optimize_memory:
+        from .memory import plan_for_budget
+
+        cfg = plan_for_budget(cfg)
+    cfg = check_data(cfg)
+    from_dict(TrainConfig, cfg.to_dict())  # re-validate after the adjustments above
+    run = RunDir(req.resume or req.run_dir or RUNS_ROOT / new_run_id())
+    run.prepare(cfg, resume=bool(req.resume))
+    d = cfg.dist
+    where = ", ".join(f"{h.name} x{h.slots}" for h in hosts)
+    print(f"run {run.path}: {d.num_devices} ranks ({where}), backend {d.backend}; global batch {d.global_batch_size} "
+          f"= {d.num_devices} devices x {d.batch_size_per_device} per device x {d.gradient_accumulation} "
+          f"accumulation; {cfg.steps} steps", flush=True)
+    start_step = 0
+    if req.resume:
+        from .checkpoint import list_steps
+
+        steps = list_steps(run.checkpoints)
+        start_step = int(steps[-1].name.split("-")[1]) if steps else 0
+    view = ProgressView(cfg.steps, start_step, live=req.live)
+    sup = Supervisor(cfg, run, hosts, max_restarts=req.max_restarts, stall_timeout=req.stall_timeout,
+                     resume=bool(req.resume), stop_after=req.stop_after, view=view,
+                     reconfigure=_oom_reconfigure(run))
+    return sup.supervise()
+
+
+def _oom_reconfigure(run: RunDir):
+    def reconfigure(cfg: TrainConfig, outcome) -> Optional[TrainConfig]:
+        from .memory import MemoryOptimizer
+
+        run.event("oom", step=outcome.step, **(outcome.oom or {}))
+        new = MemoryOptimizer.suggest_recovery_config(cfg)
+        if new is not None:
+            fields = ("batch_size_per_device", "gradient_accumulation")
+            old_s = {**{f: getattr(cfg.dist, f) for f in fields}, "grad_checkpoint": cfg.grad_checkpoint,
+                     "precision": cfg.precision}
+            new_s = {**{f: getattr(new.dist, f) for f in fields}, "grad_checkpoint": new.grad_checkpoint,
+                     "precision": new.precision}
+            run.event("reconfigure", old=old_s, new=new_s, global_batch=new.dist.global_batch_size)
+            new.to_yaml(run.config_path)
+        return new
+
+    return reconfigure
+

@@ -1,0 +1,107 @@
+"""The run directory: a contract that the supervisor writes and monitor, status and tests read.
+
+    config.yaml      resolved TrainConfig
+    metrics.jsonl    one object per logged step
+    events.jsonl     supervisor events (launch, rank_exit, restart, resume, finish, failed, ...)
+    checkpoints/     see checkpoint.py
+    logs/rank-N.log  each rank's output
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from .config import TrainConfig
+from .errors import UserError
+
+RUNS_ROOT = Path("runs")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+class RunDir:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    events_path = property(lambda self: self.path / "events.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    logs = property(lambda self: self.path / "logs")
+
+    @property
+    def run_id(self) -> str:
+        return self.path.resolve().name
+
+    def log_path(self, rank: int) -> Path:
+        return self.logs / f"rank-{rank}.log"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self) -> TrainConfig:
+        try:
+            return TrainConfig.from_yaml(self.config_path)
+        except ValueError as exc:
+            raise UserError(f"{self.config_path}: {exc}") from None
+
+    def prepare(self, cfg: TrainConfig, resume: bool) -> None:
+        """Create the directory for `cfg`, refusing to mix two different runs in one place."""
+        if self.exists():
+            old = self.load_config()
+            if old.identity() != cfg.identity():
+                changed = sorted(k for k in cfg.identity() if old.identity()[k] != cfg.identity()[k])
+                raise UserError(f"{self.path} holds a different run ({', '.join(changed)} differ): choose another "
+                                "--run-dir, or --resume it without changing those settings")
+            if not resume:
+                raise UserError(f"{self.path} already holds a run: add --resume {self.path} to continue it, "
+                                "or choose another --run-dir")
+        elif resume:
+            raise UserError(f"nothing to resume in {self.path}: no config.yaml there")
+        for d in (self.path, self.checkpoints, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".yaml.tmp")
+        cfg.to_yaml(tmp)
+        tmp.replace(self.config_path)
+
+    def append(self, path: Path, record: dict) -> None:
+        with path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def event(self, event: str, **fields) -> dict:
+        record = {"event": event, "time": time.time(), **fields}
+        self.append(self.events_path, record)
+        return record
+
+    def metrics(self) -> List[dict]:
+        return list(read_jsonl(self.metrics_path))
+
+    def events(self) -> List[dict]:
+        return list(read_jsonl(self.events_path))
+
+    def finished(self) -> bool:
+        evs = self.events()
+        return bool(evs) and evs[-1]["event"] in ("finish", "failed", "interrupted", "stopped")
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Records of a JSONL file; a torn last line (a writer mid-append) is skipped."""
+    if not path.is_file():
+        return
+    with path.open() as fh:
+        for line in fh:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def newest_run(root: Path = RUNS_ROOT) -> Optional[RunDir]:
+    runs = [RunDir(p) for p in root.glob("*/") if (p / "config.yaml").is_file()] if root.is_dir() else []
+    return max(runs, key=lambda r: r.config_path.stat().st_mtime, default=None)

@@ -1,0 +1,296 @@
+"""The supervisor: owns the rank processes of a run, restarts them from the last checkpoint.
+
+It knows each rank's exit as it happens (one waiter thread per process, blocked in wait()), reads
+every rank's output through a pipe (one pump thread per process), and sleeps on a queue in
+between: nothing polls. A rank that dies takes its peers down with it (they would hang or fail in
+the next all_sum anyway); the whole group is then relaunched with --resume, up to --max-restarts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from . import launch, protocol
+from .config import TrainConfig
+from .console import ProgressView
+from .launch import Host, RankProc
+from .rundir import RunDir
+
+_TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
+STOP_GRACE_S = 5.0
+
+
+def _die_with_parent() -> None:
+    # Linux: a rank gets SIGKILL if the supervisor dies, so no orphan outlives a killed supervisor.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Outcome:
+    status: str                 # done | stopped | failed | oom | user_error | interrupted
+    step: int = 0
+    reason: str = ""
+    oom: Optional[dict] = None
+
+
+@dataclass
+class _Proc:
+    spec: RankProc
+    popen: subprocess.Popen
+    pump: threading.Thread = None
+    code: Optional[int] = None
+
+
+class Attempt:
+    """One launch of every rank: the processes, their pumps and waiters."""
+
+    def __init__(self, specs: List[RankProc], run: RunDir, inbox: "queue.Queue", attempt: int):
+        self.run, self.inbox = run, inbox
+        self.logs = {}
+        self.hello: Dict[int, dict] = {}
+        self.oom: Optional[dict] = None
+        self.procs: List[_Proc] = []
+        for spec in specs:
+            for r in spec.ranks:
+                self.logs[r] = run.log_path(r).open("a", buffering=1)
+                self.logs[r].write(f"==== attempt {attempt} on {spec.host} ====\n")
+            popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+            proc = _Proc(spec, popen)
+            proc.pump = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+            proc.pump.start()
+            threading.Thread(target=self._wait, args=(len(self.procs), proc), daemon=True).start()
+            self.procs.append(proc)
+
+    def _pump(self, proc: _Proc) -> None:
+        for line in proc.popen.stdout:
+            line = line.rstrip("\n")
+            rank = proc.spec.ranks[0]
+            if proc.spec.tagged:
+                m = _TAGGED.match(line)
+                if m:
+                    rank, line = int(m.group(1)), m.group(2)
+            msg = protocol.parse(line)
+            if msg is None:
+                self.logs.get(rank, self.logs[proc.spec.ranks[0]]).write(line + "\n")
+                continue
+            if msg["kind"] != "hb":
+                self.logs[rank].write(line + "\n")
+            self.inbox.put(("msg", rank, msg))
+
+    def _wait(self, index: int, proc: _Proc) -> None:
+        code = proc.popen.wait()
+        proc.pump.join()  # every line the process wrote is in before its exit is reported
+        self.inbox.put(("exit", index, code))
+
+    def running(self) -> List[_Proc]:
+        return [p for p in self.procs if p.popen.poll() is None]
+
+    def stop(self) -> None:
+        """SIGTERM every rank still running, then SIGKILL whatever is left after a grace period."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = self.running()
+            if not alive:
+                return
+            for p in alive:
+                self._signal(p, sig)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for p in alive:
+                try:
+                    p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def _signal(self, proc: _Proc, sig: int) -> None:
+        if proc.spec.host not in (launch.LOCAL, "mpirun"):
+            # A remote rank: the ssh client dying does not reliably end it, so signal it by the
+            # pid it reported, on its own host.
+            for r in proc.spec.ranks:
+                pid = self.hello.get(r, {}).get("pid")
+                if pid:
+                    subprocess.run(["ssh", "-o", "BatchMode=yes", proc.spec.host, f"kill -{int(sig)} {pid}"],
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+        try:
+            os.killpg(proc.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        for f in self.logs.values():
+            f.close()
+
+
+class Supervisor:
+    def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int = 3,
+                 stall_timeout: float = 300.0, resume: bool = False, stop_after: Optional[int] = None,
+                 view: Optional[ProgressView] = None,
+                 reconfigure: Optional[Callable[[TrainConfig, Outcome], Optional[TrainConfig]]] = None):
+        self.cfg, self.run, self.hosts = cfg, run, hosts
+        self.max_restarts, self.stall_timeout = max_restarts, stall_timeout
+        self.resume, self.stop_after = resume, stop_after
+        self.view = view or ProgressView(cfg.steps, live=False)
+        # Called after an out-of-memory failure: the configuration to relaunch with, or None.
+        self.reconfigure = reconfigure
+        self.inbox: "queue.Queue" = queue.Queue()
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.inbox.put(("signal", signum))
+
+    def supervise(self) -> int:
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._loop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.view.close()
+
+    def _loop(self) -> int:
+        attempt, resume = 0, self.resume
+        while True:
+            out = self._attempt(attempt, resume)
+            if out.status in ("done", "stopped"):
+                self.run.event("finish" if out.status == "done" else "stopped", step=out.step)
+                self.view.note(f"[green]{'finished' if out.status == 'done' else 'stopped'} at step {out.step}[/]")
+                return 0
+            if out.status == "interrupted":
+                self.run.event("interrupted", step=out.step)
+                self.view.note("interrupted: every rank stopped; continue with --resume " + str(self.run.path))
+                return 130
+            if out.status == "user_error":
+                self.run.event("failed", reason=out.reason)
+                self.view.note(f"[red]error:[/] {out.reason}")
+                return 2
+            if out.status == "oom":
+                new = self.reconfigure(self.cfg, out) if self.reconfigure else None
+                if new is None:
+                    reason = f"out of memory ({out.reason}) and no smaller configuration fits"
+                    self.run.event("failed", reason=reason)
+                    self.view.note(f"[red]failed:[/] {reason}")
+                    return 1
+                self.cfg = new
+            if attempt >= self.max_restarts:
+                reason = f"{out.reason}; gave up after {self.max_restarts} restarts"
+                self.run.event("failed", reason=reason)
+                self.view.note(f"[red]failed:[/] {reason}")
+                return 1
+            attempt += 1
+            resume = True
+            self.run.event("restart", attempt=attempt, reason=out.reason)
+            self.view.note(f"[yellow]restart {attempt}/{self.max_restarts}:[/] {out.reason}")
+
+    def _attempt(self, attempt: int, resume: bool) -> Outcome:
+        specs = launch.plan(self.cfg, self.hosts, str(self.run.path.resolve()), self.run.run_id, resume,
+                            self.stop_after)
+        group = Attempt(specs, self.run, self.inbox, attempt)
+        try:
+            return self._watch(group, attempt)
+        finally:
+            group.close()
+
+    def _watch(self, group: Attempt, attempt: int) -> Outcome:
+        n = self.cfg.dist.num_devices
+        step, finished, launched, status = 0, set(), False, "done"
+        last_progress = time.monotonic()
+        failure: Optional[Outcome] = None
+        exited = 0
+        while exited < len(group.procs):
+            try:
+                item = self.inbox.get(timeout=1.0)
+            except queue.Empty:
+                if failure is None and time.monotonic() - last_progress > self.stall_timeout:
+                    failure = Outcome("failed", step, f"no progress from the ranks for {self.stall_timeout:.0f} s")
+                    self.run.event("stall", step=step, timeout_s=self.stall_timeout)
+                    group.stop()
+                continue
+            kind = item[0]
+            if kind == "signal":
+                if failure is None or failure.status != "interrupted":
+                    failure = Outcome("interrupted", step, "interrupted")
+                    group.stop()
+                continue
+            if kind == "exit":
+                exited += 1
+                proc = group.procs[item[1]]
+                code = item[2]
+                for r in proc.spec.ranks if not proc.spec.tagged else [None]:
+                    rec = {"rank": r, "host": proc.spec.host}
+                    rec.update({"signal": -code} if code < 0 else {"code": code})
+                    self.run.event("rank_exit", **rec)
+                if failure is None and (code != 0 or not set(proc.spec.ranks) <= finished):
+                    failure = self._classify(group, proc, code, step)
+                    group.stop()
+                continue
+            _, rank, msg = item
+            k = msg["kind"]
+            if k == "hb":
+                last_progress = time.monotonic()
+                step = max(step, msg["step"]) if rank == 0 else step
+            elif k == "hello":
+                group.hello[rank] = msg
+                if len(group.hello) == n and not launched:
+                    launched = True
+                    ranks = [{"rank": r, "host": group.hello[r]["host"], "pid": group.hello[r]["pid"]} for r in sorted(group.hello)]
+                    self.run.event("launch", attempt=attempt, backend=self.cfg.dist.backend, ranks=ranks,
+                                   devices=n, global_batch=self.cfg.dist.global_batch_size,
+                                   batch_size_per_device=self.cfg.dist.batch_size_per_device,
+                                   gradient_accumulation=self.cfg.dist.gradient_accumulation)
+            elif k == "metrics":
+                rec = {key: v for key, v in msg.items() if key != "kind"}
+                rec.update(time=time.time(), attempt=attempt)
+                self.run.append(self.run.metrics_path, rec)
+                self.view.metrics(rec)
+                last_progress = time.monotonic()
+            elif k in ("resumed",):
+                self.run.event("resume", step=msg["step"])
+                step = msg["step"]
+                last_progress = time.monotonic()
+            elif k == "event":
+                fields = {key: v for key, v in msg.items() if key not in ("kind", "event")}
+                if msg["event"] == "resume_empty":
+                    self.run.event("resume", step=0, note="no checkpoint yet: starting from scratch")
+                else:
+                    self.run.event(msg["event"], rank=rank, **fields)
+                    self.view.note(f"[yellow]warning:[/] {msg['event']} {fields}")
+            elif k == "checkpoint":
+                self.run.event("checkpoint", step=msg["step"])
+            elif k == "oom":
+                group.oom = {key: v for key, v in msg.items() if key != "kind"}
+            elif k in ("done", "stopped"):
+                finished.add(rank)
+                step = msg["step"]
+                status = k
+        return failure or Outcome(status, step)
+
+    def _classify(self, group: Attempt, proc: _Proc, code: int, step: int) -> Outcome:
+        where = f"rank {proc.spec.ranks[0]}" if len(proc.spec.ranks) == 1 else "mpirun"
+        what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        if code == protocol.EXIT_USER_ERROR:
+            tail = self._log_tail(proc.spec.ranks[0])
+            return Outcome("user_error", step, tail or f"{where} rejected its input ({what})")
+        if code == protocol.EXIT_OUT_OF_MEMORY:
+            return Outcome("oom", step, f"{where} passed its memory budget", oom=group.oom)
+        if code == 0:
+            return Outcome("failed", step, f"{where} exited before finishing")
+        return Outcome("failed", step, f"{where} {what}")
+
+    def _log_tail(self, rank: int) -> str:
+        try:
+            lines = self.run.log_path(rank).read_text().splitlines()
+        except OSError:
+            return ""
+        errors = [l for l in lines if l.startswith("error: ")]
+        return errors[-1][len("error: "):] if errors else ""

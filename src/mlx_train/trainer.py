@@ -1,0 +1,174 @@
+"""The training loop of one rank: build, restore, step, evaluate, report, checkpoint."""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from . import checkpoint, protocol
+from .config import TrainConfig, DistributedConfig
+from .data import Batcher, load_corpus
+from .errors import UserError
+from .model import build_model, count_parameters
+from .step import Stepper, current_lr, make_optimizer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str):
+        self.cfg, self.group = cfg, group
+        self.rank, self.size = group.rank(), group.size()
+        if self.size != cfg.dist.num_devices:
+            raise UserError(f"started with {self.size} ranks but the config asks for {cfg.dist.num_devices} devices")
+        self.ckpt_root = Path(run_dir) / "checkpoints"
+        corpus = load_corpus(cfg.data)
+        self.train = Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training")
+        self.val = Batcher(corpus.val, cfg.model.seq_len, cfg.seed + 1, "validation")
+        self.train.require(cfg.dist.global_batch_size, "one global batch")
+        self.val_dist = DistributedConfig(cfg.dist.num_devices, cfg.dist.batch_size_per_device, 1, cfg.dist.backend)
+        self.val.require(self.val_dist.global_batch_size, "one validation batch per device")
+
+        mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
+        model, loss_fn = build_model(cfg.model, cfg.grad_checkpoint)
+        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
+        self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
+        self.optimizer.init(self.stepper.params)
+        self.n_params = count_parameters(model)
+        self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
+        self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}")
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def run(self, resume: bool = False, stop_after: Optional[int] = None) -> None:
+        cfg = self.cfg
+        step = self.restore() if resume else 0
+        protocol.emit("start", step=step, steps=cfg.steps, params=self.n_params, global_batch=cfg.dist.global_batch_size)
+        window: List[tuple] = []
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            # MLX has no setter for its global RNG state, so make it a function of (seed, step,
+            # rank): a resumed run then draws exactly what the uninterrupted one would have.
+            mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
+            stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
+            step += 1
+            window.append((time.perf_counter() - t0, stats))
+            protocol.emit("hb", step=step)
+            val_loss = self.validate() if step % cfg.eval_every == 0 or step == cfg.steps else None
+            if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
+                self.log(step, window, val_loss)
+                window = []
+            self.check_memory_budget(step)
+            stopping = stop_after is not None and step >= stop_after
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                self.save(step)
+            if stopping:
+                protocol.emit("stopped", step=step)
+                return
+        protocol.emit("done", step=step)
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def validate(self) -> float:
+        batches = (self.val.batch(i, 0, self.rank, self.val_dist) for i in range(self.cfg.eval_batches))
+        local = self.stepper.evaluate(batches)
+        return float(self.all_mean(local).item())
+
+    def all_mean(self, x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(x, group=self.group) / self.size if self.size > 1 else x
+
+    def log(self, step: int, window: List[tuple], val_loss: Optional[float]) -> None:
+        loss = float(self.all_mean(mx.array(window[-1][1].loss)).item())
+        mine = mx.array([mx.get_peak_memory(), self.param_checksum()], dtype=mx.int64)
+        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 2)
+        step_time = sum(w[0] for w in window) / len(window)
+        record = {
+            "step": step, "loss": loss, "lr": current_lr(self.optimizer),
+            "tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time,
+            "comm_time_s": sum(w[1].comm_s for w in window) / len(window),
+            "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
+            "grad_norm": window[-1][1].grad_norm, "devices": self.size,
+            "global_batch": self.cfg.dist.global_batch_size,
+            "peak_memory": [int(v) for v in everyone[:, 0]],
+            "param_checksum": [int(v) for v in everyone[:, 1]],
+        }
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        if self.rank == 0:
+            protocol.emit("metrics", **record)
+
+    def param_checksum(self) -> int:
+        crc = 0
+        for _, v in sorted(tree_flatten(self.stepper.params), key=lambda kv: kv[0]):
+            crc = zlib.crc32(memoryview(np.array(v)).cast("B"), crc)
+        return crc
+
+    def check_memory_budget(self, step: int) -> None:
+        budget, peak = self.cfg.memory_budget, mx.get_peak_memory()
+        if budget is not None and peak > budget:
+            # Stop with our own code while we still can: the OS would SIGKILL us (Linux) or the
+            # Metal driver abort us, and the supervisor then has less to go on.
+            protocol.emit("oom", rank=self.rank, step=step, peak=peak, budget=budget)
+            sys.stdout.flush()
+            sys.exit(protocol.EXIT_OUT_OF_MEMORY)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        if self.rank != 0:
+            return
+        path = checkpoint.save(
+            self.ckpt_root, step, dict(tree_flatten(self.stepper.params)), dict(tree_flatten(self.optimizer.state)),
+            rng=mx.random.state[0], meta={"data_position": step, "dist": self.cfg.dist.to_dict(),
+                                          "identity": self.cfg.identity()},
+            keep=self.cfg.keep_checkpoints)
+        protocol.emit("checkpoint", step=step, path=str(path))
+
+    def restore(self) -> int:
+        """Load the newest intact checkpoint on rank 0 and hand it to every rank; return its step.
+
+        MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to one all_sum
+        (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact.
+        """
+        found = None
+        if self.rank == 0:
+            result = checkpoint.load_latest(self.ckpt_root)
+            for path, reason in result.skipped:
+                protocol.emit("event", event="checkpoint_damaged", path=path, reason=reason)
+            found = result.checkpoint
+        header = mx.array([found.step + 1 if found else 0], dtype=mx.int32)
+        step = int(self.broadcast(header).item()) - 1
+        if step < 0:
+            if self.rank == 0:
+                protocol.emit("event", event="resume_empty")
+            return 0
+        # Keep the model's own key order: gradient clipping sums the leaves in tree order, and a
+        # different order rounds the norm differently, which would break exact resumption.
+        params = dict(tree_flatten(self.stepper.params))
+        state = {k: v for k, v in tree_flatten(self.optimizer.state) if k not in ("step", "learning_rate")}
+        if found is not None:
+            params = {k: found.model[k] for k in params}
+            state = {k: found.optimizer[k] for k in state}
+        values = list(params.values()) + list(state.values())
+        flat = np.array(self.broadcast(mx.concatenate([v.reshape(-1) for v in values])))
+        offsets = np.cumsum([0] + [v.size for v in values])
+        out = [mx.array(flat[offsets[i]:offsets[i + 1]].reshape(v.shape)) for i, v in enumerate(values)]
+        self.stepper.params = tree_unflatten(list(zip(params, out[:len(params)])))
+        new_state = tree_unflatten(list(zip(state, out[len(params):])))
+        new_state["step"] = mx.array(step, dtype=mx.uint64)
+        new_state["learning_rate"] = self.optimizer.state["learning_rate"]
+        self.optimizer.state = new_state
+        mx.eval(self.stepper.params, self.optimizer.state)
+        if self.rank == 0:
+            protocol.emit("resumed", step=step)
+        return step
+
+    def broadcast(self, x: mx.array) -> mx.array:
+        if self.size == 1:
+            return x
+        mine = x if self.rank == 0 else mx.full(x.shape, -0.0 if mx.issubdtype(x.dtype, mx.floating) else 0, x.dtype)
+        return mx.distributed.all_sum(mine, group=self.group)

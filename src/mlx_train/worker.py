@@ -1,0 +1,82 @@
+"""One rank of a training run: `python -m mlx_train.worker ...`, started by the supervisor.
+
+Reports to the supervisor with protocol lines on stdout (see protocol.py) and writes checkpoints
+from rank 0. Everything about the run comes from the arguments, so the same command works for a
+local child, over ssh, and under mpirun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+
+from . import blas
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mlx_train.worker")
+    p.add_argument("--config-json", required=True, help="the resolved TrainConfig as JSON")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--rank", type=int, help="ring backend: this rank")
+    p.add_argument("--ring-hosts", help='ring backend: JSON list, one ["ip:port"] per rank')
+    p.add_argument("--ranks-on-host", type=int, default=1, help="ranks sharing this host (BLAS threads)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    p.add_argument("--stop-after", type=int, help="checkpoint and exit cleanly after this step")
+    return p.parse_args(argv)
+
+
+def init_group(args, backend: str):
+    import mlx.core as mx
+
+    if args.ring_hosts is not None:
+        # MLX's ring backend reads its peers from a file: write ours from the argument.
+        fd, path = tempfile.mkstemp(prefix="mlx-train-ring-", suffix=".json")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(args.ring_hosts)
+        os.environ["MLX_HOSTFILE"], os.environ["MLX_RANK"] = path, str(args.rank)
+        try:
+            return mx.distributed.init(backend="ring", strict=True)
+        finally:
+            os.unlink(path)
+    if backend == "mpi":
+        return mx.distributed.init(backend="mpi", strict=True)
+    return mx.distributed.init(backend=backend)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if blas.needs_reexec():
+        # LD_PRELOAD only takes effect at exec; same pid, so the supervisor's records stay valid.
+        env = {**os.environ, **blas.rank_env(args.ranks_on_host)}
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_train.worker", *sys.argv[1:]], env)
+
+    from . import pidrecords, protocol
+    from .config import TrainConfig, from_dict
+    from .errors import UserError
+    from .trainer import Trainer
+
+    cfg = from_dict(TrainConfig, json.loads(args.config_json))
+    group = init_group(args, cfg.dist.backend)
+    rank = group.rank()
+    record = pidrecords.write(args.run_id, rank, args.run_dir)
+    try:
+        protocol.emit("hello", rank=rank, size=group.size(), host=socket.gethostname(), pid=os.getpid(),
+                      python=sys.executable)
+        trainer = Trainer(cfg, group, args.run_dir)
+        trainer.run(resume=args.resume, stop_after=args.stop_after)
+        return protocol.EXIT_OK
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return protocol.EXIT_USER_ERROR
+    finally:
+        sys.stdout.flush()
+        pidrecords.remove(record)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,6 +40,7 @@ class Trainer:
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
         self.optimizer.init(self.stepper.params)
         self.n_params = count_parameters(model)
+        self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
         self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}")
 
@@ -92,7 +93,7 @@ class Trainer:
             "tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time,
             "comm_time_s": sum(w[1].comm_s for w in window) / len(window),
             "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
-            "grad_norm": window[-1][1].grad_norm, "devices": self.size,
+            "grad_norm": window[-1][1].grad_norm, "devices": self.size, "grad_bytes": self.grad_bytes,
             "global_batch": self.cfg.dist.global_batch_size,
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],

@@ -1,0 +1,180 @@
+"""`mlx-train monitor`: a live terminal view of a run, a one-shot snapshot, or a PNG of its curves.
+
+Reads only the run directory (metrics.jsonl, events.jsonl, config.yaml), so it works on any run,
+finished or not, from any terminal on the controller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from .console import fmt_duration
+from .errors import UserError
+from .memory_units import human
+from .rundir import RunDir, newest_run
+
+_BARS = "▁▂▃▄▅▆▇█"
+_ENDED = {"finish": "finished", "failed": "failed", "interrupted": "interrupted", "stopped": "stopped"}
+
+
+def sparkline(values: List[float], width: int = 40) -> str:
+    values = values[-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(_BARS[int((v - lo) / span * (len(_BARS) - 1))] for v in values)
+
+
+@dataclass
+class Snapshot:
+    run: RunDir
+    total: int
+    metrics: List[dict]
+    events: List[dict]
+    state: str = "running"
+    restarts: int = 0
+    eta_s: Optional[float] = None
+    val: List[tuple] = field(default_factory=list)
+
+    @property
+    def last(self) -> Optional[dict]:
+        return self.metrics[-1] if self.metrics else None
+
+
+def take_snapshot(run: RunDir) -> Snapshot:
+    cfg = run.load_config()
+    by_step = {}
+    for m in run.metrics():  # a restarted attempt re-logs steps: the latest record of a step wins
+        by_step[m["step"]] = m
+    metrics = [by_step[s] for s in sorted(by_step)]
+    events = run.events()
+    snap = Snapshot(run, cfg.steps, metrics, events)
+    snap.restarts = sum(e["event"] == "restart" for e in events)
+    ended = [e for e in events if e["event"] in _ENDED]
+    if ended and (not metrics or ended[-1]["time"] >= metrics[-1].get("time", 0)) and \
+            not any(e["event"] == "launch" and e["time"] > ended[-1]["time"] for e in events):
+        snap.state = _ENDED[ended[-1]["event"]]
+    snap.val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    recent = [m for m in metrics if "time" in m][-6:]
+    if len(recent) >= 2 and recent[-1]["step"] > recent[0]["step"]:
+        rate = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
+        snap.eta_s = rate * (snap.total - recent[-1]["step"])
+    return snap
+
+
+def render(snap: Snapshot, performance: bool = False):
+    last = snap.last
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("run", f"{snap.run.path}  [{snap.state}]")
+    if last is None:
+        head.add_row("step", f"0/{snap.total} (waiting for the first logged step)")
+        return head
+    losses = [m["loss"] for m in snap.metrics]
+    head.add_row("step", f"{last['step']}/{snap.total}   eta {fmt_duration(snap.eta_s) if snap.state == 'running' else '-'}")
+    head.add_row("loss", f"{last['loss']:.4f}  {sparkline(losses)}")
+    if snap.val:
+        head.add_row("val loss", f"{snap.val[-1][1]:.4f}  {sparkline([v for _, v in snap.val])}")
+    head.add_row("tokens/s", f"{last['tokens_per_s']:,.0f}  ({last['devices']} devices, global batch {last['global_batch']})")
+    head.add_row("restarts", str(snap.restarts))
+    ranks = Table(title="per rank", title_justify="left")
+    ranks.add_column("rank")
+    ranks.add_column("peak memory", justify="right")
+    ranks.add_column("param checksum", justify="right")
+    for r, (mem, ck) in enumerate(zip(last["peak_memory"], last["param_checksum"])):
+        ranks.add_row(str(r), human(mem), f"{ck:08x}")
+    parts = [head, ranks]
+    if performance:
+        parts.append(performance_table(snap))
+    return Group(*parts)
+
+
+def performance_table(snap: Snapshot, rows: int = 8) -> Table:
+    """Per logged step: compute vs communication, and all-reduce bandwidth as nccl-tests defines it."""
+    from .perf import bus_bandwidth, scaling_efficiency
+
+    t = Table(title="performance", title_justify="left")
+    for col in ("step", "compute s", "comm s", "algbw GB/s", "busbw GB/s", "tok/s/device", "scaling eff."):
+        t.add_column(col, justify="right")
+    for m in snap.metrics[-rows:]:
+        algbw, busbw = bus_bandwidth(m.get("grad_bytes", 0), m["comm_time_s"], m["devices"])
+        eff = scaling_efficiency(snap.run, m)
+        t.add_row(str(m["step"]), f"{m.get('compute_time_s', 0):.4f}", f"{m['comm_time_s']:.4f}",
+                  f"{algbw:.2f}" if algbw else "-", f"{busbw:.2f}" if busbw else "-",
+                  f"{m['tokens_per_s'] / m['devices']:,.0f}", f"{eff:.0%}" if eff is not None else "-")
+    return t
+
+
+def write_plot(snap: Snapshot, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    steps = [m["step"] for m in snap.metrics]
+    ax1.plot(steps, [m["loss"] for m in snap.metrics], label="train loss")
+    if snap.val:
+        ax1.plot([s for s, _ in snap.val], [v for _, v in snap.val], "o-", label="validation loss")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(steps, [m["tokens_per_s"] for m in snap.metrics], color="tab:green")
+    ax2.set_ylabel("tokens/s")
+    ax2.set_xlabel("step")
+    fig.suptitle(str(snap.run.path))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def monitor(run_dir: Optional[str] = None, once: bool = False, plot: Optional[str] = None,
+            performance: bool = False, refresh_s: float = 1.0) -> int:
+    run = RunDir(run_dir) if run_dir else newest_run()
+    if run is None:
+        raise UserError("no runs under runs/: start one with `mlx-train train`, or pass a run directory")
+    if not run.exists():
+        raise UserError(f"{run.path} is not a run directory (no config.yaml): pass the --run-dir of a run")
+    console = Console()
+    if plot:
+        write_plot(take_snapshot(run), plot)
+        console.print(f"wrote {plot}")
+        if not once:
+            return 0
+    if once:
+        console.print(render(take_snapshot(run), performance))
+        return 0
+    if not console.is_terminal:
+        return _follow(run, refresh_s)
+    with Live(render(take_snapshot(run), performance), console=console, refresh_per_second=4) as live:
+        while True:
+            snap = take_snapshot(run)
+            live.update(render(snap, performance))
+            if snap.state != "running":
+                break
+            time.sleep(refresh_s)
+    return 0
+
+
+def _follow(run: RunDir, refresh_s: float) -> int:
+    """Not a terminal: one line per logged step until the run ends (for logs and pipes)."""
+    shown = 0
+    while True:
+        snap = take_snapshot(run)
+        for m in snap.metrics:
+            if m["step"] > shown:
+                val = f"  val {m['val_loss']:.4f}" if "val_loss" in m else ""
+                print(f"step {m['step']}/{snap.total}  loss {m['loss']:.4f}{val}  {m['tokens_per_s']:,.0f} tok/s",
+                      flush=True)
+                shown = m["step"]
+        if snap.state != "running":
+            print(f"{snap.state} at step {shown} ({snap.restarts} restarts)", flush=True)
+            return 0 if snap.state in ("finished", "stopped") else 1
+        time.sleep(refresh_s)

@@ -1,0 +1,83 @@
+"""`mlx-train status`: this device, the runs in progress here, and (with a cluster file) every host."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from . import pidrecords
+from .memory_units import human
+from .rundir import RunDir
+
+
+def system_memory() -> int:
+    """Physical memory in bytes (sysconf works on Linux and macOS)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def rank_blas() -> str:
+    """The BLAS a rank on this host ends up with, asked of a real worker-like process."""
+    code = ("import os,sys\nfrom mlx_train import blas\n"
+            "if blas.needs_reexec(): os.execve(sys.executable,[sys.executable,'-c',sys.argv[1]],"
+            "{**os.environ,**blas.rank_env(1)})\n"
+            "import mlx.core as mx; a=mx.ones((64,64)); mx.eval(a@a); print(blas.in_use())")
+    out = subprocess.run([sys.executable, "-c", code, code], capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or f"unknown ({out.stderr.strip()[-120:]})"
+
+
+def device_facts() -> Dict[str, str]:
+    import mlx.core as mx
+
+    info = mx.device_info()
+    facts = {"host": platform.node(), "os": f"{platform.system()} {platform.release()} {platform.machine()}",
+             "python": sys.executable, "mlx": mx.__version__, "device": str(info.get("device_name", "?")),
+             "system memory": human(system_memory())}
+    if "max_recommended_working_set_size" in info:
+        facts["GPU working set"] = human(info["max_recommended_working_set_size"])
+    facts["BLAS (ranks)"] = rank_blas()
+    return facts
+
+
+def runs_in_progress() -> List[dict]:
+    by_run: Dict[str, dict] = {}
+    for rec in pidrecords.records():
+        if not rec["alive"]:
+            continue
+        run = by_run.setdefault(rec["run_id"], {"run_id": rec["run_id"], "run_dir": rec["run_dir"], "ranks": []})
+        run["ranks"].append(rec["rank"])
+    for run in by_run.values():
+        metrics = RunDir(run["run_dir"]).metrics() if Path(run["run_dir"]).is_dir() else []
+        run["step"] = metrics[-1]["step"] if metrics else 0
+    return list(by_run.values())
+
+
+def status(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
+    console = Console()
+    t = Table(title="this device", show_header=False, title_justify="left")
+    for k, v in device_facts().items():
+        t.add_row(k, v)
+    console.print(t)
+    runs = runs_in_progress()
+    t = Table(title="runs in progress here", title_justify="left")
+    for col in ("run", "live ranks", "last step", "run dir"):
+        t.add_column(col)
+    for r in runs:
+        t.add_row(r["run_id"], ",".join(map(str, sorted(r["ranks"]))), str(r["step"]), r["run_dir"])
+    console.print(t if runs else "runs in progress here: none")
+    if not local_only:
+        from .fleet_status import print_fleet_status
+
+        return print_fleet_status(console, cluster_file)
+    return 0
+
+
+if __name__ == "__main__":
+    print(json.dumps(device_facts()))

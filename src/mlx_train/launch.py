@@ -101,8 +101,9 @@ def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List
     peers = json.dumps([[f"{h.addr}:{p}"] for h, p in zip(per_rank, ports)])
     procs = []
     for rank, host in enumerate(per_rank):
-        argv = [host.python, *base_args, "--rank", str(rank), "--ring-hosts", peers,
-                "--ranks-on-host", str(host.slots)]
+        argv = [host.python, *base_args, "--ranks-on-host", str(host.slots)]
+        if n > 1:  # a ring of one would wait for a peer that never comes
+            argv += ["--rank", str(rank), "--ring-hosts", peers]
         env = {"PYTHONUNBUFFERED": "1"}
         if host.local:
             procs.append(RankProc(argv, {**os.environ, **env}, host.name, [rank]))

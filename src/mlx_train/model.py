@@ -82,7 +82,7 @@ def build_model(cfg: ModelConfig, grad_checkpoint: bool = False) -> Tuple[nn.Mod
     if cfg.name == "gpt":
         model, loss = GPT(cfg), lm_loss
     else:
-        model, loss = _load_factory(cfg.name)(cfg)
+        model, loss = load_factory(cfg.name)(cfg)
     if grad_checkpoint:
         if not hasattr(model, "grad_checkpoint"):
             raise UserError(f"model {cfg.name} has no 'grad_checkpoint' attribute: drop --grad-checkpoint "
@@ -91,7 +91,7 @@ def build_model(cfg: ModelConfig, grad_checkpoint: bool = False) -> Tuple[nn.Mod
     return model, loss
 
 
-def _load_factory(spec: str) -> Callable:
+def load_factory(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -74,7 +74,8 @@ def render(snap: Snapshot, performance: bool = False):
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("run", f"{snap.run.path}  [{snap.state}]")
+    head.add_row("run", str(snap.run.path))
+    head.add_row("state", snap.state)
     if last is None:
         head.add_row("step", f"0/{snap.total} (waiting for the first logged step)")
         return head

@@ -44,6 +44,8 @@ def resolve_config(req: RunRequest) -> TrainConfig:
     base = TrainConfig().to_dict()
     source = "flags"
     if req.resume:
+        if not RunDir(req.resume).exists():
+            raise UserError(f"nothing to resume in {req.resume}: no config.yaml there (pass the run directory)")
         base, source = RunDir(req.resume).load_config().to_dict(), f"{req.resume}/config.yaml"
     elif req.config_file:
         try:
@@ -56,8 +58,12 @@ def resolve_config(req: RunRequest) -> TrainConfig:
         raise UserError(f"{exc} (from {source}): fix the value and run again") from None
 
 
-def check_data(cfg: TrainConfig) -> TrainConfig:
-    """Fail before any rank starts if the data cannot feed this configuration; fill in the vocabulary."""
+def check_inputs(cfg: TrainConfig) -> TrainConfig:
+    """Fail before any rank starts if the model or data cannot serve this configuration."""
+    if cfg.model.name != "gpt":
+        from .model import load_factory
+
+        load_factory(cfg.model.name)
     corpus = load_corpus(cfg.data)
     if cfg.model.name == "gpt" and corpus.vocab_size > cfg.model.vocab_size:
         cfg.model.vocab_size = corpus.vocab_size
@@ -65,8 +71,8 @@ def check_data(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"vocab_size {cfg.model.vocab_size} does not match the byte corpus (256)")
     Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training").require(cfg.dist.global_batch_size,
                                                                             "one global batch")
-    Batcher(corpus.val, cfg.model.seq_len, cfg.seed, "validation").require(
-        cfg.dist.num_devices * cfg.dist.batch_size_per_device, "one validation batch per device")
+    Batcher(corpus.val, cfg.model.seq_len, cfg.seed, "validation").require(cfg.dist.num_devices,
+                                                                            "one validation sequence per device")
     return cfg
 
 
@@ -86,7 +92,7 @@ def start(req: RunRequest) -> int:
         from .memory import plan_for_budget
 
         cfg = plan_for_budget(cfg)
-    cfg = check_data(cfg)
+    cfg = check_inputs(cfg)
     from_dict(TrainConfig, cfg.to_dict())  # re-validate after the adjustments above
     run = RunDir(req.resume or req.run_dir or RUNS_ROOT / new_run_id())
     run.prepare(cfg, resume=bool(req.resume))

@@ -31,8 +31,10 @@ class Trainer:
         self.train = Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training")
         self.val = Batcher(corpus.val, cfg.model.seq_len, cfg.seed + 1, "validation")
         self.train.require(cfg.dist.global_batch_size, "one global batch")
-        self.val_dist = DistributedConfig(cfg.dist.num_devices, cfg.dist.batch_size_per_device, 1, cfg.dist.backend)
-        self.val.require(self.val_dist.global_batch_size, "one validation batch per device")
+        self.val.require(self.size, "one validation sequence per device")
+        # A small validation split may not fill the training batch size: evaluate with what fits.
+        eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // self.size)
+        self.val_dist = DistributedConfig(self.size, eval_batch, 1, cfg.dist.backend)
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         model, loss_fn = build_model(cfg.model, cfg.grad_checkpoint)

@@ -1,0 +1,52 @@
+import json
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_train import checkpoint
+
+
+def _arrays(seed):
+    mx.random.seed(seed)
+    return {"w": mx.random.normal((4, 3)), "b": mx.zeros((3,))}, {"w.m": mx.ones((4, 3)), "step": mx.array(7, dtype=mx.uint64)}
+
+
+def test_round_trip_is_exact(tmp_path):
+    model, opt = _arrays(0)
+    checkpoint.save(tmp_path, 10, model, opt, rng=mx.array([1, 2], dtype=mx.uint32), meta={"data_position": 10})
+    got = checkpoint.load_latest(tmp_path).checkpoint
+    assert got.step == 10 and got.meta["data_position"] == 10
+    for k in model:
+        assert np.array_equal(np.array(got.model[k]), np.array(model[k]))
+    assert int(got.optimizer["step"].item()) == 7 and got.rng.tolist() == [1, 2]
+
+
+def test_keeps_the_newest_k(tmp_path):
+    model, opt = _arrays(0)
+    for step in (1, 2, 3, 4, 5):
+        checkpoint.save(tmp_path, step, model, opt, keep=2)
+    assert [p.name for p in checkpoint.list_steps(tmp_path)] == ["step-000004", "step-000005"]
+
+
+def test_damaged_newest_falls_back_to_the_previous(tmp_path):
+    model, opt = _arrays(0)
+    checkpoint.save(tmp_path, 1, model, opt)
+    newest = checkpoint.save(tmp_path, 2, *_arrays(1))
+    blob = newest / "model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    result = checkpoint.load_latest(tmp_path)
+    assert result.checkpoint.step == 1
+    assert result.skipped == [(str(newest), "model.safetensors checksum mismatch")]
+
+
+def test_missing_manifest_and_half_written_dirs_are_ignored(tmp_path):
+    model, opt = _arrays(0)
+    checkpoint.save(tmp_path, 1, model, opt)
+    newest = checkpoint.save(tmp_path, 2, model, opt)
+    (newest / "manifest.json").unlink()
+    (tmp_path / ".tmp-step-000003-999").mkdir()  # a crash mid-write
+    result = checkpoint.load_latest(tmp_path)
+    assert result.checkpoint.step == 1 and "manifest unreadable" in result.skipped[0][1]
+    assert json.loads((tmp_path / "step-000001" / "manifest.json").read_text())["format"] == checkpoint.FORMAT

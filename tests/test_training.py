@@ -1,0 +1,192 @@
+"""Real multi-process training runs: ranks are separate processes talking over MLX's ring (or MPI)."""
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from helpers import TINY, cli, events, metrics, pid_alive, popen
+
+pytestmark = pytest.mark.multiproc
+
+
+def _wait_for(pred, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _launch_event(run):
+    return _wait_for(lambda: (events(run, "launch") or [None])[-1] if (run / "events.jsonl").exists() else None,
+                     what="launch event")
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "two"
+    cli("train", *TINY, "--devices", "2", "--steps", "60", "--log-every", "10", "--eval-every", "30",
+        "--checkpoint-every", "20", "--run-dir", str(run), check=True)
+    return run
+
+
+def test_loss_falls_and_ranks_agree(two_rank_run):
+    ms = metrics(two_rank_run)
+    assert [m["step"] for m in ms] == [10, 20, 30, 40, 50, 60]
+    assert ms[-1]["loss"] < ms[0]["loss"] - 0.5, [m["loss"] for m in ms]
+    for m in ms:
+        assert m["devices"] == 2 and len(m["param_checksum"]) == 2
+        assert m["param_checksum"][0] == m["param_checksum"][1], "ranks drifted apart"
+    assert "val_loss" in ms[2] and "val_loss" in ms[5]
+
+
+def test_metrics_and_events_schema(two_rank_run):
+    for m in metrics(two_rank_run):
+        for key, kind in (("step", int), ("loss", float), ("lr", float), ("tokens_per_s", float),
+                          ("step_time_s", float), ("comm_time_s", float), ("devices", int), ("global_batch", int),
+                          ("peak_memory", list), ("param_checksum", list)):
+            assert isinstance(m[key], kind), (key, m[key])
+        assert m["global_batch"] == 8 and all(isinstance(v, int) and v > 0 for v in m["peak_memory"])
+    evs = events(two_rank_run)
+    assert all("event" in e and isinstance(e["time"], float) for e in evs)
+    launch = events(two_rank_run, "launch")[0]
+    assert sorted(r["rank"] for r in launch["ranks"]) == [0, 1]
+    assert all(isinstance(r["pid"], int) and r["host"] for r in launch["ranks"])
+    assert evs[-1] == {**evs[-1], "event": "finish", "step": 60}
+    assert {e["rank"] for e in events(two_rank_run, "rank_exit")} == {0, 1}
+    logs = sorted(p.name for p in (two_rank_run / "logs").iterdir())
+    assert logs == ["rank-0.log", "rank-1.log"]
+    ckpts = sorted(p.name for p in (two_rank_run / "checkpoints").iterdir())
+    assert ckpts == ["step-000020", "step-000040", "step-000060"]
+
+
+def test_killed_rank_is_recovered(tmp_path):
+    run = tmp_path / "killed"
+    proc = popen("train", *TINY, "--devices", "2", "--steps", "200", "--log-every", "10", "--checkpoint-every", "20",
+                 "--run-dir", str(run), "--no-live")
+    try:
+        launch = _launch_event(run)
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run)[-1]["step"] >= 40, what="step 40")
+        victim = [r for r in launch["ranks"] if r["rank"] == 1][0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    exits = events(run, "rank_exit")
+    assert exits[0]["rank"] == 1 and exits[0]["signal"] == signal.SIGKILL
+    restart = events(run, "restart")
+    assert restart and restart[0]["attempt"] == 1
+    resume = events(run, "resume")
+    assert resume and resume[0]["step"] >= 20 and resume[0]["step"] % 20 == 0
+    assert events(run)[-1]["event"] == "finish" and events(run)[-1]["step"] == 200
+    assert len(events(run, "launch")) == 2
+    assert not pid_alive(victim["pid"])
+    last = metrics(run)[-1]
+    assert last["param_checksum"][0] == last["param_checksum"][1]
+
+
+def _final_params(run: Path, step: int) -> dict:
+    return mx.load(str(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    common = [*TINY, "--devices", "2", "--steps", "200", "--log-every", "20", "--eval-every", "100",
+              "--checkpoint-every", "50"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    cli("train", *common, "--run-dir", str(straight), check=True)
+    cli("train", *common, "--run-dir", str(broken), "--stop-after", "120", check=True)
+    assert events(broken)[-1]["event"] == "stopped" and events(broken)[-1]["step"] == 120
+    cli("train", "--resume", str(broken), check=True)
+    assert events(broken, "resume")[-1]["step"] == 120
+    a, b = _final_params(straight, 200), _final_params(broken, 200)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), f"{k} differs after resume"
+    assert metrics(straight)[-1]["param_checksum"] == metrics(broken)[-1]["param_checksum"]
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path):
+    run = tmp_path / "damaged"
+    cli("train", *TINY, "--steps", "30", "--checkpoint-every", "10", "--stop-after", "20", "--run-dir", str(run),
+        check=True)
+    blob = run / "checkpoints" / "step-000020" / "optimizer.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-16])
+    proc = cli("train", "--resume", str(run), check=True)
+    warn = events(run, "checkpoint_damaged")
+    assert warn and warn[0]["path"].endswith("step-000020") and "checksum" in warn[0]["reason"]
+    assert events(run, "resume")[-1]["step"] == 10
+    assert events(run)[-1]["event"] == "finish"
+    assert "checkpoint_damaged" in proc.stdout
+
+
+def test_ctrl_c_stops_every_rank(tmp_path):
+    run = tmp_path / "interrupted"
+    proc = popen("train", *TINY, "--devices", "2", "--steps", "100000", "--run-dir", str(run), "--no-live")
+    launch = _launch_event(run)
+    _wait_for(lambda: (run / "metrics.jsonl").exists(), what="first metrics")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    for r in launch["ranks"]:
+        _wait_for(lambda: not pid_alive(r["pid"]), timeout=10, what=f"rank {r['rank']} to exit")
+    assert events(run)[-1]["event"] == "interrupted"
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+def test_mpi_backend_runs_two_ranks(tmp_path):
+    run = tmp_path / "mpi"
+    cli("train", *TINY, "--devices", "2", "--backend", "mpi", "--steps", "20", "--log-every", "10",
+        "--run-dir", str(run), check=True)
+    ms = metrics(run)
+    assert ms[-1]["devices"] == 2 and ms[-1]["param_checksum"][0] == ms[-1]["param_checksum"][1]
+    assert ms[-1]["loss"] < ms[0]["loss"]
+    launch = events(run, "launch")[0]
+    assert launch["backend"] == "mpi" and sorted(r["rank"] for r in launch["ranks"]) == [0, 1]
+    assert "rank 1/2" in (run / "logs" / "rank-1.log").read_text()
+
+
+def test_monitor_snapshot_and_plot(two_rank_run, tmp_path):
+    snap = cli("monitor", str(two_rank_run), "--once", check=True).stdout
+    assert "60/60" in snap and "finished" in snap and "restarts" in snap
+    png = tmp_path / "curves.png"
+    cli("monitor", str(two_rank_run), "--plot", str(png), check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    follow = cli("monitor", str(two_rank_run), check=True).stdout
+    assert follow.strip().splitlines()[-1].startswith("finished at step 60")
+
+
+def test_monitor_follows_a_live_run_until_it_ends(tmp_path):
+    run = tmp_path / "live"
+    trainer = popen("train", *TINY, "--devices", "2", "--steps", "80", "--log-every", "10", "--run-dir", str(run),
+                    "--no-live")
+    try:
+        _wait_for(lambda: (run / "config.yaml").exists(), what="run dir")
+        mon = cli("monitor", str(run), timeout=240, check=True).stdout
+    finally:
+        trainer.communicate(timeout=240)
+    lines = mon.strip().splitlines()
+    assert lines[-1].startswith("finished at step 80") and any(l.startswith("step 80/80") for l in lines)
+
+
+def test_status_lists_a_run_in_progress(tmp_path):
+    run = tmp_path / "st"
+    trainer = popen("train", *TINY, "--devices", "2", "--steps", "100000", "--run-dir", str(run), "--no-live")
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").exists(), what="first metrics")
+        out = cli("status", "--local", check=True).stdout
+        assert run.name in out or str(run) in out.replace("\n", "")
+        assert "BLAS" in out
+    finally:
+        trainer.send_signal(signal.SIGINT)
+        trainer.communicate(timeout=60)

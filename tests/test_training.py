@@ -190,3 +190,19 @@ def test_status_lists_a_run_in_progress(tmp_path):
     finally:
         trainer.send_signal(signal.SIGINT)
         trainer.communicate(timeout=60)
+
+
+def test_bring_your_own_model(tmp_path):
+    """The factory shown in docs/model_development.md trains as documented."""
+    doc = (Path(__file__).parents[1] / "docs" / "model_development.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(code)
+    run = tmp_path / "byo"
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cli("train", "--model", "mypkg.models:build", "--width", "32", "--seq-len", "32", "--batch-size", "4",
+        "--devices", "2", "--steps", "20", "--log-every", "10", "--run-dir", str(run), env=env, check=True)
+    ms = metrics(run)
+    assert ms[-1]["loss"] < ms[0]["loss"] and ms[-1]["param_checksum"][0] == ms[-1]["param_checksum"][1]

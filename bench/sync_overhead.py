@@ -1,0 +1,89 @@
+"""Gradient sync: the trainer's bucketed average_gradients vs one all_sum of a single buffer of the
+same bytes, 2 ranks on the ring backend over loopback (each rank is a separate process).
+
+Interleaved ABAB per round; reports rank 0's median ratio single_buffer_time / trainer_sync_time
+(1.0 = sync costs no more than the ideal single all-reduce; goal >= 0.9). Run by bench/run.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    from mlx_train.config import ModelConfig
+    from mlx_train.model import build_model
+    from mlx_train.step import BUCKET_BYTES
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    mx.random.seed(0)
+    model, _ = build_model(ModelConfig(n_layers=layers, d_model=width, n_heads=4, seq_len=128))
+    grads = tree_map(lambda p: mx.random.normal(p.shape), model.trainable_parameters())
+    mx.eval(grads)
+    nbytes = sum(v.nbytes for _, v in tree_flatten(grads))
+    flat = mx.random.normal((nbytes // 4,))
+    mx.eval(flat)
+
+    def trainer_sync():
+        mx.eval(nn.average_gradients(grads, group, all_reduce_size=BUCKET_BYTES))
+
+    def single():
+        mx.eval(mx.distributed.all_sum(flat, group=group) / group.size())
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    timed(trainer_sync), timed(single)
+    ratios, t_sync, t_single = [], [], []
+    for _ in range(rounds):
+        a, b = timed(trainer_sync), timed(single)
+        t_sync.append(a)
+        t_single.append(b)
+        ratios.append(b / a)
+    if group.rank() == 0:
+        print(json.dumps({"grad_bytes": nbytes, "tensors": len(tree_flatten(grads)),
+                          "trainer_sync_s": statistics.median(t_sync), "single_all_sum_s": statistics.median(t_single),
+                          "ratio": statistics.median(ratios)}))
+
+
+def main(width=128, layers=4, rounds=9, reps=10) -> dict:
+    ports = []
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        ports.append(s)
+    hosts = [[f"127.0.0.1:{s.getsockname()[1]}"] for s in ports]
+    for s in ports:
+        s.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(hosts, fh)
+    args = json.dumps({"width": width, "layers": layers, "rounds": rounds, "reps": reps})
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", args], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": fh.name})
+             for r in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    os.unlink(fh.name)
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"sync bench failed: {[p.returncode for p in procs]}")
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--rank":
+        rank_main(**json.loads(sys.argv[2]))
+    else:
+        print(json.dumps(main(**json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})))

@@ -206,3 +206,23 @@ def test_bring_your_own_model(tmp_path):
         "--devices", "2", "--steps", "20", "--log-every", "10", "--run-dir", str(run), env=env, check=True)
     ms = metrics(run)
     assert ms[-1]["loss"] < ms[0]["loss"] and ms[-1]["param_checksum"][0] == ms[-1]["param_checksum"][1]
+
+
+def test_stalled_rank_is_restarted(tmp_path):
+    """A rank that stops making progress (SIGSTOP: alive, silent) is caught by the progress watchdog."""
+    run = tmp_path / "stalled"
+    proc = popen("train", *TINY, "--devices", "2", "--steps", "150", "--log-every", "10", "--checkpoint-every", "20",
+                 "--stall-timeout", "8", "--run-dir", str(run), "--no-live")
+    try:
+        launch = _launch_event(run)
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run)[-1]["step"] >= 30, what="step 30")
+        victim = [r for r in launch["ranks"] if r["rank"] == 0][0]
+        os.kill(victim["pid"], signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    stall = events(run, "stall")
+    assert stall and stall[0]["timeout_s"] == 8
+    assert events(run, "restart")[0]["reason"].startswith("no progress from the ranks")
+    assert events(run)[-1]["event"] == "finish" and not pid_alive(victim["pid"])

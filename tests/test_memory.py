@@ -1,0 +1,177 @@
+"""The memory planner: its contract (the guide's call), its planning rules, recovery, and its
+accuracy against MLX's measured peak on a few grid points."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from mlx_train.config import DistributedConfig, ModelConfig, TrainConfig
+from mlx_train.memory import (RUNTIME_OVERHEAD, MemoryOptimizer, ModelShape, device_memory,
+                              step_memory)
+
+GiB = 1024 ** 3
+SMALL = dict(n_layers=4, d_model=256, n_heads=4, seq_len=256, vocab_size=256)
+# Activations dominate even at batch 1, so each memory saving shows.
+LONG = dict(n_layers=4, d_model=128, n_heads=4, seq_len=1024, vocab_size=256)
+
+
+def _bench():
+    path = Path(__file__).resolve().parent.parent / "bench" / "memory_accuracy.py"
+    spec = importlib.util.spec_from_file_location("memory_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_guide_call_reads_as_dict_and_attributes():
+    config = MemoryOptimizer.suggest_config(model_size=1e9, num_devices=2)
+    for key in ("suggested_batch_size", "gradient_accumulation", "activation_checkpointing", "precision", "fits"):
+        assert config[key] == getattr(config, key)
+    assert config["hardware"]["memory_per_device"] == device_memory()[0] > 0
+    assert config["precision"] in ("fp32", "bf16")
+    assert isinstance(config["fits"], bool)
+    breakdown = config["breakdown"]
+    for key in ("parameters", "gradients", "optimizer_state", "activations", "runtime_overhead", "peak", "total"):
+        assert isinstance(breakdown[key], int) and breakdown[key] >= 0
+    assert breakdown["parameters"] >= 4 * 10 ** 9  # fp32 master weights of 1e9 parameters
+    assert any("2048" in a and "32000" in a for a in config["assumptions"])
+    assert config.to_dict()["hardware"]["memory_per_device"] == config.hardware.memory_per_device
+
+
+def test_model_size_only_derives_a_matching_shape():
+    for n in (125e6, 1e9, 7e9):
+        shape = ModelShape.from_model_size(n)
+        assert abs(shape.n_params - n) / n < 0.15
+        assert shape.d_model % shape.n_heads == 0
+
+
+def test_plan_converts_to_distributed_and_train_config():
+    plan = MemoryOptimizer.suggest_config(num_devices=2, global_batch_size=32, memory_per_device=4 * GiB, **SMALL)
+    dist = plan.to_distributed_config()
+    assert isinstance(dist, DistributedConfig)
+    assert (dist.num_devices, dist.batch_size_per_device, dist.gradient_accumulation) == (
+        2, plan.suggested_batch_size, plan.gradient_accumulation)
+    assert dist.global_batch_size == 32
+    cfg = plan.apply_to(TrainConfig(model=ModelConfig(**SMALL)))
+    assert cfg.dist.global_batch_size == 32 and cfg.precision == plan.precision
+    assert MemoryOptimizer.estimate(cfg) == plan.breakdown.peak
+
+
+def test_largest_batch_that_fits_keeps_the_global_batch():
+    budget = 1 * GiB
+    plan = MemoryOptimizer.suggest_config(num_devices=2, global_batch_size=64, memory_per_device=budget, **SMALL)
+    assert plan.fits and not plan.activation_checkpointing and plan.precision == "fp32"
+    assert plan.suggested_batch_size * plan.gradient_accumulation * 2 == 64
+    assert plan.breakdown.total <= plan.hardware.usable_memory
+    bigger = step_memory(ModelShape(**SMALL), plan.suggested_batch_size * 2, 1)
+    assert bigger.total > plan.hardware.usable_memory
+
+
+def test_more_devices_checkpointing_and_bf16_lower_the_per_device_need():
+    shape = ModelShape(**SMALL)
+    roomy = dict(memory_per_device=64 * GiB, global_batch_size=32, **SMALL)
+    one = MemoryOptimizer.suggest_config(num_devices=1, **roomy)
+    four = MemoryOptimizer.suggest_config(num_devices=4, **roomy)
+    assert four.breakdown.peak < one.breakdown.peak
+    plain = step_memory(shape, 16)
+    assert step_memory(shape, 16, checkpointing=True).peak < plain.peak
+    assert step_memory(shape, 16, precision="bf16").peak < plain.peak
+
+
+def test_checkpointing_comes_before_bf16_and_only_when_needed():
+    shape = ModelShape(**LONG)
+    no_ckpt = step_memory(shape, 1, 8).total  # batch 1, accumulation 8: global batch 8
+    ckpt = step_memory(shape, 1, 8, checkpointing=True).total
+    bf16_ckpt = step_memory(shape, 1, 8, checkpointing=True, precision="bf16").total
+    assert bf16_ckpt < ckpt < no_ckpt
+
+    def plan_for(total):
+        return MemoryOptimizer.suggest_config(memory_per_device=total / 0.85 + 100, global_batch_size=8, **LONG)
+
+    assert not plan_for(no_ckpt).activation_checkpointing
+    between = plan_for((ckpt + no_ckpt) / 2)
+    assert between.fits and between.activation_checkpointing and between.precision == "fp32"
+    last = plan_for(bf16_ckpt)
+    assert last.fits and last.activation_checkpointing and last.precision == "bf16"
+    forced = MemoryOptimizer.suggest_config(memory_per_device=64 * GiB, activation_checkpointing=True,
+                                            precision="bf16", **LONG)
+    assert forced.activation_checkpointing and forced.precision == "bf16"
+
+
+def test_tiny_budget_gives_fits_false_with_the_closest_attempt():
+    plan = MemoryOptimizer.suggest_config(model_size=1e9, num_devices=2, memory_per_device=1 * GiB, global_batch_size=8)
+    assert plan.fits is False and plan["fits"] is False
+    assert plan.suggested_batch_size == 1 and plan.gradient_accumulation == 4
+    assert plan.breakdown.total > plan.hardware.usable_memory
+
+
+def test_recovery_steps_down_keeping_the_global_batch_and_ends_with_none():
+    cfg = TrainConfig(dist=DistributedConfig(num_devices=2, batch_size_per_device=8, gradient_accumulation=1))
+    seen = []
+    current = cfg
+    while (nxt := MemoryOptimizer.suggest_recovery_config(current)) is not None:
+        assert isinstance(nxt, TrainConfig)
+        assert nxt.dist.global_batch_size == cfg.dist.global_batch_size
+        seen.append((nxt.dist.batch_size_per_device, nxt.dist.gradient_accumulation, nxt.grad_checkpoint, nxt.precision))
+        current = nxt
+    assert seen == [(4, 2, False, "fp32"), (2, 4, False, "fp32"), (1, 8, False, "fp32"),
+                    (1, 8, True, "fp32"), (1, 8, True, "bf16")]
+    assert cfg.dist.batch_size_per_device == 8  # the input is not modified
+
+
+def test_recovery_takes_dicts_and_dataclasses():
+    step = MemoryOptimizer.suggest_recovery_config
+    assert step({"batch_size_per_device": 6, "gradient_accumulation": 2, "grad_checkpoint": False,
+                 "precision": "fp32", "num_devices": 3}) == {
+        "batch_size_per_device": 3, "gradient_accumulation": 4, "grad_checkpoint": False,
+        "precision": "fp32", "num_devices": 3}
+    assert step({"batch_size_per_device": 1, "gradient_accumulation": 4, "activation_checkpointing": True,
+                 "precision": "fp32"})["precision"] == "bf16"
+    assert step(DistributedConfig(batch_size_per_device=2)) == DistributedConfig(batch_size_per_device=1,
+                                                                                 gradient_accumulation=2)
+    assert step(DistributedConfig(batch_size_per_device=1)) is None
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(model_size=-1), "model_size"),
+    (dict(model_size=1e9, num_devices=0), "num_devices"),
+    (dict(model_size=1e9, precision="fp16"), "precision"),
+    (dict(model_size=1e9, optimizer="lion"), "optimizer"),
+    (dict(model_size=1e9, num_devices=4, global_batch_size=10), "divisible"),
+    (dict(model_size=1e9, memory_per_device=0), "memory_per_device"),
+    (dict(model_size=1e9, safety_fraction=1.5), "safety_fraction"),
+    (dict(n_layers=2, d_model=100, n_heads=3), "divisible by n_heads"),
+    (dict(d_model=128), "n_layers"),
+    (dict(), "model_size"),
+])
+def test_bad_inputs_raise_value_error(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        MemoryOptimizer.suggest_config(**kwargs)
+
+
+def test_bad_recovery_inputs_raise_value_error():
+    with pytest.raises(ValueError, match="per-device batch"):
+        MemoryOptimizer.suggest_recovery_config({"precision": "fp32"})
+    with pytest.raises(ValueError, match="TrainConfig"):
+        MemoryOptimizer.suggest_recovery_config(8)
+
+
+def test_estimate_grows_with_batch_and_total_adds_runtime():
+    base = TrainConfig(model=ModelConfig(**SMALL))
+    small = MemoryOptimizer.estimate(base)
+    big = MemoryOptimizer.estimate(dataclasses.replace(base, dist=DistributedConfig(batch_size_per_device=32)))
+    assert 0 < small < big
+    assert MemoryOptimizer.breakdown(base).total == small + RUNTIME_OVERHEAD
+
+
+def test_prediction_within_15_percent_of_measured_peak():
+    bench = _bench()
+    points = [bench.Point(4, 128, 4, 128, 8, False, "fp32"),
+              bench.Point(4, 128, 2, 256, 2, True, "fp32", accumulation=2),
+              bench.Point(2, 128, 4, 128, 4, False, "bf16")]
+    for row in bench.run_grid(points):
+        assert abs(row["error"]) <= bench.TOLERANCE, (row["point"].label(), row["predicted"], row["measured"])

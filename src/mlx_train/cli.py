@@ -51,6 +51,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--stall-timeout", type=float, default=300.0, help="seconds without progress before a restart")
     g.add_argument("--stop-after", type=int, help="checkpoint and stop cleanly after this step")
     g.add_argument("--no-live", action="store_true", help="plain log lines instead of a progress bar")
+    g.add_argument("--rank-wrapper", metavar="CMD", help="prefix each local rank's command, e.g. 'taskset -c 0' "
+                   "or 'prlimit --as=4000000000'")
 
 
 def _overrides(a: argparse.Namespace) -> dict:
@@ -77,7 +79,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.max_restarts < 0:
         raise UserError("--max-restarts must be >= 0")
     return start(RunRequest(_overrides(a), a.config, a.run_dir, a.resume, a.distributed, a.cluster, a.max_restarts,
-                            a.stall_timeout, a.stop_after, a.optimize_memory, False if a.no_live else None))
+                            a.stall_timeout, a.stop_after, a.optimize_memory, False if a.no_live else None,
+                            a.rank_wrapper))
 
 
 def cmd_monitor(a: argparse.Namespace) -> int:

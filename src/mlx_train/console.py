@@ -22,8 +22,9 @@ def fmt_duration(seconds: Optional[float]) -> str:
 class ProgressView:
     def __init__(self, total: int, start: int = 0, live: Optional[bool] = None):
         self.total = total
-        self.console = Console(stderr=False)
         self.live = sys.stdout.isatty() if live is None else live
+        # Plain output goes to logs and pipes: one message per line, never wrapped.
+        self.console = Console(soft_wrap=not self.live)
         self.started = time.time()
         self.first_step = start
         self.loss = self.val = self.tps = None

@@ -94,7 +94,7 @@ def _ssh(host: Host, env: Dict[str, str], argv: List[str]) -> List[str]:
     return ["ssh", "-T", "-o", "BatchMode=yes", host.name, remote]
 
 
-def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List[RankProc]:
+def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper: List[str]) -> List[RankProc]:
     per_rank = rank_hosts(hosts)
     n = len(per_rank)
     ports = _free_ports(n) if all(h.local for h in hosts) else _remote_ports(n)
@@ -106,7 +106,7 @@ def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List
             argv += ["--rank", str(rank), "--ring-hosts", peers]
         env = {"PYTHONUNBUFFERED": "1"}
         if host.local:
-            procs.append(RankProc(argv, {**os.environ, **env}, host.name, [rank]))
+            procs.append(RankProc([*wrapper, *argv], {**os.environ, **env}, host.name, [rank]))
         else:
             procs.append(RankProc(_ssh(host, env, argv), dict(os.environ), host.name, [rank]))
     return procs
@@ -144,10 +144,13 @@ def plan_mpi(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List[
 
 
 def plan(cfg: TrainConfig, hosts: List[Host], run_dir: str, run_id: str, resume: bool,
-         stop_after: Optional[int] = None) -> List[RankProc]:
+         stop_after: Optional[int] = None, wrapper: Optional[List[str]] = None) -> List[RankProc]:
+    """The processes to start. `wrapper` prefixes each local rank's command (e.g. taskset, prlimit)."""
     total = sum(h.slots for h in hosts)
     if total != cfg.dist.num_devices:
         raise UserError(f"{cfg.dist.num_devices} devices asked for but the hosts provide {total} slots: "
                         "change --devices or the cluster file")
     base = worker_args(cfg, run_dir, run_id, resume, stop_after)
-    return plan_mpi(cfg, hosts, base) if cfg.dist.backend == "mpi" else plan_ring(cfg, hosts, base)
+    if cfg.dist.backend == "mpi":
+        return plan_mpi(cfg, hosts, base)
+    return plan_ring(cfg, hosts, base, wrapper or [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -30,6 +31,7 @@ class RunRequest:
     stop_after: Optional[int] = None
     optimize_memory: bool = False
     live: Optional[bool] = None
+    rank_wrapper: Optional[str] = None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -85,13 +87,31 @@ def hosts_for(req: RunRequest, cfg: TrainConfig) -> List[Host]:
     return local_hosts(cfg.dist.num_devices)
 
 
+def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
+    """--optimize-memory: the planner's split of the requested global batch for this budget."""
+    from .memory import RUNTIME_OVERHEAD, MemoryOptimizer
+    from .worker import default_budget
+
+    budget = cfg.memory_budget or default_budget(max(h.slots for h in hosts))
+    # The budget bounds MLX's peak (what a rank checks); the planner also adds the runtime's overhead.
+    plan = MemoryOptimizer.suggest_config(model=cfg.model, num_devices=cfg.dist.num_devices,
+                                          global_batch_size=cfg.dist.global_batch_size,
+                                          memory_per_device=budget + RUNTIME_OVERHEAD, safety_fraction=0.95)
+    if not plan.fits:
+        raise UserError(f"no split of the global batch {cfg.dist.global_batch_size} fits {budget / 2**20:.0f} MiB per "
+                        "device: use more devices, a smaller model or --seq-len, or a larger --memory-budget")
+    new = plan.apply_to(cfg)
+    print(f"--optimize-memory: {new.dist.batch_size_per_device} per device x {new.dist.gradient_accumulation} "
+          f"accumulation, checkpointing {'on' if new.grad_checkpoint else 'off'}, {new.precision} "
+          f"(predicted peak {plan.breakdown['peak'] / 2**20:.0f} MiB of {budget / 2**20:.0f} MiB)", flush=True)
+    return new
+
+
 def start(req: RunRequest) -> int:
     cfg = resolve_config(req)
     hosts = hosts_for(req, cfg)
     if req.optimize_memory:
-        from .memory import plan_for_budget
-
-        cfg = plan_for_budget(cfg)
+        cfg = plan_for_budget(cfg, hosts)
     cfg = check_inputs(cfg)
     from_dict(TrainConfig, cfg.to_dict())  # re-validate after the adjustments above
     run = RunDir(req.resume or req.run_dir or RUNS_ROOT / new_run_id())
@@ -110,7 +130,8 @@ def start(req: RunRequest) -> int:
     view = ProgressView(cfg.steps, start_step, live=req.live)
     sup = Supervisor(cfg, run, hosts, max_restarts=req.max_restarts, stall_timeout=req.stall_timeout,
                      resume=bool(req.resume), stop_after=req.stop_after, view=view,
-                     reconfigure=_oom_reconfigure(run))
+                     reconfigure=_oom_reconfigure(run),
+                     rank_wrapper=shlex.split(req.rank_wrapper) if req.rank_wrapper else None)
     return sup.supervise()
 
 
@@ -118,7 +139,7 @@ def _oom_reconfigure(run: RunDir):
     def reconfigure(cfg: TrainConfig, outcome) -> Optional[TrainConfig]:
         from .memory import MemoryOptimizer
 
-        run.event("oom", step=outcome.step, **(outcome.oom or {}))
+        run.event("oom", **{"step": outcome.step, "reason": outcome.reason, **(outcome.oom or {})})
         new = MemoryOptimizer.suggest_recovery_config(cfg)
         if new is not None:
             fields = ("batch_size_per_device", "gradient_accumulation")

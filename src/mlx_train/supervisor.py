@@ -29,6 +29,14 @@ from .rundir import RunDir
 
 _TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
 STOP_GRACE_S = 5.0
+# How a process dies when memory runs out: the OOM killer (SIGKILL), MLX under an address-space
+# limit (SIGSEGV), Metal aborting a command buffer (SIGABRT); 128+n when ssh or mpirun relays it.
+_CRASH_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS}
+_ALLOC_FAILURE = re.compile(r"bad_alloc|[Uu]nable to allocate|[Oo]ut of memory|MemoryError|Cannot allocate memory|"
+                            r"[Ff]ailed to allocate|Insufficient Memory")
+# A crash counts as out of memory once the rank's memory (seen, or predicted for its step) had
+# reached this fraction of its budget.
+OOM_EVIDENCE_FRACTION = 0.5
 
 
 def _die_with_parent() -> None:
@@ -61,6 +69,8 @@ class Attempt:
         self.logs = {}
         self.hello: Dict[int, dict] = {}
         self.oom: Optional[dict] = None
+        self.peaks: Dict[int, int] = {}
+        self.budgets: Dict[int, int] = {}
         self.procs: List[_Proc] = []
         for spec in specs:
             for r in spec.ranks:
@@ -136,7 +146,7 @@ class Attempt:
 class Supervisor:
     def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int = 3,
                  stall_timeout: float = 300.0, resume: bool = False, stop_after: Optional[int] = None,
-                 view: Optional[ProgressView] = None,
+                 view: Optional[ProgressView] = None, rank_wrapper: Optional[List[str]] = None,
                  reconfigure: Optional[Callable[[TrainConfig, Outcome], Optional[TrainConfig]]] = None):
         self.cfg, self.run, self.hosts = cfg, run, hosts
         self.max_restarts, self.stall_timeout = max_restarts, stall_timeout
@@ -145,6 +155,7 @@ class Supervisor:
         # Called after an out-of-memory failure: the configuration to relaunch with, or None.
         self.reconfigure = reconfigure
         self.inbox: "queue.Queue" = queue.Queue()
+        self.rank_wrapper = rank_wrapper or []
 
     def _on_signal(self, signum, _frame) -> None:
         self.inbox.put(("signal", signum))
@@ -159,7 +170,7 @@ class Supervisor:
             self.view.close()
 
     def _loop(self) -> int:
-        attempt, resume = 0, self.resume
+        attempt, resume, oom_steps = 0, self.resume, 0
         while True:
             out = self._attempt(attempt, resume)
             if out.status in ("done", "stopped"):
@@ -177,12 +188,19 @@ class Supervisor:
             if out.status == "oom":
                 new = self.reconfigure(self.cfg, out) if self.reconfigure else None
                 if new is None:
-                    reason = f"out of memory ({out.reason}) and no smaller configuration fits"
+                    reason = (f"out of memory ({out.reason}) and nothing smaller is left to try: use more devices, "
+                              "a smaller model or --seq-len, or a larger --memory-budget")
                     self.run.event("failed", reason=reason)
                     self.view.note(f"[red]failed:[/] {reason}")
                     return 1
                 self.cfg = new
-            if attempt >= self.max_restarts:
+                d = new.dist
+                self.view.note(f"[yellow]out of memory:[/] {out.reason}; relaunching with {d.batch_size_per_device} "
+                               f"per device x {d.gradient_accumulation} accumulation, checkpointing "
+                               f"{'on' if new.grad_checkpoint else 'off'}, {new.precision}")
+                # Memory recovery walks a finite ladder, so it does not use up --max-restarts.
+                oom_steps += 1
+            elif attempt - oom_steps >= self.max_restarts:
                 reason = f"{out.reason}; gave up after {self.max_restarts} restarts"
                 self.run.event("failed", reason=reason)
                 self.view.note(f"[red]failed:[/] {reason}")
@@ -190,11 +208,12 @@ class Supervisor:
             attempt += 1
             resume = True
             self.run.event("restart", attempt=attempt, reason=out.reason)
-            self.view.note(f"[yellow]restart {attempt}/{self.max_restarts}:[/] {out.reason}")
+            if out.status != "oom":
+                self.view.note(f"[yellow]restart {attempt - oom_steps}/{self.max_restarts}:[/] {out.reason}")
 
     def _attempt(self, attempt: int, resume: bool) -> Outcome:
         specs = launch.plan(self.cfg, self.hosts, str(self.run.path.resolve()), self.run.run_id, resume,
-                            self.stop_after)
+                            self.stop_after, self.rank_wrapper)
         group = Attempt(specs, self.run, self.inbox, attempt)
         try:
             return self._watch(group, attempt)
@@ -238,6 +257,7 @@ class Supervisor:
             k = msg["kind"]
             if k == "hb":
                 last_progress = time.monotonic()
+                group.peaks[rank] = msg.get("peak", 0)
                 step = max(step, msg["step"]) if rank == 0 else step
             elif k == "hello":
                 group.hello[rank] = msg
@@ -267,6 +287,8 @@ class Supervisor:
                     self.view.note(f"[yellow]warning:[/] {msg['event']} {fields}")
             elif k == "checkpoint":
                 self.run.event("checkpoint", step=msg["step"])
+            elif k == "budget":
+                group.budgets[rank] = msg["budget"]
             elif k == "oom":
                 group.oom = {key: v for key, v in msg.items() if key != "kind"}
             elif k in ("done", "stopped"):
@@ -283,9 +305,45 @@ class Supervisor:
             return Outcome("user_error", step, tail or f"{where} rejected its input ({what})")
         if code == protocol.EXIT_OUT_OF_MEMORY:
             return Outcome("oom", step, f"{where} passed its memory budget", oom=group.oom)
+        evidence = self._memory_evidence(group, proc, code)
+        if evidence:
+            return Outcome("oom", step, f"{where} {what} {evidence}",
+                           oom={"rank": proc.spec.ranks[0], "code": code, "evidence": evidence})
         if code == 0:
             return Outcome("failed", step, f"{where} exited before finishing")
         return Outcome("failed", step, f"{where} {what}")
+
+    def _memory_evidence(self, group: Attempt, proc: _Proc, code: int) -> str:
+        """Why this crash looks like running out of memory, or "" when it does not."""
+        rank = proc.spec.ranks[0]
+        sig = -code if code < 0 else code - 128 if code > 128 else 0
+        crashed = sig in {int(s) for s in _CRASH_SIGNALS}
+        alloc = self._attempt_log(rank)
+        alloc_failed = bool(_ALLOC_FAILURE.search(alloc))
+        if not (crashed or alloc_failed):
+            return ""
+        budget = group.budgets.get(rank) or self.cfg.memory_budget
+        if not budget:
+            return ""
+        seen = group.peaks.get(rank, 0)
+        predicted = 0
+        if self.cfg.model.name == "gpt":
+            from .memory import MemoryOptimizer
+
+            predicted = MemoryOptimizer.estimate(self.cfg)
+        if max(seen, predicted) < OOM_EVIDENCE_FRACTION * budget:
+            return ""
+        what = "an allocation failure in its log" if alloc_failed else "a crash"
+        return (f"({what} with memory at {max(seen, predicted) / 2**20:.0f} MiB "
+                f"{'predicted' if predicted > seen else 'seen'} of a {budget / 2**20:.0f} MiB budget)")
+
+    def _attempt_log(self, rank: int) -> str:
+        """This attempt's part of the rank's log."""
+        try:
+            text = self.run.log_path(rank).read_text(errors="replace")
+        except OSError:
+            return ""
+        return text.rsplit("==== attempt ", 1)[-1]
 
     def _log_tail(self, rank: int) -> str:
         try:

@@ -21,12 +21,13 @@ from .step import Stepper, current_lr, make_optimizer
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str):
+    def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str, memory_budget: int):
         self.cfg, self.group = cfg, group
         self.rank, self.size = group.rank(), group.size()
         if self.size != cfg.dist.num_devices:
             raise UserError(f"started with {self.size} ranks but the config asks for {cfg.dist.num_devices} devices")
         self.ckpt_root = Path(run_dir) / "checkpoints"
+        self.memory_budget = memory_budget
         corpus = load_corpus(cfg.data)
         self.train = Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training")
         self.val = Batcher(corpus.val, cfg.model.seq_len, cfg.seed + 1, "validation")
@@ -62,7 +63,7 @@ class Trainer:
             stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
             step += 1
             window.append((time.perf_counter() - t0, stats))
-            protocol.emit("hb", step=step)
+            protocol.emit("hb", step=step, peak=mx.get_peak_memory())
             val_loss = self.validate() if step % cfg.eval_every == 0 or step == cfg.steps else None
             if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
                 self.log(step, window, val_loss)
@@ -112,8 +113,8 @@ class Trainer:
         return crc
 
     def check_memory_budget(self, step: int) -> None:
-        budget, peak = self.cfg.memory_budget, mx.get_peak_memory()
-        if budget is not None and peak > budget:
+        budget, peak = self.memory_budget, mx.get_peak_memory()
+        if peak > budget:
             # Stop with our own code while we still can: the OS would SIGKILL us (Linux) or the
             # Metal driver abort us, and the supervisor then has less to go on.
             protocol.emit("oom", rank=self.rank, step=step, peak=peak, budget=budget)

@@ -48,6 +48,13 @@ def init_group(args, backend: str):
     return mx.distributed.init(backend=backend)
 
 
+def default_budget(ranks_on_host: int) -> int:
+    """This rank's share of the device: 90% of its memory split among the ranks sharing it."""
+    from .memory import device_memory
+
+    return int(device_memory()[0] * 0.9 / max(1, ranks_on_host))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if blas.needs_reexec():
@@ -67,7 +74,9 @@ def main(argv=None) -> int:
     try:
         protocol.emit("hello", rank=rank, size=group.size(), host=socket.gethostname(), pid=os.getpid(),
                       python=sys.executable)
-        trainer = Trainer(cfg, group, args.run_dir)
+        budget = cfg.memory_budget or default_budget(args.ranks_on_host)
+        protocol.emit("budget", rank=rank, budget=budget)
+        trainer = Trainer(cfg, group, args.run_dir, budget)
         trainer.run(resume=args.resume, stop_after=args.stop_after)
         return protocol.EXIT_OK
     except UserError as exc:

@@ -1,0 +1,67 @@
+"""Out-of-memory recovery with real ranks: a budget that is too small, and a real crash under prlimit."""
+
+import shutil
+
+import pytest
+
+from helpers import cli, events, metrics
+
+pytestmark = pytest.mark.multiproc
+
+SMALL = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "64"]
+
+
+def _assert_recovered(run, global_batch):
+    assert events(run, "oom"), "no oom event"
+    reconf = events(run, "reconfigure")
+    assert reconf and reconf[0]["old"]["batch_size_per_device"] > reconf[-1]["new"]["batch_size_per_device"]
+    assert all(r["global_batch"] == global_batch for r in reconf)
+    final = metrics(run)
+    assert all(m["global_batch"] == global_batch for m in final)
+    assert final[-1]["loss"] < final[0]["loss"]
+    assert events(run)[-1]["event"] == "finish"
+    launches = events(run, "launch")
+    assert launches[-1]["batch_size_per_device"] * launches[-1]["gradient_accumulation"] * launches[-1]["devices"] \
+        == global_batch
+
+
+def test_budget_too_small_recovers_with_the_same_global_batch(tmp_path):
+    run = tmp_path / "budget"
+    out = cli("train", *SMALL, "--devices", "2", "--batch-size", "64", "--steps", "20", "--log-every", "5",
+              "--memory-budget", "40MiB", "--run-dir", str(run), "--no-live", check=True).stdout
+    assert "out of memory" in out
+    first = events(run, "oom")[0]
+    assert first["peak"] > first["budget"] == 40 * 2**20
+    _assert_recovered(run, 128)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit is not installed")
+def test_rank_crashing_under_prlimit_is_recovered(tmp_path):
+    """MLX's CPU build segfaults when an address-space limit stops an allocation (engine facts)."""
+    run = tmp_path / "prlimit"
+    cli("train", "--layers", "2", "--width", "128", "--heads", "4", "--seq-len", "256", "--batch-size", "64",
+        "--steps", "4", "--log-every", "2", "--memory-budget", "600MiB", "--rank-wrapper", "prlimit --as=1100000000",
+        "--run-dir", str(run), "--no-live", check=True, timeout=600)
+    crash = events(run, "rank_exit")[0]
+    assert crash["signal"] == 11, crash
+    assert "crash" in events(run, "oom")[0]["evidence"]
+    _assert_recovered(run, 64)
+
+
+def test_nothing_smaller_left_stops_with_a_clear_message(tmp_path):
+    run = tmp_path / "hopeless"
+    proc = cli("train", *SMALL, "--batch-size", "1", "--precision", "bf16", "--grad-checkpoint", "--steps", "5",
+               "--memory-budget", "1MiB", "--run-dir", str(run), "--no-live")
+    assert proc.returncode == 1
+    assert "nothing smaller is left to try" in proc.stdout
+    assert events(run)[-1]["event"] == "failed"
+
+
+def test_optimize_memory_splits_the_global_batch_for_the_budget(tmp_path):
+    run = tmp_path / "planned"
+    out = cli("train", *SMALL, "--batch-size", "64", "--steps", "3", "--memory-budget", "40MiB",
+              "--optimize-memory", "--run-dir", str(run), "--no-live", check=True).stdout
+    launch = events(run, "launch")[0]
+    assert launch["global_batch"] == 64 and launch["batch_size_per_device"] < 64
+    assert not events(run, "oom"), "the planner's split should fit without a recovery"
+    assert "--optimize-memory:" in out

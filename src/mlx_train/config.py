@@ -40,9 +40,11 @@ class DistributedConfig:
     batch_size_per_device: int = 8
     gradient_accumulation: int = 1
     backend: str = "ring"
+    # Ring backend: TCP connections per rank and address (MLX stripes each all_sum across them).
+    ring_connections: int = 1
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation")
+        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
         _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     @property

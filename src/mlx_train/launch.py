@@ -97,8 +97,9 @@ def _ssh(host: Host, env: Dict[str, str], argv: List[str]) -> List[str]:
 def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper: List[str]) -> List[RankProc]:
     per_rank = rank_hosts(hosts)
     n = len(per_rank)
-    ports = _free_ports(n) if all(h.local for h in hosts) else _remote_ports(n)
-    peers = json.dumps([[f"{h.addr}:{p}"] for h, p in zip(per_rank, ports)])
+    k = cfg.dist.ring_connections
+    ports = _free_ports(n * k) if all(h.local for h in hosts) else _remote_ports(n * k)
+    peers = json.dumps([[f"{h.addr}:{p}" for p in ports[r * k:(r + 1) * k]] for r, h in enumerate(per_rank)])
     procs = []
     for rank, host in enumerate(per_rank):
         argv = [host.python, *base_args, "--ranks-on-host", str(host.slots)]

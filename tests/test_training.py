@@ -226,3 +226,20 @@ def test_stalled_rank_is_restarted(tmp_path):
     assert stall and stall[0]["timeout_s"] == 8
     assert events(run, "restart")[0]["reason"].startswith("no progress from the ranks")
     assert events(run)[-1]["event"] == "finish" and not pid_alive(victim["pid"])
+
+
+def test_monitor_performance_breakdown(two_rank_run, tmp_path):
+    from mlx_train.config import TrainConfig
+    from mlx_train.perf import baseline_key
+
+    cfg = TrainConfig.from_yaml(two_rank_run / "config.yaml")
+    single = metrics(two_rank_run)[-1]["tokens_per_s"] / 2 / 0.8  # pretend 80% scaling
+    (tmp_path / "baselines.json").write_text(json.dumps({baseline_key(cfg): single}))
+    out = cli("monitor", str(two_rank_run), "--once", "--performance", env={"MLX_TRAIN_STATE": str(tmp_path)},
+              check=True).stdout
+    assert "busbw GB/s" in out and "comm s" in out
+    row = [l for l in out.splitlines() if l.split("│")[1:2] == ["   60 "]]
+    assert row and row[0].rstrip(" │").endswith("80%"), out
+    from mlx_train.perf import bus_bandwidth
+
+    assert bus_bandwidth(2e9, 1.0, 4) == (2.0, 3.0)  # nccl-tests: busbw = algbw * 2(n-1)/n

@@ -30,7 +30,9 @@ bench: install
 	$(BIN)/python bench/run.py
 
 provision: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-playbook -i $(INVENTORY) ansible/site.yml
+	PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=$(CURDIR)/ansible/ansible.cfg \
+	$(if $(findstring .fleet/,$(INVENTORY)),ANSIBLE_HOME=$(CURDIR)/.fleet/ansible) \
+	$(BIN)/ansible-playbook -i $(INVENTORY) ansible/site.yml $(ANSIBLE_ARGS)
 
 fleet-up: install
 	$(BIN)/python tools/fleet.py up --hosts $(N)
@@ -42,7 +44,7 @@ reset: install
 	$(BIN)/mlx-train reset-distributed
 
 lint: install
-	cd ansible && ../$(BIN)/ansible-lint
+	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH ../$(BIN)/ansible-lint
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -69,19 +69,26 @@ def test_metrics_and_events_schema(two_rank_run):
     assert ckpts == ["step-000020", "step-000040", "step-000060"]
 
 
-def test_killed_rank_is_recovered(tmp_path):
-    run = tmp_path / "killed"
-    proc = popen("train", *TINY, "--devices", "2", "--steps", "200", "--log-every", "10", "--checkpoint-every", "20",
-                 "--run-dir", str(run), "--no-live")
+def _fault_mid_run(run, rank, sig, at_step, *extra):
+    """Start a 2-rank run, send `sig` to `rank` once step `at_step` is logged, wait for the end."""
+    proc = popen("train", *TINY, "--devices", "2", "--log-every", "10", "--checkpoint-every", "20",
+                 "--run-dir", str(run), "--no-live", *extra)
     try:
         launch = _launch_event(run)
-        _wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run)[-1]["step"] >= 40, what="step 40")
-        victim = [r for r in launch["ranks"] if r["rank"] == 1][0]
-        os.kill(victim["pid"], signal.SIGKILL)
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run)[-1]["step"] >= at_step,
+                  what=f"step {at_step}")
+        victim = [r for r in launch["ranks"] if r["rank"] == rank][0]
+        os.kill(victim["pid"], sig)
         out, _ = proc.communicate(timeout=240)
     finally:
         proc.kill()
     assert proc.returncode == 0, out
+    return victim
+
+
+def test_killed_rank_is_recovered(tmp_path):
+    run = tmp_path / "killed"
+    victim = _fault_mid_run(run, 1, signal.SIGKILL, 40, "--steps", "200")
     exits = events(run, "rank_exit")
     assert exits[0]["rank"] == 1 and exits[0]["signal"] == signal.SIGKILL
     restart = events(run, "restart")
@@ -211,17 +218,7 @@ def test_bring_your_own_model(tmp_path):
 def test_stalled_rank_is_restarted(tmp_path):
     """A rank that stops making progress (SIGSTOP: alive, silent) is caught by the progress watchdog."""
     run = tmp_path / "stalled"
-    proc = popen("train", *TINY, "--devices", "2", "--steps", "150", "--log-every", "10", "--checkpoint-every", "20",
-                 "--stall-timeout", "8", "--run-dir", str(run), "--no-live")
-    try:
-        launch = _launch_event(run)
-        _wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run)[-1]["step"] >= 30, what="step 30")
-        victim = [r for r in launch["ranks"] if r["rank"] == 0][0]
-        os.kill(victim["pid"], signal.SIGSTOP)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out
+    victim = _fault_mid_run(run, 0, signal.SIGSTOP, 30, "--steps", "150", "--stall-timeout", "8")
     stall = events(run, "stall")
     assert stall and stall[0]["timeout_s"] == 8
     assert events(run, "restart")[0]["reason"].startswith("no progress from the ranks")

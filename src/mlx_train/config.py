@@ -32,8 +32,22 @@ def _positive_int(obj: Any, *names: str) -> None:
         )
 
 
+class _Yaml:
+    """Dict and YAML round trips for the config dataclasses (validated on the way in)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        return _dump(self, path)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path):
+        return from_dict(cls, _load(source))
+
+
 @dataclass
-class DistributedConfig:
+class DistributedConfig(_Yaml):
     """How the work is split: `global batch = num_devices x batch_size_per_device x accumulation`."""
 
     num_devices: int = 1
@@ -50,16 +64,6 @@ class DistributedConfig:
     @property
     def global_batch_size(self) -> int:
         return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        return _dump(self, path)
-
-    @classmethod
-    def from_yaml(cls, source: str | Path) -> "DistributedConfig":
-        return from_dict(cls, _load(source))
 
 
 @dataclass
@@ -108,7 +112,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Yaml):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -145,16 +149,6 @@ class TrainConfig:
             "steps": self.steps,
             "seed": self.seed,
         }
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        return _dump(self, path)
-
-    @classmethod
-    def from_yaml(cls, source: str | Path) -> "TrainConfig":
-        return from_dict(cls, _load(source))
 
 
 def from_dict(cls, data: Any, where: str = "config"):

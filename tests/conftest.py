@@ -1,0 +1,67 @@
+"""Fixtures for the test fleet (tools/fleet.py): network namespaces with sshd, as root.
+
+Lazy: only tests that ask for `bare_fleet`, `fleet` or `provisioning` bring the fleet up, once
+per session. Mark them `@pytest.mark.fleet` so `make test-unit` can leave them out.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import fleet as fleet_tools  # noqa: E402  (tools/fleet.py; importing it starts nothing)
+
+FLEET_SIZE = 3
+
+
+def _why_no_fleet() -> str | None:
+    """Why this machine cannot run the test fleet, or None when it can."""
+    if os.geteuid() != 0:
+        return "the test fleet needs root (network namespaces, bind mounts)"
+    for tool in ("ip", "unshare", "nsenter", "ssh-keygen", "/usr/sbin/sshd", "/usr/bin/ssh"):
+        if not shutil.which(tool):
+            return f"the test fleet needs {tool} (make install runs scripts/system-deps.sh)"
+    probe = f"{fleet_tools.NETNS_PREFIX}probe"
+    res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if res.returncode:
+        return f"cannot create network namespaces here: {res.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="session")
+def bare_fleet():
+    """FLEET_SIZE hosts with sshd, not provisioned. Brought down at the end of the session,
+    unless it was already up before (`make fleet-up`): then it is reused and left up."""
+    reason = _why_no_fleet()
+    if reason:
+        pytest.skip(reason)
+    was_up = fleet_tools.status()["up"] and len(fleet_tools.load().hosts) == FLEET_SIZE
+    try:
+        yield fleet_tools.up(FLEET_SIZE)
+    finally:
+        if not was_up:
+            fleet_tools.down()
+
+
+@pytest.fixture(scope="session")
+def fleet(bare_fleet):
+    """The fleet after one `ansible-playbook site.yml` run; its result is `fleet.provisioning`."""
+    if not (Path(sys.executable).parent / "ansible-playbook").exists():
+        pytest.skip("ansible-playbook is not installed next to this Python (make install)")
+    result = fleet_tools.provision(bare_fleet)
+    if not result.ok:
+        pytest.fail(f"provisioning failed (exit {result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}")
+    bare_fleet.provisioning = result
+    return bare_fleet
+
+
+@pytest.fixture(scope="session")
+def provisioning(fleet) -> fleet_tools.ProvisionResult:
+    return fleet.provisioning

@@ -1,0 +1,92 @@
+"""What provisioning promises on every node, checked over ssh the way training uses it."""
+import importlib.metadata
+import json
+import re
+import shlex
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.fleet
+
+VENV_PYTHON = "/opt/mlx-train/venv/bin/python"
+
+
+def mca_param(node, framework: str, name: str, *, from_env: bool = False) -> tuple[str, str]:
+    """(current value, data source) of an MCA parameter as ompi_info reports it.
+
+    Without from_env the OMPI_MCA_ variable is unset first: the login environment exports the
+    same value, and it would otherwise hide whether the params file is right.
+    """
+    unset = "" if from_env else f"env -u OMPI_MCA_{name} "
+    out = node.check_output(f"{unset}ompi_info --param {framework} tcp --level 9")
+    m = re.search(rf'parameter "{name}" \(current value: "([^"]*)", data source: ([^,]+(?:\([^)]*\))?)', out)
+    assert m, f"{name} not in ompi_info output:\n{out}"
+    return m.group(1), m.group(2)
+
+
+def test_openmpi_is_installed_with_the_libmpi_mlx_loads(node):
+    assert node.exists("mpirun")
+    assert node.run("ompi_info --version").rc == 0
+    # MLX dlopens the unversioned name (MLX_MPI_LIBNAME defaults to libmpi.so).
+    node.check_output(f"{VENV_PYTHON} -c \"import ctypes; ctypes.CDLL('libmpi.so')\"")
+
+
+def test_btl_tcp_links_comes_from_the_params_file(node):
+    value, source = mca_param(node, "btl", "btl_tcp_links")
+    assert value == "4"
+    assert source.startswith("file (") and "openmpi-mca-params.conf" in source, source
+
+
+def test_mpi_traffic_is_pinned_to_the_hosts_own_interface(node, inventory):
+    iface = inventory[node.backend.hostname]["mlx_interface"]
+    links = node.check_output("ip -o link show")
+    assert re.search(rf"^\d+: {re.escape(iface)}[:@]", links, re.M), f"{iface} not on the host:\n{links}"
+    for framework, name in (("btl", "btl_tcp_if_include"), ("oob", "oob_tcp_if_include")):
+        value, source = mca_param(node, framework, name)
+        assert (value, source.split(" ")[0]) == (iface, "file"), (name, value, source)
+
+
+def test_login_environment_carries_the_mpi_and_ring_settings(node, inventory, fleet):
+    # What `ssh host cmd` sees: the same path mpirun's remote launch and ranks take.
+    env = dict(line.split("=", 1) for line in node.check_output("env").splitlines() if "=" in line)
+    iface = inventory[node.backend.hostname]["mlx_interface"]
+    assert env.get("OMPI_MCA_btl_tcp_links") == "4"
+    assert env.get("OMPI_MCA_btl_tcp_if_include") == iface
+    assert env.get("OMPI_MCA_oob_tcp_if_include") == iface
+    assert env.get("MLX_TRAIN_IFACE") == iface
+    assert env.get("MLX_TRAIN_ADDR") == fleet.host(node.backend.hostname).ip
+    assert env.get("MLX_TRAIN_PYTHON") == VENV_PYTHON
+    _, source = mca_param(node, "btl", "btl_tcp_links", from_env=True)
+    assert source == "environment"
+
+
+def test_node_facts_file_names_the_pinned_address(node, inventory, fleet):
+    facts = yaml.safe_load(node.file("/opt/mlx-train/node.yml").content_string)
+    name = node.backend.hostname
+    assert facts["interface"] == inventory[name]["mlx_interface"]
+    assert facts["address"] == fleet.host(name).ip
+    assert facts["backend"] == "ring"
+
+
+def test_every_node_reaches_every_other_with_host_key_checking(node, fleet):
+    me = node.backend.hostname
+    for peer in fleet.hosts:
+        if peer.name == me:
+            continue
+        for target in (peer.ip, peer.name):
+            cmd = f"ssh -o StrictHostKeyChecking=yes -o BatchMode=yes {shlex.quote(target)} hostname"
+            res = node.run(cmd)
+            assert (res.rc, res.stdout.strip()) == (0, peer.name), f"{me} -> {target}: {res.stderr}"
+
+
+def test_every_node_has_the_same_venv_as_the_controller(fleet):
+    probe = ("import json, importlib.metadata as m, sys, mlx.core as mx, mlx_train; "
+             "print(json.dumps([sys.prefix, m.version('mlx'), m.version('mlx-train'), mx.ones(2).sum().item()]))")
+    seen = {}
+    for h in fleet.hosts:
+        res = fleet.ssh(h, f"{VENV_PYTHON} -c {shlex.quote(probe)}")
+        assert res.returncode == 0, f"{h.name}: {res.stderr}"
+        seen[h.name] = json.loads(res.stdout)
+    controller = ["/opt/mlx-train/venv", importlib.metadata.version("mlx"), importlib.metadata.version("mlx-train"), 2.0]
+    assert all(v == controller for v in seen.values()), (controller, seen)

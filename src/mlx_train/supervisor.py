@@ -45,12 +45,30 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _remote_kill(host: str, pid: int, sig: int) -> None:
+    try:
+        subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, f"kill -{int(sig)} {pid}"],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        pass  # an unreachable host: its rank fails on its own once the ring is gone
+
+
 @dataclass
 class Outcome:
     status: str                 # done | stopped | failed | oom | user_error | interrupted
     step: int = 0
     reason: str = ""
     oom: Optional[dict] = None
+
+
+@dataclass
+class _Progress:
+    """What the supervisor knows of the current attempt's progress."""
+    step: int = 0
+    finished: set = field(default_factory=set)
+    status: str = "done"
+    launched: bool = False
+    last: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -127,12 +145,14 @@ class Attempt:
     def _signal(self, proc: _Proc, sig: int) -> None:
         if proc.spec.host not in (launch.LOCAL, "mpirun"):
             # A remote rank: the ssh client dying does not reliably end it, so signal it by the
-            # pid it reported, on its own host.
-            for r in proc.spec.ranks:
-                pid = self.hello.get(r, {}).get("pid")
-                if pid:
-                    subprocess.run(["ssh", "-o", "BatchMode=yes", proc.spec.host, f"kill -{int(sig)} {pid}"],
-                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+            # pid it reported, on its own host (under a remote mpirun, each rank's own host).
+            hosts = proc.spec.rank_hosts or [proc.spec.host] * len(proc.spec.ranks)
+            kills = [(h, self.hello[r]["pid"]) for r, h in zip(proc.spec.ranks, hosts) if self.hello.get(r, {}).get("pid")]
+            threads = [threading.Thread(target=_remote_kill, args=(h, pid, sig), daemon=True) for h, pid in kills]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=20)
         try:
             os.killpg(proc.popen.pid, sig)
         except ProcessLookupError:
@@ -221,81 +241,76 @@ class Supervisor:
             group.close()
 
     def _watch(self, group: Attempt, attempt: int) -> Outcome:
-        n = self.cfg.dist.num_devices
-        step, finished, launched, status = 0, set(), False, "done"
-        last_progress = time.monotonic()
+        """Sleep on the inbox until every process of the attempt has exited; say how it went."""
+        p = _Progress()
         failure: Optional[Outcome] = None
         exited = 0
         while exited < len(group.procs):
             try:
                 item = self.inbox.get(timeout=1.0)
             except queue.Empty:
-                if failure is None and time.monotonic() - last_progress > self.stall_timeout:
-                    failure = Outcome("failed", step, f"no progress from the ranks for {self.stall_timeout:.0f} s")
-                    self.run.event("stall", step=step, timeout_s=self.stall_timeout)
+                if failure is None and time.monotonic() - p.last > self.stall_timeout:
+                    failure = Outcome("failed", p.step, f"no progress from the ranks for {self.stall_timeout:.0f} s")
+                    self.run.event("stall", step=p.step, timeout_s=self.stall_timeout)
                     group.stop()
                 continue
-            kind = item[0]
-            if kind == "signal":
+            if item[0] == "signal":
                 if failure is None or failure.status != "interrupted":
-                    failure = Outcome("interrupted", step, "interrupted")
+                    failure = Outcome("interrupted", p.step, "interrupted")
                     group.stop()
-                continue
-            if kind == "exit":
+            elif item[0] == "exit":
                 exited += 1
-                proc = group.procs[item[1]]
-                code = item[2]
+                proc, code = group.procs[item[1]], item[2]
                 for r in proc.spec.ranks if not proc.spec.tagged else [None]:
-                    rec = {"rank": r, "host": proc.spec.host}
-                    rec.update({"signal": -code} if code < 0 else {"code": code})
-                    self.run.event("rank_exit", **rec)
-                if failure is None and (code != 0 or not set(proc.spec.ranks) <= finished):
-                    failure = self._classify(group, proc, code, step)
+                    self.run.event("rank_exit", rank=r, host=proc.spec.host,
+                                   **({"signal": -code} if code < 0 else {"code": code}))
+                if failure is None and (code != 0 or not set(proc.spec.ranks) <= p.finished):
+                    failure = self._classify(group, proc, code, p.step)
                     group.stop()
-                continue
-            _, rank, msg = item
-            k = msg["kind"]
-            if k == "hb":
-                last_progress = time.monotonic()
-                group.peaks[rank] = msg.get("peak", 0)
-                step = max(step, msg["step"]) if rank == 0 else step
-            elif k == "hello":
-                group.hello[rank] = msg
-                if len(group.hello) == n and not launched:
-                    launched = True
-                    ranks = [{"rank": r, "host": group.hello[r]["host"], "pid": group.hello[r]["pid"]} for r in sorted(group.hello)]
-                    self.run.event("launch", attempt=attempt, backend=self.cfg.dist.backend, ranks=ranks,
-                                   devices=n, global_batch=self.cfg.dist.global_batch_size,
-                                   batch_size_per_device=self.cfg.dist.batch_size_per_device,
-                                   gradient_accumulation=self.cfg.dist.gradient_accumulation)
-            elif k == "metrics":
-                rec = {key: v for key, v in msg.items() if key != "kind"}
-                rec.update(time=time.time(), attempt=attempt)
-                self.run.append(self.run.metrics_path, rec)
-                self.view.metrics(rec)
-                last_progress = time.monotonic()
-            elif k in ("resumed",):
-                self.run.event("resume", step=msg["step"])
-                step = msg["step"]
-                last_progress = time.monotonic()
-            elif k == "event":
-                fields = {key: v for key, v in msg.items() if key not in ("kind", "event")}
-                if msg["event"] == "resume_empty":
-                    self.run.event("resume", step=0, note="no checkpoint yet: starting from scratch")
-                else:
-                    self.run.event(msg["event"], rank=rank, **fields)
-                    self.view.note(f"[yellow]warning:[/] {msg['event']} {fields}")
-            elif k == "checkpoint":
-                self.run.event("checkpoint", step=msg["step"])
-            elif k == "budget":
-                group.budgets[rank] = msg["budget"]
-            elif k == "oom":
-                group.oom = {key: v for key, v in msg.items() if key != "kind"}
-            elif k in ("done", "stopped"):
-                finished.add(rank)
-                step = msg["step"]
-                status = k
-        return failure or Outcome(status, step)
+            else:
+                self._on_message(group, attempt, item[1], item[2], p)
+        return failure or Outcome(p.status, p.step)
+
+    def _on_message(self, group: Attempt, attempt: int, rank: int, msg: dict, p: "_Progress") -> None:
+        k = msg["kind"]
+        body = {key: v for key, v in msg.items() if key != "kind"}
+        if k in ("hb", "metrics", "resumed"):
+            p.last = time.monotonic()
+        if k == "hb":
+            group.peaks[rank] = msg.get("peak", 0)
+            if rank == 0:
+                p.step = max(p.step, msg["step"])
+        elif k == "hello":
+            group.hello[rank] = msg
+            if len(group.hello) == self.cfg.dist.num_devices and not p.launched:
+                p.launched = True
+                d = self.cfg.dist
+                ranks = [{"rank": r, "host": h["host"], "pid": h["pid"]} for r, h in sorted(group.hello.items())]
+                self.run.event("launch", attempt=attempt, backend=d.backend, ranks=ranks, devices=d.num_devices,
+                               global_batch=d.global_batch_size, batch_size_per_device=d.batch_size_per_device,
+                               gradient_accumulation=d.gradient_accumulation)
+        elif k == "metrics":
+            body.update(time=time.time(), attempt=attempt)
+            self.run.append(self.run.metrics_path, body)
+            self.view.metrics(body)
+        elif k == "resumed":
+            self.run.event("resume", step=msg["step"])
+            p.step = msg["step"]
+        elif k == "event" and msg["event"] == "resume_empty":
+            self.run.event("resume", step=0, note="no checkpoint yet: starting from scratch")
+        elif k == "event":
+            fields = {key: v for key, v in body.items() if key != "event"}
+            self.run.event(msg["event"], rank=rank, **fields)
+            self.view.note(f"[yellow]warning:[/] {msg['event']} {fields}")
+        elif k == "checkpoint":
+            self.run.event("checkpoint", step=msg["step"])
+        elif k == "budget":
+            group.budgets[rank] = msg["budget"]
+        elif k == "oom":
+            group.oom = body
+        elif k in ("done", "stopped"):
+            p.finished.add(rank)
+            p.step, p.status = msg["step"], k
 
     def _classify(self, group: Attempt, proc: _Proc, code: int, step: int) -> Outcome:
         where = f"rank {proc.spec.ranks[0]}" if len(proc.spec.ranks) == 1 else "mpirun"

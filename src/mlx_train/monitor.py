@@ -177,5 +177,5 @@ def _follow(run: RunDir, refresh_s: float) -> int:
                 shown = m["step"]
         if snap.state != "running":
             print(f"{snap.state} at step {shown} ({snap.restarts} restarts)", flush=True)
-            return 0 if snap.state in ("finished", "stopped") else 1
+            return 0
         time.sleep(refresh_s)

@@ -67,10 +67,7 @@ def check_inputs(cfg: TrainConfig) -> TrainConfig:
 
         load_factory(cfg.model.name)
     corpus = load_corpus(cfg.data)
-    if cfg.model.name == "gpt" and corpus.vocab_size > cfg.model.vocab_size:
-        cfg.model.vocab_size = corpus.vocab_size
-    if cfg.model.name == "gpt" and corpus.vocab_size < cfg.model.vocab_size and cfg.data.path is None:
-        raise UserError(f"vocab_size {cfg.model.vocab_size} does not match the byte corpus (256)")
+    cfg.model.vocab_size = corpus.vocab_size  # the data decides: 256 for bytes, max id + 1 for a .npy
     Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training").require(cfg.dist.global_batch_size,
                                                                             "one global batch")
     Batcher(corpus.val, cfg.model.seq_len, cfg.seed, "validation").require(cfg.dist.num_devices,

@@ -40,8 +40,9 @@ fleet-up: install
 fleet-down:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/fleet.py down
 
+# With the test fleet up, its ssh wrapper must come first so `ssh h1` resolves.
 reset: install
-	$(BIN)/mlx-train reset-distributed
+	PATH=$(if $(wildcard .fleet/bin/ssh),$(CURDIR)/.fleet/bin:)$$PATH $(BIN)/mlx-train reset-distributed $(if $(CLUSTER),--cluster $(CLUSTER))
 
 lint: install
 	cd ansible && PATH=$(CURDIR)/$(BIN):$$PATH ../$(BIN)/ansible-lint

@@ -1,15 +1,79 @@
-"""Per-host status across the cluster (filled in by the fleet work)."""
+"""Per-host status across the cluster: one ssh round trip per host, all hosts at once."""
 
 from __future__ import annotations
 
+import json
 from typing import Optional
+
+from . import remote
+
+# Runs on each host with its own interpreter (sent on stdin): facts plus the live pid records.
+_FACTS = """
+import json, os, platform, sys
+out = {"os": f"{platform.system()} {platform.release()} {platform.machine()}", "python": sys.executable,
+       "hostname": platform.node()}
+try:
+    out["memory"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+except (ValueError, OSError):
+    pass
+try:
+    import mlx.core as mx
+    out["mlx"] = mx.__version__
+    out["device"] = str(mx.device_info().get("device_name") or mx.default_device())
+except Exception as exc:
+    out["mlx"] = f"not importable ({exc.__class__.__name__})"
+try:
+    from mlx_train import pidrecords
+    out["ranks"] = [{"run_id": r["run_id"], "rank": r["rank"], "pid": r["pid"]} for r in pidrecords.records() if r["alive"]]
+except Exception as exc:
+    out["ranks_error"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def host_facts(name: str, python: str) -> dict:
+    res = remote.run_python(name, python, _FACTS, timeout=30, fresh=True)
+    if not res.ok:
+        return {"reachable": False, "why": res.why()}
+    try:
+        return {"reachable": True, **json.loads(res.out.strip().splitlines()[-1])}
+    except (ValueError, IndexError):
+        return {"reachable": False, "why": f"unexpected output from {python}: {res.err.strip()[-160:]}"}
+
+
+def _ranks(facts: dict) -> str:
+    if "ranks_error" in facts:
+        return f"unknown ({facts['ranks_error']})"
+    runs: dict = {}
+    for r in facts.get("ranks", []):
+        runs.setdefault(r["run_id"], []).append(str(r["rank"]))
+    return "; ".join(f"{run}: rank {','.join(ranks)}" for run, ranks in runs.items()) or "none"
 
 
 def print_fleet_status(console, cluster_file: Optional[str]) -> int:
-    from .cluster import DEFAULT_PATHS
+    from rich.table import Table
+
+    from .cluster import DEFAULT_PATHS, find_cluster_file, load_hosts
+    from .memory_units import human
 
     if cluster_file is None and not any(p.is_file() for p in DEFAULT_PATHS):
         console.print("cluster: none configured (mlx-train configure --distributed)")
         return 0
-    console.print("cluster: per-host status not available yet")
+    path = find_cluster_file(cluster_file)
+    hosts = load_hosts(str(path))
+    facts = remote.parallel(lambda h: host_facts(h.name, h.python), hosts)
+    t = Table(title=f"cluster ({path})", title_justify="left")
+    for col in ("host", "reachable", "OS", "mlx", "python", "memory", "device", "running ranks"):
+        t.add_column(col)
+    down = 0
+    for h, f in zip(hosts, facts):
+        if not f["reachable"]:
+            down += 1
+            t.add_row(h.name, f"[red]no[/] ({f['why']})", "-", "-", h.python, "-", "-", "-")
+            continue
+        t.add_row(h.name, "[green]yes[/]", f["os"], f.get("mlx", "?"), f["python"],
+                  human(f["memory"]) if "memory" in f else "?", f.get("device", "?"), _ranks(f))
+    console.print(t)
+    if down:
+        console.print(f"{down} host(s) unreachable: `mlx-train check-network` says why")
     return 0

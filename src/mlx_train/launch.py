@@ -45,6 +45,7 @@ class RankProc:
     host: str
     ranks: List[int]
     tagged: bool = False         # lines arrive as mpirun's "[job,rank]<stdout>:" tags
+    rank_hosts: Optional[List[str]] = None  # mpirun across hosts: the ssh destination of each rank
 
 
 def local_hosts(n: int) -> List[Host]:
@@ -125,23 +126,41 @@ def mpi_env() -> Dict[str, str]:
 
 
 def plan_mpi(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List[RankProc]:
+    if not all(h.local for h in hosts):
+        return plan_mpi_remote(hosts, base_args)
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise UserError("--backend mpi needs OpenMPI's mpirun on PATH: run `make install` (Debian: apt-get install "
                         "openmpi-bin libopenmpi-dev; macOS: brew install open-mpi), or use --backend ring")
     per_rank = rank_hosts(hosts)
     env = mpi_env()
-    argv = [mpirun, "-np", str(len(per_rank)), "--tag-output"]
-    if all(h.local for h in hosts):
-        argv += ["--oversubscribe"]
-    else:
-        argv += ["--host", ",".join(f"{h.name}:{h.slots}" for h in hosts)]
+    argv = [mpirun, "-np", str(len(per_rank)), "--tag-output", "--oversubscribe"]
     for key in sorted(env):
         argv += ["-x", key]
     python = hosts[0].python
     argv += [python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
     return [RankProc(argv, {**os.environ, **env}, hosts[0].name if len(hosts) == 1 else "mpirun",
                      list(range(len(per_rank))), tagged=True)]
+
+
+def plan_mpi_remote(hosts: List[Host], base_args: List[str]) -> List[RankProc]:
+    """mpirun runs on the first host, over ssh: from there it reaches the others through the nodes'
+    own key mesh, and every node's MCA params file and login environment apply."""
+    per_rank = rank_hosts(hosts)
+    # Whether the nodes need these cannot be told from here; both are harmless where not needed.
+    env = {"PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    mpirun = ["mpirun", "-np", str(len(per_rank)), "--tag-output",
+              "--host", ",".join(f"{h.name.rsplit('@', 1)[-1]}:{h.slots}" for h in hosts)]
+    for key in sorted(env):
+        mpirun += ["-x", key]
+    program = [hosts[0].python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
+    # MLX dlopens libmpi.so, which a node may only have as libmpi.so.40 (Debian without -dev).
+    remote = ("lib='-x MLX_MPI_LIBNAME=libmpi.so.40'; for f in /usr/lib/*/libmpi.so /usr/lib/libmpi.so "
+              '/opt/homebrew/lib/libmpi.dylib /usr/local/lib/libmpi.dylib; do [ -e "$f" ] && lib=; done; '
+              f"exec env {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())} {shlex.join(mpirun)} $lib "
+              f"{shlex.join(program)}")
+    return [RankProc(["ssh", "-T", "-o", "BatchMode=yes", hosts[0].name, remote], dict(os.environ), hosts[0].name,
+                     list(range(len(per_rank))), tagged=True, rank_hosts=[h.name for h in per_rank])]
 
 
 def plan(cfg: TrainConfig, hosts: List[Host], run_dir: str, run_id: str, resume: bool,

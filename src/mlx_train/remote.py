@@ -1,0 +1,80 @@
+"""Running commands on fleet hosts over ssh, always bounded in time.
+
+Shared by configure, check-network, status and reset-distributed. A host named "localhost"
+runs the command here instead (the one-machine inventory has no ssh).
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, TypeVar
+
+LOCAL = "localhost"
+CONNECT_TIMEOUT_S = 4
+T = TypeVar("T")
+
+
+@dataclass
+class Result:
+    code: int            # 255: ssh could not connect; 124: timed out
+    out: str
+    err: str
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def why(self) -> str:
+        """The last line of stderr (or a timeout note), for one-line messages."""
+        if self.code == 124:
+            return "timed out"
+        lines = [line for line in self.err.strip().splitlines() if line.strip()]
+        return lines[-1].strip() if lines else f"exit code {self.code}"
+
+
+def ssh_argv(dest: str, command: str, *, fresh: bool = False) -> List[str]:
+    """`fresh` bypasses an ssh ControlMaster: a multiplexed session over a dead link hangs
+    instead of failing within ConnectTimeout, which matters when checking reachability."""
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+    if fresh:
+        opts += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    return ["ssh", "-T", *opts, dest, command]
+
+
+def run(dest: str, command: str, *, timeout: float = 20, input: Optional[str] = None,
+        fresh: bool = False) -> Result:
+    argv = ["sh", "-c", command] if dest == LOCAL else ssh_argv(dest, command, fresh=fresh)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                           stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return Result(124, out, f"timed out after {timeout:.0f} s", time.monotonic() - t0)
+    return Result(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+
+def run_python(dest: str, python: str, code: str, args: Iterable[str] = (), *, timeout: float = 30,
+               fresh: bool = False) -> Result:
+    """Run `code` with the host's interpreter, sent on stdin: it needs nothing installed but
+    the interpreter (and whatever `code` imports), so it works across mlx-train versions."""
+    command = shlex.join([python, "-", *args])
+    return run(dest, f"exec {command}", timeout=timeout, input=code, fresh=fresh)
+
+
+def parallel(fn: Callable[..., T], items: List, workers: int = 16) -> List[T]:
+    """fn(item) for every item at once (each is mostly waiting on ssh), results in order."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def host_part(dest: str) -> str:
+    """`user@host` -> `host`."""
+    return dest.rsplit("@", 1)[-1]

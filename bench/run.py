@@ -41,8 +41,9 @@ def main() -> None:
     print("step overhead (reference BLAS) ...", flush=True)
     res["step_refblas"] = _run("step_overhead.py", ref, {"rounds": 3, "steps_per_round": 2})
     print("gradient sync, 2 ranks ...", flush=True)
-    res["sync"] = _run("sync_overhead.py", fast)
-    res["sync_large"] = _run("sync_overhead.py", fast, {"width": 256, "layers": 8, "rounds": 7, "reps": 5})
+    two = blas.rank_env(ranks_on_host=2)  # two ranks share this host's cores
+    res["sync"] = _run("sync_overhead.py", two)
+    res["sync_large"] = _run("sync_overhead.py", two, {"width": 256, "layers": 8, "rounds": 9, "reps": 8})
     RESULTS.write_text(json.dumps(res, indent=1))
     write_readme(res)
     print(table(res))

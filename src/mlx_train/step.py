@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import OptimConfig
 
@@ -36,9 +37,9 @@ def make_grad_fn(model: nn.Module, loss_fn: Callable, precision: str) -> Callabl
     def cast(p: mx.array) -> mx.array:
         return p.astype(compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
 
-    def loss_of(params, inputs, targets):
+    def loss_of(params, inputs, targets, scale):
         model.update(tree_map(cast, params) if compute_dtype else params)
-        return loss_fn(model, inputs, targets)
+        return loss_fn(model, inputs, targets) * scale
 
     return mx.value_and_grad(loss_of)
 
@@ -66,20 +67,22 @@ class Stepper:
 
     def step(self, micro_batches: Iterable[Tuple[Any, Any]]) -> StepStats:
         t0 = time.perf_counter()
-        grads, loss, n = None, mx.array(0.0), 0
+        micro_batches = list(micro_batches)
+        world = self.group.size() if self.group is not None else 1
+        # The mean over micro-batches and ranks is folded into the loss, so the backward pass
+        # yields already-averaged gradients and the all-reduce is a bare sum (no extra pass).
+        scale = mx.array(1.0 / (len(micro_batches) * world))
+        grads, loss = None, mx.array(0.0)
         for inputs, targets in micro_batches:
-            micro_loss, micro_grads = self.grad_fn(self.params, mx.array(inputs), mx.array(targets))
+            micro_loss, micro_grads = self.grad_fn(self.params, mx.array(inputs), mx.array(targets), scale)
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss = loss + micro_loss
-            n += 1
             # Evaluate per micro-batch so accumulation bounds activation memory to one micro-batch.
             mx.eval(grads, loss)
-        if n > 1:
-            grads = tree_map(lambda g: g / n, grads)
-            loss = loss / n
+        loss = loss * world  # this rank's mean loss
         t1 = time.perf_counter()
-        if self.group is not None and self.group.size() > 1:
-            grads = nn.average_gradients(grads, self.group, all_reduce_size=BUCKET_BYTES)
+        if world > 1:
+            grads = sum_gradients(grads, self.group)
             mx.eval(grads)
         t2 = time.perf_counter()
         if self.grad_clip > 0:
@@ -96,6 +99,32 @@ class Stepper:
         self.model.update(self.params)
         losses = [self.loss_fn(self.model, mx.array(x), mx.array(y)) for x, y in batches]
         return mx.mean(mx.stack(losses))
+
+
+def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES) -> Any:
+    """All-reduce (sum) a gradient tree with one all_sum per bucket of about `bucket_bytes`.
+
+    Like mlx.nn.average_gradients, minus its division: the trainer's gradients arrive pre-scaled.
+    """
+    flat = tree_flatten(grads)
+    buckets, current, size = [], [], 0
+    for key, g in flat:
+        current.append((key, g))
+        size += g.nbytes
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    out = []
+    for bucket in buckets:
+        if len({g.dtype for _, g in bucket}) > 1:  # mixed dtypes cannot share a buffer
+            out += [(k, mx.distributed.all_sum(g, group=group)) for k, g in bucket]
+            continue
+        summed = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for _, g in bucket]), group=group)
+        offsets = np.cumsum([g.size for _, g in bucket])[:-1].tolist()
+        out += [(k, part.reshape(g.shape)) for (k, g), part in zip(bucket, mx.split(summed, offsets))]
+    return tree_unflatten(out)
 
 
 def current_lr(optimizer: optim.Optimizer) -> float:

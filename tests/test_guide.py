@@ -82,3 +82,24 @@ def test_local_commands_work_as_shown(tmp_path):
         proc = mlx_train(cmd, tmp_path, env)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
         assert "Traceback" not in proc.stdout + proc.stderr, cmd
+
+
+@pytest.mark.fleet
+def test_fleet_commands_work_as_shown(fleet, tmp_path):
+    """The Quick Start and Network Issues commands, on the 3-host test fleet, in the guide's order."""
+    (tmp_path / ".fleet").symlink_to(Path(fleet.inventory_path).parent)  # configure's default inventory
+    env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}",
+           "MLX_TRAIN_STATE": str(tmp_path / "state")}
+    ran = []
+    for cmd in guide_commands():
+        if cmd not in FLEET_COMMANDS:
+            continue
+        proc = mlx_train(cmd, tmp_path, env)
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
+        assert "Traceback" not in proc.stdout + proc.stderr, cmd
+        ran.append(cmd)
+        if cmd == "mlx-train configure --distributed":
+            assert (tmp_path / "cluster.yaml").is_file()
+        if cmd == "mlx-train train --distributed":
+            assert "3 ranks" in proc.stdout, proc.stdout
+    assert ran == [c for c in guide_commands() if c in FLEET_COMMANDS]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 from . import remote
@@ -35,10 +34,10 @@ def host_facts(name: str, python: str) -> dict:
     res = remote.run_python(name, python, _FACTS, timeout=30, fresh=True)
     if not res.ok:
         return {"reachable": False, "why": res.why()}
-    try:
-        return {"reachable": True, **json.loads(res.out.strip().splitlines()[-1])}
-    except (ValueError, IndexError):
+    facts = res.last_json()
+    if facts is None:
         return {"reachable": False, "why": f"unexpected output from {python}: {res.err.strip()[-160:]}"}
+    return {"reachable": True, **facts}
 
 
 def _ranks(facts: dict) -> str:

@@ -6,6 +6,7 @@ runs the command here instead (the one-machine inventory has no ssh).
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import time
@@ -28,6 +29,14 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.code == 0
+
+    def last_json(self) -> Optional[dict]:
+        """The JSON object a remote probe prints as its last line, or None."""
+        try:
+            value = json.loads(self.out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return None
+        return value if isinstance(value, dict) else None
 
     def why(self) -> str:
         """The last line of stderr (or a timeout note), for one-line messages."""

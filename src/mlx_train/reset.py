@@ -56,10 +56,10 @@ def reset_host(name: str, python: str) -> dict:
     res = remote.run_python(name, python, _REMOTE, [json.dumps(STALE_GLOBS), str(STALE_AFTER_S)], timeout=30)
     if not res.ok:
         return {"host": name, "error": res.why()}
-    try:
-        return {"host": name, **json.loads(res.out.strip().splitlines()[-1])}
-    except (ValueError, IndexError):
+    report = res.last_json()
+    if report is None:
         return {"host": name, "error": f"unexpected output: {res.out.strip()[-200:]}"}
+    return {"host": name, **report}
 
 
 def reset_distributed(cluster_file: Optional[str] = None, local_only: bool = False) -> int:

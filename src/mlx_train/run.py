@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 from . import cluster

@@ -113,3 +113,26 @@ def test_killed_remote_rank_is_recovered(fleet, setup, tmp_path):
         assert kind in kinds, kinds
     assert kinds.index("restart") < kinds.index("resume") < kinds.index("finish")
     assert_no_stray_ranks(run)
+
+
+def test_status_shows_every_host_and_its_running_rank(fleet, setup, tmp_path):
+    cluster, _ = setup
+    run = tmp_path / "status"
+    proc = train(fleet, setup, run, "--steps", "100000", "--no-live", popen=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out = subprocess.run([MLX_TRAIN, "status", "--cluster", str(cluster)], env=fleet_env(fleet),
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip() in ("h1", "h2", "h3")}
+    assert sorted(rows) == ["h1", "h2", "h3"], out.stdout
+    for rank, host in enumerate(("h1", "h2", "h3")):
+        assert "yes" in rows[host] and "/opt/mlx-train/venv/bin/python" in rows[host]
+        assert f"{run.name}: rank {rank}" in rows[host], rows[host]
+    assert_no_stray_ranks(run)

@@ -60,7 +60,8 @@ def runs_in_progress() -> List[dict]:
 
 
 def status(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
-    console = Console()
+    # Piped or logged: wide enough that host rows and run ids are not folded.
+    console = Console(width=None if Console().is_terminal else 200)
     t = Table(title="this device", show_header=False, title_justify="left")
     for k, v in device_facts().items():
         t.add_row(k, v)

@@ -8,9 +8,7 @@ Run by bench/run.py; prints one JSON object.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +18,7 @@ import numpy as np
 from mlx_train.config import ModelConfig, OptimConfig
 from mlx_train.model import build_model
 from mlx_train.step import Stepper, make_optimizer
+from timing import interleaved
 
 
 def main(width=128, layers=4, seq=128, batch=8, rounds=7, steps_per_round=5) -> dict:
@@ -46,23 +45,9 @@ def main(width=128, layers=4, seq=128, batch=8, rounds=7, steps_per_round=5) -> 
     def trainer_step():
         trainer.step([(x, y)])
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        for _ in range(steps_per_round):
-            fn()
-        return (time.perf_counter() - t0) / steps_per_round
-
-    for fn in (bare_step, trainer_step):  # warm up (allocator, kernels)
-        timed(fn)
-    ratios, bare, train = [], [], []
-    for _ in range(rounds):
-        b, t = timed(bare_step), timed(trainer_step)
-        bare.append(b)
-        train.append(t)
-        ratios.append(b / t)
-    return {"model": f"gpt L{layers} D{width} T{seq} B{batch}", "bare_step_s": statistics.median(bare),
-            "trainer_step_s": statistics.median(train), "ratio": statistics.median(ratios),
-            "tokens_per_s": batch * seq / statistics.median(train)}
+    r = interleaved(bare_step, trainer_step, rounds, steps_per_round)
+    return {"model": f"gpt L{layers} D{width} T{seq} B{batch}", "bare_step_s": r["baseline_s"],
+            "trainer_step_s": r["candidate_s"], "ratio": r["ratio"], "tokens_per_s": batch * seq / r["candidate_s"]}
 
 
 if __name__ == "__main__":

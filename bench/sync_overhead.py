@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 
 def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
@@ -24,6 +22,7 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
     from mlx_train.config import ModelConfig
     from mlx_train.model import build_model
     from mlx_train.step import BUCKET_BYTES, sum_gradients
+    from timing import interleaved
 
     group = mx.distributed.init(backend="ring", strict=True)
     mx.random.seed(0)
@@ -40,23 +39,10 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
     def single():  # the floor: one all_sum, no packing and no averaging
         mx.eval(mx.distributed.all_sum(flat, group=group))
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
-    timed(trainer_sync), timed(single)
-    ratios, t_sync, t_single = [], [], []
-    for _ in range(rounds):
-        a, b = timed(trainer_sync), timed(single)
-        t_sync.append(a)
-        t_single.append(b)
-        ratios.append(b / a)
+    r = interleaved(single, trainer_sync, rounds, reps)
     if group.rank() == 0:
-        print(json.dumps({"grad_bytes": nbytes, "tensors": len(tree_flatten(grads)),
-                          "trainer_sync_s": statistics.median(t_sync), "single_all_sum_s": statistics.median(t_single),
-                          "ratio": statistics.median(ratios)}))
+        print(json.dumps({"grad_bytes": nbytes, "tensors": len(tree_flatten(grads)), "trainer_sync_s": r["candidate_s"],
+                          "single_all_sum_s": r["baseline_s"], "ratio": r["ratio"]}))
 
 
 def main(width=128, layers=4, rounds=15, reps=30) -> dict:

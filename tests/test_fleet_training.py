@@ -136,3 +136,19 @@ def test_status_shows_every_host_and_its_running_rank(fleet, setup, tmp_path):
         assert "yes" in rows[host] and "/opt/mlx-train/venv/bin/python" in rows[host]
         assert f"{run.name}: rank {rank}" in rows[host], rows[host]
     assert_no_stray_ranks(run)
+
+
+def test_configure_records_each_hosts_facts(fleet, setup):
+    import yaml
+
+    from mlx_train.cluster import load_hosts
+    from mlx_train.run import budget_for
+
+    cluster, _ = setup
+    hosts = yaml.safe_load(cluster.read_text())["hosts"]
+    assert [h["name"] for h in hosts] == ["h1", "h2", "h3"]
+    assert [h["addr"] for h in hosts] == ["10.77.0.11", "10.77.0.12", "10.77.0.13"]
+    assert all(h["iface"] == "eth0" and h["python"] == "/opt/mlx-train/venv/bin/python" for h in hosts)
+    assert all(h["cores"] >= 1 and h["memory"] > 2**30 for h in hosts)
+    # The memory planner's device memory for remote hosts comes from these facts.
+    assert budget_for(load_hosts(str(cluster))) == int(min(h["memory"] for h in hosts) * 0.9)

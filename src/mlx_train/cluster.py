@@ -37,7 +37,8 @@ def load_hosts(path: Optional[str] = None) -> List[Host]:
     try:
         data = yaml.safe_load(p.read_text())
         hosts = [Host(name=str(h["name"]), addr=str(h["addr"]), python=str(h["python"]),
-                      cores=h.get("cores"), slots=int(h.get("slots", 1))) for h in data["hosts"]]
+                      cores=h.get("cores"), slots=int(h.get("slots", 1)), memory=h.get("memory"))
+                 for h in data["hosts"]]
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{p} is not a valid cluster file ({exc.__class__.__name__}: {exc}): "
                         "regenerate it with `mlx-train configure --distributed`") from None
@@ -53,4 +54,5 @@ def with_devices(hosts: List[Host], devices: Optional[int]) -> List[Host]:
     if devices < len(hosts):
         hosts = hosts[:devices]
     base, extra = divmod(devices, len(hosts))
-    return [Host(h.name, h.addr, h.python, h.cores, base + (1 if i < extra else 0)) for i, h in enumerate(hosts)]
+    return [Host(h.name, h.addr, h.python, h.cores, base + (1 if i < extra else 0), h.memory)
+            for i, h in enumerate(hosts)]

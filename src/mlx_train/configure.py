@@ -32,6 +32,9 @@ iface=${1:-${MLX_TRAIN_IFACE:-}}
 py=$2
 echo "os=$(uname -s)"
 echo "cores=$( (nproc || sysctl -n hw.ncpu) 2>/dev/null)"
+# awk prints large products in %g, so Linux reports kB and Python multiplies.
+if [ -r /proc/meminfo ]; then echo "memory_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+else echo "memory=$(sysctl -n hw.memsize 2>/dev/null)"; fi
 echo "iface=$iface"
 if [ -n "$iface" ]; then
   if command -v ip >/dev/null 2>&1; then
@@ -52,6 +55,7 @@ class Probed:
     iface: str
     python: str
     cores: int
+    memory: Optional[int] = None  # bytes; the planner's device memory for this host
 
 
 def default_inventory() -> Path:
@@ -133,13 +137,14 @@ def probe(name: str, hostvars: dict) -> Probed:
             raise UserError(f"host {name} has no interpreter at {python}: run `make provision` (or set "
                             "mlx_train_venv for it in the inventory)")
         facts["python"] = sys.executable  # this machine, not provisioned: the controller's own venv
-    cores = facts.get("cores", "").strip()
-    return Probed(dest, facts["addr"], iface, facts["python"], int(cores) if cores.isdigit() else 1)
+    cores, kb, memory = (facts.get(k, "").strip() for k in ("cores", "memory_kb", "memory"))
+    return Probed(dest, facts["addr"], iface, facts["python"], int(cores) if cores.isdigit() else 1,
+                  int(kb) * 1024 if kb.isdigit() else int(memory) if memory.isdigit() else None)
 
 
 def write_files(hosts: List[Probed], output: Path, hostfile: Optional[Path]) -> None:
     data = {"hosts": [{"name": h.name, "addr": h.addr, "iface": h.iface, "python": h.python, "cores": h.cores,
-                       "slots": 1} for h in hosts]}
+                       "memory": h.memory, "slots": 1} for h in hosts]}
     output.write_text("# Written by `mlx-train configure --distributed`; one rank per slot.\n"
                       + yaml.safe_dump(data, sort_keys=False))
     if hostfile:

@@ -32,6 +32,7 @@ class Host:
     python: str = sys.executable  # absolute interpreter on that host
     cores: Optional[int] = None
     slots: int = 1               # ranks this host takes
+    memory: Optional[int] = None  # bytes of device memory, from the cluster file (remote hosts)
 
     @property
     def local(self) -> bool:

@@ -149,8 +149,7 @@ class _Quiet(ProgressView):
 
 
 def optimize(a: argparse.Namespace) -> int:
-    from .run import RunRequest, check_inputs, hosts_for, resolve_config
-    from .worker import default_budget
+    from .run import RunRequest, budget_for, check_inputs, hosts_for, resolve_config
 
     if a.trial_steps < 3:
         raise UserError("--trial-steps must be at least 3 (the first step pays for start-up)")
@@ -159,7 +158,7 @@ def optimize(a: argparse.Namespace) -> int:
     base = check_inputs(resolve_config(req))
     hosts = hosts_for(req, base)
     budget = parse_bytes(a.memory_budget) if a.memory_budget else (
-        base.memory_budget or default_budget(max(h.slots for h in hosts)))
+        base.memory_budget or budget_for(hosts))
     console = Console(soft_wrap=True, width=None if Console().is_terminal else 140)
     console.print(f"optimize: {base.dist.num_devices} devices, global batch {base.dist.global_batch_size}, "
                   f"budget {human(budget)} per device, {a.trial_steps} steps per trial")

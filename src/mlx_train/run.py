@@ -83,12 +83,19 @@ def hosts_for(req: RunRequest, cfg: TrainConfig) -> List[Host]:
     return local_hosts(cfg.dist.num_devices)
 
 
+def budget_for(hosts: List[Host]) -> int:
+    """The tightest per-rank budget among the hosts: their recorded memory (the cluster file's facts),
+    or this machine's for local ranks, shared among the ranks on each host."""
+    from .worker import BUDGET_FRACTION, default_budget
+
+    return min(int(h.memory * BUDGET_FRACTION / h.slots) if h.memory else default_budget(h.slots) for h in hosts)
+
+
 def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     """--optimize-memory: the planner's split of the requested global batch for this budget."""
     from .memory import RUNTIME_OVERHEAD, MemoryOptimizer
-    from .worker import default_budget
 
-    budget = cfg.memory_budget or default_budget(max(h.slots for h in hosts))
+    budget = cfg.memory_budget or budget_for(hosts)
     # The budget bounds MLX's peak (what a rank checks); the planner also adds the runtime's overhead.
     plan = MemoryOptimizer.suggest_config(model=cfg.model, num_devices=cfg.dist.num_devices,
                                           global_batch_size=cfg.dist.global_batch_size,

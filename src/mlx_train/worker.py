@@ -48,11 +48,14 @@ def init_group(args, backend: str):
     return mx.distributed.init(backend=backend)
 
 
+BUDGET_FRACTION = 0.9
+
+
 def default_budget(ranks_on_host: int) -> int:
     """This rank's share of the device: 90% of its memory split among the ranks sharing it."""
     from .memory import device_memory
 
-    return int(device_memory()[0] * 0.9 / max(1, ranks_on_host))
+    return int(device_memory()[0] * BUDGET_FRACTION / max(1, ranks_on_host))
 
 
 def main(argv=None) -> int:

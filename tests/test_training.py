@@ -240,3 +240,16 @@ def test_monitor_performance_breakdown(two_rank_run, tmp_path):
     from mlx_train.perf import bus_bandwidth
 
     assert bus_bandwidth(2e9, 1.0, 4) == (2.0, 3.0)  # nccl-tests: busbw = algbw * 2(n-1)/n
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+    """Sharding plus the rank average computes the one-process update (to float rounding)."""
+    common = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "64", "--steps", "3", "--warmup", "0",
+              "--log-every", "1", "--checkpoint-every", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli("train", *common, "--batch-size", "8", "--run-dir", str(one), check=True)
+    cli("train", *common, "--devices", "2", "--batch-size", "4", "--run-dir", str(two), check=True)
+    assert [round(m["loss"], 4) for m in metrics(one)] == [round(m["loss"], 4) for m in metrics(two)]
+    a, b = _final_params(one, 3), _final_params(two, 3)
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-5, rtol=0, err_msg=k)

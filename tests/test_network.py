@@ -43,6 +43,7 @@ def test_healthy_fleet_passes(fleet, cluster_file):
     for pair in ("h1 <-> h2", "h1 <-> h3", "h2 <-> h3"):
         assert pair in res.stdout
     assert "GB/s" in res.stdout and "btl_tcp_links=4" in res.stdout and "mpi all_sum" in res.stdout
+    assert "mpi4py allreduce" in res.stdout and "mpi4py," in res.stdout
     assert not fail_rows(res.stdout)
 
 

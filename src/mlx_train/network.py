@@ -3,8 +3,8 @@
 From the controller to every host: ssh, the pinned interface and its address, the Open MPI
 values in effect. From every host to every other: ssh over the nodes' key mesh, then a 2-rank
 MLX ring all_sum over the pinned addresses (proves the ring ports are reachable, and measures
-bandwidth). With --backend mpi: one MLX all_sum over MPI across every host, started by mpirun
-on the first host (MLX's MPI backend, not mpi4py: mpi4py is only in the controller's venv).
+bandwidth). With --backend mpi: an all-reduce across every host, started by mpirun
+on the first host, once through MLX's MPI backend and once through mpi4py (plain MPI).
 
 Every network operation is bounded (ssh ConnectTimeout, process timeouts, SIGALRM inside the
 probes), so a dead link costs seconds.
@@ -210,23 +210,55 @@ def check_ring_pair(a: Node, b: Node, size_mb: float) -> Finding:
     return Finding("ring all_sum", where, OK, detail)
 
 
-def check_mpi(nodes: List[Node], size_mb: float) -> Finding:
-    first = nodes[0]
+# One rank per host under mpirun: a plain MPI Allreduce through mpi4py, independent of MLX.
+_MPI4PY = """
+import json, signal, sys, time
+signal.alarm(int(sys.argv[1]))
+import numpy as np
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+x = np.ones(int(float(sys.argv[2]) * 2**20 / 4), dtype=np.float32)
+y = np.empty_like(x)
+comm.Allreduce(x, y)
+times = []
+for _ in range(int(sys.argv[3])):
+    t = time.monotonic()
+    comm.Allreduce(x, y)
+    times.append(time.monotonic() - t)
+print(json.dumps({"rank": comm.rank, "ms": 1e3 * sorted(times)[len(times) // 2], "correct": bool(y[0] == comm.size),
+                  "library": MPI.Get_library_version().splitlines()[0][:40]}))
+"""
+
+
+def _mpirun_on_first(nodes: List[Node], argv: List[str]) -> tuple:
+    """Run `argv` as one rank per host, with mpirun started on the first host (the node key mesh
+    and its MCA params then apply). Returns (result, per-rank JSON rows)."""
     hosts = ",".join(f"{remote.host_part(n.name)}:1" for n in nodes)
-    program = shlex.join([first.python, "-c", _ALL_SUM, str(MPI_TIMEOUT_S - 5), str(size_mb), "5", "0", "", "mpi"])
     lib = ("lib='-x MLX_MPI_LIBNAME=libmpi.so.40'; for f in /usr/lib/*/libmpi.so /usr/lib/libmpi.so "
            '/opt/homebrew/lib/libmpi.dylib /usr/local/lib/libmpi.dylib; do [ -e "$f" ] && lib=; done; ')
     cmd = (f"{lib}OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 exec mpirun -np {len(nodes)} "
-           f"--host {hosts} -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM $lib {program}")
-    res = remote.run(first.name, cmd, timeout=MPI_TIMEOUT_S)
-    rows = [json.loads(line) for line in res.out.splitlines() if line.startswith("{")]
-    where = f"all hosts (mpirun on {first.name})"
-    if not res.ok or len(rows) != len(nodes):
-        return Finding("mpi all_sum", where, FAIL, f"{res.why()} ({len(rows)}/{len(nodes)} ranks answered)",
-                       "fix the ssh mesh and ring findings above; `make provision` sets up Open MPI")
-    ms = max(r["ms"] for r in rows)
-    detail = f"MLX mpi backend, {size_mb:g} MB in {ms:.1f} ms ({size_mb * 2**20 / (ms / 1e3) / 1e9:.2f} GB/s)"
-    return Finding("mpi all_sum", where, OK if all(r["correct"] for r in rows) else FAIL, detail)
+           f"--host {hosts} -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM $lib {shlex.join(argv)}")
+    res = remote.run(nodes[0].name, cmd, timeout=MPI_TIMEOUT_S)
+    return res, [json.loads(line) for line in res.out.splitlines() if line.startswith("{")]
+
+
+def check_mpi(nodes: List[Node], size_mb: float) -> List[Finding]:
+    """The MPI path two ways: MLX's own MPI backend (what training uses) and mpi4py (plain MPI)."""
+    python, where = nodes[0].python, f"all hosts (mpirun on {nodes[0].name})"
+    findings = []
+    for what, argv, label in (
+            ("mpi all_sum", [python, "-c", _ALL_SUM, str(MPI_TIMEOUT_S - 5), str(size_mb), "5", "0", "", "mpi"],
+             "MLX mpi backend"),
+            ("mpi4py allreduce", [python, "-c", _MPI4PY, str(MPI_TIMEOUT_S - 5), str(size_mb), "5"], "mpi4py")):
+        res, rows = _mpirun_on_first(nodes, argv)
+        if not res.ok or len(rows) != len(nodes):
+            findings.append(Finding(what, where, FAIL, f"{res.why()} ({len(rows)}/{len(nodes)} ranks answered)",
+                                    "fix the ssh mesh and ring findings above; `make provision` sets up Open MPI"))
+            continue
+        ms = max(r["ms"] for r in rows)
+        detail = f"{label}, {size_mb:g} MB in {ms:.1f} ms ({size_mb * 2**20 / (ms / 1e3) / 1e9:.2f} GB/s)"
+        findings.append(Finding(what, where, OK if all(r["correct"] for r in rows) else FAIL, detail))
+    return findings
 
 
 def run_checks(nodes: List[Node], backend: str = "ring", size_mb: float = 8.0) -> List[Finding]:
@@ -246,7 +278,7 @@ def run_checks(nodes: List[Node], backend: str = "ring", size_mb: float = 8.0) -
                                     f"fix ssh to {down} first"))
     if backend == "mpi":
         if len(reachable) == len(nodes) and len(nodes) > 1:
-            findings.append(check_mpi(nodes, size_mb))
+            findings += check_mpi(nodes, size_mb)
         else:
             findings.append(Finding("mpi all_sum", "all hosts", FAIL, "not tested: a host is unreachable",
                                     "fix the ssh findings first"))

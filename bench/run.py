@@ -44,6 +44,11 @@ def main() -> None:
     two = blas.rank_env(ranks_on_host=2)  # two ranks share this host's cores
     res["sync"] = _run("sync_overhead.py", two)
     res["sync_large"] = _run("sync_overhead.py", two, {"width": 256, "layers": 8, "rounds": 9, "reps": 8})
+    # The default model at batch 8 on one device: the baseline `monitor --performance` scales against.
+    from mlx_train.config import TrainConfig
+    from mlx_train.perf import record_baseline
+
+    record_baseline(TrainConfig(), res["step"]["tokens_per_s"])
     RESULTS.write_text(json.dumps(res, indent=1))
     write_readme(res)
     print(table(res))

@@ -272,6 +272,14 @@ def device_memory() -> tuple:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "system memory (CPU build)"
 
 
+# A rank's default budget: this share of its device, split among the ranks on that device.
+BUDGET_FRACTION = 0.9
+
+
+def rank_budget(device_bytes: int, ranks_on_host: int) -> int:
+    return int(device_bytes * BUDGET_FRACTION / max(1, ranks_on_host))
+
+
 def _divisors_desc(n: int) -> list:
     return [d for d in range(n, 0, -1) if n % d == 0]
 

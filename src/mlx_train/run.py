@@ -86,9 +86,9 @@ def hosts_for(req: RunRequest, cfg: TrainConfig) -> List[Host]:
 def budget_for(hosts: List[Host]) -> int:
     """The tightest per-rank budget among the hosts: their recorded memory (the cluster file's facts),
     or this machine's for local ranks, shared among the ranks on each host."""
-    from .worker import BUDGET_FRACTION, default_budget
+    from .memory import device_memory, rank_budget
 
-    return min(int(h.memory * BUDGET_FRACTION / h.slots) if h.memory else default_budget(h.slots) for h in hosts)
+    return min(rank_budget(h.memory or device_memory()[0], h.slots) for h in hosts)
 
 
 def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:

@@ -48,16 +48,6 @@ def init_group(args, backend: str):
     return mx.distributed.init(backend=backend)
 
 
-BUDGET_FRACTION = 0.9
-
-
-def default_budget(ranks_on_host: int) -> int:
-    """This rank's share of the device: 90% of its memory split among the ranks sharing it."""
-    from .memory import device_memory
-
-    return int(device_memory()[0] * BUDGET_FRACTION / max(1, ranks_on_host))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if blas.needs_reexec():
@@ -68,6 +58,7 @@ def main(argv=None) -> int:
     from . import pidrecords, protocol
     from .config import TrainConfig, from_dict
     from .errors import UserError
+    from .memory import device_memory, rank_budget
     from .trainer import Trainer
 
     cfg = from_dict(TrainConfig, json.loads(args.config_json))
@@ -77,7 +68,7 @@ def main(argv=None) -> int:
     try:
         protocol.emit("hello", rank=rank, size=group.size(), host=socket.gethostname(), pid=os.getpid(),
                       python=sys.executable)
-        budget = cfg.memory_budget or default_budget(args.ranks_on_host)
+        budget = cfg.memory_budget or rank_budget(device_memory()[0], args.ranks_on_host)
         protocol.emit("budget", rank=rank, budget=budget)
         trainer = Trainer(cfg, group, args.run_dir, budget)
         trainer.run(resume=args.resume, stop_after=args.stop_after)

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from . import remote as remote_mod
 from .config import TrainConfig
 from .errors import UserError
 
@@ -151,14 +152,12 @@ def plan_mpi_remote(hosts: List[Host], base_args: List[str]) -> List[RankProc]:
     # Whether the nodes need these cannot be told from here; both are harmless where not needed.
     env = {"PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     mpirun = ["mpirun", "-np", str(len(per_rank)), "--tag-output",
-              "--host", ",".join(f"{h.name.rsplit('@', 1)[-1]}:{h.slots}" for h in hosts)]
+              "--host", ",".join(f"{remote_mod.host_part(h.name)}:{h.slots}" for h in hosts)]
     for key in sorted(env):
         mpirun += ["-x", key]
     program = [hosts[0].python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
     # MLX dlopens libmpi.so, which a node may only have as libmpi.so.40 (Debian without -dev).
-    remote = ("lib='-x MLX_MPI_LIBNAME=libmpi.so.40'; for f in /usr/lib/*/libmpi.so /usr/lib/libmpi.so "
-              '/opt/homebrew/lib/libmpi.dylib /usr/local/lib/libmpi.dylib; do [ -e "$f" ] && lib=; done; '
-              f"exec env {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())} {shlex.join(mpirun)} $lib "
+    remote = (remote_mod.MPI_LIB_PROBE + f"exec env {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())} {shlex.join(mpirun)} $lib "
               f"{shlex.join(program)}")
     return [RankProc(["ssh", "-T", "-o", "BatchMode=yes", hosts[0].name, remote], dict(os.environ), hosts[0].name,
                      list(range(len(per_rank))), tagged=True, rank_hosts=[h.name for h in per_rank])]

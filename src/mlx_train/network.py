@@ -234,9 +234,7 @@ def _mpirun_on_first(nodes: List[Node], argv: List[str]) -> tuple:
     """Run `argv` as one rank per host, with mpirun started on the first host (the node key mesh
     and its MCA params then apply). Returns (result, per-rank JSON rows)."""
     hosts = ",".join(f"{remote.host_part(n.name)}:1" for n in nodes)
-    lib = ("lib='-x MLX_MPI_LIBNAME=libmpi.so.40'; for f in /usr/lib/*/libmpi.so /usr/lib/libmpi.so "
-           '/opt/homebrew/lib/libmpi.dylib /usr/local/lib/libmpi.dylib; do [ -e "$f" ] && lib=; done; ')
-    cmd = (f"{lib}OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 exec mpirun -np {len(nodes)} "
+    cmd = (f"{remote.MPI_LIB_PROBE}OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 exec mpirun -np {len(nodes)} "
            f"--host {hosts} -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM $lib {shlex.join(argv)}")
     res = remote.run(nodes[0].name, cmd, timeout=MPI_TIMEOUT_S)
     return res, [json.loads(line) for line in res.out.splitlines() if line.startswith("{")]

@@ -84,6 +84,12 @@ def parallel(fn: Callable[..., T], items: List, workers: int = 16) -> List[T]:
         return list(pool.map(fn, items))
 
 
+# For a shell command on a node that runs mpirun: sets $lib to the mpirun flag MLX needs when the
+# node has only libmpi.so.40 (Debian without libopenmpi-dev), else to nothing.
+MPI_LIB_PROBE = ("lib='-x MLX_MPI_LIBNAME=libmpi.so.40'; for f in /usr/lib/*/libmpi.so /usr/lib/libmpi.so "
+                 '/opt/homebrew/lib/libmpi.dylib /usr/local/lib/libmpi.dylib; do [ -e "$f" ] && lib=; done; ')
+
+
 def host_part(dest: str) -> str:
     """`user@host` -> `host`."""
     return dest.rsplit("@", 1)[-1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -121,10 +121,20 @@ def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = B
         if len({g.dtype for _, g in bucket}) > 1:  # mixed dtypes cannot share a buffer
             out += [(k, mx.distributed.all_sum(g, group=group)) for k, g in bucket]
             continue
-        summed = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for _, g in bucket]), group=group)
-        offsets = np.cumsum([g.size for _, g in bucket])[:-1].tolist()
-        out += [(k, part.reshape(g.shape)) for (k, g), part in zip(bucket, mx.split(summed, offsets))]
+        summed = mx.distributed.all_sum(pack([g for _, g in bucket]), group=group)
+        out += list(zip((k for k, _ in bucket), unpack(summed, [g for _, g in bucket])))
     return tree_unflatten(out)
+
+
+def pack(arrays: List[mx.array]) -> mx.array:
+    """One flat buffer holding `arrays` in order (one collective instead of one per array)."""
+    return mx.concatenate([a.reshape(-1) for a in arrays])
+
+
+def unpack(flat: mx.array, like: List[mx.array]) -> List[mx.array]:
+    """The pieces of `flat` shaped like `like` (views, no copies)."""
+    offsets = np.cumsum([a.size for a in like])[:-1].tolist()
+    return [part.reshape(a.shape) for a, part in zip(like, mx.split(flat, offsets))]
 
 
 def current_lr(optimizer: optim.Optimizer) -> float:

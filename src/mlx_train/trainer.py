@@ -17,7 +17,7 @@ from .config import TrainConfig, DistributedConfig
 from .data import Batcher, load_corpus
 from .errors import UserError
 from .model import build_model, count_parameters
-from .step import Stepper, current_lr, make_optimizer
+from .step import Stepper, current_lr, make_optimizer, pack, unpack
 
 
 class Trainer:
@@ -158,9 +158,7 @@ class Trainer:
             params = {k: found.model[k] for k in params}
             state = {k: found.optimizer[k] for k in state}
         values = list(params.values()) + list(state.values())
-        flat = np.array(self.broadcast(mx.concatenate([v.reshape(-1) for v in values])))
-        offsets = np.cumsum([0] + [v.size for v in values])
-        out = [mx.array(flat[offsets[i]:offsets[i + 1]].reshape(v.shape)) for i, v in enumerate(values)]
+        out = unpack(self.broadcast(pack(values)), values)
         self.stepper.params = tree_unflatten(list(zip(params, out[:len(params)])))
         new_state = tree_unflatten(list(zip(state, out[len(params):])))
         new_state["step"] = mx.array(step, dtype=mx.uint64)

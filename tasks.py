@@ -6,7 +6,7 @@ import sys
 
 from invoke import task
 
-from mlx_train.cli import main as mlx_train
+from mlx_train.cli.main import main as mlx_train
 
 
 def _run(*argv: str) -> None:
@@ -20,7 +20,7 @@ def _run(*argv: str) -> None:
             "local": "ignore the cluster file and run every rank here", "extra": "more `mlx-train train` flags"})
 def train(c, devices=None, backend=None, steps=None, batch_size=None, local=False, extra=""):
     """Train on the embedded default (GPT on the Python stdlib), or across the cluster file's hosts."""
-    from mlx_train.cluster import DEFAULT_PATHS
+    from mlx_train.fleet.hosts import DEFAULT_PATHS
 
     argv = ["train"]
     if not local and any(p.is_file() for p in DEFAULT_PATHS):

@@ -81,8 +81,8 @@ def measure_here(p: Point) -> int:
     import numpy as np
 
     from mlx_train.config import ModelConfig, OptimConfig
-    from mlx_train.model import build_model
-    from mlx_train.step import Stepper, make_optimizer
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.step import Stepper, make_optimizer
 
     cfg = ModelConfig(n_layers=p.layers, d_model=p.width, n_heads=p.heads, seq_len=p.seq, vocab_size=p.vocab)
     mx.random.seed(0)
@@ -115,7 +115,7 @@ def measure(p: Point, openblas: bool = True) -> int:
 
 
 def predict(p: Point) -> int:
-    from mlx_train.memory import ModelShape, step_memory
+    from mlx_train.planning.memory import ModelShape, step_memory
 
     shape = ModelShape(p.layers, p.width, p.heads, p.seq, p.vocab)
     return step_memory(shape, p.batch, p.accumulation, p.checkpointing, p.precision).peak
@@ -123,7 +123,7 @@ def predict(p: Point) -> int:
 
 def params_only(p: Point) -> int:
     """The usual back-of-envelope: weights + gradients + AdamW's two moments, all fp32."""
-    from mlx_train.memory import ModelShape
+    from mlx_train.planning.memory import ModelShape
 
     return 16 * ModelShape(p.layers, p.width, p.heads, p.seq, p.vocab).n_params
 

@@ -30,7 +30,7 @@ def _run(script: str, env_extra: dict, args: dict | None = None) -> dict:
 
 
 def main() -> None:
-    from mlx_train import blas
+    from mlx_train.rank import blas
 
     fast = blas.rank_env(ranks_on_host=1)
     ref = {"MLX_TRAIN_NO_OPENBLAS": "1"}
@@ -46,7 +46,7 @@ def main() -> None:
     res["sync_large"] = _run("sync_overhead.py", two, {"width": 256, "layers": 8, "rounds": 9, "reps": 8})
     # The default model at batch 8 on one device: the baseline `monitor --performance` scales against.
     from mlx_train.config import TrainConfig
-    from mlx_train.perf import record_baseline
+    from mlx_train.planning.perf import record_baseline
 
     record_baseline(TrainConfig(), res["step"]["tokens_per_s"])
     RESULTS.write_text(json.dumps(res, indent=1))

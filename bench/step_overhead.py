@@ -16,8 +16,8 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mlx_train.config import ModelConfig, OptimConfig
-from mlx_train.model import build_model
-from mlx_train.step import Stepper, make_optimizer
+from mlx_train.rank.model import build_model
+from mlx_train.rank.step import Stepper, make_optimizer
 from timing import interleaved
 
 

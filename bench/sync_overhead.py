@@ -20,8 +20,8 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
     from mlx.utils import tree_flatten, tree_map
 
     from mlx_train.config import ModelConfig
-    from mlx_train.model import build_model
-    from mlx_train.step import BUCKET_BYTES, sum_gradients
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.step import BUCKET_BYTES, sum_gradients
     from timing import interleaved
 
     group = mx.distributed.init(backend="ring", strict=True)

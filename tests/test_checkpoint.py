@@ -3,7 +3,7 @@ import json
 import mlx.core as mx
 import numpy as np
 
-from mlx_train import checkpoint
+from mlx_train.rank import checkpoint
 
 
 def _arrays(seed):

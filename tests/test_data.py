@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mlx_train.config import DataConfig, DistributedConfig
-from mlx_train.data import Batcher, load_corpus
+from mlx_train.rank.data import Batcher, load_corpus
 from mlx_train.errors import UserError
 
 

@@ -53,7 +53,7 @@ def assert_no_stray_ranks(run: Path) -> None:
 
 def _is_worker(pid: int) -> bool:
     try:
-        return b"mlx_train.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"mlx_train.rank.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -141,8 +141,8 @@ def test_status_shows_every_host_and_its_running_rank(fleet, setup, tmp_path):
 def test_configure_records_each_hosts_facts(fleet, setup):
     import yaml
 
-    from mlx_train.cluster import load_hosts
-    from mlx_train.run import budget_for
+    from mlx_train.fleet.hosts import load_hosts
+    from mlx_train.controller.run import budget_for
 
     cluster, _ = setup
     hosts = yaml.safe_load(cluster.read_text())["hosts"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from mlx_train.config import DistributedConfig, ModelConfig, TrainConfig
-from mlx_train.memory import (RUNTIME_OVERHEAD, MemoryOptimizer, ModelShape, device_memory,
-                              step_memory)
+from mlx_train.planning.memory import RUNTIME_OVERHEAD, ModelShape, step_memory
+from mlx_train.planning.planner import MemoryOptimizer
+from mlx_train.rank.device import device_memory
 
 GiB = 1024 ** 3
 SMALL = dict(n_layers=4, d_model=256, n_heads=4, seq_len=256, vocab_size=256)

@@ -39,7 +39,7 @@ def test_reset_kills_recorded_stray_only(fleet, tmp_path):
     subprocess.run([MLX_TRAIN, "configure", "--distributed", "--inventory", str(fleet.inventory_path),
                     "--output", str(cluster), "--hostfile", str(tmp_path / "hostfile.json")],
                    env=env, check=True, capture_output=True, text=True, timeout=60)
-    stray = start_detached(fleet, "h2", 'from mlx_train import pidrecords; import time; '
+    stray = start_detached(fleet, "h2", 'from mlx_train.rank import pidrecords; import time; '
                                         'pidrecords.write("stray-test", 1, "/tmp/nowhere"); time.sleep(600)')
     unrelated = start_detached(fleet, "h2", "import time; time.sleep(600)")
     try:

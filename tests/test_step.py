@@ -7,8 +7,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_train.config import ModelConfig, OptimConfig
-from mlx_train.model import build_model
-from mlx_train.step import Stepper, make_optimizer
+from mlx_train.rank.model import build_model
+from mlx_train.rank.step import Stepper, make_optimizer
 
 CFG = ModelConfig(n_layers=2, d_model=32, n_heads=2, seq_len=16)
 

@@ -227,7 +227,7 @@ def test_stalled_rank_is_restarted(tmp_path):
 
 def test_monitor_performance_breakdown(two_rank_run, tmp_path):
     from mlx_train.config import TrainConfig
-    from mlx_train.perf import baseline_key
+    from mlx_train.planning.perf import baseline_key
 
     cfg = TrainConfig.from_yaml(two_rank_run / "config.yaml")
     single = metrics(two_rank_run)[-1]["tokens_per_s"] / 2 / 0.8  # pretend 80% scaling
@@ -237,7 +237,7 @@ def test_monitor_performance_breakdown(two_rank_run, tmp_path):
     assert "busbw GB/s" in out and "comm s" in out
     row = [l for l in out.splitlines() if l.split("│")[1:2] == ["   60 "]]
     assert row and row[0].rstrip(" │").endswith("80%"), out
-    from mlx_train.perf import bus_bandwidth
+    from mlx_train.planning.perf import bus_bandwidth
 
     assert bus_bandwidth(2e9, 1.0, 4) == (2.0, 3.0)  # nccl-tests: busbw = algbw * 2(n-1)/n
 

@@ -18,18 +18,21 @@ BACKENDS = ("ring", "mpi", "any")
 PRECISIONS = ("fp32", "bf16")
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+    """Validation at the edge: a ValueError with `msg` (the CLI turns it into one line)."""
     if not cond:
         raise ValueError(msg)
 
 
+def positive_int(name: str, value: Any) -> int:
+    check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+          f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 def _positive_int(obj: Any, *names: str) -> None:
     for name in names:
-        value = getattr(obj, name)
-        _check(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{name} must be a positive integer, got {value!r}",
-        )
+        positive_int(name, getattr(obj, name))
 
 
 class _Yaml:
@@ -59,7 +62,7 @@ class DistributedConfig(_Yaml):
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
-        _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     @property
     def global_batch_size(self) -> int:
@@ -78,9 +81,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_layers", "d_model", "n_heads", "seq_len", "vocab_size")
-        _check(self.d_model % self.n_heads == 0,
+        check(self.d_model % self.n_heads == 0,
                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        _check(self.name == "gpt" or ":" in self.name,
+        check(self.name == "gpt" or ":" in self.name,
                f"unknown model {self.name!r}: use 'gpt' or 'package.module:factory'")
 
 
@@ -91,7 +94,7 @@ class DataConfig:
     val_fraction: float = 0.05
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        check(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
 @dataclass
@@ -105,10 +108,10 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
 
 
 @dataclass
@@ -130,10 +133,10 @@ class TrainConfig(_Yaml):
     memory_budget: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _positive_int(self, "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
-        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
-        _check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
+        check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
 
     def identity(self) -> dict:
         """What makes two runs the same run: resuming with a different identity is refused.

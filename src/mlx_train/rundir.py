@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from .config import TrainConfig
-from .errors import UserError
+from mlx_train.config import TrainConfig
+from mlx_train.errors import UserError
 
 RUNS_ROOT = Path("runs")
 

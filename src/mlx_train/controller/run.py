@@ -7,14 +7,14 @@ import shlex
 from dataclasses import dataclass
 from typing import List, Optional
 
-from . import cluster
-from .config import TrainConfig, from_dict
-from .console import ProgressView
-from .data import Batcher, load_corpus
-from .errors import UserError
-from .launch import Host, local_hosts
-from .rundir import RUNS_ROOT, RunDir, new_run_id
-from .supervisor import Supervisor
+from mlx_train.fleet import hosts as cluster
+from mlx_train.config import TrainConfig, from_dict
+from mlx_train.controller.console import ProgressView
+from mlx_train.rank.data import Batcher, load_corpus
+from mlx_train.errors import UserError
+from mlx_train.controller.launch import Host, local_hosts
+from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
+from mlx_train.controller.supervisor import Supervisor
 
 
 @dataclass
@@ -62,7 +62,7 @@ def resolve_config(req: RunRequest) -> TrainConfig:
 def check_inputs(cfg: TrainConfig) -> TrainConfig:
     """Fail before any rank starts if the model or data cannot serve this configuration."""
     if cfg.model.name != "gpt":
-        from .model import load_factory
+        from mlx_train.rank.model import load_factory
 
         load_factory(cfg.model.name)
     corpus = load_corpus(cfg.data)
@@ -86,14 +86,15 @@ def hosts_for(req: RunRequest, cfg: TrainConfig) -> List[Host]:
 def budget_for(hosts: List[Host]) -> int:
     """The tightest per-rank budget among the hosts: their recorded memory (the cluster file's facts),
     or this machine's for local ranks, shared among the ranks on each host."""
-    from .memory import device_memory, rank_budget
+    from mlx_train.rank.device import device_memory, rank_budget
 
     return min(rank_budget(h.memory or device_memory()[0], h.slots) for h in hosts)
 
 
 def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     """--optimize-memory: the planner's split of the requested global batch for this budget."""
-    from .memory import RUNTIME_OVERHEAD, MemoryOptimizer
+    from mlx_train.planning.memory import RUNTIME_OVERHEAD
+    from mlx_train.planning.planner import MemoryOptimizer
 
     budget = cfg.memory_budget or budget_for(hosts)
     # The budget bounds MLX's peak (what a rank checks); the planner also adds the runtime's overhead.
@@ -126,7 +127,7 @@ def start(req: RunRequest) -> int:
           f"accumulation; {cfg.steps} steps", flush=True)
     start_step = 0
     if req.resume:
-        from .checkpoint import list_steps
+        from mlx_train.rank.checkpoint import list_steps
 
         steps = list_steps(run.checkpoints)
         start_step = int(steps[-1].name.split("-")[1]) if steps else 0
@@ -140,7 +141,7 @@ def start(req: RunRequest) -> int:
 
 def _oom_reconfigure(run: RunDir):
     def reconfigure(cfg: TrainConfig, outcome) -> Optional[TrainConfig]:
-        from .memory import MemoryOptimizer
+        from mlx_train.planning.planner import MemoryOptimizer
 
         run.event("oom", **{"step": outcome.step, "reason": outcome.reason, **(outcome.oom or {})})
         new = MemoryOptimizer.suggest_recovery_config(cfg)

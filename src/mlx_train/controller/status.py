@@ -13,9 +13,9 @@ from typing import Dict, List, Optional
 from rich.console import Console
 from rich.table import Table
 
-from . import pidrecords
-from .memory_units import human
-from .rundir import RunDir
+from mlx_train.rank import pidrecords
+from mlx_train.units import human
+from mlx_train.rundir import RunDir
 
 
 def system_memory() -> int:
@@ -25,7 +25,7 @@ def system_memory() -> int:
 
 def rank_blas() -> str:
     """The BLAS a rank on this host ends up with, asked of a real worker-like process."""
-    code = ("import os,sys\nfrom mlx_train import blas\n"
+    code = ("import os,sys\nfrom mlx_train.rank import blas\n"
             "if blas.needs_reexec(): os.execve(sys.executable,[sys.executable,'-c',sys.argv[1]],"
             "{**os.environ,**blas.rank_env(1)})\n"
             "import mlx.core as mx; a=mx.ones((64,64)); mx.eval(a@a); print(blas.in_use())")
@@ -74,7 +74,7 @@ def status(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
         t.add_row(r["run_id"], ",".join(map(str, sorted(r["ranks"]))), str(r["step"]), r["run_dir"])
     console.print(t if runs else "runs in progress here: none")
     if not local_only:
-        from .fleet_status import print_fleet_status
+        from mlx_train.fleet.status import print_fleet_status
 
         return print_fleet_status(console, cluster_file)
     return 0

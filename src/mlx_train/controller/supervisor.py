@@ -20,11 +20,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from . import launch, protocol
-from .config import TrainConfig
-from .console import ProgressView
-from .launch import Host, RankProc
-from .rundir import RunDir
+from mlx_train.controller import launch
+
+from mlx_train import protocol
+from mlx_train.config import TrainConfig
+from mlx_train.controller.console import ProgressView
+from mlx_train.controller.launch import Host, RankProc
+from mlx_train.rundir import RunDir
 
 _TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
 STOP_GRACE_S = 5.0
@@ -342,7 +344,7 @@ class Supervisor:
         seen = group.peaks.get(rank, 0)
         predicted = 0
         if self.cfg.model.name == "gpt":
-            from .memory import MemoryOptimizer
+            from mlx_train.planning.planner import MemoryOptimizer
 
             predicted = MemoryOptimizer.estimate(self.cfg)
         if max(seen, predicted) < OOM_EVIDENCE_FRACTION * budget:

@@ -5,8 +5,8 @@ signalled when its pid, kernel start time and run id all match a record, never b
 unrelated process of the same interpreter survives. Each host runs the same code with its own
 interpreter (sent over ssh on stdin, so it works with any installed mlx-train version).
 
-    python -m mlx_train.reset --local --json    # this machine only, machine-readable
-    python -m mlx_train.reset --list --json     # the records, nothing touched
+    python -m mlx_train.fleet.reset --local --json    # this machine only, machine-readable
+    python -m mlx_train.fleet.reset --list --json     # the records, nothing touched
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import sys
 from typing import List, Optional
 
-from . import remote
+from mlx_train.fleet import ssh as remote
 
 # Ring hostfiles a worker did not get to delete (it removes its own right after init); older
 # than this, no rank is still starting up with one.
@@ -29,7 +29,7 @@ def local_reset() -> dict:
 
 
 def local_list() -> List[dict]:
-    from . import pidrecords
+    from mlx_train.rank import pidrecords
 
     return [{k: r.get(k) for k in ("run_id", "rank", "pid", "run_dir", "alive")} for r in pidrecords.records()]
 
@@ -37,7 +37,7 @@ def local_list() -> List[dict]:
 # Runs on each host with that host's interpreter.
 _REMOTE = """
 import glob, json, os, sys, time
-from mlx_train import pidrecords
+from mlx_train.rank import pidrecords
 killed = pidrecords.stop_stray()
 removed, now = [], time.time()
 for pattern in json.loads(sys.argv[1]):
@@ -69,7 +69,7 @@ def reset_distributed(cluster_file: Optional[str] = None, local_only: bool = Fal
     results = [{**local_reset(), "host": "this machine"}]
     note = ""
     if not local_only:
-        from .cluster import DEFAULT_PATHS, load_hosts
+        from mlx_train.fleet.hosts import DEFAULT_PATHS, load_hosts
 
         if cluster_file or any(p.is_file() for p in DEFAULT_PATHS):
             hosts = [h for h in load_hosts(cluster_file) if not h.local]
@@ -94,7 +94,7 @@ def reset_distributed(cluster_file: Optional[str] = None, local_only: bool = Fal
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mlx_train.reset")
+    p = argparse.ArgumentParser(prog="mlx_train.fleet.reset")
     p.add_argument("--local", action="store_true", help="reset this machine only")
     p.add_argument("--list", action="store_true", help="print the pid records, change nothing")
     p.add_argument("--json", action="store_true")

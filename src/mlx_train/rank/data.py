@@ -16,8 +16,8 @@ from typing import Iterator, Tuple
 
 import numpy as np
 
-from .config import DataConfig, DistributedConfig
-from .errors import UserError
+from mlx_train.config import DataConfig, DistributedConfig
+from mlx_train.errors import UserError
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 

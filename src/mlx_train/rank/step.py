@@ -17,7 +17,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .config import OptimConfig
+from mlx_train.config import OptimConfig
 
 # One all_sum per bucket of this many bytes (mlx.nn.average_gradients packs small tensors together).
 BUCKET_BYTES = 32 * 1024 * 1024

@@ -12,12 +12,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import checkpoint, protocol
-from .config import TrainConfig, DistributedConfig
-from .data import Batcher, load_corpus
-from .errors import UserError
-from .model import build_model, count_parameters
-from .step import Stepper, current_lr, make_optimizer, pack, unpack
+from mlx_train.rank import checkpoint
+
+from mlx_train import protocol
+from mlx_train.config import TrainConfig, DistributedConfig
+from mlx_train.rank.data import Batcher, load_corpus
+from mlx_train.errors import UserError
+from mlx_train.rank.model import build_model, count_parameters
+from mlx_train.rank.step import Stepper, current_lr, make_optimizer, pack, unpack
 
 
 class Trainer:

@@ -6,25 +6,25 @@ import argparse
 
 
 def cmd_configure(a: argparse.Namespace) -> int:
-    from .configure import configure
+    from mlx_train.fleet.configure import configure
 
     return configure(distributed=a.distributed, inventory=a.inventory, output=a.output, hostfile=a.hostfile)
 
 
 def cmd_check_network(a: argparse.Namespace) -> int:
-    from .network import check_network
+    from mlx_train.fleet.network import check_network
 
     return check_network(cluster_file=a.cluster, backend=a.backend, size_mb=a.size_mb)
 
 
 def cmd_reset(a: argparse.Namespace) -> int:
-    from .reset import reset_distributed
+    from mlx_train.fleet.reset import reset_distributed
 
     return reset_distributed(cluster_file=a.cluster, local_only=a.local)
 
 
 def cmd_optimize(a: argparse.Namespace) -> int:
-    from .optimize import optimize
+    from mlx_train.controller.tune import optimize
 
     return optimize(a)
 
@@ -49,7 +49,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_reset)
 
     p = sub.add_parser("optimize", help="measure candidate settings and write the best as a config file")
-    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--devices", type=int, help="ranks to tune for (default 1; with --distributed: the cluster's)")
     p.add_argument("--config", help="base config (YAML)")
     p.add_argument("--output", default="optimized.yaml")
     p.add_argument("--trial-steps", type=int, default=6)

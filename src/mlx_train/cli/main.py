@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .errors import UserError
+from mlx_train.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,7 +56,7 @@ def _train_parser(sub) -> None:
 
 
 def _overrides(a: argparse.Namespace) -> dict:
-    from .memory_units import parse_bytes
+    from mlx_train.units import parse_bytes
 
     pick = lambda **kv: {k: v for k, v in kv.items() if v is not None}
     out = {
@@ -74,7 +74,7 @@ def _overrides(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .run import RunRequest, start
+    from mlx_train.controller.run import RunRequest, start
 
     if a.max_restarts < 0:
         raise UserError("--max-restarts must be >= 0")
@@ -84,13 +84,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_monitor(a: argparse.Namespace) -> int:
-    from .monitor import monitor
+    from mlx_train.controller.monitor import monitor
 
     return monitor(a.run_dir, once=a.once, plot=a.plot, performance=a.performance)
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from .status import status
+    from mlx_train.controller.status import status
 
     return status(cluster_file=a.cluster, local_only=a.local)
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="only this machine")
     p.set_defaults(func=cmd_status)
 
-    from . import cli_fleet
+    from mlx_train.cli import fleet as cli_fleet
 
     cli_fleet.add_commands(sub)
     return parser

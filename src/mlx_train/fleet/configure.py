@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from . import remote
-from .errors import UserError
+from mlx_train.fleet import ssh as remote
+from mlx_train.errors import UserError
 
 DEFAULT_VENV = "/opt/mlx-train/venv"
 FLEET_INVENTORY = Path(".fleet/inventory.yml")

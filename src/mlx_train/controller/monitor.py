@@ -14,10 +14,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from .console import fmt_duration
-from .errors import UserError
-from .memory_units import human
-from .rundir import RunDir, newest_run
+from mlx_train.controller.console import fmt_duration
+from mlx_train.errors import UserError
+from mlx_train.units import human
+from mlx_train.rundir import RunDir, newest_run
 
 _BARS = "▁▂▃▄▅▆▇█"
 _ENDED = {"finish": "finished", "failed": "failed", "interrupted": "interrupted", "stopped": "stopped"}
@@ -100,7 +100,7 @@ def render(snap: Snapshot, performance: bool = False):
 
 def performance_table(snap: Snapshot, rows: int = 8) -> Table:
     """Per logged step: compute vs communication, and all-reduce bandwidth as nccl-tests defines it."""
-    from .perf import bus_bandwidth, scaling_efficiency
+    from mlx_train.planning.perf import bus_bandwidth, scaling_efficiency
 
     t = Table(title="performance", title_justify="left")
     for col in ("step", "compute s", "comm s", "algbw GB/s", "busbw GB/s", "tok/s/device", "scaling eff."):

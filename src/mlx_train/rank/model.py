@@ -9,8 +9,8 @@ from typing import Callable, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import ModelConfig
-from .errors import UserError
+from mlx_train.config import ModelConfig
+from mlx_train.errors import UserError
 
 LossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
 

@@ -7,13 +7,32 @@ ring backend), `iface`, `python` (absolute interpreter), `cores`, `slots` (ranks
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import yaml
 
-from .errors import UserError
-from .launch import Host
+from mlx_train.errors import UserError
+
+LOCAL = "localhost"
+
+
+@dataclass
+class Host:
+    name: str                    # ssh destination, or "localhost"
+    addr: str = "127.0.0.1"      # address the ring backend binds and connects on
+    python: str = sys.executable  # absolute interpreter on that host
+    cores: Optional[int] = None
+    slots: int = 1               # ranks this host takes
+    memory: Optional[int] = None  # bytes of device memory, from the cluster file (remote hosts)
+
+    @property
+    def local(self) -> bool:
+        return self.name == LOCAL
+
+
 
 DEFAULT_PATHS = (Path("cluster.yaml"), Path.home() / ".mlx-train" / "cluster.yaml")
 

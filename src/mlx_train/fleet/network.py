@@ -22,9 +22,9 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from . import remote
-from .cluster import find_cluster_file
-from .errors import UserError
+from mlx_train.fleet import ssh as remote
+from mlx_train.fleet.hosts import find_cluster_file
+from mlx_train.errors import UserError
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 RING_TIMEOUT_S = 15

@@ -1,4 +1,4 @@
-"""One rank of a training run: `python -m mlx_train.worker ...`, started by the supervisor.
+"""One rank of a training run: `python -m mlx_train.rank.worker ...`, started by the supervisor.
 
 Reports to the supervisor with protocol lines on stdout (see protocol.py) and writes checkpoints
 from rank 0. Everything about the run comes from the arguments, so the same command works for a
@@ -14,11 +14,11 @@ import socket
 import sys
 import tempfile
 
-from . import blas
+from mlx_train.rank import blas
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mlx_train.worker")
+    p = argparse.ArgumentParser(prog="mlx_train.rank.worker")
     p.add_argument("--config-json", required=True, help="the resolved TrainConfig as JSON")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--run-id", required=True)
@@ -53,13 +53,15 @@ def main(argv=None) -> int:
     if blas.needs_reexec():
         # LD_PRELOAD only takes effect at exec; same pid, so the supervisor's records stay valid.
         env = {**os.environ, **blas.rank_env(args.ranks_on_host)}
-        os.execve(sys.executable, [sys.executable, "-m", "mlx_train.worker", *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_train.rank.worker", *sys.argv[1:]], env)
 
-    from . import pidrecords, protocol
-    from .config import TrainConfig, from_dict
-    from .errors import UserError
-    from .memory import device_memory, rank_budget
-    from .trainer import Trainer
+    from mlx_train.rank import pidrecords
+
+    from mlx_train import protocol
+    from mlx_train.config import TrainConfig, from_dict
+    from mlx_train.errors import UserError
+    from mlx_train.rank.device import device_memory, rank_budget
+    from mlx_train.rank.trainer import Trainer
 
     cfg = from_dict(TrainConfig, json.loads(args.config_json))
     group = init_group(args, cfg.dist.backend)

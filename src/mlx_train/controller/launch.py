@@ -1,6 +1,6 @@
 """How ranks are started: the commands and environments for each process, nothing more.
 
-Three shapes, all running the same `python -m mlx_train.worker`:
+Three shapes, all running the same `python -m mlx_train.rank.worker`:
 - ring, local ranks: one child per rank with the ring's peer list on loopback;
 - ring over ssh: one `ssh host ... worker` per rank with the hosts' pinned addresses;
 - mpi: one `mpirun --tag-output` carrying every rank (local or `--host` list).
@@ -19,26 +19,10 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from . import remote as remote_mod
-from .config import TrainConfig
-from .errors import UserError
-
-LOCAL = "localhost"
-
-
-@dataclass
-class Host:
-    name: str                    # ssh destination, or "localhost"
-    addr: str = "127.0.0.1"      # address the ring backend binds and connects on
-    python: str = sys.executable  # absolute interpreter on that host
-    cores: Optional[int] = None
-    slots: int = 1               # ranks this host takes
-    memory: Optional[int] = None  # bytes of device memory, from the cluster file (remote hosts)
-
-    @property
-    def local(self) -> bool:
-        return self.name == LOCAL
-
+from mlx_train.fleet import ssh as remote_mod
+from mlx_train.config import TrainConfig
+from mlx_train.errors import UserError
+from mlx_train.fleet.hosts import LOCAL, Host
 
 @dataclass
 class RankProc:
@@ -60,7 +44,7 @@ def rank_hosts(hosts: List[Host]) -> List[Host]:
 
 
 def worker_args(cfg: TrainConfig, run_dir: str, run_id: str, resume: bool, stop_after: Optional[int]) -> List[str]:
-    args = ["-m", "mlx_train.worker", "--config-json", json.dumps(cfg.to_dict(), separators=(",", ":")),
+    args = ["-m", "mlx_train.rank.worker", "--config-json", json.dumps(cfg.to_dict(), separators=(",", ":")),
             "--run-dir", run_dir, "--run-id", run_id]
     if resume:
         args.append("--resume")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import remote
+from mlx_train.fleet import ssh as remote
 
 # Runs on each host with its own interpreter (sent on stdin): facts plus the live pid records.
 _FACTS = """
@@ -22,7 +22,7 @@ try:
 except Exception as exc:
     out["mlx"] = f"not importable ({exc.__class__.__name__})"
 try:
-    from mlx_train import pidrecords
+    from mlx_train.rank import pidrecords
     out["ranks"] = [{"run_id": r["run_id"], "rank": r["rank"], "pid": r["pid"]} for r in pidrecords.records() if r["alive"]]
 except Exception as exc:
     out["ranks_error"] = str(exc)
@@ -52,8 +52,8 @@ def _ranks(facts: dict) -> str:
 def print_fleet_status(console, cluster_file: Optional[str]) -> int:
     from rich.table import Table
 
-    from .cluster import DEFAULT_PATHS, find_cluster_file, load_hosts
-    from .memory_units import human
+    from mlx_train.fleet.hosts import DEFAULT_PATHS, find_cluster_file, load_hosts
+    from mlx_train.units import human
 
     if cluster_file is None and not any(p.is_file() for p in DEFAULT_PATHS):
         console.print("cluster: none configured (mlx-train configure --distributed)")

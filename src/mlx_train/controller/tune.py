@@ -1,0 +1,110 @@
+"""`mlx-train optimize`: run the tuner's trials as real supervised runs; write the best as a config.
+
+The trials' run directories live in a scratch directory beside the output file and are removed
+when the command ends, whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+from typing import List
+
+from rich.console import Console
+from rich.table import Table
+
+from mlx_train.config import TrainConfig
+from mlx_train.controller.console import ProgressView
+from mlx_train.errors import UserError
+from mlx_train.planning.optimize import Trial, Tuner
+from mlx_train.rundir import RunDir
+from mlx_train.units import human, parse_bytes
+
+
+class _Quiet(ProgressView):
+    def __init__(self, total: int):
+        super().__init__(total, live=False)
+
+    def metrics(self, rec: dict) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def run_trial(hosts, scratch: Path, console: Console):
+    """The tuner's `measure`: a short supervised run of `cfg` on `hosts`, timed from step 2 on."""
+    from mlx_train.controller.supervisor import Supervisor
+
+    def measure(t: Trial, cfg: TrainConfig) -> None:
+        run = RunDir(scratch / f"trial-{len(list(scratch.iterdir())) + 1:02d}")
+        run.prepare(cfg, resume=False)
+        code = Supervisor(cfg, run, hosts, max_restarts=0, stall_timeout=120, view=_Quiet(cfg.steps)).supervise()
+        ms = [m for m in run.metrics() if m["step"] > 1]  # step 1 pays for start-up
+        oom = any(e["event"] == "oom" for e in run.events())
+        shutil.rmtree(run.path, ignore_errors=True)  # a trial's checkpoints are worth nothing after it
+        if code != 0 or not ms:
+            t.status = "over budget" if oom else "failed"
+            return
+        t.tokens_per_s = statistics.median(m["tokens_per_s"] for m in ms)
+        t.peak = max(max(m["peak_memory"]) for m in ms)
+        t.status = "ok"
+        console.print(f"  batch {t.batch:>3} x acc {t.accumulation:>3}  ckpt {'on ' if t.checkpointing else 'off'} "
+                      f"{t.precision}  conn {t.connections}: {t.tokens_per_s:,.0f} tok/s, peak {human(t.peak)}")
+
+    return measure
+
+
+def optimize(a: argparse.Namespace) -> int:
+    from mlx_train.controller.run import RunRequest, budget_for, check_inputs, hosts_for, resolve_config
+
+    if a.trial_steps < 3:
+        raise UserError("--trial-steps must be at least 3 (the first step pays for start-up)")
+    # Without --devices, a cluster keeps all of its hosts (and a local run one device).
+    overrides = {"dist": {"num_devices": a.devices}} if a.devices is not None else {}
+    req = RunRequest(overrides, a.config, distributed=a.distributed, cluster_file=a.cluster)
+    base = check_inputs(resolve_config(req))
+    hosts = hosts_for(req, base)
+    budget = parse_bytes(a.memory_budget) if a.memory_budget else (
+        base.memory_budget or budget_for(hosts))
+    console = Console(soft_wrap=True, width=None if Console().is_terminal else 140)
+    console.print(f"optimize: {base.dist.num_devices} devices, global batch {base.dist.global_batch_size}, "
+                  f"budget {human(budget)} per device, {a.trial_steps} steps per trial")
+    output = Path(a.output)
+    scratch = Path(tempfile.mkdtemp(prefix=".mlx-train-optimize-", dir=output.parent.resolve()))
+    try:
+        tuner = Tuner(base, budget, a.trial_steps, len({h.name for h in hosts}) > 1,
+                      run_trial(hosts, scratch, console))
+        best = tuner.run()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    console.print(_table(tuner.trials))
+    if best is None:
+        raise UserError("no candidate ran within the memory budget: raise --memory-budget or use a smaller model")
+    out = best.apply(base)
+    out.memory_budget = base.memory_budget
+    out.to_yaml(output)
+    if base.dist.num_devices == 1:
+        from mlx_train.planning.perf import record_baseline
+
+        record_baseline(out, best.tokens_per_s)
+    console.print(f"best: {best.batch} per device x {best.accumulation} accumulation, checkpointing "
+                  f"{'on' if best.checkpointing else 'off'}, {best.precision}, {best.connections} ring connection(s): "
+                  f"{best.tokens_per_s:,.0f} tok/s; wrote {a.output} (use: mlx-train train --config {a.output})")
+    return 0
+
+
+def _table(trials: List[Trial]) -> Table:
+    t = Table(title="trials, fastest first", title_justify="left")
+    for col in ("rank", "batch/device", "accumulation", "checkpointing", "precision", "ring conn.", "tokens/s",
+                "peak memory", "status"):
+        t.add_column(col, justify="right")
+    ranked = sorted(trials, key=lambda x: -x.tokens_per_s)
+    for i, x in enumerate(ranked, 1):
+        t.add_row(str(i) if x.status == "ok" else "-", str(x.batch), str(x.accumulation),
+                  "on" if x.checkpointing else "off", x.precision, str(x.connections),
+                  f"{x.tokens_per_s:,.0f}" if x.status == "ok" else "-", human(x.peak) if x.peak else "-", x.status)
+    return t

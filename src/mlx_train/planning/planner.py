@@ -1,0 +1,257 @@
+"""The planner: which per-device batch, accumulation, checkpointing and precision fit a device.
+
+`MemoryOptimizer.suggest_config` searches the settings with the memory model (memory.py);
+`suggest_recovery_config` is the out-of-memory ladder (one step smaller, same global batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from mlx_train.config import PRECISIONS, DistributedConfig, ModelConfig, TrainConfig, check, positive_int
+from mlx_train.planning.memory import (DEFAULT_SEQ_LEN, DEFAULT_VOCAB, MAX_BATCH_PER_DEVICE, OPTIMIZER_STATE_COPIES,
+                                       SAFETY_FRACTION, MemoryBreakdown, ModelShape, _Record, step_memory)
+from mlx_train.rank.device import device_memory
+
+
+@dataclass(frozen=True)
+class Hardware(_Record):
+    memory_per_device: int   # bytes
+    usable_memory: int       # memory_per_device * safety_fraction: what a plan may use
+    safety_fraction: float
+    source: str              # where memory_per_device came from
+
+
+@dataclass(frozen=True)
+class MemoryPlan(_Record):
+    """The planner's answer; reads as a dict (`plan['fits']`) and as attributes (`plan.fits`)."""
+
+    suggested_batch_size: int       # per device, per micro-batch
+    gradient_accumulation: int
+    global_batch_size: int
+    num_devices: int
+    activation_checkpointing: bool
+    precision: str
+    optimizer: str
+    fits: bool
+    hardware: Hardware
+    breakdown: MemoryBreakdown
+    model: ModelShape
+    n_params: int
+    assumptions: tuple = ()
+
+    def to_distributed_config(self, backend: str = "ring") -> DistributedConfig:
+        return DistributedConfig(num_devices=self.num_devices, batch_size_per_device=self.suggested_batch_size,
+                                 gradient_accumulation=self.gradient_accumulation, backend=backend)
+
+    def apply_to(self, cfg: TrainConfig) -> TrainConfig:
+        """`cfg` with this plan's batch split, precision and checkpointing (same global batch
+        only if the plan was made for it)."""
+        dist = dataclasses.replace(cfg.dist, num_devices=self.num_devices,
+                                   batch_size_per_device=self.suggested_batch_size,
+                                   gradient_accumulation=self.gradient_accumulation)
+        return dataclasses.replace(cfg, dist=dist, precision=self.precision,
+                                   grad_checkpoint=self.activation_checkpointing)
+
+
+def _divisors_desc(n: int) -> list:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+class MemoryOptimizer:
+    """Plans per-device batch, accumulation, checkpointing and precision against device memory."""
+
+    @classmethod
+    def suggest_config(
+        cls,
+        model_size: Optional[float] = None,
+        num_devices: int = 1,
+        *,
+        model: Optional[ModelConfig] = None,
+        n_layers: Optional[int] = None,
+        d_model: Optional[int] = None,
+        n_heads: Optional[int] = None,
+        seq_len: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+        precision: Optional[str] = None,
+        optimizer: str = "adamw",
+        activation_checkpointing: Optional[bool] = None,
+        global_batch_size: Optional[int] = None,
+        memory_per_device: Optional[float] = None,
+        safety_fraction: float = SAFETY_FRACTION,
+    ) -> MemoryPlan:
+        """The largest per-device batch that fits, trying in order: fp32 without checkpointing,
+        fp32 with it, then bf16 without and with (`precision`/`activation_checkpointing` force a
+        setting). Accumulation makes up `global_batch_size`; without one, per-device batches are
+        powers of two up to MAX_BATCH_PER_DEVICE with no accumulation. When nothing fits, the
+        smallest-memory attempt comes back with `fits=False`."""
+        positive_int("num_devices", num_devices)
+        check(precision is None or precision in PRECISIONS,
+               f"precision must be one of {', '.join(PRECISIONS)} or None (let the planner choose), got {precision!r}")
+        check(optimizer in OPTIMIZER_STATE_COPIES,
+               f"optimizer must be one of {', '.join(OPTIMIZER_STATE_COPIES)}, got {optimizer!r}")
+        check(activation_checkpointing in (None, True, False),
+               f"activation_checkpointing must be True, False or None, got {activation_checkpointing!r}")
+        check(isinstance(safety_fraction, (int, float)) and 0 < safety_fraction <= 1,
+               f"safety_fraction must be in (0, 1], got {safety_fraction!r}")
+        shape, n_params, assumptions = cls._resolve_model(model_size, model, n_layers, d_model, n_heads,
+                                                          seq_len, vocab_size)
+        hardware = cls._hardware(memory_per_device, safety_fraction)
+
+        if global_batch_size is None:
+            batches = [2 ** i for i in range(int(math.log2(MAX_BATCH_PER_DEVICE)), -1, -1)]
+            per_device = None
+            assumptions.append(f"no global batch asked for: per-device batch up to {MAX_BATCH_PER_DEVICE}, "
+                               "no accumulation")
+        else:
+            positive_int("global_batch_size", global_batch_size)
+            check(global_batch_size % num_devices == 0,
+                   f"global_batch_size ({global_batch_size}) must be divisible by num_devices ({num_devices})")
+            per_device = global_batch_size // num_devices
+            batches = _divisors_desc(per_device)
+
+        modes = [(p, c) for p in (PRECISIONS if precision is None else (precision,))
+                 for c in ((False, True) if activation_checkpointing is None else (activation_checkpointing,))]
+        closest = None
+        for prec, ckpt in modes:
+            for batch in batches:
+                accumulation = 1 if per_device is None else per_device // batch
+                mem = step_memory(shape, batch, accumulation, ckpt, prec, optimizer, n_params, num_devices)
+                plan = MemoryPlan(
+                    suggested_batch_size=batch, gradient_accumulation=accumulation,
+                    global_batch_size=batch * accumulation * num_devices, num_devices=num_devices,
+                    activation_checkpointing=ckpt, precision=prec, optimizer=optimizer,
+                    fits=mem.total <= hardware.usable_memory, hardware=hardware, breakdown=mem,
+                    model=shape, n_params=n_params, assumptions=tuple(assumptions))
+                if plan.fits:
+                    return plan
+                # Ties go to the smaller batch of the earlier mode: no change that does not help.
+                if closest is None or (mem.total, batch) < (closest.breakdown.total, closest.suggested_batch_size):
+                    closest = plan
+        return closest
+
+    @classmethod
+    def estimate(cls, cfg: TrainConfig, optimizer: str = "adamw") -> int:
+        """Predicted `mx.get_peak_memory()` of one training step with `cfg`, in bytes. Compare
+        `estimate(cfg) + RUNTIME_OVERHEAD` with a device's budget (or use `breakdown(cfg).total`)."""
+        return cls.breakdown(cfg, optimizer).peak
+
+    @classmethod
+    def breakdown(cls, cfg: TrainConfig, optimizer: str = "adamw") -> MemoryBreakdown:
+        check(isinstance(cfg, TrainConfig), f"expected a TrainConfig, got {type(cfg).__name__}")
+        return step_memory(ModelShape.from_config(cfg.model), cfg.dist.batch_size_per_device,
+                           cfg.dist.gradient_accumulation, cfg.grad_checkpoint, cfg.precision, optimizer,
+                           num_devices=cfg.dist.num_devices)
+
+    @staticmethod
+    def suggest_recovery_config(current: Any) -> Any:
+        """The next configuration to try after an out-of-memory failure, or None when nothing
+        smaller is left. Steps: halve the per-device batch (the next smaller divisor if it is odd)
+        with accumulation scaled up so the global batch is unchanged; at batch 1 turn on
+        checkpointing; then switch to bf16. Takes and returns a TrainConfig, a dict, or any
+        dataclass with those fields; the input is not modified."""
+        return _recovery(current)
+
+    @staticmethod
+    def _resolve_model(model_size, model, n_layers, d_model, n_heads, seq_len, vocab_size):
+        """(shape, parameter count, assumptions) from whichever description was given."""
+        if model_size is not None:
+            check(isinstance(model_size, (int, float)) and not isinstance(model_size, bool) and model_size > 0,
+                   f"model_size must be a positive parameter count, got {model_size!r}")
+        assumptions = []
+        if model is not None:
+            check(isinstance(model, ModelConfig), f"model must be a ModelConfig, got {type(model).__name__}")
+            check(all(v is None for v in (n_layers, d_model, n_heads, seq_len, vocab_size)),
+                   "give either model= or the shape keywords, not both")
+            shape = ModelShape.from_config(model)
+        elif n_layers is not None or d_model is not None:
+            check(n_layers is not None and d_model is not None,
+                   "give both n_layers and d_model (n_heads, seq_len, vocab_size have defaults)")
+            positive_int("d_model", d_model)
+            if n_heads is None:
+                n_heads = max(1, d_model // 64)
+                assumptions.append(f"n_heads={n_heads} (head width 64)")
+            if seq_len is None or vocab_size is None:
+                seq_len, vocab_size = seq_len or DEFAULT_SEQ_LEN, vocab_size or DEFAULT_VOCAB
+                assumptions.append(f"seq_len={seq_len}, vocab_size={vocab_size} where not given")
+            shape = ModelShape(n_layers, d_model, n_heads, seq_len, vocab_size)
+        elif model_size is not None:
+            check(n_heads is None, "n_heads needs n_layers and d_model")
+            shape = ModelShape.from_model_size(model_size, seq_len or DEFAULT_SEQ_LEN, vocab_size or DEFAULT_VOCAB)
+            assumptions.append(
+                f"shape derived from model_size={model_size:.3g}: GPT-3-like, {shape.n_layers} layers "
+                f"(nearest GPT-3 size), d_model={shape.d_model}, n_heads={shape.n_heads}, "
+                f"seq_len={shape.seq_len}, vocab_size={shape.vocab_size}")
+        else:
+            raise ValueError("give model_size (a parameter count) or the model's shape "
+                             "(model=ModelConfig, or n_layers and d_model)")
+        # A given count wins over the shape's: a custom model can have this shape and other weights.
+        n_params = int(model_size) if model_size is not None else shape.n_params
+        assumptions.append("activations as the built-in GPT on MLX's CPU build, which materialises "
+                           "attention scores (B*H*T*T); fused attention needs less")
+        assumptions.append("pure data parallel: every device holds all weights, gradients and optimizer state")
+        return shape, n_params, assumptions
+
+    @staticmethod
+    def _hardware(memory_per_device, safety_fraction) -> Hardware:
+        if memory_per_device is None:
+            memory, source = device_memory()
+        else:
+            check(isinstance(memory_per_device, (int, float)) and not isinstance(memory_per_device, bool)
+                   and memory_per_device > 0,
+                   f"memory_per_device must be positive bytes, got {memory_per_device!r}")
+            memory, source = int(memory_per_device), "given (memory_per_device)"
+        return Hardware(memory, int(memory * safety_fraction), safety_fraction, source)
+
+
+_BATCH_KEYS = ("batch_size_per_device", "suggested_batch_size", "batch_size")
+_CKPT_KEYS = ("grad_checkpoint", "activation_checkpointing")
+
+
+def _recovery(current: Any) -> Any:
+    if isinstance(current, TrainConfig):
+        nxt = _recovery({"batch_size_per_device": current.dist.batch_size_per_device,
+                         "gradient_accumulation": current.dist.gradient_accumulation,
+                         "grad_checkpoint": current.grad_checkpoint, "precision": current.precision})
+        if nxt is None:
+            return None
+        dist = dataclasses.replace(current.dist, batch_size_per_device=nxt["batch_size_per_device"],
+                                   gradient_accumulation=nxt["gradient_accumulation"])
+        return dataclasses.replace(current, dist=dist, grad_checkpoint=nxt["grad_checkpoint"],
+                                   precision=nxt["precision"])
+    if isinstance(current, Mapping):
+        values = dict(current)
+    elif dataclasses.is_dataclass(current) and not isinstance(current, type):
+        values = {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+    else:
+        raise ValueError(f"expected a TrainConfig, a dict or a dataclass, got {type(current).__name__}")
+
+    check(isinstance(current, Mapping) or "gradient_accumulation" in values,
+           f"{type(current).__name__} has no gradient_accumulation field: the global batch could not be kept")
+    batch_key = next((k for k in _BATCH_KEYS if k in values), None)
+    check(batch_key is not None, f"current settings need a per-device batch ({' or '.join(_BATCH_KEYS)})")
+    batch = positive_int(batch_key, values[batch_key])
+    accumulation = positive_int("gradient_accumulation", values.get("gradient_accumulation", 1))
+    ckpt_key = next((k for k in _CKPT_KEYS if k in values), None)
+    precision = values.get("precision")
+    check(precision is None or precision in PRECISIONS,
+           f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+    changes: dict = {}
+    if batch > 1:
+        smaller = next(d for d in range(batch // 2, 0, -1) if batch % d == 0)
+        changes = {batch_key: smaller, "gradient_accumulation": accumulation * (batch // smaller)}
+    elif ckpt_key is not None and not values[ckpt_key]:
+        changes = {ckpt_key: True}
+    elif precision == "fp32":
+        changes = {"precision": "bf16"}
+    else:
+        return None
+
+    if isinstance(current, Mapping):
+        return {**values, **changes}
+    return dataclasses.replace(current, **changes)

@@ -1,0 +1,69 @@
+"""The package draws its architecture: each side imports only the levels below it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "src" / "mlx_train"
+CONTRACTS = {"config", "errors", "protocol", "rundir", "units"}
+# What each side may import from the package (besides itself).
+ALLOWED = {
+    "contracts": {"contracts"},
+    "rank": {"contracts"},
+    "planning": {"contracts", "rank"},
+    "fleet": {"contracts", "rank"},
+    "controller": {"contracts", "rank", "planning", "fleet"},
+    "cli": {"contracts", "rank", "planning", "fleet", "controller"},
+    # `import mlx_train`: the guide's public names (DistributedConfig, MemoryOptimizer, lazily).
+    "api": {"contracts", "planning"},
+}
+
+
+def side(module: str) -> str:
+    parts = module.split(".")
+    if module in ("mlx_train", "mlx_train.__init__"):
+        return "api"
+    if parts[1] in CONTRACTS:
+        return "contracts"
+    return parts[1]
+
+
+def package_imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlx_train"):
+            if node.module != "mlx_train":  # importing the package itself loads only its __init__
+                yield node.module, node.lineno
+            for alias in node.names:  # `from mlx_train import protocol` names a module
+                yield f"{node.module}.{alias.name}", node.lineno
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("mlx_train"):
+                    yield alias.name, node.lineno
+
+
+def module_of(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    return ".".join(rel.parts)
+
+
+def test_every_module_sits_in_a_known_side():
+    for path in PKG.rglob("*.py"):
+        assert side(module_of(path)) in ALLOWED, f"{path}: not in any side; add it to one"
+
+
+def test_no_import_runs_back_up():
+    upward = []
+    for path in PKG.rglob("*.py"):
+        here = side(module_of(path))
+        for target, line in package_imports(path):
+            there = side(target)
+            if there != here and there in ALLOWED and there not in ALLOWED[here]:
+                upward.append(f"{path.relative_to(PKG)}:{line} ({here}) imports {target} ({there})")
+    assert not upward, "imports against the layout:\n" + "\n".join(upward)
+
+
+def test_each_side_opens_with_what_it_owns_and_may_import():
+    for sub in ("rank", "planning", "fleet", "controller", "cli"):
+        doc = ast.get_docstring(ast.parse((PKG / sub / "__init__.py").read_text())) or ""
+        assert "Owns" in doc or "owns" in doc, f"{sub}/__init__.py says what it owns"
+        assert "import" in doc, f"{sub}/__init__.py says what it may import"

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import yaml
 
 BACKENDS = ("ring", "mpi", "any")
+FINE_TUNE_MODES = ("full", "lora", "dora")
+PACKINGS = ("pack", "pad")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -83,8 +85,8 @@ class ModelConfig:
         _positive_int(self, "n_layers", "d_model", "n_heads", "seq_len", "vocab_size")
         check(self.d_model % self.n_heads == 0,
                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        check(self.name == "gpt" or ":" in self.name,
-               f"unknown model {self.name!r}: use 'gpt' or 'package.module:factory'")
+        check(isinstance(self.name, str) and self.name.strip() != "",
+               "model must be 'gpt', package.module:factory, a model directory or a Hugging Face id")
 
 
 @dataclass
@@ -92,9 +94,47 @@ class DataConfig:
     # None: the running Python's standard library sources (present on every machine).
     path: Optional[str] = None
     val_fraction: float = 0.05
+    mask_prompt: bool = field(default=False, metadata={
+        "help": "train on completions only: prompts and all but the last chat message are masked out of the loss",
+        "flag": "--mask-prompt"})
+    packing: str = field(default="pack", metadata={
+        "help": "JSONL data with a real model's tokenizer: 'pack' examples end to end into --seq-len rows, or "
+                "'pad' one example a row (padding masked out of the loss)", "flag": "--packing"})
 
     def __post_init__(self) -> None:
         check(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        check(self.packing in PACKINGS, f"packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
+
+
+@dataclass
+class FineTuneConfig:
+    """What of a pretrained model trains: all of it, or low-rank adapters (mlx-lm's LoRA/DoRA layers)."""
+
+    mode: str = field(default="full", metadata={
+        "help": "full: every weight trains; lora/dora: only adapters on a frozen (possibly quantized) base",
+        "flag": "--fine-tune"})
+    lora_rank: int = field(default=8, metadata={"help": "rank of each adapter", "flag": "--lora-rank"})
+    lora_scale: float = field(default=20.0, metadata={
+        "help": "adapter output scale (mlx-lm's 'scale'; alpha/rank in other tools)", "flag": "--lora-scale"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input",
+                                                       "flag": "--lora-dropout"})
+    lora_layers: int = field(default=16, metadata={
+        "help": "adapt the last N transformer blocks (-1: all)", "flag": "--lora-layers"})
+    lora_keys: Optional[str] = field(default=None, metadata={
+        "help": "comma-separated module paths inside a block to adapt, e.g. self_attn.q_proj,self_attn.v_proj "
+                "(default: every linear layer)", "flag": "--lora-keys"})
+
+    def __post_init__(self) -> None:
+        check(self.mode in FINE_TUNE_MODES, f"fine-tune must be one of {', '.join(FINE_TUNE_MODES)}, got {self.mode!r}")
+        positive_int("lora_rank", self.lora_rank)
+        check(self.lora_scale > 0, f"lora_scale must be > 0, got {self.lora_scale}")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check(isinstance(self.lora_layers, int) and (self.lora_layers > 0 or self.lora_layers == -1),
+              f"lora_layers must be a positive integer or -1 (all), got {self.lora_layers!r}")
+
+    @property
+    def keys(self) -> Optional[list]:
+        return [k.strip() for k in self.lora_keys.split(",") if k.strip()] if self.lora_keys else None
 
 
 @dataclass
@@ -120,6 +160,7 @@ class TrainConfig(_Yaml):
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
     precision: str = "fp32"
     grad_checkpoint: bool = False
     steps: int = 300
@@ -148,6 +189,7 @@ class TrainConfig(_Yaml):
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "optim": dataclasses.asdict(self.optim),
+            "fine_tune": dataclasses.asdict(self.fine_tune),
             "global_batch_size": self.dist.global_batch_size,
             "steps": self.steps,
             "seed": self.seed,

@@ -22,12 +22,15 @@ def _train_parser(sub) -> None:
     g.add_argument("--cluster", help="cluster file (default ./cluster.yaml or ~/.mlx-train/cluster.yaml)")
     g.add_argument("--backend", choices=["ring", "mpi", "any"])
     g = p.add_argument_group("what")
-    g.add_argument("--model", help="'gpt' or package.module:factory")
+    g.add_argument("--model", help="'gpt', package.module:factory, a model directory (config.json, *.safetensors, "
+                   "tokenizer) or a Hugging Face id")
     g.add_argument("--layers", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--seq-len", type=int)
-    g.add_argument("--data", help="text file/folder, .jsonl with 'text', or .npy token ids (default: Python stdlib)")
+    g.add_argument("--data", help="text file/folder, .jsonl with 'text', or .npy token ids (default: Python stdlib); "
+                   "with a pretrained model: a folder with train.jsonl and valid.jsonl")
+    _fine_tune_flags(g)
     g = p.add_argument_group("how")
     g.add_argument("--batch-size", type=int, help="per-device batch size")
     g.add_argument("--accumulation", type=int, help="gradient accumulation steps")
@@ -55,13 +58,40 @@ def _train_parser(sub) -> None:
                    "or 'prlimit --as=4000000000'")
 
 
+def _fine_tune_flags(g) -> None:
+    # Generated from the fields' metadata (config.py), the convention the config work brings everywhere.
+    import dataclasses
+
+    from mlx_train.config import DataConfig, FineTuneConfig
+
+    for cls in (FineTuneConfig, DataConfig):
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            if not flag:
+                continue
+            if f.type in (bool, "bool"):
+                g.add_argument(flag, dest=f"_{cls.__name__}_{f.name}", action="store_true", default=None,
+                               help=f.metadata["help"])
+            else:
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                g.add_argument(flag, dest=f"_{cls.__name__}_{f.name}", type=kind, help=f.metadata["help"])
+
+
+def _picked(a: argparse.Namespace, cls) -> dict:
+    prefix = f"_{cls.__name__}_"
+    return {k[len(prefix):]: v for k, v in vars(a).items() if k.startswith(prefix) and v is not None}
+
+
 def _overrides(a: argparse.Namespace) -> dict:
+    from mlx_train.config import DataConfig, FineTuneConfig
+
     from mlx_train.units import parse_bytes
 
     pick = lambda **kv: {k: v for k, v in kv.items() if v is not None}
     out = {
         "model": pick(name=a.model, n_layers=a.layers, d_model=a.width, n_heads=a.heads, seq_len=a.seq_len),
-        "data": pick(path=a.data),
+        "data": {**pick(path=a.data), **_picked(a, DataConfig)},
+        "fine_tune": _picked(a, FineTuneConfig),
         "optim": pick(lr=a.lr, warmup_steps=a.warmup),
         "dist": pick(num_devices=a.devices, batch_size_per_device=a.batch_size, gradient_accumulation=a.accumulation,
                      backend=a.backend),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import shlex
+from pathlib import Path
 from dataclasses import dataclass
 from typing import List, Optional
 
 from mlx_train.fleet import hosts as cluster
 from mlx_train.config import TrainConfig, from_dict
 from mlx_train.controller.console import ProgressView
-from mlx_train.rank.data import Batcher, load_corpus
+from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
 from mlx_train.controller.launch import Host, local_hosts
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
@@ -61,16 +62,25 @@ def resolve_config(req: RunRequest) -> TrainConfig:
 
 def check_inputs(cfg: TrainConfig) -> TrainConfig:
     """Fail before any rank starts if the model or data cannot serve this configuration."""
-    if cfg.model.name != "gpt":
+    from mlx_train.rank import hf
+
+    if hf.is_pretrained(cfg.model.name):
+        path = hf.check(cfg.model, cfg.fine_tune)
+        if Path(cfg.model.name).expanduser().exists():  # a local directory: recorded absolute (resume, export)
+            cfg.model.name = str(path.resolve())
+    elif cfg.fine_tune.mode != "full":
+        raise UserError(f"--fine-tune {cfg.fine_tune.mode} needs a pretrained model (--model DIR or a hub id); "
+                        f"model {cfg.model.name} trains in full: drop --fine-tune")
+    elif cfg.model.name != "gpt":
         from mlx_train.rank.model import load_factory
 
         load_factory(cfg.model.name)
-    corpus = load_corpus(cfg.data)
-    cfg.model.vocab_size = corpus.vocab_size  # the data decides: 256 for bytes, max id + 1 for a .npy
-    Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training").require(cfg.dist.global_batch_size,
-                                                                            "one global batch")
-    Batcher(corpus.val, cfg.model.seq_len, cfg.seed, "validation").require(cfg.dist.num_devices,
-                                                                            "one validation sequence per device")
+    # The data decides the vocabulary: 256 for bytes, max id + 1 for a .npy, the tokenizer's for a real model.
+    corpus = load_corpus(cfg.data, cfg.model)
+    cfg.model.vocab_size = corpus.vocab_size
+    corpus.batcher("train", cfg.model.seq_len, cfg.seed).require(cfg.dist.global_batch_size, "one global batch")
+    corpus.batcher("val", cfg.model.seq_len, cfg.seed).require(cfg.dist.num_devices,
+                                                               "one validation sequence per device")
     return cfg
 
 

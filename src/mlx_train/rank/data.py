@@ -12,11 +12,11 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
-from mlx_train.config import DataConfig, DistributedConfig
+from mlx_train.config import DataConfig, DistributedConfig, ModelConfig
 from mlx_train.errors import UserError
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -29,8 +29,21 @@ class Corpus:
     vocab_size: int
     description: str
 
+    def batcher(self, split: str, seq_len: int, seed: int) -> "Batcher":
+        tokens = self.train if split == "train" else self.val
+        return Batcher(tokens, seq_len, seed, "training" if split == "train" else "validation")
 
-def load_corpus(cfg: DataConfig) -> Corpus:
+
+def load_corpus(cfg: DataConfig, model: Optional[ModelConfig] = None):
+    """The corpus for `cfg`: bytes for the built-in GPT and factories, the model's own tokens (and
+    JSONL formats, see token_data.py) for a pretrained model."""
+    if model is not None:
+        from mlx_train.rank.hf import is_pretrained, model_path
+
+        if is_pretrained(model.name):
+            from mlx_train.rank.token_data import load_token_corpus
+
+            return load_token_corpus(cfg, model_path(model.name))
     if cfg.path is None:
         return _stdlib_corpus(cfg.val_fraction)
     path = Path(cfg.path).expanduser()
@@ -135,6 +148,10 @@ class Batcher:
         idx = ids[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None, :]
         chunk = self.tokens[idx].astype(np.int32)
         return chunk[:, :-1], chunk[:, 1:]
+
+    def tokens_in_step(self, step: int, dist: DistributedConfig) -> int:
+        """Target tokens in global step `step` (every one is real in a byte corpus)."""
+        return dist.global_batch_size * self.seq_len
 
     def micro_batches(self, step: int, rank: int, dist: DistributedConfig) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         for m in range(dist.gradient_accumulation):

@@ -12,11 +12,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import checkpoint
+from mlx_train.rank import checkpoint, hf
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig, DistributedConfig
-from mlx_train.rank.data import Batcher, load_corpus
+from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
 from mlx_train.rank.model import build_model, count_parameters
 from mlx_train.rank.step import Stepper, current_lr, make_optimizer, pack, unpack
@@ -30,9 +30,10 @@ class Trainer:
             raise UserError(f"started with {self.size} ranks but the config asks for {cfg.dist.num_devices} devices")
         self.ckpt_root = Path(run_dir) / "checkpoints"
         self.memory_budget = memory_budget
-        corpus = load_corpus(cfg.data)
-        self.train = Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training")
-        self.val = Batcher(corpus.val, cfg.model.seq_len, cfg.seed + 1, "validation")
+        self.run_dir = Path(run_dir)
+        corpus = load_corpus(cfg.data, cfg.model)
+        self.train = corpus.batcher("train", cfg.model.seq_len, cfg.seed)
+        self.val = corpus.batcher("val", cfg.model.seq_len, cfg.seed + 1)
         self.train.require(cfg.dist.global_batch_size, "one global batch")
         self.val.require(self.size, "one validation sequence per device")
         # A small validation split may not fill the training batch size: evaluate with what fits.
@@ -40,7 +41,9 @@ class Trainer:
         self.val_dist = DistributedConfig(self.size, eval_batch, 1, cfg.dist.backend)
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
-        model, loss_fn = build_model(cfg.model, cfg.grad_checkpoint)
+        model, loss_fn = build_model(cfg.model, cfg.grad_checkpoint, cfg.fine_tune)
+        self.adapter_config = hf.adapter_config(cfg.model.name, cfg.fine_tune, len(model.layers)) \
+            if hf.is_pretrained(cfg.model.name) else None
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
         self.optimizer.init(self.stepper.params)
@@ -64,7 +67,7 @@ class Trainer:
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
             stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
             step += 1
-            window.append((time.perf_counter() - t0, stats))
+            window.append((time.perf_counter() - t0, stats, self.train.tokens_in_step(step - 1, cfg.dist)))
             protocol.emit("hb", step=step, peak=mx.get_peak_memory())
             val_loss = self.validate() if step % cfg.eval_every == 0 or step == cfg.steps else None
             if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
@@ -95,7 +98,8 @@ class Trainer:
         step_time = sum(w[0] for w in window) / len(window)
         record = {
             "step": step, "loss": loss, "lr": current_lr(self.optimizer),
-            "tokens_per_s": self.tokens_per_step / step_time, "step_time_s": step_time,
+            # Real tokens only: padding and masked prompts are not counted.
+            "tokens_per_s": sum(w[2] for w in window) / sum(w[0] for w in window), "step_time_s": step_time,
             "comm_time_s": sum(w[1].comm_s for w in window) / len(window),
             "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
             "grad_norm": window[-1][1].grad_norm, "devices": self.size, "grad_bytes": self.grad_bytes,
@@ -132,6 +136,10 @@ class Trainer:
             rng=mx.random.state[0], meta={"data_position": step, "dist": self.cfg.dist.to_dict(),
                                           "identity": self.cfg.identity()},
             keep=self.cfg.keep_checkpoints)
+        if self.adapter_config is not None:  # results in mlx-lm's layout (hf.py)
+            if self.cfg.fine_tune.mode != "full":  # a full model's weights are the checkpoint itself
+                hf.write_adapters(path / "adapters", self.stepper.params, self.adapter_config)
+            hf.write_adapters(self.run_dir / "adapters", self.stepper.params, self.adapter_config)
         protocol.emit("checkpoint", step=step, path=str(path))
 
     def restore(self) -> int:

@@ -18,6 +18,8 @@ sys.path.insert(0, str(REPO / "tools"))
 import fleet as fleet_tools  # noqa: E402  (tools/fleet.py; importing it starts nothing)
 
 FLEET_SIZE = 3
+# The real-model fixtures (a tiny llama, chat data; made offline): tests/tiny_llama.py.
+pytest_plugins = ["tiny_llama"]
 
 
 def _why_no_fleet() -> str | None:

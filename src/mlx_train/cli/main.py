@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mlx_train.cli import fleet as cli_fleet
 
     cli_fleet.add_commands(sub)
+    from mlx_train.cli import models as cli_models
+
+    cli_models.add_commands(sub)
     return parser
 
 

@@ -176,3 +176,68 @@ def test_prediction_within_15_percent_of_measured_peak():
               bench.Point(2, 128, 4, 128, 4, False, "bf16")]
     for row in bench.run_grid(points):
         assert abs(row["error"]) <= bench.TOLERANCE, (row["point"].label(), row["predicted"], row["measured"])
+
+
+# -- pretrained models (config.json shapes, frozen bases, packed weights) -----------------------------
+def _lm_bench():
+    path = Path(__file__).resolve().parent.parent / "bench" / "lm_memory.py"
+    spec = importlib.util.spec_from_file_location("lm_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("which, ft", [
+    ("fp", dict(mode="full")), ("fp", dict(mode="lora", lora_layers=1)),
+    ("fp", dict(mode="dora", lora_layers=-1, lora_rank=3, lora_keys="self_attn.q_proj,mlp.down_proj")),
+    ("4bit", dict(mode="lora", lora_layers=-1)),
+])
+def test_lm_shape_counts_what_mlx_lm_builds(tiny_model, tiny_model_4bit, which, ft):
+    """Parameter counts, trainable counts and held bytes from config.json equal the loaded model's."""
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import FineTuneConfig
+    from mlx_train.planning.memory import LMShape
+    from mlx_train.rank import hf
+
+    path = {"fp": tiny_model, "4bit": tiny_model_4bit}[which]
+    ft = FineTuneConfig(**ft)
+    shape = LMShape.from_model_dir(path, 64, ft)
+    model = hf.load_model(ModelConfig(name=str(path)), ft)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    held = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in trainable or ft.mode == "full")
+    assert shape.trainable == sum(v.size for v in trainable.values())
+    assert shape.weight_bytes == held
+    if which == "fp":
+        assert shape.n_params == sum(v.size for _, v in tree_flatten(model.parameters())) - (
+            0 if ft.mode == "full" else shape.trainable)
+
+
+def test_suggest_config_takes_a_model_directory(tiny_model, tiny_model_4bit):
+    from mlx_train.config import FineTuneConfig
+    from mlx_train.planning.memory import LMShape
+
+    full = MemoryOptimizer.suggest_config(model=str(tiny_model), num_devices=2, seq_len=64, memory_per_device=GiB)
+    assert full.fits and isinstance(full.model, LMShape) and full.model.n_kv_heads == 2
+    assert full.model.intermediate_size == 128 and full.model.vocab_size == 512
+    lora = MemoryOptimizer.suggest_config(model=str(tiny_model), num_devices=2, seq_len=64, memory_per_device=GiB,
+                                          fine_tune=FineTuneConfig(mode="lora", lora_layers=-1))
+    # The frozen base: held once, no gradients, no optimizer state.
+    assert lora.breakdown.optimizer_state == 2 * 4 * lora.model.trainable < full.breakdown.optimizer_state / 5
+    assert lora.breakdown.gradients == 4 * lora.model.trainable
+    q = MemoryOptimizer.suggest_config(model=str(tiny_model_4bit), num_devices=1, seq_len=64, memory_per_device=GiB,
+                                       fine_tune=FineTuneConfig(mode="lora"))
+    assert q.model.quant_bits == 4 and q.model.weight_bytes < lora.model.weight_bytes / 3
+    # A TrainConfig naming the directory plans the same way (what --optimize-memory calls).
+    cfg = TrainConfig(model=ModelConfig(name=str(tiny_model), seq_len=64))
+    assert MemoryOptimizer.breakdown(cfg).parameters == full.breakdown.parameters == 4 * full.model.n_params
+    with pytest.raises(ValueError, match="only seq_len"):
+        MemoryOptimizer.suggest_config(model=str(tiny_model), d_model=64)
+
+
+def test_lm_prediction_within_15_percent_of_measured(tmp_path):
+    bench = _lm_bench()
+    models = bench.build(tmp_path)
+    configs = [c for c in bench.CONFIGS if c[:2] in (("fp", "full"), ("fp", "lora"), ("4bit", "lora"))][:3]
+    for row in bench.measure(models, configs):
+        assert abs(row["error"]) < 0.15, row

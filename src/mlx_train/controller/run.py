@@ -108,7 +108,7 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
 
     budget = cfg.memory_budget or budget_for(hosts)
     # The budget bounds MLX's peak (what a rank checks); the planner also adds the runtime's overhead.
-    plan = MemoryOptimizer.suggest_config(model=cfg.model, num_devices=cfg.dist.num_devices,
+    plan = MemoryOptimizer.suggest_config(model=cfg.model, fine_tune=cfg.fine_tune, num_devices=cfg.dist.num_devices,
                                           global_batch_size=cfg.dist.global_batch_size,
                                           memory_per_device=budget + RUNTIME_OVERHEAD, safety_fraction=0.95)
     if not plan.fits:

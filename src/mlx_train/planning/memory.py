@@ -19,9 +19,9 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Tuple
 
-from mlx_train.config import PRECISIONS, ModelConfig, check, positive_int
+from mlx_train.config import PRECISIONS, FineTuneConfig, ModelConfig, check, positive_int
 
 MiB = 1024 ** 2
 
@@ -139,6 +139,137 @@ class ModelShape(_Record):
         return cls(layers, n_heads * head_dim, n_heads, seq_len, vocab_size)
 
 
+# Pretrained llama-family models (rank/hf.py), measured like the GPT above on mlx-lm's llama with
+# rank/step.py's Stepper (fp32, 2 and 4 layers; varying width, intermediate size, heads, sequence
+# and batch): per layer ~9.4 (batch, seq, d_model) tensors, ~3.8 (batch, seq, kv_heads*head_dim)
+# ones (k and v and their repeats), ~4.6 (batch, seq, intermediate) ones (SwiGLU's gate, up, their
+# product and the SiLU terms) and ~0.3 attention-score tensors (the fused attention keeps few).
+# Frozen layers (LoRA) keep the same activations: their inputs' cotangents still flow to the
+# adapters below. The layer being differentiated adds one layer's worth, as for the GPT.
+LM_LAYER = {"d": 9.4, "kv": 3.8, "ffn": 4.6, "s": 0.3}
+# With checkpointing (mlx-lm's grad_checkpoint) not measured: assumed like the GPT's, each layer
+# keeps its input and output and ~2.4 layers' worth are live while one is recomputed.
+LM_CHECKPOINT_SAVED_D, LM_CHECKPOINT_LIVE_LAYERS = 3.5, 2.4
+DORA_WEIGHT_COPIES = 1.65
+_DTYPE_BYTES = {"float32": 4, "F32": 4, "bfloat16": 2, "BF16": 2, "float16": 2, "F16": 2}
+# The linear layers of a llama-family block, as mlx-lm names them (LoRA keys).
+LM_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class LMShape(_Record):
+    """A pretrained decoder (llama-family layout) from its config.json, and what of it trains.
+
+    Weights the run does not train hold memory at their stored size (packed when quantized) and no
+    gradient or optimizer state; trainable ones (all of them in full fine-tuning, the adapters
+    under LoRA/DoRA) are counted as the GPT's are, at their own dtype's size.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    seq_len: int
+    vocab_size: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tied_embeddings: bool = False
+    dtype_bytes: int = 2                  # the stored floating-point weights (bf16 for most hub models)
+    quant_bits: int = 0                   # 0: not quantized
+    quant_group_size: int = 64
+    fine_tune: str = "full"
+    lora_rank: int = 8
+    lora_layers: int = 16                 # -1: all
+    lora_keys: Tuple[str, ...] = ()       # () : every linear layer of a block
+
+    def _linears(self):
+        d, q, kv, f = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.intermediate_size
+        return dict(zip(LM_LINEARS, ((d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d))))
+
+    @property
+    def n_params(self) -> int:
+        """Every weight of the base, unpacked."""
+        block = sum(i * o for i, o in self._linears().values()) + 2 * self.d_model
+        return self.vocab_size * self.d_model * (1 if self.tied_embeddings else 2) + self.n_layers * block + self.d_model
+
+    @property
+    def weight_bytes(self) -> int:
+        """The base as held in memory: quantized matrices at bits/8 plus a scale and a bias per group."""
+        d, n = self.d_model, self.dtype_bytes
+        norms = (2 * self.n_layers + 1) * d * n
+        # (last dim, size) of every matrix: mlx-lm quantizes those whose rows split into whole groups.
+        matrices = [(d, self.vocab_size * d)] * (1 if self.tied_embeddings else 2)
+        matrices += [(i, i * o) for i, o in self._linears().values()] * self.n_layers
+        packed = self.quant_bits / 8 + 2 * n / self.quant_group_size
+        return int(sum(size * (packed if self.quant_bits and last % self.quant_group_size == 0 else n)
+                       for last, size in matrices)) + norms
+
+    @property
+    def adapted(self) -> list:
+        """(in, out) of every adapted linear layer."""
+        blocks = self.n_layers if self.lora_layers == -1 else min(self.lora_layers, self.n_layers)
+        keys = self.lora_keys or LM_LINEARS
+        return [shape for k, shape in self._linears().items() if k in keys] * blocks
+
+    @property
+    def trainable(self) -> int:
+        if self.fine_tune == "full":
+            return self.n_params
+        extra = self.fine_tune == "dora"  # DoRA adds a magnitude per output
+        return sum(self.lora_rank * (i + o) + (o if extra else 0) for i, o in self.adapted)
+
+    @property
+    def trainable_bytes(self) -> int:
+        """Bytes per trainable element: the weights' own dtype, or fp32 for mlx-lm's adapters."""
+        return self.dtype_bytes if self.fine_tune == "full" else 4
+
+    @property
+    def frozen_bytes(self) -> int:
+        return 0 if self.fine_tune == "full" else self.weight_bytes
+
+    @property
+    def largest_tensor(self) -> int:
+        if self.fine_tune == "full":
+            return max(self.vocab_size * self.d_model, max(i * o for i, o in self._linears().values()))
+        return max(self.lora_rank * max(i, o) for i, o in self.adapted) if self.adapted else 1
+
+    @classmethod
+    def from_model_dir(cls, path, seq_len: int, fine_tune: Optional[FineTuneConfig] = None) -> "LMShape":
+        """The shape from `path`/config.json (and the weights' dtype from a safetensors header)."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg = {**cfg.get("text_config", {}), **cfg}
+        d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        quant = cfg.get("quantization") or {}
+        ft = fine_tune or FineTuneConfig()
+        return cls(
+            n_layers=cfg["num_hidden_layers"], d_model=d, n_heads=heads, seq_len=seq_len,
+            vocab_size=cfg["vocab_size"], n_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or d // heads, intermediate_size=cfg["intermediate_size"],
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            dtype_bytes=_DTYPE_BYTES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "", 0) or _stored_dtype(path),
+            quant_bits=int(quant.get("bits", 0)), quant_group_size=int(quant.get("group_size", 64)),
+            fine_tune=ft.mode, lora_rank=ft.lora_rank, lora_layers=ft.lora_layers, lora_keys=tuple(ft.keys or ()))
+
+
+def _stored_dtype(path) -> int:
+    """Bytes per element of the first floating-point tensor in the first safetensors file (2 if none)."""
+    import json
+    import struct
+
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, info in sorted(header.items()):
+            if name != "__metadata__" and info.get("dtype") in _DTYPE_BYTES:
+                return _DTYPE_BYTES[info["dtype"]]
+    return 2
+
+
 @dataclass(frozen=True)
 class MemoryBreakdown(_Record):
     """Bytes on one device for one training step. `peak` is what `mx.get_peak_memory()` should
@@ -167,20 +298,25 @@ def step_memory(shape: ModelShape, batch: int, accumulation: int = 1, checkpoint
     check(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check(optimizer in OPTIMIZER_STATE_COPIES,
            f"optimizer must be one of {', '.join(OPTIMIZER_STATE_COPIES)}, got {optimizer!r}")
-    P = shape.n_params if n_params is None else int(n_params)
+    lm = isinstance(shape, LMShape)
+    P = (shape.trainable if lm else shape.n_params) if n_params is None else int(n_params)
     check(P > 0, f"the parameter count must be positive, got {P}")
     checkpointing = bool(checkpointing)
-    fp32 = 4 * P
+    # "fp32" below: one copy of the trainable parameters (the GPT's fp32 masters; a pretrained
+    # model's own dtype). A frozen base is held once and gets neither gradients nor state.
+    per = shape.trainable_bytes if lm else 4
+    fp32 = per * P
+    frozen = shape.frozen_bytes if lm else 0
     state_copies = OPTIMIZER_STATE_COPIES[optimizer]
 
-    parameters = fp32 + (2 * P if precision == "bf16" else 0)
+    parameters = fp32 + frozen + (2 * P if precision == "bf16" and per == 4 else 0)
     accumulator = fp32 if accumulation > 1 else 0
     optimizer_state = state_copies * fp32
     activations = activation_bytes(shape, batch, checkpointing, precision)
 
     backward_peak = parameters + optimizer_state + accumulator + activations
     update_copies = UPDATE_WEIGHT_AND_GRAD_COPIES + state_copies + (precision == "bf16" and num_devices > 1)
-    update_peak = update_copies * fp32 + UPDATE_TEMPORARIES * 4 * shape.largest_tensor
+    update_peak = update_copies * fp32 + frozen + UPDATE_TEMPORARIES * per * shape.largest_tensor
     peak = max(backward_peak, update_peak)
     return MemoryBreakdown(
         parameters=parameters, gradients=fp32 + accumulator, optimizer_state=optimizer_state,
@@ -193,6 +329,8 @@ def step_memory(shape: ModelShape, batch: int, accumulation: int = 1, checkpoint
 
 def activation_bytes(shape: ModelShape, batch: int, checkpointing: bool, precision: str) -> int:
     """Activation memory at the backward peak of one micro-batch (see the counts above)."""
+    if isinstance(shape, LMShape):
+        return lm_activation_bytes(shape, batch, checkpointing, precision)
     e = 2 if precision == "bf16" else 4
     tokens = batch * shape.seq_len
     d = tokens * shape.d_model
@@ -204,3 +342,23 @@ def activation_bytes(shape: ModelShape, batch: int, checkpointing: bool, precisi
     if precision == "bf16":
         head += 2 * LOGITS_BF16_COPIES[checkpointing] * logits
     return int(e * layers + head)
+
+
+def lm_activation_bytes(shape: LMShape, batch: int, checkpointing: bool, precision: str) -> int:
+    """Activations of a pretrained decoder at the backward peak of one micro-batch (LM_LAYER)."""
+    # Activations take the compute dtype: the weights' own, or bf16 when everything trains cast down.
+    e = 2 if precision == "bf16" and shape.fine_tune == "full" else min(4, shape.dtype_bytes)
+    tokens = batch * shape.seq_len
+    d = tokens * shape.d_model
+    layer = (LM_LAYER["d"] * d + LM_LAYER["kv"] * tokens * shape.n_kv_heads * shape.head_dim
+             + LM_LAYER["ffn"] * tokens * shape.intermediate_size
+             + LM_LAYER["s"] * batch * shape.n_heads * shape.seq_len * shape.seq_len)
+    # DoRA rebuilds each adapted weight (W + scale * B A, and its norm) in fp32 in every forward and
+    # keeps it for the backward: ~1.65 copies of the adapted matrices, measured.
+    dora = DORA_WEIGHT_COPIES * 4 * sum(i * o for i, o in shape.adapted) if shape.fine_tune == "dora" else 0
+    if checkpointing:
+        layers = shape.n_layers * LM_CHECKPOINT_SAVED_D * d + LM_CHECKPOINT_LIVE_LAYERS * layer
+    else:
+        layers = (shape.n_layers + 1) * layer
+    logits = tokens * shape.vocab_size
+    return int(e * layers + 4 * LOGITS_FP32_COPIES[checkpointing] * logits + dora)

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mlx_train.config import PRECISIONS, DistributedConfig, ModelConfig, TrainConfig, check, positive_int
+from mlx_train.config import (PRECISIONS, DistributedConfig, FineTuneConfig, ModelConfig, TrainConfig, check,
+                              positive_int)
 from mlx_train.planning.memory import (DEFAULT_SEQ_LEN, DEFAULT_VOCAB, MAX_BATCH_PER_DEVICE, OPTIMIZER_STATE_COPIES,
-                                       SAFETY_FRACTION, MemoryBreakdown, ModelShape, _Record, step_memory)
+                                       SAFETY_FRACTION, LMShape, MemoryBreakdown, ModelShape, _Record, step_memory)
 from mlx_train.rank.device import device_memory
 
 
@@ -40,7 +41,7 @@ class MemoryPlan(_Record):
     fits: bool
     hardware: Hardware
     breakdown: MemoryBreakdown
-    model: ModelShape
+    model: Any                      # ModelShape, or LMShape for a pretrained model
     n_params: int
     assumptions: tuple = ()
 
@@ -58,6 +59,22 @@ class MemoryPlan(_Record):
                                    grad_checkpoint=self.activation_checkpointing)
 
 
+def _pretrained(model) -> bool:
+    from mlx_train.rank.hf import is_pretrained
+
+    return is_pretrained(model.name if isinstance(model, ModelConfig) else model)
+
+
+def model_shape(model: ModelConfig, fine_tune: Optional[FineTuneConfig] = None):
+    """The memory model's shape for `model`: its config.json's for a pretrained model (read from the
+    model directory; a hub id is fetched once), else the built-in GPT's."""
+    if not _pretrained(model):
+        return ModelShape.from_config(model)
+    from mlx_train.rank.hf import model_path
+
+    return LMShape.from_model_dir(model_path(model.name), model.seq_len, fine_tune)
+
+
 def _divisors_desc(n: int) -> list:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
@@ -71,7 +88,8 @@ class MemoryOptimizer:
         model_size: Optional[float] = None,
         num_devices: int = 1,
         *,
-        model: Optional[ModelConfig] = None,
+        model: Any = None,
+        fine_tune: Optional[FineTuneConfig] = None,
         n_layers: Optional[int] = None,
         d_model: Optional[int] = None,
         n_heads: Optional[int] = None,
@@ -99,7 +117,7 @@ class MemoryOptimizer:
         check(isinstance(safety_fraction, (int, float)) and 0 < safety_fraction <= 1,
                f"safety_fraction must be in (0, 1], got {safety_fraction!r}")
         shape, n_params, assumptions = cls._resolve_model(model_size, model, n_layers, d_model, n_heads,
-                                                          seq_len, vocab_size)
+                                                          seq_len, vocab_size, fine_tune)
         hardware = cls._hardware(memory_per_device, safety_fraction)
 
         if global_batch_size is None:
@@ -143,7 +161,7 @@ class MemoryOptimizer:
     @classmethod
     def breakdown(cls, cfg: TrainConfig, optimizer: str = "adamw") -> MemoryBreakdown:
         check(isinstance(cfg, TrainConfig), f"expected a TrainConfig, got {type(cfg).__name__}")
-        return step_memory(ModelShape.from_config(cfg.model), cfg.dist.batch_size_per_device,
+        return step_memory(model_shape(cfg.model, cfg.fine_tune), cfg.dist.batch_size_per_device,
                            cfg.dist.gradient_accumulation, cfg.grad_checkpoint, cfg.precision, optimizer,
                            num_devices=cfg.dist.num_devices)
 
@@ -157,12 +175,28 @@ class MemoryOptimizer:
         return _recovery(current)
 
     @staticmethod
-    def _resolve_model(model_size, model, n_layers, d_model, n_heads, seq_len, vocab_size):
+    def _resolve_model(model_size, model, n_layers, d_model, n_heads, seq_len, vocab_size, fine_tune=None):
         """(shape, parameter count, assumptions) from whichever description was given."""
         if model_size is not None:
             check(isinstance(model_size, (int, float)) and not isinstance(model_size, bool) and model_size > 0,
                    f"model_size must be a positive parameter count, got {model_size!r}")
         assumptions = []
+        if isinstance(model, (str, ModelConfig)) and _pretrained(model):
+            # A model directory or hub id (or a ModelConfig naming one): the shape is its config.json's.
+            check(all(v is None for v in (model_size, n_layers, d_model, n_heads, vocab_size)),
+                   "a pretrained model gives its own shape: pass only seq_len with it")
+            if isinstance(model, ModelConfig):
+                seq_len, model = seq_len or model.seq_len, model.name
+            elif seq_len is None:
+                assumptions.append(f"seq_len={DEFAULT_SEQ_LEN} (not given)")
+            shape = model_shape(ModelConfig(name=model, seq_len=seq_len or DEFAULT_SEQ_LEN), fine_tune)
+            assumptions.append(f"shape from {model}/config.json: {shape.n_layers} layers, d_model={shape.d_model}, "
+                               f"{shape.n_heads} heads ({shape.n_kv_heads} key/value), intermediate "
+                               f"{shape.intermediate_size}, vocab {shape.vocab_size}"
+                               + (f", {shape.quant_bits}-bit" if shape.quant_bits else "")
+                               + f"; {shape.fine_tune} fine-tuning, {shape.trainable:,} trainable parameters")
+            assumptions.append("activations as mlx-lm's llama on MLX's CPU build (docs/memory_optimization.md)")
+            return shape, shape.trainable, assumptions
         if model is not None:
             check(isinstance(model, ModelConfig), f"model must be a ModelConfig, got {type(model).__name__}")
             check(all(v is None for v in (n_layers, d_model, n_heads, seq_len, vocab_size)),

@@ -119,7 +119,7 @@ class FineTuneConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input",
                                                        "flag": "--lora-dropout"})
     lora_layers: int = field(default=16, metadata={
-        "help": "adapt the last N transformer blocks (-1: all)", "flag": "--lora-layers"})
+        "help": "adapt the last N transformer blocks (-1, or more than the model has: all)", "flag": "--lora-layers"})
     lora_keys: Optional[str] = field(default=None, metadata={
         "help": "comma-separated module paths inside a block to adapt, e.g. self_attn.q_proj,self_attn.v_proj "
                 "(default: every linear layer)", "flag": "--lora-keys"})

@@ -99,10 +99,6 @@ def check(cfg: ModelConfig, ft: FineTuneConfig) -> Path:
     if ft.mode == "full" and quantized:
         raise UserError(f"model {path} is quantized: its packed weights cannot train, use --fine-tune lora "
                         "(QLoRA) or a full-precision model")
-    blocks = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
-    if ft.mode != "full" and blocks and ft.lora_layers > blocks:
-        raise UserError(f"--lora-layers {ft.lora_layers} but model {path} has {blocks} blocks: "
-                        "pass at most that, or -1 for all")
     return path
 
 
@@ -143,10 +139,7 @@ def apply_fine_tune(model: nn.Module, ft: FineTuneConfig, where: str) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     model.freeze()
-    layers = len(model.layers) if ft.lora_layers == -1 else ft.lora_layers
-    if layers > len(model.layers):
-        raise UserError(f"--lora-layers {layers} but model {where} has {len(model.layers)} blocks: "
-                        "pass at most that, or -1 for all")
+    layers = adapted_blocks(ft, len(model.layers))
     keys = ft.keys
     if keys is not None:
         known = {k for block in model.layers for k, m in block.named_modules()
@@ -156,6 +149,11 @@ def apply_fine_tune(model: nn.Module, ft: FineTuneConfig, where: str) -> None:
             raise UserError(f"--lora-keys: {unknown[0]!r} is not a linear layer in model {where}'s blocks "
                             f"(there: {', '.join(sorted(known))})")
     linear_to_lora_layers(model, layers, lora_parameters(ft), use_dora=ft.mode == "dora")
+
+
+def adapted_blocks(ft: FineTuneConfig, n_blocks: int) -> int:
+    """The last --lora-layers blocks are adapted; -1, or more than the model has, means all of them."""
+    return n_blocks if ft.lora_layers == -1 else min(ft.lora_layers, n_blocks)
 
 
 def lora_parameters(ft: FineTuneConfig) -> dict:
@@ -181,8 +179,7 @@ def build(cfg: ModelConfig, ft: FineTuneConfig, grad_checkpoint: bool = False) -
 # -- results in mlx-lm's layout --------------------------------------------------------------------
 def adapter_config(model_name: str, ft: FineTuneConfig, n_blocks: int) -> dict:
     """What `mlx_lm.tuner.utils.load_adapters` reads (the same keys `mlx_lm.lora` writes)."""
-    layers = n_blocks if ft.lora_layers == -1 else ft.lora_layers
-    return {"model": model_name, "fine_tune_type": ft.mode, "num_layers": layers,
+    return {"model": model_name, "fine_tune_type": ft.mode, "num_layers": adapted_blocks(ft, n_blocks),
             "lora_parameters": lora_parameters(ft)}
 
 

@@ -54,6 +54,9 @@ def test_two_rank_lora_learns_and_ranks_agree(lora_run, tiny_model):
     assert ms[-1]["grad_bytes"] < sum(v.nbytes for v in base.values()) / 5
     opt = mx.load(str(lora_run / "checkpoints" / "step-000040" / "optimizer.safetensors"))
     assert {k.rsplit(".", 1)[0] for k in opt if k.endswith((".m", ".v"))} == set(adapters)
+    # tokens/s counts real tokens: with --mask-prompt the questions and the padding are not among them.
+    real_per_step = ms[-1]["tokens_per_s"] * ms[-1]["step_time_s"]  # the window's mean step: time cancels
+    assert real_per_step < 0.6 * ms[-1]["global_batch"] * 64
     # Every checkpoint carries its adapters too.
     assert (lora_run / "checkpoints" / "step-000020" / "adapters" / "adapter_config.json").is_file()
 
@@ -179,3 +182,22 @@ def test_chat_data_without_a_chat_template(tmp_path, chat_data, cache_env):
 
 def test_lora_on_the_builtin_gpt(tmp_path):
     assert "needs a pretrained model" in _refused(tmp_path, "--fine-tune", "lora")
+
+
+@pytest.mark.parametrize("name, pretrained", [
+    ("gpt", False), ("mypkg.models:build", False), ("mlx-community/Qwen2.5-0.5B-Instruct-4bit", True),
+    ("./models/x", True), ("models/x", True),
+])
+def test_what_model_names_mean(name, pretrained):
+    from mlx_train.rank.hf import is_pretrained
+
+    assert is_pretrained(name) is pretrained
+
+
+def test_a_missing_directory_is_not_fetched(tmp_path):
+    from mlx_train.errors import UserError
+    from mlx_train.rank.hf import model_path
+
+    # Not org/name: a path, and a missing one is said so (nothing goes to the network).
+    with pytest.raises(UserError, match="no such directory"):
+        model_path(str(tmp_path / "nope" / "model"))

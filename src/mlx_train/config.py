@@ -1,7 +1,12 @@
 """Typed run configuration: validated once here, trusted everywhere after.
 
 `TrainConfig` is the whole resolved configuration written to `config.yaml`; `DistributedConfig`
-is the part the guide shows users (devices, per-device batch, accumulation, backend).
+is the part the guide shows users (devices, per-device batch, accumulation, backend); `RunOptions`
+says how the controller runs it (restarts, run directory, ...). Every knob is one field: its
+default, help and command-line flag live together (`knob`), and the `train` options are generated
+from them (cli/options.py). The classes are frozen and check their values when built, so a config
+that exists is valid: change one with `dataclasses.replace` (which checks the new one), and a rank
+rebuilds the controller's already-checked config with `TrainConfig.trusted`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from mlx_train.units import parse_bytes
 
 BACKENDS = ("ring", "mpi", "any")
 FINE_TUNE_MODES = ("full", "lora", "dora")
@@ -51,16 +58,31 @@ class _Yaml:
         return from_dict(cls, _load(source))
 
 
-@dataclass
+def knob(default: Any = dataclasses.MISSING, help: str = "", flag: Optional[str] = None, *,
+         default_factory: Any = dataclasses.MISSING, **meta: Any) -> Any:
+    """A config field carrying its help and command-line flag (cli/options.py turns these into argparse).
+
+    Equivalent to `field(default=..., metadata={"help": ..., "flag": ...})`; `meta` may add choices
+    (a tuple), metavar, parse (str -> value, e.g. parse_bytes, also applied to strings in a config
+    file) and store_false (the flag sets False, as `--no-live` does). A field without a flag is set
+    in the config file only.
+    """
+    metadata = {"help": help, **({"flag": flag} if flag else {}), **meta}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
 class DistributedConfig(_Yaml):
     """How the work is split: `global batch = num_devices x batch_size_per_device x accumulation`."""
 
-    num_devices: int = 1
-    batch_size_per_device: int = 8
-    gradient_accumulation: int = 1
-    backend: str = "ring"
-    # Ring backend: TCP connections per rank and address (MLX stripes each all_sum across them).
-    ring_connections: int = 1
+    num_devices: int = knob(1, "number of ranks (with --distributed: default the cluster's slots)", "--devices")
+    batch_size_per_device: int = knob(8, "per-device batch size", "--batch-size")
+    gradient_accumulation: int = knob(1, "gradient accumulation steps", "--accumulation")
+    backend: str = knob("ring", "MLX distributed backend", "--backend", choices=BACKENDS)
+    # MLX stripes each all_sum across these connections.
+    ring_connections: int = knob(1, "ring backend: TCP connections per rank and address")
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
@@ -71,58 +93,58 @@ class DistributedConfig(_Yaml):
         return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    # "gpt" (built in) or "package.module:factory" (bring your own; see docs/model_development.md)
-    name: str = "gpt"
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    seq_len: int = 128
-    vocab_size: int = 256
+    name: str = knob("gpt", "'gpt' (built in), package.module:factory (docs/model_development.md), or a pretrained "
+                            "model: a directory (config.json, *.safetensors, tokenizer) or a Hugging Face id "
+                            "(docs/fine_tuning.md)", "--model")
+    n_layers: int = knob(4, "transformer blocks", "--layers")
+    d_model: int = knob(128, "model width", "--width")
+    n_heads: int = knob(4, "attention heads (must divide the width)", "--heads")
+    seq_len: int = knob(128, "tokens per training sequence", "--seq-len")
+    vocab_size: int = knob(256, "vocabulary size (set from the data at launch)")
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_layers", "d_model", "n_heads", "seq_len", "vocab_size")
         check(self.d_model % self.n_heads == 0,
-               f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         check(isinstance(self.name, str) and self.name.strip() != "",
-               "model must be 'gpt', package.module:factory, a model directory or a Hugging Face id")
+              "model must be 'gpt', package.module:factory, a model directory or a Hugging Face id")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     # None: the running Python's standard library sources (present on every machine).
-    path: Optional[str] = None
-    val_fraction: float = 0.05
-    mask_prompt: bool = field(default=False, metadata={
-        "help": "train on completions only: prompts and all but the last chat message are masked out of the loss",
-        "flag": "--mask-prompt"})
-    packing: str = field(default="pack", metadata={
-        "help": "JSONL data with a real model's tokenizer: 'pack' examples end to end into --seq-len rows, or "
-                "'pad' one example a row (padding masked out of the loss)", "flag": "--packing"})
+    path: Optional[str] = knob(None, "text file/folder, .jsonl with 'text', or .npy token ids "
+                                     "(default: the Python standard library's sources); with a pretrained model "
+                                     "a folder with train.jsonl and valid.jsonl", "--data")
+    val_fraction: float = knob(0.05, "share of the data held out for validation", "--val-fraction")
+    mask_prompt: bool = knob(False, "train on completions only: the prompt (or every chat message but the last) "
+                                    "counts for nothing in the loss", "--mask-prompt")
+    packing: str = knob("pack", "JSONL with a pretrained model: 'pack' examples end to end into --seq-len rows, "
+                                "or 'pad' one example a row (padding never counts in the loss)", "--packing",
+                        choices=PACKINGS)
 
     def __post_init__(self) -> None:
         check(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         check(self.packing in PACKINGS, f"packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FineTuneConfig:
     """What of a pretrained model trains: all of it, or low-rank adapters (mlx-lm's LoRA/DoRA layers)."""
 
-    mode: str = field(default="full", metadata={
-        "help": "full: every weight trains; lora/dora: only adapters on a frozen (possibly quantized) base",
-        "flag": "--fine-tune"})
-    lora_rank: int = field(default=8, metadata={"help": "rank of each adapter", "flag": "--lora-rank"})
-    lora_scale: float = field(default=20.0, metadata={
-        "help": "adapter output scale (mlx-lm's 'scale'; alpha/rank in other tools)", "flag": "--lora-scale"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input",
-                                                       "flag": "--lora-dropout"})
-    lora_layers: int = field(default=16, metadata={
-        "help": "adapt the last N transformer blocks (-1, or more than the model has: all)", "flag": "--lora-layers"})
-    lora_keys: Optional[str] = field(default=None, metadata={
-        "help": "comma-separated module paths inside a block to adapt, e.g. self_attn.q_proj,self_attn.v_proj "
-                "(default: every linear layer)", "flag": "--lora-keys"})
+    mode: str = knob("full", "full: every weight trains; lora/dora: only adapters on a frozen (possibly quantized) "
+                             "base", "--fine-tune", choices=FINE_TUNE_MODES)
+    lora_rank: int = knob(8, "rank of each adapter", "--lora-rank")
+    lora_scale: float = knob(20.0, "adapter output scale (mlx-lm's 'scale'; alpha/rank in other tools)",
+                             "--lora-scale")
+    lora_dropout: float = knob(0.0, "dropout on the adapters' input", "--lora-dropout")
+    lora_layers: int = knob(16, "adapt the last N transformer blocks (-1, or more than the model has: all)",
+                            "--lora-layers")
+    lora_keys: Optional[str] = knob(None, "comma-separated module paths inside a block to adapt, e.g. "
+                                          "self_attn.q_proj,self_attn.v_proj (default: every linear layer)",
+                                    "--lora-keys")
 
     def __post_init__(self) -> None:
         check(self.mode in FINE_TUNE_MODES, f"fine-tune must be one of {', '.join(FINE_TUNE_MODES)}, got {self.mode!r}")
@@ -137,15 +159,15 @@ class FineTuneConfig:
         return [k.strip() for k in self.lora_keys.split(",") if k.strip()] if self.lora_keys else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = knob(3e-3, "peak learning rate", "--lr")
+    min_lr_ratio: float = knob(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = knob(20, "warmup steps", "--warmup")
+    weight_decay: float = knob(0.1, "AdamW weight decay")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    grad_clip: float = knob(1.0, "global gradient-norm clip (0 disables it)")
 
     def __post_init__(self) -> None:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -154,24 +176,26 @@ class OptimConfig:
         check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(_Yaml):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    dist: DistributedConfig = field(default_factory=DistributedConfig)
-    fine_tune: FineTuneConfig = field(default_factory=FineTuneConfig)
-    precision: str = "fp32"
-    grad_checkpoint: bool = False
-    steps: int = 300
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 4
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    seed: int = 0
-    # Per-device memory budget in bytes; None means "derive from the device".
-    memory_budget: Optional[int] = None
+    model: ModelConfig = knob(help="the model", default_factory=ModelConfig)
+    data: DataConfig = knob(help="the data", default_factory=DataConfig)
+    optim: OptimConfig = knob(help="the optimizer", default_factory=OptimConfig)
+    dist: DistributedConfig = knob(help="where and how the batch is split", default_factory=DistributedConfig)
+    fine_tune: FineTuneConfig = knob(help="what of a pretrained model trains", default_factory=FineTuneConfig)
+    precision: str = knob("fp32", "compute precision", "--precision", choices=PRECISIONS)
+    grad_checkpoint: bool = knob(False, "recompute each block in backward (less memory, more compute)",
+                                 "--grad-checkpoint")
+    steps: int = knob(300, "optimizer steps", "--steps")
+    log_every: int = knob(10, "steps between metric lines", "--log-every")
+    eval_every: int = knob(50, "steps between validation passes", "--eval-every")
+    eval_batches: int = knob(4, "batches per validation pass")
+    checkpoint_every: int = knob(50, "steps between checkpoints", "--checkpoint-every")
+    keep_checkpoints: int = knob(3, "newest checkpoints kept", "--keep-checkpoints")
+    seed: int = knob(0, "random seed (weights, data order)", "--seed")
+    # None: derive from the device (planning's per-rank share of its memory).
+    memory_budget: Optional[int] = knob(None, "per-device memory budget, bytes or e.g. 8GiB (default: from the "
+                                              "device)", "--memory-budget", parse=parse_bytes)
 
     def __post_init__(self) -> None:
         check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -195,6 +219,52 @@ class TrainConfig(_Yaml):
             "seed": self.seed,
         }
 
+    @classmethod
+    def trusted(cls, data: dict) -> "TrainConfig":
+        """Rebuild a config that was validated at the edge (a rank's --config-json): no checks run again."""
+        return _trusted(cls, data)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the controller runs a training job (not part of the run's config.yaml)."""
+
+    config: Optional[str] = knob(None, "YAML config file (flags override it)", "--config")
+    run_dir: Optional[str] = knob(None, "run directory (default runs/<run-id>)", "--run-dir")
+    resume: Optional[str] = knob(None, "continue the run in DIR from its last checkpoint (its config.yaml is the "
+                                       "base; flags override it)", "--resume", metavar="DIR")
+    distributed: bool = knob(False, "run across the hosts in the cluster file", "--distributed")
+    cluster: Optional[str] = knob(None, "cluster file (default ./cluster.yaml or ~/.mlx-train/cluster.yaml)",
+                                  "--cluster")
+    max_restarts: int = knob(3, "relaunches after a rank failure before giving up", "--max-restarts")
+    stall_timeout: float = knob(300.0, "seconds without progress before a restart", "--stall-timeout")
+    stop_after: Optional[int] = knob(None, "checkpoint and stop cleanly after this step", "--stop-after")
+    optimize_memory: bool = knob(False, "start from the memory planner's split", "--optimize-memory")
+    live: Optional[bool] = knob(None, "plain log lines instead of a progress bar", "--no-live", store_false=True)
+    rank_wrapper: Optional[str] = knob(None, "prefix each local rank's command, e.g. 'taskset -c 0' or "
+                                             "'prlimit --as=4000000000'", "--rank-wrapper", metavar="CMD")
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.max_restarts, int) and self.max_restarts >= 0,
+              f"--max-restarts must be >= 0, got {self.max_restarts}")
+        check(self.stall_timeout > 0, f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
+        check(self.stop_after is None or self.stop_after > 0,
+              f"--stop-after must be a positive step, got {self.stop_after}")
+
+
+def _trusted(cls, data: dict):
+    hints = typing.get_type_hints(cls)
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+        else:  # a key missing from the JSON (never, from our supervisor): the field's default
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+            value = _trusted(hints[f.name], value)
+        object.__setattr__(obj, f.name, value)  # frozen: how dataclasses itself sets fields
+    return obj
+
 
 def from_dict(cls, data: Any, where: str = "config"):
     """Build dataclass `cls` from plain data, naming the offending key on any mismatch."""
@@ -205,13 +275,20 @@ def from_dict(cls, data: Any, where: str = "config"):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} in {where} (known: {', '.join(sorted(known))})")
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, f"{where}.{name}")
-        else:
-            kwargs[name] = _coerce(hint, value, f"{where}.{name}")
+            continue
+        parse = meta[name].get("parse")
+        if parse is not None and isinstance(value, str):  # e.g. memory_budget: 8GiB
+            try:
+                value = parse(value)
+            except Exception as exc:
+                raise ValueError(f"{where}.{name}: {exc}") from None
+        kwargs[name] = _coerce(hint, value, f"{where}.{name}")
     return cls(**kwargs)
 
 

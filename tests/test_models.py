@@ -237,3 +237,10 @@ def test_a_killed_rank_is_recovered_exactly(tmp_path, tiny_model, chat_data, cac
     a, b = _adapters(tmp_path / "straight" / "adapters"), _adapters(run / "adapters")
     for k in a:
         assert np.array_equal(np.array(a[k]), np.array(b[k])), f"{k} differs after recovery"
+
+
+def test_a_hub_id_that_cannot_be_fetched(tmp_path, chat_data):
+    # Offline (HF_HUB_OFFLINE) and an empty hub cache: the id is tried, nothing is downloaded.
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    err = _refused(tmp_path, "--model", "someorg/no-such-model", "--data", str(chat_data), env=env)
+    assert "cannot fetch model 'someorg/no-such-model' from the Hugging Face hub" in err

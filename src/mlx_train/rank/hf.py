@@ -122,6 +122,7 @@ def load_model(cfg: ModelConfig, ft: FineTuneConfig, grad_checkpoint: bool = Fal
     path = model_path(cfg.name)
     model, _ = _load(path)
     apply_fine_tune(model, ft, str(path))
+    model.train()  # mlx-lm loads for inference; training mode turns on the adapters' dropout
     if grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint as _checkpoint_blocks
 

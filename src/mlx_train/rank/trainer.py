@@ -85,7 +85,10 @@ class Trainer:
     # -- reporting ---------------------------------------------------------------------------------
     def validate(self) -> float:
         batches = (self.val.batch(i, 0, self.rank, self.val_dist) for i in range(self.cfg.eval_batches))
+        self.stepper.model.eval()  # no dropout (--lora-dropout) while validating
         local = self.stepper.evaluate(batches)
+        mx.eval(local)
+        self.stepper.model.train()
         return float(self.all_mean(local).item())
 
     def all_mean(self, x: mx.array) -> mx.array:

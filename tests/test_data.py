@@ -180,3 +180,14 @@ def test_a_data_dir_needs_train_jsonl(tmp_path, tiny_model):
         _token_corpus(tiny_model, tmp_path)
     with pytest.raises(UserError, match="needs --data"):
         _token_corpus(tiny_model, None)
+
+
+def test_the_builtin_gpt_reads_a_jsonl_folder_as_bytes(tmp_path, chat_data):
+    c = load_corpus(DataConfig(str(chat_data)))
+    assert c.vocab_size == 256 and b"user: what colour is the" in c.train.tobytes()
+    assert b"assistant: the box is" in c.val.tobytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"text": "ok"}\n{"q": 1}\n')
+    with pytest.raises(UserError, match=re.escape(f"{bad / 'train.jsonl'}:2 has none of the known keys")):
+        load_corpus(DataConfig(str(bad)))

@@ -50,6 +50,8 @@ def load_corpus(cfg: DataConfig, model: Optional[ModelConfig] = None):
     if not path.exists():
         raise UserError(f"data path {path} does not exist: pass a text file or folder, a .jsonl with a "
                         "'text' field, or a .npy of token ids")
+    if path.is_dir() and (path / "train.jsonl").is_file():
+        return _jsonl_dir_bytes(path, cfg.val_fraction)
     if path.suffix == ".npy":
         tokens = _load_npy(path)
         vocab = max(256, int(tokens.max()) + 1)
@@ -97,6 +99,31 @@ def _load_jsonl(path: Path) -> np.ndarray:
     if not docs:
         raise UserError(f"{path} holds no documents")
     return np.frombuffer(b"\n".join(docs), dtype=np.uint8)
+
+
+def _jsonl_dir_bytes(path: Path, val_fraction: float) -> Corpus:
+    """A train.jsonl / valid.jsonl folder (token_data.py's formats) as bytes for the byte-level GPT:
+    chat messages as "role: content" lines, prompt and completion end to end."""
+    from mlx_train.rank.token_data import read_records
+
+    def render(obj: dict, fmt: str) -> bytes:
+        if fmt == "messages":
+            return "".join(f"{m.get('role', '')}: {m.get('content', '')}\n" for m in obj["messages"]).encode()
+        return (obj["prompt"] + obj["completion"] if fmt == "prompt/completion" else obj["text"]).encode()
+
+    def docs(f: Path) -> list:
+        return [render(obj, fmt) for _, obj, fmt in read_records(f)]
+
+    train = docs(path / "train.jsonl")
+    if (path / "valid.jsonl").is_file():
+        val = docs(path / "valid.jsonl")
+    else:
+        cut = len(train) - max(1, int(len(train) * val_fraction))
+        train, val = train[:cut], train[cut:]
+    if not train or not val:
+        raise UserError(f"{path}: train.jsonl and the validation split each need at least one example")
+    to_arr = lambda parts: np.frombuffer(b"\n".join(parts), dtype=np.uint8)
+    return Corpus(to_arr(train), to_arr(val), 256, f"{path} ({len(train):,} + {len(val):,} examples, as bytes)")
 
 
 def _load_text(path: Path) -> np.ndarray:

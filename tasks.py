@@ -20,10 +20,10 @@ def _run(*argv: str) -> None:
             "local": "ignore the cluster file and run every rank here", "extra": "more `mlx-train train` flags"})
 def train(c, devices=None, backend=None, steps=None, batch_size=None, local=False, extra=""):
     """Train on the embedded default (GPT on the Python stdlib), or across the cluster file's hosts."""
-    from mlx_train.fleet.hosts import DEFAULT_PATHS
+    from mlx_train.fleet.hosts import configured
 
     argv = ["train"]
-    if not local and any(p.is_file() for p in DEFAULT_PATHS):
+    if not local and configured():
         argv.append("--distributed")
     for flag, value in (("--devices", devices), ("--backend", backend), ("--steps", steps),
                         ("--batch-size", batch_size)):

@@ -76,9 +76,12 @@ def check_inputs(cfg: TrainConfig) -> TrainConfig:
 
 def hosts_for(req: RunRequest, cfg: TrainConfig) -> List[Host]:
     if req.distributed or req.cluster_file:
-        hosts = cluster.with_devices(cluster.load_hosts(req.cluster_file),
-                                     req.overrides.get("dist", {}).get("num_devices"))
+        found = cluster.load_cluster(req.cluster_file)
+        hosts = cluster.with_devices(found.hosts, req.overrides.get("dist", {}).get("num_devices"))
         cfg.dist.num_devices = sum(h.slots for h in hosts)
+        # The backend the nodes were provisioned for, unless --backend, --config or --resume chose one.
+        if found.backend and not (req.resume or req.config_file or "backend" in req.overrides.get("dist", {})):
+            cfg.dist.backend = found.backend
         return hosts
     return local_hosts(cfg.dist.num_devices)
 

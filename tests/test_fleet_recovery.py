@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,14 @@ def _kinds(run: Path) -> list:
 
 
 def _interrupt(proc) -> None:
+    """Ctrl-C the run; SIGKILL it if that does not end it (a hung supervisor must not outlive the test)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=30)
 
 
 def _ssh_client_of(run: Path, host: str) -> int:

@@ -33,24 +33,25 @@ def test_healthy_fleet_passes(fleet, cluster):
     assert not fail_rows(res.stdout)
 
 
-def test_link_down_is_reported_naming_the_host(fleet, cluster):
+def check_under_fault(fleet, cluster, host: str, fault, clear) -> str:
+    """check-network while `fault` afflicts `host`: it fails, and every FAIL row names that host."""
     try:
-        fleet_tools.link_down("h2")
+        fault(host)
         res = check(fleet, cluster)
     finally:
-        fleet_tools.link_up("h2")
+        clear(host)
     assert res.returncode == 1, res.stdout + res.stderr
     rows = fail_rows(res.stdout)
-    assert rows and all("h2" in r for r in rows), res.stdout
-    assert any("controller -> h2" in r for r in rows) and any("h1 -> h2" in r for r in rows), res.stdout
+    assert rows and all(host in r for r in rows), res.stdout
+    return res.stdout
+
+
+def test_link_down_is_reported_naming_the_host(fleet, cluster):
+    out = check_under_fault(fleet, cluster, "h2", fleet_tools.link_down, fleet_tools.link_up)
+    rows = fail_rows(out)
+    assert any("controller -> h2" in r for r in rows) and any("h1 -> h2" in r for r in rows), out
 
 
 def test_packet_drop_is_reported_naming_the_host(fleet, cluster):
-    try:
-        fleet_tools.drop_packets("h3", per_mille=1000)
-        res = check(fleet, cluster)
-    finally:
-        fleet_tools.clear_faults("h3")
-    assert res.returncode == 1, res.stdout + res.stderr
-    rows = fail_rows(res.stdout)
-    assert rows and all("h3" in r for r in rows), res.stdout
+    check_under_fault(fleet, cluster, "h3", lambda h: fleet_tools.drop_packets(h, per_mille=1000),
+                      fleet_tools.clear_faults)

@@ -2,6 +2,7 @@
 client killed while the host's link is down (with an ssh ControlMaster in the way)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,11 +46,31 @@ def _ssh_client_of(run: Path, host: str) -> int:
     return 0
 
 
-def test_killed_remote_rank_is_recovered(fleet, cluster, corpus, tmp_path):
-    run = tmp_path / "run"
-    proc = train_on_fleet(fleet, cluster, corpus, run, "--steps", "60", "--checkpoint-every", "10", popen=True)
+@contextlib.contextmanager
+def at_first_checkpoint(fleet, cluster, corpus, run: Path, *extra: str):
+    """A 60-step run on the fleet, yielded at its first checkpoint; Ctrl-C'd (or killed) if the test fails."""
+    proc = train_on_fleet(fleet, cluster, corpus, run, "--steps", "60", "--checkpoint-every", "10", *extra, popen=True)
     try:
         wait_for(lambda: events(run, "checkpoint"), 120, "the run's first checkpoint")
+        yield proc
+    except BaseException:
+        _interrupt(proc)
+        raise
+
+
+def finished(proc, run: Path) -> list:
+    """The run's events once it has finished, successfully, with no rank left behind."""
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    kinds = _kinds(run)
+    assert "rank_exit" in kinds and "restart" in kinds and kinds[-1] == "finish", kinds
+    assert_ranks_gone(rank_pids(run), timeout=60)
+    return kinds
+
+
+def test_killed_remote_rank_is_recovered(fleet, cluster, corpus, tmp_path):
+    run = tmp_path / "run"
+    with at_first_checkpoint(fleet, cluster, corpus, run) as proc:
         first = events(run, "launch")[0]
         victim = first["ranks"][1]
         assert victim["host"] == "h2"
@@ -57,16 +78,8 @@ def test_killed_remote_rank_is_recovered(fleet, cluster, corpus, tmp_path):
         # Every rank of the first attempt ends, not only the one killed: its peers are stopped.
         wait_for(lambda: "restart" in _kinds(run), 120, "the restart after the kill")
         assert_ranks_gone(rank_pids(run, first["attempt"]), what="a rank of the first attempt outlived it")
-        out, _ = proc.communicate(timeout=240)
-    except BaseException:
-        _interrupt(proc)
-        raise
-    assert proc.returncode == 0, out[-3000:]
-    kinds = _kinds(run)
-    for kind in ("rank_exit", "restart", "resume", "finish"):
-        assert kind in kinds, kinds
+        kinds = finished(proc, run)
     assert kinds.index("restart") < kinds.index("resume") < kinds.index("finish")
-    assert_ranks_gone(rank_pids(run))
 
 
 def test_rank_whose_ssh_client_dies_behind_a_dead_link_is_restarted(fleet, cluster, corpus, tmp_path):
@@ -76,10 +89,7 @@ def test_rank_whose_ssh_client_dies_behind_a_dead_link_is_restarted(fleet, clust
     assert "ControlMaster auto" in fleet.ssh_config.read_text()
     assert fleet.ssh("h2", "true").returncode == 0  # a live master to h2, for any session to join
     run = tmp_path / "run"
-    proc = train_on_fleet(fleet, cluster, corpus, run, "--steps", "60", "--checkpoint-every", "10", "--max-restarts", "6",
-                 popen=True)
-    try:
-        wait_for(lambda: events(run, "checkpoint"), 120, "the run's first checkpoint")
+    with at_first_checkpoint(fleet, cluster, corpus, run, "--max-restarts", "6") as proc:
         client = wait_for(lambda: _ssh_client_of(run, "h2"), 10, "the ssh client of h2's rank")
         fleet_tools.link_down("h2")
         try:
@@ -88,11 +98,4 @@ def test_rank_whose_ssh_client_dies_behind_a_dead_link_is_restarted(fleet, clust
             wait_for(lambda: "restart" in _kinds(run), 90, "the attempt's end and restart while h2 is cut off")
         finally:
             fleet_tools.link_up("h2")
-        out, _ = proc.communicate(timeout=240)
-    except BaseException:
-        _interrupt(proc)
-        raise
-    assert proc.returncode == 0, out[-3000:]
-    kinds = _kinds(run)
-    assert "rank_exit" in kinds and kinds[-1] == "finish", kinds
-    assert_ranks_gone(rank_pids(run), timeout=60)
+        finished(proc, run)

@@ -53,15 +53,8 @@ print(json.dumps({"killed": [{k: r[k] for k in ("run_id", "rank", "pid")} for r 
 
 
 def reset_host(name: str, python: str) -> dict:
-    # Fresh: a host whose link is dead fails within ConnectTimeout, not at the 30 s bound.
-    res = ssh.run_python(name, python, _REMOTE, [json.dumps(STALE_GLOBS), str(STALE_AFTER_S)], timeout=30,
-                         fresh=True)
-    if not res.ok:
-        return {"host": name, "error": res.why()}
-    report = res.last_json()
-    if report is None:
-        return {"host": name, "error": f"unexpected output: {res.out.strip()[-200:]}"}
-    return {"host": name, **report}
+    report, why = ssh.probe(name, python, _REMOTE, [json.dumps(STALE_GLOBS), str(STALE_AFTER_S)])
+    return {"host": name, **report} if report is not None else {"host": name, "error": why}
 
 
 def reset_distributed(cluster_file: Optional[str] = None, local_only: bool = False) -> int:

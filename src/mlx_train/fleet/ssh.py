@@ -13,7 +13,7 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, TypeVar
+from typing import Callable, Iterable, List, Optional, Tuple, TypeVar
 
 from mlx_train.fleet.hosts import LOCAL
 
@@ -87,6 +87,18 @@ def run_python(dest: str, python: str, code: str, args: Iterable[str] = (), *, t
     the interpreter (and whatever `code` imports), so it works across mlx-train versions."""
     command = shlex.join([python, "-", *args])
     return run(dest, f"exec {command}", timeout=timeout, input=code, fresh=fresh)
+
+
+def probe(dest: str, python: str, code: str, args: Iterable[str] = (), *, timeout: float = 30) -> Tuple[Optional[dict], str]:
+    """Run a probe that prints one JSON object last, over a fresh connection (a host behind a dead
+    link fails within ConnectTimeout): (that object, "") or (None, why not)."""
+    res = run_python(dest, python, code, args, timeout=timeout, fresh=True)
+    if not res.ok:
+        return None, res.why()
+    value = res.last_json()
+    if value is None:
+        return None, f"unexpected output from {python}: {(res.err.strip() or res.out.strip())[-200:]}"
+    return value, ""
 
 
 def parallel(fn: Callable[..., T], items: List, workers: int = 16) -> List[T]:

@@ -31,13 +31,8 @@ print(json.dumps(out))
 
 
 def host_facts(name: str, python: str) -> dict:
-    res = ssh.run_python(name, python, _FACTS, timeout=30, fresh=True)
-    if not res.ok:
-        return {"reachable": False, "why": res.why()}
-    facts = res.last_json()
-    if facts is None:
-        return {"reachable": False, "why": f"unexpected output from {python}: {res.err.strip()[-160:]}"}
-    return {"reachable": True, **facts}
+    facts, why = ssh.probe(name, python, _FACTS)
+    return {"reachable": True, **facts} if facts is not None else {"reachable": False, "why": why}
 
 
 def _ranks(facts: dict) -> str:

@@ -12,7 +12,8 @@ from mlx_train.config import RunOptions, TrainConfig, from_dict
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import Batcher, load_corpus
 from mlx_train.errors import UserError
-from mlx_train.controller.launch import Host, local_hosts
+from mlx_train.controller.launch import local_hosts
+from mlx_train.fleet.hosts import Host
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
 from mlx_train.controller.supervisor import Supervisor
 
@@ -62,13 +63,19 @@ def check_inputs(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def hosts_for(opts: RunOptions, cfg: TrainConfig, devices: Optional[int]) -> Tuple[List[Host], TrainConfig]:
-    """The hosts a run uses and the config with its device count: the cluster's slots (cut to `devices`,
-    what the user asked for) with --distributed or --cluster, else `cfg`'s local ranks."""
-    if opts.distributed or opts.cluster:
-        hosts = cluster.with_devices(cluster.load_hosts(opts.cluster), devices)
-        return hosts, replace(cfg, dist=replace(cfg.dist, num_devices=sum(h.slots for h in hosts)))
-    return local_hosts(cfg.dist.num_devices), cfg
+def hosts_for(opts: RunOptions, cfg: TrainConfig, flags: dict) -> Tuple[List[Host], TrainConfig]:
+    """The hosts a run uses and the config with its device count: the cluster's slots (cut to the
+    --devices the user asked for) with --distributed or --cluster, else `cfg`'s local ranks."""
+    if not (opts.distributed or opts.cluster):
+        return local_hosts(cfg.dist.num_devices), cfg
+    dist = flags.get("dist", {})
+    found = cluster.load_cluster(opts.cluster)
+    hosts = cluster.with_devices(found.hosts, dist.get("num_devices"))
+    cfg = replace(cfg, dist=replace(cfg.dist, num_devices=sum(h.slots for h in hosts)))
+    # The backend the nodes were provisioned for, unless --backend, --config or --resume chose one.
+    if found.backend and not (opts.resume or opts.config or "backend" in dist):
+        cfg = replace(cfg, dist=replace(cfg.dist, backend=found.backend))
+    return hosts, cfg
 
 
 def budget_for(hosts: List[Host]) -> int:
@@ -101,7 +108,7 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
 
 def start(flags: dict, opts: RunOptions) -> int:
     cfg = resolve_config(flags, opts)
-    hosts, cfg = hosts_for(opts, cfg, flags.get("dist", {}).get("num_devices"))
+    hosts, cfg = hosts_for(opts, cfg, flags)
     if opts.optimize_memory:
         cfg = plan_for_budget(cfg, hosts)
     cfg = check_inputs(cfg)

@@ -47,8 +47,11 @@ def _die_with_parent() -> None:
 
 
 def _remote_kill(host: str, pid: int, sig: int) -> None:
+    # Fresh (no ControlMaster): over a dead link a multiplexed session hangs past ConnectTimeout.
+    from mlx_train.fleet import ssh
+
     try:
-        subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, f"kill -{int(sig)} {pid}"],
+        subprocess.run(ssh.argv(host, f"kill -{int(sig)} {int(pid)}", fresh=True),
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
     except subprocess.TimeoutExpired:
         pass  # an unreachable host: its rank fails on its own once the ring is gone

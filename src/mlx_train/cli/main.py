@@ -48,7 +48,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--keep-checkpoints", type=int)
     g.add_argument("--max-restarts", type=int, default=3)
-    g.add_argument("--stall-timeout", type=float, default=300.0, help="seconds without progress before a restart")
+    g.add_argument("--stall-timeout", type=float, default=None, help="seconds without progress before a restart "
+                   "(default: adaptive, 5 x the median step, at least 10 s, with allowances for start-up, "
+                   "evaluation and checkpoints)")
     g.add_argument("--stop-after", type=int, help="checkpoint and stop cleanly after this step")
     g.add_argument("--no-live", action="store_true", help="plain log lines instead of a progress bar")
     g.add_argument("--rank-wrapper", metavar="CMD", help="prefix each local rank's command, e.g. 'taskset -c 0' "

@@ -15,6 +15,7 @@ from mlx_train.errors import UserError
 from mlx_train.controller.launch import Host, local_hosts
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
 from mlx_train.controller.supervisor import Supervisor
+from mlx_train.planning.oom import OomPolicy
 
 
 @dataclass
@@ -134,26 +135,6 @@ def start(req: RunRequest) -> int:
     view = ProgressView(cfg.steps, start_step, live=req.live)
     sup = Supervisor(cfg, run, hosts, max_restarts=req.max_restarts, stall_timeout=req.stall_timeout,
                      resume=bool(req.resume), stop_after=req.stop_after, view=view,
-                     reconfigure=_oom_reconfigure(run),
+                     oom=OomPolicy(),
                      rank_wrapper=shlex.split(req.rank_wrapper) if req.rank_wrapper else None)
     return sup.supervise()
-
-
-def _oom_reconfigure(run: RunDir):
-    def reconfigure(cfg: TrainConfig, outcome) -> Optional[TrainConfig]:
-        from mlx_train.planning.planner import MemoryOptimizer
-
-        run.event("oom", **{"step": outcome.step, "reason": outcome.reason, **(outcome.oom or {})})
-        new = MemoryOptimizer.suggest_recovery_config(cfg)
-        if new is not None:
-            fields = ("batch_size_per_device", "gradient_accumulation")
-            old_s = {**{f: getattr(cfg.dist, f) for f in fields}, "grad_checkpoint": cfg.grad_checkpoint,
-                     "precision": cfg.precision}
-            new_s = {**{f: getattr(new.dist, f) for f in fields}, "grad_checkpoint": new.grad_checkpoint,
-                     "precision": new.precision}
-            run.event("reconfigure", old=old_s, new=new_s, global_batch=new.dist.global_batch_size)
-            new.to_yaml(run.config_path)
-        return new
-
-    return reconfigure
-

@@ -1,6 +1,7 @@
 """Out-of-memory recovery with real ranks: a budget that is too small, and a real crash under prlimit."""
 
 import shutil
+import signal
 
 import pytest
 
@@ -26,13 +27,32 @@ def _assert_recovered(run, global_batch):
 
 
 def test_budget_too_small_recovers_with_the_same_global_batch(tmp_path):
+    """With --max-restarts 0: out-of-memory recovery walks its own ladder and uses up no restarts."""
     run = tmp_path / "budget"
     out = cli("train", *SMALL, "--devices", "2", "--batch-size", "64", "--steps", "20", "--log-every", "5",
-              "--memory-budget", "40MiB", "--run-dir", str(run), "--no-live", check=True).stdout
+              "--memory-budget", "40MiB", "--max-restarts", "0", "--run-dir", str(run), "--no-live",
+              check=True).stdout
     assert "out of memory" in out
     first = events(run, "oom")[0]
     assert first["peak"] > first["budget"] == 40 * 2**20
+    assert len(events(run, "restart")) == len(events(run, "reconfigure")) >= 1
     _assert_recovered(run, 128)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit is not installed")
+def test_gives_up_after_max_restarts(tmp_path):
+    """A rank that dies every time (a CPU-time limit: SIGXCPU) is restarted --max-restarts times, then
+    the run fails with the reason, exit 1."""
+    run = tmp_path / "doomed"
+    proc = cli("train", *SMALL, "--devices", "2", "--steps", "100000", "--max-restarts", "2",
+               "--rank-wrapper", "prlimit --cpu=4:30", "--run-dir", str(run), "--no-live", timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [e["attempt"] for e in events(run, "restart")] == [1, 2]
+    failed = events(run)[-1]
+    assert failed["event"] == "failed" and failed["reason"].endswith("gave up after 2 restarts"), failed
+    assert sum(e.get("signal") == signal.SIGXCPU for e in events(run, "rank_exit")) >= 3
+    assert not events(run, "oom")
+    assert "gave up after 2 restarts" in proc.stdout
 
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit is not installed")

@@ -215,8 +215,14 @@ class Attempt:
                     p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
+        self.sweep()
+
+    def sweep(self) -> None:
+        """SIGKILL what local ranks left in their process groups (e.g. a child holding the pipe).
+        Remote ranks' groups hold only ssh, whose ControlMaster may serve other sessions."""
         for p in self.procs:
-            _killpg(p.popen.pid, signal.SIGKILL)
+            if p.spec.host == launch.LOCAL:
+                _killpg(p.popen.pid, signal.SIGKILL)
 
     def _signal(self, proc: _Proc, sig: int) -> None:
         if proc.spec.host not in (launch.LOCAL, "mpirun"):
@@ -354,6 +360,7 @@ class Supervisor:
         try:
             return self._watch(_State(group, Watchdog(group.ranks, self.stall_timeout, self.allowances)))
         finally:
+            group.sweep()
             group.close()
 
     def _watch(self, s: _State) -> Outcome:

@@ -41,6 +41,8 @@ _TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
 STOP_GRACE_S = 5.0
 # After a process exits, how long its pipe may still deliver what it wrote before it died.
 DRAIN_S = 2.0
+# Skipped (non-finite) steps in a row after which the group restarts from its last checkpoint.
+ROLLBACK_AFTER_BAD_STEPS = 3
 
 
 class Status(enum.Enum):
@@ -404,20 +406,26 @@ class Supervisor:
                         group.stop()
                         give_up = time.monotonic() + DRAIN_S + 5.0
             else:
-                self._dispatch(s, item[2], item[3])
+                verdict = self._dispatch(s, item[2], item[3])
+                if verdict is not None and failure is None:
+                    failure = verdict
+                    group.stop()
+                    give_up = time.monotonic() + DRAIN_S + 5.0
         return failure or Outcome(s.status, s.step)
 
-    def _dispatch(self, s: _State, rank: int, msg: protocol.Message) -> None:
+    def _dispatch(self, s: _State, rank: int, msg: protocol.Message) -> Optional[Outcome]:
+        """Hand `msg` to its kind's handler; an Outcome back means: end this attempt so."""
         s.dog.heard(rank)
         handler = self.handlers.get(type(msg))
         try:
             if handler is None:
                 raise TypeError(f"no handler for {type(msg).__name__}")
-            handler(s, rank, msg)
+            return handler(s, rank, msg)
         except Exception as exc:  # a rank's message must never bring the supervisor down
             log = s.group.logs.get(rank)
             if log is not None:
                 log.write(f"[supervisor] could not handle {msg!r}: {exc}\n")
+            return None
 
     def _exit_outcome(self, s: _State, proc: _Proc, code: int) -> Optional[Outcome]:
         rank = proc.spec.ranks[0]
@@ -488,10 +496,16 @@ class Supervisor:
         self.run.event(msg.event, rank=rank, **msg.details)
         self.view.note(f"[yellow]warning:[/] {msg.event} {msg.details}")
 
-    def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> None:
+    def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> Optional[Outcome]:
         self.run.event("bad_step", **msg.fields())
         self.view.note(f"[yellow]skipped step {msg.step}:[/] loss {msg.loss}, gradient norm {msg.grad_norm} "
                        f"({msg.in_a_row} in a row)")
+        if msg.in_a_row < ROLLBACK_AFTER_BAD_STEPS:
+            return None
+        # Skipping does not heal weights that already went bad: go back to the last checkpoint.
+        self.run.event("rollback", step=msg.step, bad_steps=msg.in_a_row)
+        return Outcome(Status.FAILED, s.step, f"{msg.in_a_row} steps in a row with a non-finite loss or gradient "
+                                              "norm: rolling back to the last checkpoint")
 
     def _on_oom(self, s: _State, rank: int, msg: protocol.OutOfMemory) -> None:
         s.group.oom = msg.fields()

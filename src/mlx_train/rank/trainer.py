@@ -12,7 +12,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import checkpoint
+from mlx_train.rank import checkpoint, faults
+from mlx_train.rank.badstep import BadSteps
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig, DistributedConfig
@@ -44,6 +45,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
         self.optimizer.init(self.stepper.params)
+        self.bad_steps = BadSteps(group)
+        self.stepper.guard = self.bad_steps.guard
         self.n_params = count_parameters(model)
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
@@ -63,8 +66,12 @@ class Trainer:
             # MLX has no setter for its global RNG state, so make it a function of (seed, step,
             # rank): a resumed run then draws exactly what the uninterrupted one would have.
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
+            real = faults.poison_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
             stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
+            if real is not None and stats.skipped:
+                self.stepper.params = real
             step += 1
+            self.bad_steps.after(step, stats, self.rank)
             step_s = time.perf_counter() - t0
             window.append((step_s, stats))
             protocol.emit(protocol.Heartbeat(step=step, peak=mx.get_peak_memory(), step_s=step_s))

@@ -114,3 +114,44 @@ def test_every_kind_is_sent_by_a_rank():
     names = {cls.__name__ for cls in protocol.KINDS.values()}
     emitted = _emitted_kinds()
     assert emitted == names, (emitted ^ names)
+
+
+def test_the_pump_logs_bad_lines_and_forwards_messages(tmp_path):
+    """A rank's output line by line, as the supervisor's pump sees it (no process needed)."""
+    import io
+    import queue
+
+    from mlx_train.controller.launch import RankProc
+    from mlx_train.controller.supervisor import Attempt, _Proc
+
+    inbox = queue.Queue()
+    group = Attempt([], RunDir(tmp_path), inbox, number=3)
+    group.logs[0] = io.StringIO()
+    proc = _Proc(RankProc([], {}, "localhost", [0]), popen=None)
+    for line in ("plain log text", protocol.PREFIX + '{"kind": "hb", "step": "x", "peak": 1}',
+                 protocol.PREFIX + "{broken", protocol.Done(step=4).encode(),
+                 protocol.Heartbeat(step=4, peak=1).encode()):
+        group._line(proc, line)
+    log = group.logs[0].getvalue().splitlines()
+    assert log[0] == "plain log text"
+    assert log[1].startswith("[supervisor] ignored a malformed protocol line (hb: step is str, not int)")
+    assert log[2].startswith("[supervisor] ignored a malformed protocol line (not JSON")
+    assert log[3] == protocol.Done(step=4).encode() and len(log) == 4  # heartbeats are not logged
+    assert [inbox.get_nowait() for _ in range(2)] == [("msg", 3, 0, protocol.Done(step=4)),
+                                                      ("msg", 3, 0, protocol.Heartbeat(step=4, peak=1))]
+    assert inbox.empty()
+
+
+def test_a_handler_that_fails_does_not_bring_the_supervisor_down(tmp_path):
+    import io
+
+    from mlx_train.controller.supervisor import Attempt, _State
+    from mlx_train.controller.watchdog import Watchdog
+
+    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [])
+    group = Attempt([], RunDir(tmp_path), sup.inbox, number=0)
+    group.logs[0] = io.StringIO()
+    state = _State(group, Watchdog([0]))
+    sup.handlers[protocol.Done] = lambda *_: 1 / 0
+    assert sup._dispatch(state, 0, protocol.Done(step=1)) is None
+    assert "could not handle" in group.logs[0].getvalue()

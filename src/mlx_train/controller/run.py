@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import shlex
 from dataclasses import replace
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
 from mlx_train.config import RunOptions, TrainConfig, from_dict
@@ -16,6 +16,7 @@ from mlx_train.controller.launch import local_hosts
 from mlx_train.fleet.hosts import Host
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
 from mlx_train.controller.supervisor import Supervisor
+from mlx_train.planning.oom import OomPolicy
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -127,27 +128,6 @@ def start(flags: dict, opts: RunOptions) -> int:
         start_step = int(steps[-1].name.split("-")[1]) if steps else 0
     view = ProgressView(cfg.steps, start_step, live=opts.live)
     sup = Supervisor(cfg, run, hosts, max_restarts=opts.max_restarts, stall_timeout=opts.stall_timeout,
-                     resume=bool(opts.resume), stop_after=opts.stop_after, view=view,
-                     reconfigure=_oom_reconfigure(run),
+                     resume=bool(opts.resume), stop_after=opts.stop_after, view=view, oom=OomPolicy(),
                      rank_wrapper=shlex.split(opts.rank_wrapper) if opts.rank_wrapper else None)
     return sup.supervise()
-
-
-def _oom_reconfigure(run: RunDir):
-    def reconfigure(cfg: TrainConfig, outcome) -> Optional[TrainConfig]:
-        from mlx_train.planning.planner import MemoryOptimizer
-
-        run.event("oom", **{"step": outcome.step, "reason": outcome.reason, **(outcome.oom or {})})
-        new = MemoryOptimizer.suggest_recovery_config(cfg)
-        if new is not None:
-            fields = ("batch_size_per_device", "gradient_accumulation")
-            old_s = {**{f: getattr(cfg.dist, f) for f in fields}, "grad_checkpoint": cfg.grad_checkpoint,
-                     "precision": cfg.precision}
-            new_s = {**{f: getattr(new.dist, f) for f in fields}, "grad_checkpoint": new.grad_checkpoint,
-                     "precision": new.precision}
-            run.event("reconfigure", old=old_s, new=new_s, global_batch=new.dist.global_batch_size)
-            new.to_yaml(run.config_path)
-        return new
-
-    return reconfigure
-

@@ -21,9 +21,7 @@ REMOTE = [Host(f"h{i}", f"10.77.0.1{i}", iface="eth0", python="/opt/mlx-train/ve
 
 
 def cfg(devices: int, backend: str = "ring", connections: int = 1) -> TrainConfig:
-    c = TrainConfig()
-    c.dist = DistributedConfig(num_devices=devices, backend=backend, ring_connections=connections)
-    return c
+    return TrainConfig(dist=DistributedConfig(num_devices=devices, backend=backend, ring_connections=connections))
 
 
 def plan(c: TrainConfig, hosts, **kw):

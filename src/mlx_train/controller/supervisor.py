@@ -168,8 +168,8 @@ class Attempt:
 
 
 class Supervisor:
-    def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int = 3,
-                 stall_timeout: float = 300.0, resume: bool = False, stop_after: Optional[int] = None,
+    def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int,
+                 stall_timeout: float, resume: bool = False, stop_after: Optional[int] = None,
                  view: Optional[ProgressView] = None, rank_wrapper: Optional[List[str]] = None,
                  reconfigure: Optional[Callable[[TrainConfig, Outcome], Optional[TrainConfig]]] = None):
         self.cfg, self.run, self.hosts = cfg, run, hosts

@@ -127,7 +127,7 @@ def plan_mpi_remote(hosts: List[Host], base_args: List[str]) -> List[RankProc]:
     own key mesh, and every node's MCA params file and login environment apply."""
     per_rank = rank_hosts(hosts)
     program = [hosts[0].python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
-    command = mpi.on_node([(h.name, h.slots) for h in hosts], program, ["--tag-output"])
+    command = mpi.on_node([(h.name, h.slots) for h in hosts], program, ["--tag-output"], {"PYTHONUNBUFFERED": "1"})
     return [RankProc(_ssh(hosts[0].name, command), dict(os.environ), hosts[0].name,
                      list(range(len(per_rank))), tagged=True, rank_hosts=[h.name for h in per_rank])]
 

@@ -10,7 +10,7 @@ import glob
 import os
 import shlex
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mlx_train.fleet.ssh import host_part
 
@@ -43,12 +43,13 @@ def forward(env: Dict[str, str]) -> List[str]:
     return [a for key in sorted(env) for a in ("-x", key)]
 
 
-def on_node(hosts: Sequence[Tuple[str, int]], program: Sequence[str], options: Sequence[str] = ()) -> str:
+def on_node(hosts: Sequence[Tuple[str, int]], program: Sequence[str], options: Sequence[str] = (),
+            env: Optional[Dict[str, str]] = None) -> str:
     """A shell command for a node: mpirun there, one rank per slot of `hosts` ((ssh destination,
-    slots)), reaching the others over the nodes' own key mesh. Whether the node runs as root or
-    lacks the unversioned libmpi cannot be told from here: the root variables are harmless where
-    not needed, and the library is probed on the node itself."""
-    env = {"PYTHONUNBUFFERED": "1", **AS_ROOT}
+    slots)), reaching the others over the nodes' own key mesh, passing `env` on to the ranks.
+    Whether the node runs as root or lacks the unversioned libmpi cannot be told from here: the
+    root variables are harmless where not needed, and the library is probed on the node itself."""
+    env = {**(env or {}), **AS_ROOT}
     mpirun = ["mpirun", "-np", str(sum(slots for _, slots in hosts)), *options,
               "--host", ",".join(f"{host_part(dest)}:{slots}" for dest, slots in hosts), *forward(env)]
     assign = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())

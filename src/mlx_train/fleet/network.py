@@ -103,11 +103,14 @@ print(json.dumps({"rank": g.rank(), "size": g.size(), "init_s": init_s, "ms": 1e
 
 
 def _last_json(text: str) -> Optional[dict]:
+    """The last line of `text` that is a JSON object, or None."""
     for line in reversed(text.strip().splitlines()):
         try:
-            return json.loads(line)
+            value = json.loads(line)
         except ValueError:
             continue
+        if isinstance(value, dict):
+            return value
     return None
 
 
@@ -215,8 +218,9 @@ print(json.dumps({"rank": comm.rank, "ms": 1e3 * sorted(times)[len(times) // 2],
 def _mpirun_on_first(nodes: List[Host], argv: List[str]) -> tuple:
     """Run `argv` as one rank per host, with mpirun started on the first host (the node key mesh
     and its MCA params then apply). Returns (result, per-rank JSON rows)."""
+    # Untagged output: each rank prints its one JSON line at exit, in one write (stdout buffered).
     res = ssh.run(nodes[0].name, mpi.on_node([(n.name, 1) for n in nodes], argv), timeout=MPI_TIMEOUT_S)
-    return res, [json.loads(line) for line in res.out.splitlines() if line.startswith("{")]
+    return res, [row for row in map(_last_json, res.out.splitlines()) if row is not None]
 
 
 def check_mpi(nodes: List[Host], size_mb: float) -> List[Finding]:

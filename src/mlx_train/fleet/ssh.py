@@ -51,11 +51,12 @@ class Result:
 def options(*, fresh: bool = False, connect_timeout: float = CONNECT_TIMEOUT_S) -> List[str]:
     """The ssh options every fleet command takes: never prompt, give up connecting in seconds.
 
-    `fresh` keeps ssh away from ControlMaster multiplexing, both ways. It uses no existing master
-    (a multiplexed session over a dead link hangs instead of failing within ConnectTimeout) and
-    becomes none: a master holds the stdout of every session it carries (and forks off with the
-    first client's), so a reader of a client's pipe would not see EOF when that client exits,
-    only when the master does. Every command whose pipe someone waits on to end uses it.
+    `fresh` keeps ssh away from ControlMaster multiplexing, both ways: it neither joins a master
+    nor becomes one. Over a dead link a multiplexed session hangs instead of failing within
+    ConnectTimeout. And a master holds the output of every session it carries: after the client
+    is killed it keeps the client's pipe open until the far host confirms the session closed (a
+    downed link: for good), so whoever waits for that pipe's EOF never learns the client ended.
+    Ranks, the remote kill, status, reset and the reachability probes use it.
     """
     opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout:g}"]
     if fresh:

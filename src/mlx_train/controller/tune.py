@@ -67,7 +67,7 @@ def optimize(a: argparse.Namespace) -> int:
     # Without --devices, a cluster keeps all of its hosts (and a local run one device).
     flags = {"dist": {"num_devices": a.devices}} if a.devices is not None else {}
     opts = RunOptions(config=a.config, distributed=a.distributed, cluster=a.cluster)
-    hosts, base = hosts_for(opts, resolve_config(flags, opts), a.devices)
+    hosts, base = hosts_for(opts, resolve_config(flags, opts), flags)
     base = check_inputs(base)
     budget = parse_bytes(a.memory_budget) if a.memory_budget else (
         base.memory_budget or budget_for(hosts))

@@ -1,6 +1,7 @@
 """Out-of-memory recovery with real ranks: a budget that is too small, and a real crash under prlimit."""
 
 import shutil
+import signal
 
 import pytest
 
@@ -26,13 +27,32 @@ def _assert_recovered(run, global_batch):
 
 
 def test_budget_too_small_recovers_with_the_same_global_batch(tmp_path):
+    """With --max-restarts 0: out-of-memory recovery walks its own ladder and uses up no restarts."""
     run = tmp_path / "budget"
     out = cli("train", *SMALL, "--devices", "2", "--batch-size", "64", "--steps", "20", "--log-every", "5",
-              "--memory-budget", "40MiB", "--run-dir", str(run), "--no-live", check=True).stdout
+              "--memory-budget", "40MiB", "--max-restarts", "0", "--run-dir", str(run), "--no-live",
+              check=True).stdout
     assert "out of memory" in out
     first = events(run, "oom")[0]
     assert first["peak"] > first["budget"] == 40 * 2**20
+    assert len(events(run, "restart")) == len(events(run, "reconfigure")) >= 1
     _assert_recovered(run, 128)
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit is not installed")
+def test_gives_up_after_max_restarts(tmp_path):
+    """A rank that dies every time (a CPU-time limit: SIGXCPU) is restarted --max-restarts times, then
+    the run fails with the reason, exit 1."""
+    run = tmp_path / "doomed"
+    proc = cli("train", *SMALL, "--devices", "2", "--steps", "100000", "--max-restarts", "2",
+               "--rank-wrapper", "prlimit --cpu=4:30", "--run-dir", str(run), "--no-live", timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [e["attempt"] for e in events(run, "restart")] == [1, 2]
+    failed = events(run)[-1]
+    assert failed["event"] == "failed" and failed["reason"].endswith("gave up after 2 restarts"), failed
+    assert sum(e.get("signal") == signal.SIGXCPU for e in events(run, "rank_exit")) >= 3
+    assert not events(run, "oom")
+    assert "gave up after 2 restarts" in proc.stdout
 
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit is not installed")
@@ -72,3 +92,27 @@ def test_optimize_memory_splits_the_global_batch_for_the_budget(tmp_path):
     assert launch["global_batch"] == 64 and launch["batch_size_per_device"] < 64
     assert not events(run, "oom"), "the planner's split should fit without a recovery"
     assert "--optimize-memory:" in out
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_non_finite_steps_are_skipped_and_repeated_ones_rolled_back(tmp_path, count):
+    """NaN weights on rank 1 for `count` steps (the documented test hook): every rank skips those
+    updates alike; one stays a skip, three in a row roll the run back to its last checkpoint."""
+    run = tmp_path / f"nan{count}"
+    out = cli("train", *SMALL, "--batch-size", "4", "--devices", "2", "--steps", "60", "--log-every", "10",
+              "--checkpoint-every", "20", "--run-dir", str(run), "--no-live",
+              env={"MLX_TRAIN_TEST_POISON": f"25:1:{count}"}, check=True).stdout
+    bad = events(run, "bad_step")
+    assert [(e["step"], e["in_a_row"]) for e in bad] == [(26 + i, 1 + i) for i in range(count)], bad
+    assert all(e["grad_norm"] != e["grad_norm"] for e in bad)  # NaN: rank 1's gradients reached everyone
+    assert "skipped step 26" in out
+    if count == 1:
+        assert not events(run, "rollback") and not events(run, "restart")
+    else:
+        assert events(run, "rollback")[0]["step"] == 28
+        assert events(run, "restart")[0]["reason"].startswith("3 steps in a row with a non-finite loss")
+        assert events(run, "resume")[0]["step"] == 20
+    final = metrics(run)[-1]
+    assert final["step"] == 60 and final["loss"] == final["loss"]
+    assert final["param_checksum"][0] == final["param_checksum"][1], "a rank applied an update the other skipped"
+    assert events(run)[-1]["event"] == "finish"

@@ -215,14 +215,76 @@ def test_bring_your_own_model(tmp_path):
     assert ms[-1]["loss"] < ms[0]["loss"] and ms[-1]["param_checksum"][0] == ms[-1]["param_checksum"][1]
 
 
+def _resumed_from_a_checkpoint(run, every=20):
+    resume = events(run, "resume")
+    assert resume and resume[0]["step"] >= every and resume[0]["step"] % every == 0, resume
+    assert resume[0]["checkpoint"].endswith(f"step-{resume[0]['step']:06d}")
+
+
 def test_stalled_rank_is_restarted(tmp_path):
-    """A rank that stops making progress (SIGSTOP: alive, silent) is caught by the progress watchdog."""
+    """A rank that stops making progress (SIGSTOP: alive, silent) is caught by the progress watchdog;
+    --stall-timeout counts from the first step, so a slow start-up cannot trip it."""
     run = tmp_path / "stalled"
     victim = _fault_mid_run(run, 0, signal.SIGSTOP, 30, "--steps", "150", "--stall-timeout", "8")
     stall = events(run, "stall")
-    assert stall and stall[0]["timeout_s"] == 8
-    assert events(run, "restart")[0]["reason"].startswith("no progress from the ranks")
+    assert stall and stall[0]["timeout_s"] == 8 and stall[0]["rank"] == 0 and stall[0]["host"] == "localhost"
+    assert events(run, "restart")[0]["reason"].startswith("no progress from rank 0 on localhost")
+    _resumed_from_a_checkpoint(run)
     assert events(run)[-1]["event"] == "finish" and not pid_alive(victim["pid"])
+
+
+def test_stuck_rank_is_found_by_the_adaptive_watchdog(tmp_path):
+    """Default settings: the allowance adapts to the run's step time (not the 120 s warm-up allowance),
+    the stall names the frozen rank and its host, and the run resumes from a checkpoint."""
+    from mlx_train.controller.watchdog import Allowances
+
+    run = tmp_path / "stuck"
+    victim = _fault_mid_run(run, 1, signal.SIGSTOP, 30, "--steps", "150", "--eval-every", "1000")
+    stall = events(run, "stall")
+    assert len(stall) == 1, stall
+    assert stall[0]["rank"] == 1 and stall[0]["host"] == "localhost" and stall[0]["phase"] == "step"
+    assert Allowances().floor_s <= stall[0]["timeout_s"] < Allowances().first_step_s
+    assert stall[0]["step"] >= 30
+    _resumed_from_a_checkpoint(run)
+    assert events(run)[-1]["event"] == "finish" and not pid_alive(victim["pid"])
+
+
+def test_exit_is_reported_while_a_child_holds_the_rank_pipe(tmp_path):
+    """A rank's output pipe held open by a process it spawned (as an ssh ControlMaster does) must not
+    hide the rank's exit: the supervisor learns it from wait(), restarts, and cleans up the child."""
+    run, pids = tmp_path / "held", tmp_path / "holders"
+    wrapper = f'sh -c \'sleep 600 & echo $! >> {pids}; exec "$@"\' sh'
+    try:
+        victim = _fault_mid_run(run, 1, signal.SIGKILL, 30, "--steps", "100", "--rank-wrapper", wrapper)
+        exits = events(run, "rank_exit")
+        assert exits[0]["rank"] == 1 and exits[0]["signal"] == signal.SIGKILL
+        assert events(run, "restart") and len(events(run, "launch")) == 2
+        _resumed_from_a_checkpoint(run)
+        assert events(run)[-1]["event"] == "finish" and not pid_alive(victim["pid"])
+    finally:
+        holders = [int(p) for p in pids.read_text().split()] if pids.exists() else []
+        left = [p for p in holders if pid_alive(p)]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+    assert len(holders) == 4, holders  # one per rank per attempt
+    assert not left, f"the supervisor left the pipe holders {left} running"
+
+
+def test_second_supervisor_on_a_run_is_refused(tmp_path):
+    run = tmp_path / "locked"
+    first = popen("train", *TINY, "--devices", "2", "--steps", "100000", "--run-dir", str(run), "--no-live")
+    try:
+        _launch_event(run)
+        second = cli("train", "--resume", str(run), "--no-live", timeout=120)
+        assert second.returncode == 2, second
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and "already supervised by pid" in err[0] and str(first.pid) in err[0], err
+        assert first.poll() is None and len(events(run, "launch")) == 1
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130, out
+    assert events(run)[-1]["event"] == "interrupted"
 
 
 def test_monitor_performance_breakdown(two_rank_run, tmp_path):

@@ -198,7 +198,9 @@ class RunOptions:
     cluster: Optional[str] = knob(None, "cluster file (default ./cluster.yaml or ~/.mlx-train/cluster.yaml)",
                                   "--cluster")
     max_restarts: int = knob(3, "relaunches after a rank failure before giving up", "--max-restarts")
-    stall_timeout: float = knob(300.0, "seconds without progress before a restart", "--stall-timeout")
+    stall_timeout: Optional[float] = knob(None, "seconds without progress from a rank before a restart (default: "
+                                          "adaptive, 5 x the median step, at least 10 s, with allowances for "
+                                          "start-up, evaluation and checkpoints)", "--stall-timeout")
     stop_after: Optional[int] = knob(None, "checkpoint and stop cleanly after this step", "--stop-after")
     optimize_memory: bool = knob(False, "start from the memory planner's split", "--optimize-memory")
     live: Optional[bool] = knob(None, "plain log lines instead of a progress bar", "--no-live", store_false=True)
@@ -208,9 +210,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         check(isinstance(self.max_restarts, int) and self.max_restarts >= 0,
               f"--max-restarts must be >= 0, got {self.max_restarts}")
-        check(isinstance(self.stall_timeout, (int, float)) and math.isfinite(self.stall_timeout)
-              and self.stall_timeout > 0, f"--stall-timeout must be a positive number of seconds, got "
-              f"{self.stall_timeout}")
+        check(self.stall_timeout is None or isinstance(self.stall_timeout, (int, float))
+              and math.isfinite(self.stall_timeout) and self.stall_timeout > 0,
+              f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
         check(self.stop_after is None or self.stop_after > 0,
               f"--stop-after must be a positive step, got {self.stop_after}")
         if self.rank_wrapper is not None:

@@ -1,15 +1,20 @@
-"""The line protocol from rank processes to the supervisor.
+"""The line protocol from rank processes to the supervisor: every message kind, defined once.
 
 A rank reports on its stdout with lines `@mlx-train {json}`; everything else it prints is log
 text. stdout is the one channel that reaches the supervisor from every kind of launch (a local
 child, `ssh host ...`, `mpirun --tag-output`), so the supervisor never needs the ranks' disks.
+
+Each kind is a frozen dataclass below; `emit` writes one, `parse` reads one back (or says why a
+line that looks like a message is not one). The supervisor dispatches on the class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, Optional, Type, Union
 
 PREFIX = "@mlx-train "
 
@@ -19,18 +24,203 @@ EXIT_USER_ERROR = 2
 EXIT_OUT_OF_MEMORY = 75  # the rank's peak passed --memory-budget (EX_TEMPFAIL: retry with less)
 
 
-def emit(kind: str, **fields) -> None:
-    sys.stdout.write(PREFIX + json.dumps({"kind": kind, **fields}) + "\n")
+@dataclass(frozen=True)
+class Message:
+    kind: ClassVar[str] = ""
+
+    def encode(self) -> str:
+        # Optional fields left at None are not sent: readers treat absent and None alike.
+        body = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return PREFIX + json.dumps({"kind": self.kind, **body})
+
+    def fields(self) -> dict:
+        """The message's fields without the unset optional ones (what goes into event records)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+KINDS: Dict[str, Type[Message]] = {}
+
+
+def _kind(name: str):
+    def register(cls):
+        cls.kind = name
+        KINDS[name] = cls
+        return cls
+    return register
+
+
+@_kind("hello")
+@dataclass(frozen=True)
+class Hello(Message):
+    """The rank joined its group; the pid is how the supervisor signals it on its host."""
+    rank: int
+    size: int
+    host: str
+    pid: int
+    python: str
+
+
+@_kind("budget")
+@dataclass(frozen=True)
+class Budget(Message):
+    """The memory budget the rank checks its peak against (bytes)."""
+    rank: int
+    budget: int
+
+
+@_kind("start")
+@dataclass(frozen=True)
+class Start(Message):
+    """Built and restored: the training loop begins at `step` (the first step is slower: warm-up)."""
+    step: int
+    steps: int
+    params: int
+    global_batch: int
+
+
+@_kind("hb")
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """One optimizer step done, sent by every rank: the watchdog's evidence of progress."""
+    step: int
+    peak: int
+    step_s: Optional[float] = None  # wall time of the step
+
+
+@_kind("phase")
+@dataclass(frozen=True)
+class Phase(Message):
+    """The rank begins (or, with done, ends) something slower than a step: "eval" or "checkpoint"."""
+    name: str
+    step: int
+    done: bool = False
+
+
+@_kind("metrics")
+@dataclass(frozen=True)
+class Metrics(Message):
+    """One logged step (rank 0, for the whole group): a line of metrics.jsonl."""
+    step: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    step_time_s: float
+    comm_time_s: float
+    compute_time_s: float
+    grad_norm: float
+    devices: int
+    grad_bytes: int
+    global_batch: int
+    peak_memory: list
+    param_checksum: list
+    val_loss: Optional[float] = None
+
+
+@_kind("resumed")
+@dataclass(frozen=True)
+class Resumed(Message):
+    """Restore finished at `step`; `checkpoint` is None when there was none yet (a fresh start)."""
+    step: int
+    checkpoint: Optional[str] = None
+
+
+@_kind("checkpoint")
+@dataclass(frozen=True)
+class Checkpoint(Message):
+    step: int
+    path: str
+
+
+@_kind("warning")
+@dataclass(frozen=True)
+class RankWarning(Message):
+    """Something the user should know that does not stop the rank (e.g. checkpoint_damaged)."""
+    event: str
+    details: dict = field(default_factory=dict)
+
+
+@_kind("bad_step")
+@dataclass(frozen=True)
+class BadStep(Message):
+    """A step whose loss or gradient norm was not finite on some rank: every rank skipped its update."""
+    step: int
+    loss: float
+    grad_norm: float
+    in_a_row: int
+
+
+@_kind("oom")
+@dataclass(frozen=True)
+class OutOfMemory(Message):
+    """The rank's peak passed its budget; it exits with EXIT_OUT_OF_MEMORY next."""
+    rank: int
+    step: int
+    peak: int
+    budget: int
+
+
+@_kind("done")
+@dataclass(frozen=True)
+class Done(Message):
+    step: int
+
+
+@_kind("stopped")
+@dataclass(frozen=True)
+class Stopped(Message):
+    """Stopped cleanly at --stop-after, after its checkpoint."""
+    step: int
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A line that carries the prefix but no valid message: logged, never acted on."""
+    text: str
+    why: str
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
+
+
+def _check(cls: Type[Message], body: dict) -> Optional[str]:
+    """Why `body` is not a valid `cls`, or None."""
+    for f in dataclasses.fields(cls):
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if f.name not in body:
+            if not has_default:
+                return f"{cls.kind}: missing {f.name}"
+            continue
+        value, optional = body[f.name], f.type.startswith("Optional[")
+        if value is None and optional:
+            continue
+        want = _TYPES[f.type[len("Optional["):-1] if optional else f.type]
+        if not isinstance(value, want) or (isinstance(value, bool) and bool not in want):
+            return f"{cls.kind}: {f.name} is {type(value).__name__}, not {f.type}"
+    return None
+
+
+def emit(msg: Message) -> None:
+    sys.stdout.write(msg.encode() + "\n")
     sys.stdout.flush()
 
 
-def parse(line: str) -> Optional[dict]:
-    """The message in `line`, or None when it is ordinary log text."""
+def parse(line: str) -> Union[Message, Malformed, None]:
+    """The message in `line`, a Malformed when it carries the prefix but no valid message, or None
+    when it is ordinary log text. Fields the reader does not know are ignored (a newer rank)."""
     at = line.find(PREFIX)
     if at < 0:
         return None
+    text = line[at + len(PREFIX):]
     try:
-        msg = json.loads(line[at + len(PREFIX):])
-    except ValueError:
-        return None
-    return msg if isinstance(msg, dict) and "kind" in msg else None
+        body = json.loads(text)
+    except ValueError as exc:
+        return Malformed(text, f"not JSON ({exc})")
+    if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
+        return Malformed(text, "no kind")
+    cls = KINDS.get(body["kind"])
+    if cls is None:
+        return Malformed(text, f"unknown kind {body['kind']!r}")
+    why = _check(cls, body)
+    if why:
+        return Malformed(text, why)
+    return cls(**{f.name: body[f.name] for f in dataclasses.fields(cls) if f.name in body})

@@ -5,12 +5,16 @@
     events.jsonl     supervisor events (launch, rank_exit, restart, resume, finish, failed, ...)
     checkpoints/     see checkpoint.py
     logs/rank-N.log  each rank's output
+    .lock            held by the supervisor that owns the run (its pid and start time inside)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import secrets
 import shutil
 import time
@@ -21,6 +25,8 @@ from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
 
 RUNS_ROOT = Path("runs")
+# The events that end a run, and the state each leaves it in (monitor, status).
+ENDED = {"finish": "finished", "failed": "failed", "interrupted": "interrupted", "stopped": "stopped"}
 
 
 def new_run_id() -> str:
@@ -99,9 +105,28 @@ class RunDir:
     def events(self) -> List[dict]:
         return [r for r in read_jsonl(self.events_path) if _is_event(r)]
 
-    def finished(self) -> bool:
-        evs = self.events()
-        return bool(evs) and evs[-1]["event"] in ("finish", "failed", "interrupted", "stopped")
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Held while a supervisor owns the run: a second one is refused, not mixed in. The OS drops
+        the lock with its holder, so a SIGKILLed supervisor leaves nothing to clean up."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fh = (self.path / ".lock").open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise UserError(f"{self.path} is already supervised by {holder}: wait for that run to end, or stop it "
+                            "before resuming") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.close()
 
 
 def _number(v) -> bool:

@@ -17,10 +17,9 @@ from rich.table import Table
 from mlx_train.controller.console import fmt_duration
 from mlx_train.errors import UserError
 from mlx_train.units import human
-from mlx_train.rundir import RunDir, newest_run
+from mlx_train.rundir import ENDED, RunDir, newest_run
 
 _BARS = "▁▂▃▄▅▆▇█"
-_ENDED = {"finish": "finished", "failed": "failed", "interrupted": "interrupted", "stopped": "stopped"}
 
 
 def sparkline(values: List[float], width: int = 40) -> str:
@@ -57,10 +56,10 @@ def take_snapshot(run: RunDir) -> Snapshot:
     events = run.events()
     snap = Snapshot(run, cfg.steps, metrics, events)
     snap.restarts = sum(e["event"] == "restart" for e in events)
-    ended = [e for e in events if e["event"] in _ENDED]
+    ended = [e for e in events if e["event"] in ENDED]
     if ended and (not metrics or ended[-1]["time"] >= metrics[-1].get("time", 0)) and \
             not any(e["event"] == "launch" and e["time"] > ended[-1]["time"] for e in events):
-        snap.state = _ENDED[ended[-1]["event"]]
+        snap.state = ENDED[ended[-1]["event"]]
     snap.val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     recent = [m for m in metrics if "time" in m][-6:]
     if len(recent) >= 2 and recent[-1]["step"] > recent[0]["step"]:

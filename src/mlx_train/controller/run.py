@@ -6,7 +6,7 @@ import copy
 import math
 import shlex
 from dataclasses import replace
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
 from mlx_train.config import RunOptions, TrainConfig, from_dict
@@ -14,9 +14,11 @@ from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import Batcher, load_corpus
 from mlx_train.errors import UserError
 from mlx_train.units import MAX_BYTES, human
-from mlx_train.controller.launch import Host, local_hosts
+from mlx_train.controller.launch import local_hosts
+from mlx_train.fleet.hosts import Host
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
 from mlx_train.controller.supervisor import Supervisor
+from mlx_train.planning.oom import OomPolicy
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -68,15 +70,20 @@ def check_inputs(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def hosts_for(opts: RunOptions, cfg: TrainConfig, devices: Optional[int]) -> Tuple[List[Host], TrainConfig]:
-    """The hosts a run uses and the config with its device count: the cluster's slots (cut to `devices`,
-    what the user asked for) with --distributed or --cluster, else `cfg`'s local ranks."""
-    if opts.distributed or opts.cluster:
-        listed = cluster.load_hosts(opts.cluster)
-        _check_hosts(listed, opts.cluster or "the cluster file")
-        hosts = cluster.with_devices(listed, devices)
-        return hosts, replace(cfg, dist=replace(cfg.dist, num_devices=sum(h.slots for h in hosts)))
-    return local_hosts(cfg.dist.num_devices), cfg
+def hosts_for(opts: RunOptions, cfg: TrainConfig, flags: dict) -> Tuple[List[Host], TrainConfig]:
+    """The hosts a run uses and the config with its device count: the cluster's slots (cut to the
+    --devices the user asked for) with --distributed or --cluster, else `cfg`'s local ranks."""
+    if not (opts.distributed or opts.cluster):
+        return local_hosts(cfg.dist.num_devices), cfg
+    dist = flags.get("dist", {})
+    found = cluster.load_cluster(opts.cluster)
+    _check_hosts(found.hosts, str(found.path))
+    hosts = cluster.with_devices(found.hosts, dist.get("num_devices"))
+    cfg = replace(cfg, dist=replace(cfg.dist, num_devices=sum(h.slots for h in hosts)))
+    # The backend the nodes were provisioned for, unless --backend, --config or --resume chose one.
+    if found.backend and not (opts.resume or opts.config or "backend" in dist):
+        cfg = replace(cfg, dist=replace(cfg.dist, backend=found.backend))
+    return hosts, cfg
 
 
 def _check_hosts(hosts: List[Host], where: str) -> None:
@@ -155,7 +162,7 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     """Everything before launch: the one resolved config, its hosts, the checks of model, data and
     memory, and the run directory. Bad input stops here, with nothing launched."""
     cfg = resolve_config(flags, opts)
-    hosts, cfg = hosts_for(opts, cfg, flags.get("dist", {}).get("num_devices"))
+    hosts, cfg = hosts_for(opts, cfg, flags)
     cfg = check_inputs(cfg)  # the data sets the vocabulary, so it comes before any memory judgement
     check_fits(cfg, hosts)
     if opts.optimize_memory:
@@ -180,27 +187,6 @@ def start(flags: dict, opts: RunOptions) -> int:
         start_step = int(steps[-1].name.split("-")[1]) if steps else 0
     view = ProgressView(cfg.steps, start_step, live=opts.live)
     sup = Supervisor(cfg, run, hosts, max_restarts=opts.max_restarts, stall_timeout=opts.stall_timeout,
-                     resume=bool(opts.resume), stop_after=opts.stop_after, view=view,
-                     reconfigure=_oom_reconfigure(run),
+                     resume=bool(opts.resume), stop_after=opts.stop_after, view=view, oom=OomPolicy(),
                      rank_wrapper=shlex.split(opts.rank_wrapper) if opts.rank_wrapper else None)
     return sup.supervise()
-
-
-def _oom_reconfigure(run: RunDir):
-    def reconfigure(cfg: TrainConfig, outcome) -> Optional[TrainConfig]:
-        from mlx_train.planning.planner import MemoryOptimizer
-
-        run.event("oom", **{"step": outcome.step, "reason": outcome.reason, **(outcome.oom or {})})
-        new = MemoryOptimizer.suggest_recovery_config(cfg)
-        if new is not None:
-            fields = ("batch_size_per_device", "gradient_accumulation")
-            old_s = {**{f: getattr(cfg.dist, f) for f in fields}, "grad_checkpoint": cfg.grad_checkpoint,
-                     "precision": cfg.precision}
-            new_s = {**{f: getattr(new.dist, f) for f in fields}, "grad_checkpoint": new.grad_checkpoint,
-                     "precision": new.precision}
-            run.event("reconfigure", old=old_s, new=new_s, global_batch=new.dist.global_batch_size)
-            new.to_yaml(run.config_path)
-        return new
-
-    return reconfigure
-

@@ -2,23 +2,30 @@
 
 It knows each rank's exit as it happens (one waiter thread per process, blocked in wait()), reads
 every rank's output through a pipe (one pump thread per process), and sleeps on a queue in
-between: nothing polls. A rank that dies takes its peers down with it (they would hang or fail in
-the next all_sum anyway); the whole group is then relaunched with --resume, up to --max-restarts.
+between. A rank that dies takes its peers down with it (they would hang or fail in the next
+all_sum anyway); the whole group is then relaunched with --resume, up to --max-restarts. A rank
+that goes quiet is found by the watchdog (watchdog.py), which the queue's one-second timeout
+consults. What a rank says is typed in protocol.py; each kind has one handler below.
+
+Nothing here waits without a bound: an exit is learnt from wait(), never from the pipe's end (a
+process the rank spawned, e.g. an ssh ControlMaster, can hold the pipe open forever).
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import queue
 import re
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from mlx_train.controller import launch
 
@@ -26,18 +33,33 @@ from mlx_train import protocol
 from mlx_train.config import TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.controller.launch import Host, RankProc
+from mlx_train.controller.watchdog import Allowances, Stall, Watchdog
+from mlx_train.planning.oom import CrashFacts, OomPolicy, settings
 from mlx_train.rundir import RunDir
 
 _TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
 STOP_GRACE_S = 5.0
-# How a process dies when memory runs out: the OOM killer (SIGKILL), MLX under an address-space
-# limit (SIGSEGV), Metal aborting a command buffer (SIGABRT); 128+n when ssh or mpirun relays it.
-_CRASH_SIGNALS = {signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS}
-_ALLOC_FAILURE = re.compile(r"bad_alloc|[Uu]nable to allocate|[Oo]ut of memory|MemoryError|Cannot allocate memory|"
-                            r"[Ff]ailed to allocate|Insufficient Memory")
-# A crash counts as out of memory once the rank's memory (seen, or predicted for its step) had
-# reached this fraction of its budget.
-OOM_EVIDENCE_FRACTION = 0.5
+# After a process exits, how long its pipe may still deliver what it wrote before it died.
+DRAIN_S = 2.0
+# Skipped (non-finite) steps in a row after which the group restarts from its last checkpoint.
+ROLLBACK_AFTER_BAD_STEPS = 3
+
+
+class Status(enum.Enum):
+    DONE = "done"
+    STOPPED = "stopped"            # --stop-after reached, checkpointed
+    FAILED = "failed"
+    OOM = "oom"
+    USER_ERROR = "user_error"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class Outcome:
+    status: Status
+    step: int = 0
+    reason: str = ""
+    oom: Optional[dict] = None
 
 
 def _die_with_parent() -> None:
@@ -47,46 +69,61 @@ def _die_with_parent() -> None:
 
 
 def _remote_kill(host: str, pid: int, sig: int) -> None:
+    # Fresh (no ControlMaster): over a dead link a multiplexed session hangs past ConnectTimeout.
+    from mlx_train.fleet import ssh
+
     try:
-        subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, f"kill -{int(sig)} {pid}"],
+        subprocess.run(ssh.argv(host, f"kill -{int(sig)} {int(pid)}", fresh=True),
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
     except subprocess.TimeoutExpired:
         pass  # an unreachable host: its rank fails on its own once the ring is gone
 
 
-@dataclass
-class Outcome:
-    status: str                 # done | stopped | failed | oom | user_error | interrupted
-    step: int = 0
-    reason: str = ""
-    oom: Optional[dict] = None
+def _stopped_locally(pid: int) -> bool:
+    """Is this local process stopped (SIGSTOP, a debugger)? False where /proc cannot tell."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
-@dataclass
-class _Progress:
-    """What the supervisor knows of the current attempt's progress."""
-    step: int = 0
-    finished: set = field(default_factory=set)
-    status: str = "done"
-    launched: bool = False
-    last: float = field(default_factory=time.monotonic)
+def classify_exit(cfg: TrainConfig, oom: OomPolicy, facts: CrashFacts, where: str, step: int,
+                  finished: bool, user_error: str = "") -> Optional[Outcome]:
+    """How one process's exit ends the attempt, or None when it ended as it should (done, stopped).
+    `where` names it ("rank 1", "mpirun"); `user_error` is the rank's own one-line error, if any."""
+    code = facts.code
+    if code == 0 and finished:
+        return None
+    what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    if code == protocol.EXIT_USER_ERROR:
+        return Outcome(Status.USER_ERROR, step, user_error or f"{where} rejected its input ({what})")
+    verdict = oom.judge(cfg, facts)
+    if verdict:
+        return Outcome(Status.OOM, step, f"{where} {verdict.reason}", oom=verdict.details)
+    if code == 0:
+        return Outcome(Status.FAILED, step, f"{where} exited before finishing")
+    return Outcome(Status.FAILED, step, f"{where} {what}")
 
 
 @dataclass
 class _Proc:
     spec: RankProc
     popen: subprocess.Popen
-    pump: threading.Thread = None
-    code: Optional[int] = None
+    exited: threading.Event = field(default_factory=threading.Event)
+    drained: threading.Event = field(default_factory=threading.Event)
+    wake: tuple = field(default_factory=os.pipe)  # _wait writes here so the pump starts its bounded drain
 
 
 class Attempt:
-    """One launch of every rank: the processes, their pumps and waiters."""
+    """One launch of every rank: the processes, their pumps and waiters.
 
-    def __init__(self, specs: List[RankProc], run: RunDir, inbox: "queue.Queue", attempt: int):
-        self.run, self.inbox = run, inbox
+    Everything it puts in the inbox carries its number, so a straggler of an earlier attempt
+    (a pump still draining) is never mistaken for the current one."""
+
+    def __init__(self, specs: List[RankProc], run: RunDir, inbox: "queue.Queue", number: int):
+        self.run, self.inbox, self.number = run, inbox, number
         self.logs = {}
-        self.hello: Dict[int, dict] = {}
+        self.hello: Dict[int, protocol.Hello] = {}
         self.oom: Optional[dict] = None
         self.peaks: Dict[int, int] = {}
         self.budgets: Dict[int, int] = {}
@@ -94,46 +131,87 @@ class Attempt:
         for spec in specs:
             for r in spec.ranks:
                 self.logs[r] = run.log_path(r).open("a", buffering=1)
-                self.logs[r].write(f"==== attempt {attempt} on {spec.host} ====\n")
+                self.logs[r].write(f"==== attempt {number} on {spec.host} ====\n")
             popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
             proc = _Proc(spec, popen)
-            proc.pump = threading.Thread(target=self._pump, args=(proc,), daemon=True)
-            proc.pump.start()
+            threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
             threading.Thread(target=self._wait, args=(len(self.procs), proc), daemon=True).start()
             self.procs.append(proc)
 
+    @property
+    def ranks(self) -> List[int]:
+        return [r for p in self.procs for r in p.spec.ranks]
+
     def _pump(self, proc: _Proc) -> None:
-        for line in proc.popen.stdout:
-            line = line.rstrip("\n")
-            rank = proc.spec.ranks[0]
-            if proc.spec.tagged:
-                m = _TAGGED.match(line)
-                if m:
-                    rank, line = int(m.group(1)), m.group(2)
-            msg = protocol.parse(line)
-            if msg is None:
-                self.logs.get(rank, self.logs[proc.spec.ranks[0]]).write(line + "\n")
-                continue
-            if msg["kind"] != "hb":
-                self.logs[rank].write(line + "\n")
-            self.inbox.put(("msg", rank, msg))
+        out, wake = proc.popen.stdout.fileno(), proc.wake[0]
+        buf, deadline = b"", None
+        try:
+            while True:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    break  # someone else holds the pipe open: what the rank wrote is in by now
+                ready, _, _ = select.select([out, wake], [], [], wait)
+                if wake in ready and deadline is None:
+                    deadline = time.monotonic() + DRAIN_S
+                if out not in ready:
+                    continue
+                chunk = os.read(out, 1 << 16)
+                if not chunk:
+                    break
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
+                    self._line(proc, line.decode(errors="replace"))
+            if buf:
+                self._line(proc, buf.decode(errors="replace"))
+        finally:
+            proc.drained.set()
+            proc.popen.stdout.close()
+            os.close(wake)  # the write end is _wait's
+
+    def _line(self, proc: _Proc, line: str) -> None:
+        rank = proc.spec.ranks[0]
+        if proc.spec.tagged:
+            m = _TAGGED.match(line)
+            if m:
+                rank, line = int(m.group(1)), m.group(2)
+        log = self.logs.get(rank, self.logs[proc.spec.ranks[0]])
+        msg = protocol.parse(line)
+        if msg is None:
+            log.write(line + "\n")
+            return
+        if isinstance(msg, protocol.Malformed):
+            log.write(f"[supervisor] ignored a malformed protocol line ({msg.why}): {line}\n")
+            return
+        if not isinstance(msg, protocol.Heartbeat):
+            log.write(line + "\n")
+        self.inbox.put(("msg", self.number, rank, msg))
 
     def _wait(self, index: int, proc: _Proc) -> None:
         code = proc.popen.wait()
-        proc.pump.join()  # every line the process wrote is in before its exit is reported
-        self.inbox.put(("exit", index, code))
+        proc.exited.set()
+        try:
+            os.write(proc.wake[1], b"x")
+        except OSError:
+            pass  # the pump already met the pipe's end and is gone
+        finally:
+            os.close(proc.wake[1])
+        # Every line the process wrote is in before its exit is reported, within a bound.
+        proc.drained.wait(DRAIN_S + 1.0)
+        self.inbox.put(("exit", self.number, index, code))
 
     def running(self) -> List[_Proc]:
         return [p for p in self.procs if p.popen.poll() is None]
 
     def stop(self) -> None:
-        """SIGTERM every rank still running, then SIGKILL whatever is left after a grace period."""
+        """SIGTERM every rank still running, then SIGKILL whatever is left after a grace period,
+        and finally whatever an exited rank left behind in its process group (a child of it
+        can hold the rank's output pipe open)."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             alive = self.running()
             if not alive:
-                return
+                break
             for p in alive:
                 self._signal(p, sig)
             deadline = time.monotonic() + STOP_GRACE_S
@@ -142,217 +220,305 @@ class Attempt:
                     p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
+        self.sweep()
+
+    def sweep(self) -> None:
+        """SIGKILL what local ranks left in their process groups (e.g. a child holding the pipe).
+        Remote ranks' groups hold only ssh, whose ControlMaster may serve other sessions."""
+        for p in self.procs:
+            if p.spec.host == launch.LOCAL:
+                _killpg(p.popen.pid, signal.SIGKILL)
 
     def _signal(self, proc: _Proc, sig: int) -> None:
         if proc.spec.host not in (launch.LOCAL, "mpirun"):
             # A remote rank: the ssh client dying does not reliably end it, so signal it by the
             # pid it reported, on its own host (under a remote mpirun, each rank's own host).
             hosts = proc.spec.rank_hosts or [proc.spec.host] * len(proc.spec.ranks)
-            kills = [(h, self.hello[r]["pid"]) for r, h in zip(proc.spec.ranks, hosts) if self.hello.get(r, {}).get("pid")]
+            kills = [(h, self.hello[r].pid) for r, h in zip(proc.spec.ranks, hosts) if r in self.hello]
             threads = [threading.Thread(target=_remote_kill, args=(h, pid, sig), daemon=True) for h, pid in kills]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(timeout=20)
-        try:
-            os.killpg(proc.popen.pid, sig)
-        except ProcessLookupError:
-            pass
+        _killpg(proc.popen.pid, sig)
+        if sig == signal.SIGTERM:
+            _killpg(proc.popen.pid, signal.SIGCONT)  # a stopped rank handles SIGTERM only once continued
+
+    def host_of(self, rank: int) -> str:
+        for p in self.procs:
+            if rank in p.spec.ranks:
+                return (p.spec.rank_hosts or [p.spec.host] * len(p.spec.ranks))[p.spec.ranks.index(rank)]
+        return "?"
 
     def close(self) -> None:
         for f in self.logs.values():
             f.close()
 
 
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class _State:
+    """What the supervisor knows of the current attempt."""
+    group: Attempt
+    dog: Watchdog
+    step: int = 0
+    finished: set = field(default_factory=set)
+    status: Status = Status.DONE
+    launched: bool = False
+
+
 class Supervisor:
     def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int,
-                 stall_timeout: float, resume: bool = False, stop_after: Optional[int] = None,
+                 stall_timeout: Optional[float], resume: bool = False, stop_after: Optional[int] = None,
                  view: Optional[ProgressView] = None, rank_wrapper: Optional[List[str]] = None,
-                 reconfigure: Optional[Callable[[TrainConfig, Outcome], Optional[TrainConfig]]] = None):
+                 oom: Optional[OomPolicy] = None, allowances: Allowances = Allowances()):
         self.cfg, self.run, self.hosts = cfg, run, hosts
-        self.max_restarts, self.stall_timeout = max_restarts, stall_timeout
+        # stall_timeout None: the watchdog adapts to the run's pace (watchdog.py).
+        self.max_restarts, self.stall_timeout, self.allowances = max_restarts, stall_timeout, allowances
         self.resume, self.stop_after = resume, stop_after
         self.view = view or ProgressView(cfg.steps, live=False)
-        # Called after an out-of-memory failure: the configuration to relaunch with, or None.
-        self.reconfigure = reconfigure
+        # Without a policy (the tuner's trials) out-of-memory is recognised but never reconfigured.
+        self.oom = oom or OomPolicy(recover=False)
         self.inbox: "queue.Queue" = queue.Queue()
         self.rank_wrapper = rank_wrapper or []
+        self.handlers = {
+            protocol.Hello: self._on_hello, protocol.Budget: self._on_budget, protocol.Start: self._on_start,
+            protocol.Heartbeat: self._on_heartbeat, protocol.Phase: self._on_phase,
+            protocol.Metrics: self._on_metrics, protocol.Resumed: self._on_resumed,
+            protocol.Checkpoint: self._on_checkpoint, protocol.RankWarning: self._on_warning,
+            protocol.BadStep: self._on_bad_step, protocol.OutOfMemory: self._on_oom,
+            protocol.Done: self._on_end, protocol.Stopped: self._on_end,
+        }
 
     def _on_signal(self, signum, _frame) -> None:
         self.inbox.put(("signal", signum))
 
     def supervise(self) -> int:
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            return self._loop()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            self.view.close()
+        with self.run.lock():
+            old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                return self._loop()
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+                self.view.close()
+
+    def _finish(self, event: str, note: str, code: int, **fields) -> int:
+        self.run.event(event, **fields)
+        self.view.note(note)
+        return code
 
     def _loop(self) -> int:
         attempt, resume, oom_steps = 0, self.resume, 0
         while True:
             out = self._attempt(attempt, resume)
-            if out.status in ("done", "stopped"):
-                self.run.event("finish" if out.status == "done" else "stopped", step=out.step)
-                self.view.note(f"[green]{'finished' if out.status == 'done' else 'stopped'} at step {out.step}[/]")
-                return 0
-            if out.status == "interrupted":
-                self.run.event("interrupted", step=out.step)
-                self.view.note("interrupted: every rank stopped; continue with --resume " + str(self.run.path))
-                return 130
-            if out.status == "user_error":
-                self.run.event("failed", reason=out.reason)
-                self.view.note(f"[red]error:[/] {out.reason}")
-                return 2
-            if out.status == "oom":
-                new = self.reconfigure(self.cfg, out) if self.reconfigure else None
-                if new is None:
+            if out.status in (Status.DONE, Status.STOPPED):
+                done = out.status is Status.DONE
+                return self._finish("finish" if done else "stopped",
+                                    f"[green]{'finished' if done else 'stopped'} at step {out.step}[/]", 0, step=out.step)
+            if out.status is Status.INTERRUPTED:
+                return self._finish("interrupted", "interrupted: every rank stopped; continue with --resume "
+                                    f"{self.run.path}", 130, step=out.step)
+            if out.status is Status.USER_ERROR:
+                return self._finish("failed", f"[red]error:[/] {out.reason}", 2, reason=out.reason)
+            if out.status is Status.OOM:
+                if not self._reconfigure(out):
                     reason = (f"out of memory ({out.reason}) and nothing smaller is left to try: use more devices, "
                               "a smaller model or --seq-len, or a larger --memory-budget")
-                    self.run.event("failed", reason=reason)
-                    self.view.note(f"[red]failed:[/] {reason}")
-                    return 1
-                self.cfg = new
-                d = new.dist
-                self.view.note(f"[yellow]out of memory:[/] {out.reason}; relaunching with {d.batch_size_per_device} "
-                               f"per device x {d.gradient_accumulation} accumulation, checkpointing "
-                               f"{'on' if new.grad_checkpoint else 'off'}, {new.precision}")
+                    return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
                 # Memory recovery walks a finite ladder, so it does not use up --max-restarts.
                 oom_steps += 1
             elif attempt - oom_steps >= self.max_restarts:
                 reason = f"{out.reason}; gave up after {self.max_restarts} restarts"
-                self.run.event("failed", reason=reason)
-                self.view.note(f"[red]failed:[/] {reason}")
-                return 1
+                return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
             attempt += 1
             resume = True
             self.run.event("restart", attempt=attempt, reason=out.reason)
-            if out.status != "oom":
+            if out.status is not Status.OOM:
                 self.view.note(f"[yellow]restart {attempt - oom_steps}/{self.max_restarts}:[/] {out.reason}")
+
+    def _reconfigure(self, out: Outcome) -> bool:
+        """After out-of-memory: record it, take the policy's next configuration; False when none is left."""
+        self.run.event("oom", **{"step": out.step, "reason": out.reason, **(out.oom or {})})
+        new = self.oom.next_config(self.cfg)
+        if new is None:
+            return False
+        self.run.event("reconfigure", old=settings(self.cfg), new=settings(new), global_batch=new.dist.global_batch_size)
+        new.to_yaml(self.run.config_path)
+        self.cfg = new
+        d = new.dist
+        self.view.note(f"[yellow]out of memory:[/] {out.reason}; relaunching with {d.batch_size_per_device} "
+                       f"per device x {d.gradient_accumulation} accumulation, checkpointing "
+                       f"{'on' if new.grad_checkpoint else 'off'}, {new.precision}")
+        return True
 
     def _attempt(self, attempt: int, resume: bool) -> Outcome:
         specs = launch.plan(self.cfg, self.hosts, str(self.run.path.resolve()), self.run.run_id, resume,
                             self.stop_after, self.rank_wrapper)
         group = Attempt(specs, self.run, self.inbox, attempt)
         try:
-            return self._watch(group, attempt)
+            return self._watch(_State(group, Watchdog(group.ranks, self.stall_timeout, self.allowances)))
         finally:
+            group.sweep()
             group.close()
 
-    def _watch(self, group: Attempt, attempt: int) -> Outcome:
+    def _watch(self, s: _State) -> Outcome:
         """Sleep on the inbox until every process of the attempt has exited; say how it went."""
-        p = _Progress()
+        group = s.group
         failure: Optional[Outcome] = None
-        exited = 0
+        exited, give_up = 0, None
         while exited < len(group.procs):
             try:
                 item = self.inbox.get(timeout=1.0)
             except queue.Empty:
-                if failure is None and time.monotonic() - p.last > self.stall_timeout:
-                    failure = Outcome("failed", p.step, f"no progress from the ranks for {self.stall_timeout:.0f} s")
-                    self.run.event("stall", step=p.step, timeout_s=self.stall_timeout)
-                    group.stop()
+                if failure is None:
+                    stall = s.dog.check()
+                    if stall:
+                        failure = self._stalled(s, stall)
+                        group.stop()
+                        give_up = time.monotonic() + DRAIN_S + 5.0
+                elif give_up is not None and time.monotonic() > give_up:
+                    # stop() has SIGKILLed every process and waited; an exit still unreported
+                    # would wait on something outside our control: do not wait for it.
+                    self.run.event("unaccounted", ranks=[r for p in group.procs if not p.drained.is_set()
+                                                         for r in p.spec.ranks])
+                    break
                 continue
             if item[0] == "signal":
-                if failure is None or failure.status != "interrupted":
-                    failure = Outcome("interrupted", p.step, "interrupted")
+                if failure is None or failure.status is not Status.INTERRUPTED:
+                    failure = Outcome(Status.INTERRUPTED, s.step, "interrupted")
                     group.stop()
+                    give_up = time.monotonic() + DRAIN_S + 5.0
+            elif item[1] != group.number:
+                continue  # a late line or exit of an earlier attempt
             elif item[0] == "exit":
                 exited += 1
-                proc, code = group.procs[item[1]], item[2]
+                proc, code = group.procs[item[2]], item[3]
                 for r in proc.spec.ranks if not proc.spec.tagged else [None]:
                     self.run.event("rank_exit", rank=r, host=proc.spec.host,
                                    **({"signal": -code} if code < 0 else {"code": code}))
-                if failure is None and (code != 0 or not set(proc.spec.ranks) <= p.finished):
-                    failure = self._classify(group, proc, code, p.step)
-                    group.stop()
+                if failure is None:
+                    failure = self._exit_outcome(s, proc, code)
+                    if failure is not None:
+                        group.stop()
+                        give_up = time.monotonic() + DRAIN_S + 5.0
             else:
-                self._on_message(group, attempt, item[1], item[2], p)
-        return failure or Outcome(p.status, p.step)
+                verdict = self._dispatch(s, item[2], item[3])
+                if verdict is not None and failure is None:
+                    failure = verdict
+                    group.stop()
+                    give_up = time.monotonic() + DRAIN_S + 5.0
+        return failure or Outcome(s.status, s.step)
 
-    def _on_message(self, group: Attempt, attempt: int, rank: int, msg: dict, p: "_Progress") -> None:
-        k = msg["kind"]
-        body = {key: v for key, v in msg.items() if key != "kind"}
-        if k in ("hb", "metrics", "resumed"):
-            p.last = time.monotonic()
-        if k == "hb":
-            group.peaks[rank] = msg.get("peak", 0)
-            if rank == 0:
-                p.step = max(p.step, msg["step"])
-        elif k == "hello":
-            group.hello[rank] = msg
-            if len(group.hello) == self.cfg.dist.num_devices and not p.launched:
-                p.launched = True
-                d = self.cfg.dist
-                ranks = [{"rank": r, "host": h["host"], "pid": h["pid"]} for r, h in sorted(group.hello.items())]
-                self.run.event("launch", attempt=attempt, backend=d.backend, ranks=ranks, devices=d.num_devices,
-                               global_batch=d.global_batch_size, batch_size_per_device=d.batch_size_per_device,
-                               gradient_accumulation=d.gradient_accumulation)
-        elif k == "metrics":
-            body.update(time=time.time(), attempt=attempt)
-            self.run.append(self.run.metrics_path, body)
-            self.view.metrics(body)
-        elif k == "resumed":
-            self.run.event("resume", step=msg["step"])
-            p.step = msg["step"]
-        elif k == "event" and msg["event"] == "resume_empty":
-            self.run.event("resume", step=0, note="no checkpoint yet: starting from scratch")
-        elif k == "event":
-            fields = {key: v for key, v in body.items() if key != "event"}
-            self.run.event(msg["event"], rank=rank, **fields)
-            self.view.note(f"[yellow]warning:[/] {msg['event']} {fields}")
-        elif k == "checkpoint":
-            self.run.event("checkpoint", step=msg["step"])
-        elif k == "budget":
-            group.budgets[rank] = msg["budget"]
-        elif k == "oom":
-            group.oom = body
-        elif k in ("done", "stopped"):
-            p.finished.add(rank)
-            p.step, p.status = msg["step"], k
+    def _dispatch(self, s: _State, rank: int, msg: protocol.Message) -> Optional[Outcome]:
+        """Hand `msg` to its kind's handler; an Outcome back means: end this attempt so."""
+        s.dog.heard(rank)
+        handler = self.handlers.get(type(msg))
+        try:
+            if handler is None:
+                raise TypeError(f"no handler for {type(msg).__name__}")
+            return handler(s, rank, msg)
+        except Exception as exc:  # a rank's message must never bring the supervisor down
+            log = s.group.logs.get(rank)
+            if log is not None:
+                log.write(f"[supervisor] could not handle {msg!r}: {exc}\n")
+            return None
 
-    def _classify(self, group: Attempt, proc: _Proc, code: int, step: int) -> Outcome:
-        where = f"rank {proc.spec.ranks[0]}" if len(proc.spec.ranks) == 1 else "mpirun"
-        what = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        if code == protocol.EXIT_USER_ERROR:
-            tail = self._log_tail(proc.spec.ranks[0])
-            return Outcome("user_error", step, tail or f"{where} rejected its input ({what})")
-        if code == protocol.EXIT_OUT_OF_MEMORY:
-            return Outcome("oom", step, f"{where} passed its memory budget", oom=group.oom)
-        evidence = self._memory_evidence(group, proc, code)
-        if evidence:
-            return Outcome("oom", step, f"{where} {what} {evidence}",
-                           oom={"rank": proc.spec.ranks[0], "code": code, "evidence": evidence})
-        if code == 0:
-            return Outcome("failed", step, f"{where} exited before finishing")
-        return Outcome("failed", step, f"{where} {what}")
-
-    def _memory_evidence(self, group: Attempt, proc: _Proc, code: int) -> str:
-        """Why this crash looks like running out of memory, or "" when it does not."""
+    def _exit_outcome(self, s: _State, proc: _Proc, code: int) -> Optional[Outcome]:
         rank = proc.spec.ranks[0]
-        sig = -code if code < 0 else code - 128 if code > 128 else 0
-        crashed = sig in {int(s) for s in _CRASH_SIGNALS}
-        alloc = self._attempt_log(rank)
-        alloc_failed = bool(_ALLOC_FAILURE.search(alloc))
-        if not (crashed or alloc_failed):
-            return ""
-        budget = group.budgets.get(rank) or self.cfg.memory_budget
-        if not budget:
-            return ""
-        seen = group.peaks.get(rank, 0)
-        predicted = 0
-        if self.cfg.model.name == "gpt":
-            from mlx_train.planning.planner import MemoryOptimizer
+        where = f"rank {rank}" if len(proc.spec.ranks) == 1 else "mpirun"
+        facts = CrashFacts(rank, code, self._attempt_log(rank), s.group.peaks.get(rank, 0),
+                           s.group.budgets.get(rank, 0), s.group.oom)
+        return classify_exit(self.cfg, self.oom, facts, where, s.step, set(proc.spec.ranks) <= s.finished,
+                             self._log_error(rank) if code == protocol.EXIT_USER_ERROR else "")
 
-            predicted = MemoryOptimizer.estimate(self.cfg)
-        if max(seen, predicted) < OOM_EVIDENCE_FRACTION * budget:
-            return ""
-        what = "an allocation failure in its log" if alloc_failed else "a crash"
-        return (f"({what} with memory at {max(seen, predicted) / 2**20:.0f} MiB "
-                f"{'predicted' if predicted > seen else 'seen'} of a {budget / 2**20:.0f} MiB budget)")
+    def _stalled(self, s: _State, stall: Stall) -> Outcome:
+        # Peers of a frozen rank wait in its collective and go quiet too; a local process that the
+        # OS shows stopped is the certain culprit, otherwise the one quiet the longest.
+        suspect = stall.rank
+        for r in stall.quiet:
+            hello = s.group.hello.get(r)
+            if hello and s.group.host_of(r) == launch.LOCAL and _stopped_locally(hello.pid):
+                suspect = r
+                break
+        host = s.group.host_of(suspect)
+        step = s.dog.ranks[suspect].step
+        self.run.event("stall", rank=suspect, host=host, step=step, phase=stall.phase,
+                       quiet_s=round(stall.quiet_s, 1), timeout_s=stall.timeout_s, quiet=stall.quiet)
+        return Outcome(Status.FAILED, s.step, f"no progress from rank {suspect} on {host} for {stall.quiet_s:.0f} s "
+                                              f"(allowed {stall.timeout_s:.0f} s after its {stall.phase})")
 
+    # -- one handler per message kind ---------------------------------------------------------------
+    def _on_hello(self, s: _State, rank: int, msg: protocol.Hello) -> None:
+        s.group.hello[rank] = msg
+        if len(s.group.hello) == self.cfg.dist.num_devices and not s.launched:
+            s.launched = True
+            d = self.cfg.dist
+            ranks = [{"rank": r, "host": h.host, "pid": h.pid} for r, h in sorted(s.group.hello.items())]
+            self.run.event("launch", attempt=s.group.number, backend=d.backend, ranks=ranks, devices=d.num_devices,
+                           global_batch=d.global_batch_size, batch_size_per_device=d.batch_size_per_device,
+                           gradient_accumulation=d.gradient_accumulation)
+
+    def _on_budget(self, s: _State, rank: int, msg: protocol.Budget) -> None:
+        s.group.budgets[rank] = msg.budget
+
+    def _on_start(self, s: _State, rank: int, msg: protocol.Start) -> None:
+        s.dog.started(rank, msg.step)  # start-up is over: the first step's allowance begins
+        s.step = max(s.step, msg.step)
+
+    def _on_heartbeat(self, s: _State, rank: int, msg: protocol.Heartbeat) -> None:
+        s.group.peaks[rank] = msg.peak
+        s.dog.stepped(rank, msg.step, msg.step_s)
+        s.step = max(s.step, msg.step)
+
+    def _on_phase(self, s: _State, rank: int, msg: protocol.Phase) -> None:
+        s.dog.phase(rank, msg.name, msg.step, msg.done)
+
+    def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> None:
+        record = {**msg.fields(), "time": time.time(), "attempt": s.group.number}
+        self.run.append(self.run.metrics_path, record)
+        self.view.metrics(record)
+
+    def _on_resumed(self, s: _State, rank: int, msg: protocol.Resumed) -> None:
+        if msg.checkpoint is None:
+            self.run.event("resume", step=0, note="no checkpoint yet: starting from scratch")
+        else:
+            self.run.event("resume", step=msg.step, checkpoint=msg.checkpoint)
+        s.step = msg.step
+
+    def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> None:
+        self.run.event("checkpoint", step=msg.step)
+
+    def _on_warning(self, s: _State, rank: int, msg: protocol.RankWarning) -> None:
+        self.run.event(msg.event, rank=rank, **msg.details)
+        self.view.note(f"[yellow]warning:[/] {msg.event} {msg.details}")
+
+    def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> Optional[Outcome]:
+        self.run.event("bad_step", **msg.fields())
+        self.view.note(f"[yellow]skipped step {msg.step}:[/] loss {msg.loss}, gradient norm {msg.grad_norm} "
+                       f"({msg.in_a_row} in a row)")
+        if msg.in_a_row < ROLLBACK_AFTER_BAD_STEPS:
+            return None
+        # Skipping does not heal weights that already went bad: go back to the last checkpoint.
+        self.run.event("rollback", step=msg.step, bad_steps=msg.in_a_row)
+        return Outcome(Status.FAILED, s.step, f"{msg.in_a_row} steps in a row with a non-finite loss or gradient "
+                                              "norm: rolling back to the last checkpoint")
+
+    def _on_oom(self, s: _State, rank: int, msg: protocol.OutOfMemory) -> None:
+        s.group.oom = msg.fields()
+
+    def _on_end(self, s: _State, rank: int, msg) -> None:
+        s.finished.add(rank)
+        s.dog.ranks.pop(rank, None)  # a finished rank is quiet by right
+        s.step, s.status = msg.step, Status.DONE if isinstance(msg, protocol.Done) else Status.STOPPED
+
+    # -- the rank's log ------------------------------------------------------------------------------
     def _attempt_log(self, rank: int) -> str:
         """This attempt's part of the rank's log."""
         try:
@@ -361,7 +527,7 @@ class Supervisor:
             return ""
         return text.rsplit("==== attempt ", 1)[-1]
 
-    def _log_tail(self, rank: int) -> str:
+    def _log_error(self, rank: int) -> str:
         try:
             lines = self.run.log_path(rank).read_text().splitlines()
         except OSError:

@@ -67,7 +67,7 @@ def optimize(a: argparse.Namespace) -> int:
     # Without --devices, a cluster keeps all of its hosts (and a local run one device).
     flags = {"dist": {"num_devices": a.devices}} if a.devices is not None else {}
     opts = RunOptions(config=a.config, distributed=a.distributed, cluster=a.cluster)
-    hosts, base = hosts_for(opts, resolve_config(flags, opts), a.devices)
+    hosts, base = hosts_for(opts, resolve_config(flags, opts), flags)
     base = check_inputs(base)
     budget = a.memory_budget or base.memory_budget or budget_for(hosts)
     check_fits(replace(base, memory_budget=budget), hosts)  # nothing to try if not even batch 1 fits

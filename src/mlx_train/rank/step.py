@@ -50,6 +50,7 @@ class StepStats:
     grad_norm: float
     compute_s: float
     comm_s: float
+    skipped: bool = False  # the guard refused the update (see Stepper.guard)
 
 
 class Stepper:
@@ -64,6 +65,9 @@ class Stepper:
         self.loss_fn = loss_fn
         self.grad_fn = make_grad_fn(model, loss_fn, precision)
         self.params = model.trainable_parameters()
+        # Optional: guard(loss, grad_norm) -> bool, called before the update; False skips it (the
+        # optimizer's step count still advances, so the schedule and a resume stay in step).
+        self.guard: Optional[Callable[[mx.array, mx.array], bool]] = None
 
     def step(self, micro_batches: Iterable[Tuple[Any, Any]]) -> StepStats:
         t0 = time.perf_counter()
@@ -89,6 +93,11 @@ class Stepper:
             grads, norm = optim.clip_grad_norm(grads, self.grad_clip)
         else:
             norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in _leaves(grads)))
+        if self.guard is not None and not self.guard(loss, norm):
+            self.optimizer.state["step"] = self.optimizer.step + 1
+            mx.eval(self.optimizer.state, norm)
+            t3 = time.perf_counter()
+            return StepStats(float(loss.item()), float(norm.item()), (t1 - t0) + (t3 - t2), t2 - t1, skipped=True)
         self.params = self.optimizer.apply_gradients(grads, self.params)
         mx.eval(self.params, self.optimizer.state, norm)
         t3 = time.perf_counter()

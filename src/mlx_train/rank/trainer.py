@@ -12,7 +12,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import checkpoint
+from mlx_train.rank import checkpoint, faults
+from mlx_train.rank.badstep import BadSteps
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig, DistributedConfig
@@ -44,6 +45,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
         self.optimizer.init(self.stepper.params)
+        self.bad_steps = BadSteps(group)
+        self.stepper.guard = self.bad_steps.guard
         self.n_params = count_parameters(model)
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
@@ -55,18 +58,28 @@ class Trainer:
     def run(self, resume: bool = False, stop_after: Optional[int] = None) -> None:
         cfg = self.cfg
         step = self.restore() if resume else 0
-        protocol.emit("start", step=step, steps=cfg.steps, params=self.n_params, global_batch=cfg.dist.global_batch_size)
+        protocol.emit(protocol.Start(step=step, steps=cfg.steps, params=self.n_params,
+                                     global_batch=cfg.dist.global_batch_size))
         window: List[tuple] = []
         while step < cfg.steps:
             t0 = time.perf_counter()
             # MLX has no setter for its global RNG state, so make it a function of (seed, step,
             # rank): a resumed run then draws exactly what the uninterrupted one would have.
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
+            real = faults.poison_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
             stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
+            if real is not None and stats.skipped:
+                self.stepper.params = real
             step += 1
-            window.append((time.perf_counter() - t0, stats))
-            protocol.emit("hb", step=step, peak=mx.get_peak_memory())
-            val_loss = self.validate() if step % cfg.eval_every == 0 or step == cfg.steps else None
+            self.bad_steps.after(step, stats, self.rank)
+            step_s = time.perf_counter() - t0
+            window.append((step_s, stats))
+            protocol.emit(protocol.Heartbeat(step=step, peak=mx.get_peak_memory(), step_s=step_s))
+            val_loss = None
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                protocol.emit(protocol.Phase("eval", step))  # longer than a step: the watchdog allows for it
+                val_loss = self.validate()
+                protocol.emit(protocol.Phase("eval", step, done=True))
             if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
                 self.log(step, window, val_loss)
                 window = []
@@ -75,9 +88,9 @@ class Trainer:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 self.save(step)
             if stopping:
-                protocol.emit("stopped", step=step)
+                protocol.emit(protocol.Stopped(step=step))
                 return
-        protocol.emit("done", step=step)
+        protocol.emit(protocol.Done(step=step))
 
     # -- reporting ---------------------------------------------------------------------------------
     def validate(self) -> float:
@@ -103,10 +116,8 @@ class Trainer:
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],
         }
-        if val_loss is not None:
-            record["val_loss"] = val_loss
         if self.rank == 0:
-            protocol.emit("metrics", **record)
+            protocol.emit(protocol.Metrics(**record, val_loss=val_loss))
 
     def param_checksum(self) -> int:
         crc = 0
@@ -119,7 +130,7 @@ class Trainer:
         if peak > budget:
             # Stop with our own code while we still can: the OS would SIGKILL us (Linux) or the
             # Metal driver abort us, and the supervisor then has less to go on.
-            protocol.emit("oom", rank=self.rank, step=step, peak=peak, budget=budget)
+            protocol.emit(protocol.OutOfMemory(rank=self.rank, step=step, peak=peak, budget=budget))
             sys.stdout.flush()
             sys.exit(protocol.EXIT_OUT_OF_MEMORY)
 
@@ -127,12 +138,14 @@ class Trainer:
     def save(self, step: int) -> None:
         if self.rank != 0:
             return
+        protocol.emit(protocol.Phase("checkpoint", step))
         path = checkpoint.save(
             self.ckpt_root, step, dict(tree_flatten(self.stepper.params)), dict(tree_flatten(self.optimizer.state)),
             rng=mx.random.state[0], meta={"data_position": step, "dist": self.cfg.dist.to_dict(),
                                           "identity": self.cfg.identity()},
             keep=self.cfg.keep_checkpoints)
-        protocol.emit("checkpoint", step=step, path=str(path))
+        protocol.emit(protocol.Checkpoint(step=step, path=str(path)))
+        protocol.emit(protocol.Phase("checkpoint", step, done=True))
 
     def restore(self) -> int:
         """Load the newest intact checkpoint on rank 0 and hand it to every rank; return its step.
@@ -144,13 +157,13 @@ class Trainer:
         if self.rank == 0:
             result = checkpoint.load_latest(self.ckpt_root)
             for path, reason in result.skipped:
-                protocol.emit("event", event="checkpoint_damaged", path=path, reason=reason)
+                protocol.emit(protocol.RankWarning("checkpoint_damaged", {"path": path, "reason": reason}))
             found = result.checkpoint
         header = mx.array([found.step + 1 if found else 0], dtype=mx.int32)
         step = int(self.broadcast(header).item()) - 1
         if step < 0:
             if self.rank == 0:
-                protocol.emit("event", event="resume_empty")
+                protocol.emit(protocol.Resumed(step=0))
             return 0
         # Keep the model's own key order: gradient clipping sums the leaves in tree order, and a
         # different order rounds the norm differently, which would break exact resumption.
@@ -168,7 +181,7 @@ class Trainer:
         self.optimizer.state = new_state
         mx.eval(self.stepper.params, self.optimizer.state)
         if self.rank == 0:
-            protocol.emit("resumed", step=step)
+            protocol.emit(protocol.Resumed(step=step, checkpoint=str(found.path)))
         return step
 
     def broadcast(self, x: mx.array) -> mx.array:

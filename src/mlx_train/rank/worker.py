@@ -68,10 +68,10 @@ def main(argv=None) -> int:
     rank = group.rank()
     record = pidrecords.write(args.run_id, rank, args.run_dir)
     try:
-        protocol.emit("hello", rank=rank, size=group.size(), host=socket.gethostname(), pid=os.getpid(),
-                      python=sys.executable)
+        protocol.emit(protocol.Hello(rank=rank, size=group.size(), host=socket.gethostname(), pid=os.getpid(),
+                                     python=sys.executable))
         budget = cfg.memory_budget or rank_budget(device_memory()[0], args.ranks_on_host)
-        protocol.emit("budget", rank=rank, budget=budget)
+        protocol.emit(protocol.Budget(rank=rank, budget=budget))
         trainer = Trainer(cfg, group, args.run_dir, budget)
         trainer.run(resume=args.resume, stop_after=args.stop_after)
         return protocol.EXIT_OK

@@ -369,48 +369,51 @@ class Supervisor:
         """Sleep on the inbox until every process of the attempt has exited; say how it went."""
         group = s.group
         failure: Optional[Outcome] = None
-        exited, give_up = 0, None
-        while exited < len(group.procs):
+        reported, give_up, next_check = set(), None, time.monotonic() + 1.0
+
+        def end(outcome: Outcome) -> None:
+            nonlocal failure, give_up
+            failure = outcome
+            group.stop()
+            give_up = time.monotonic() + DRAIN_S + 5.0
+
+        while len(reported) < len(group.procs):
             try:
                 item = self.inbox.get(timeout=1.0)
             except queue.Empty:
-                if failure is None:
-                    stall = s.dog.check()
-                    if stall:
-                        failure = self._stalled(s, stall)
-                        group.stop()
-                        give_up = time.monotonic() + DRAIN_S + 5.0
-                elif give_up is not None and time.monotonic() > give_up:
+                item = None
+            now = time.monotonic()
+            if now >= next_check:  # once a second, however busy the inbox
+                next_check = now + 1.0
+                stall = s.dog.check() if failure is None else None
+                if stall:
+                    end(self._stalled(s, stall))
+                elif give_up is not None and now > give_up:
                     # stop() has SIGKILLed every process and waited; an exit still unreported
                     # would wait on something outside our control: do not wait for it.
-                    self.run.event("unaccounted", ranks=[r for p in group.procs if not p.drained.is_set()
+                    self.run.event("unaccounted", ranks=[r for i, p in enumerate(group.procs) if i not in reported
                                                          for r in p.spec.ranks])
                     break
+            if item is None:
                 continue
             if item[0] == "signal":
                 if failure is None or failure.status is not Status.INTERRUPTED:
-                    failure = Outcome(Status.INTERRUPTED, s.step, "interrupted")
-                    group.stop()
-                    give_up = time.monotonic() + DRAIN_S + 5.0
+                    end(Outcome(Status.INTERRUPTED, s.step, "interrupted"))
             elif item[1] != group.number:
                 continue  # a late line or exit of an earlier attempt
             elif item[0] == "exit":
-                exited += 1
+                reported.add(item[2])
                 proc, code = group.procs[item[2]], item[3]
                 for r in proc.spec.ranks if not proc.spec.tagged else [None]:
                     self.run.event("rank_exit", rank=r, host=proc.spec.host,
                                    **({"signal": -code} if code < 0 else {"code": code}))
-                if failure is None:
-                    failure = self._exit_outcome(s, proc, code)
-                    if failure is not None:
-                        group.stop()
-                        give_up = time.monotonic() + DRAIN_S + 5.0
+                verdict = self._exit_outcome(s, proc, code) if failure is None else None
+                if verdict is not None:
+                    end(verdict)
             else:
                 verdict = self._dispatch(s, item[2], item[3])
                 if verdict is not None and failure is None:
-                    failure = verdict
-                    group.stop()
-                    give_up = time.monotonic() + DRAIN_S + 5.0
+                    end(verdict)
         return failure or Outcome(s.status, s.step)
 
     def _dispatch(self, s: _State, rank: int, msg: protocol.Message) -> Optional[Outcome]:

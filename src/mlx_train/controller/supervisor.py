@@ -34,6 +34,7 @@ from mlx_train.config import TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.controller.launch import Host, RankProc
 from mlx_train.controller.watchdog import Allowances, Stall, Watchdog
+from mlx_train.errors import UserError
 from mlx_train.planning.oom import CrashFacts, OomPolicy, settings
 from mlx_train.rundir import RunDir
 
@@ -129,9 +130,15 @@ class Attempt:
             for r in spec.ranks:
                 self.logs[r] = run.log_path(r).open("a", buffering=1)
                 self.logs[r].write(f"==== attempt {number} on {spec.host} ====\n")
-            popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+            try:
+                popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+            except OSError as exc:
+                self.stop()
+                self.close()
+                raise UserError(f"cannot start ranks {spec.ranks} on {spec.host} ({spec.argv[0]}: {exc.strerror}): "
+                                "check --rank-wrapper and the interpreter path") from None
             proc = _Proc(spec, popen)
             threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
             threading.Thread(target=self._wait, args=(len(self.procs), proc), daemon=True).start()
@@ -174,6 +181,8 @@ class Attempt:
             if m:
                 rank, line = int(m.group(1)), m.group(2)
         log = self.logs.get(rank, self.logs[proc.spec.ranks[0]])
+        if log.closed:
+            return  # a straggler of an attempt that is over
         msg = protocol.parse(line)
         if msg is None:
             log.write(line + "\n")
@@ -358,7 +367,11 @@ class Supervisor:
     def _attempt(self, attempt: int, resume: bool) -> Outcome:
         specs = launch.plan(self.cfg, self.hosts, str(self.run.path.resolve()), self.run.run_id, resume,
                             self.stop_after, self.rank_wrapper)
-        group = Attempt(specs, self.run, self.inbox, attempt)
+        try:
+            group = Attempt(specs, self.run, self.inbox, attempt)
+        except UserError as exc:
+            self.run.event("failed", reason=str(exc))
+            raise
         try:
             return self._watch(_State(group, Watchdog(group.ranks, self.stall_timeout, self.allowances)))
         finally:

@@ -107,7 +107,6 @@ def classify_exit(cfg: TrainConfig, oom: OomPolicy, facts: CrashFacts, where: st
 class _Proc:
     spec: RankProc
     popen: subprocess.Popen
-    exited: threading.Event = field(default_factory=threading.Event)
     drained: threading.Event = field(default_factory=threading.Event)
     wake: tuple = field(default_factory=os.pipe)  # _wait writes here so the pump starts its bounded drain
 
@@ -166,7 +165,7 @@ class Attempt:
                     break
                 *lines, buf = (buf + chunk).split(b"\n")
                 for line in lines:
-                    self._line(proc, line.decode(errors="replace"))
+                    self._line(proc, line.decode(errors="replace").rstrip("\r"))
             if buf:
                 self._line(proc, buf.decode(errors="replace"))
         finally:
@@ -196,7 +195,6 @@ class Attempt:
 
     def _wait(self, index: int, proc: _Proc) -> None:
         code = proc.popen.wait()
-        proc.exited.set()
         try:
             os.write(proc.wake[1], b"x")
         except OSError:

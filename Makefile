@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml scripts/system-deps.sh
 train: install
 	$(BIN)/invoke train --devices 4
 
+# -rs: every skip says why. A test that cannot run under CI (no fleet, no guide) is an error there.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -rs tests
 
 test-unit: install
-	$(BIN)/python -m pytest -q tests -m "not multiproc and not fleet"
+	$(BIN)/python -m pytest -q -rs tests -m "not multiproc and not fleet"
 
 bench: install
 	$(BIN)/python bench/run.py

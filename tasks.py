@@ -15,16 +15,12 @@ def _run(*argv: str) -> None:
         sys.exit(code)
 
 
-@task(help={"devices": "number of ranks (local, or spread over the cluster file's hosts)",
-            "backend": "ring (default) or mpi", "steps": "optimizer steps", "batch_size": "per-device batch",
-            "local": "ignore the cluster file and run every rank here", "extra": "more `mlx-train train` flags"})
-def train(c, devices=None, backend=None, steps=None, batch_size=None, local=False, extra=""):
-    """Train on the embedded default (GPT on the Python stdlib), or across the cluster file's hosts."""
-    from mlx_train.fleet.hosts import DEFAULT_PATHS
-
-    argv = ["train"]
-    if not local and any(p.is_file() for p in DEFAULT_PATHS):
-        argv.append("--distributed")
+@task(help={"devices": "number of ranks (with --distributed: spread over the cluster file's hosts)",
+            "distributed": "run across the hosts in the cluster file", "backend": "ring (default) or mpi",
+            "steps": "optimizer steps", "batch_size": "per-device batch", "extra": "more `mlx-train train` flags"})
+def train(c, devices=None, distributed=False, backend=None, steps=None, batch_size=None, extra=""):
+    """`mlx-train train`: the embedded default (GPT on the Python stdlib), locally or with --distributed."""
+    argv = ["train", *(["--distributed"] if distributed else [])]
     for flag, value in (("--devices", devices), ("--backend", backend), ("--steps", steps),
                         ("--batch-size", batch_size)):
         if value is not None:

@@ -1,7 +1,9 @@
 """Fixtures for the test fleet (tools/fleet.py): network namespaces with sshd, as root.
 
-Lazy: only tests that ask for `bare_fleet`, `fleet` or `provisioning` bring the fleet up, once
-per session. Mark them `@pytest.mark.fleet` so `make test-unit` can leave them out.
+Lazy: only tests that ask for `bare_fleet`, `fleet`, `provisioning`, `cluster` or `corpus` bring
+the fleet up, once per session. Mark them `@pytest.mark.fleet` so `make test-unit` can leave them
+out. A machine that cannot make the fleet skips them, except under CI (helpers.required()), where
+that is an error.
 """
 from __future__ import annotations
 
@@ -13,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import FLEET_SIZE, MLX_TRAIN, REPO, fleet_env, unavailable
+
 sys.path.insert(0, str(REPO / "tools"))
 import fleet as fleet_tools  # noqa: E402  (tools/fleet.py; importing it starts nothing)
-
-FLEET_SIZE = 3
 
 
 def _why_no_fleet() -> str | None:
@@ -41,7 +42,7 @@ def bare_fleet():
     unless it was already up before (`make fleet-up`): then it is reused and left up."""
     reason = _why_no_fleet()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     was_up = fleet_tools.status()["up"] and len(fleet_tools.load().hosts) == FLEET_SIZE
     try:
         yield fleet_tools.up(FLEET_SIZE)
@@ -54,7 +55,7 @@ def bare_fleet():
 def fleet(bare_fleet):
     """The fleet after one `ansible-playbook site.yml` run; its result is `fleet.provisioning`."""
     if not (Path(sys.executable).parent / "ansible-playbook").exists():
-        pytest.skip("ansible-playbook is not installed next to this Python (make install)")
+        unavailable("ansible-playbook is not installed next to this Python (make install)")
     result = fleet_tools.provision(bare_fleet)
     if not result.ok:
         pytest.fail(f"provisioning failed (exit {result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}")
@@ -65,3 +66,24 @@ def fleet(bare_fleet):
 @pytest.fixture(scope="session")
 def provisioning(fleet) -> fleet_tools.ProvisionResult:
     return fleet.provisioning
+
+
+@pytest.fixture(scope="session")
+def cluster(fleet, tmp_path_factory) -> Path:
+    """The cluster file `mlx-train configure --distributed` writes for the provisioned fleet."""
+    d = tmp_path_factory.mktemp("cluster")
+    out = d / "cluster.yaml"
+    subprocess.run([MLX_TRAIN, "configure", "--distributed", "--inventory", str(fleet.inventory_path),
+                    "--output", str(out), "--hostfile", str(d / "hostfile.json")],
+                   env=fleet_env(fleet), check=True, capture_output=True, text=True, timeout=60)
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small text corpus where every fleet host sees it (the fleet shares /tmp). Not the stdlib
+    (the default): the controller's Python and the nodes' may be different patch releases."""
+    d = tmp_path_factory.mktemp("corpus")
+    for f in (REPO / "src" / "mlx_train").rglob("*.py"):
+        shutil.copy(f, d / f"{f.parent.name}-{f.name}")
+    return d

@@ -1,4 +1,5 @@
-"""Shared by the tests: run the real CLI in a subprocess and read a run directory."""
+"""Shared by the tests: run the real CLI in a subprocess, read a run directory, check pids, and the
+facts of the test fleet (its size, its hosts' names, how to reach it)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,64 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional, TypeVar
 
+import pytest
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+# The console script, as a user runs it (the fleet tests); `cli` below runs the module.
+MLX_TRAIN = str(Path(sys.executable).parent / "mlx-train")
 # A model small enough that a 2-rank step takes a few milliseconds on 2 CPU cores.
 TINY = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "64", "--batch-size", "4"]
+
+# The test fleet (tools/fleet.py, brought up by conftest.py): its one size, and what provisioning
+# puts on every node.
+FLEET_SIZE = 3
+FLEET_HOSTS = [f"h{i}" for i in range(1, FLEET_SIZE + 1)]
+NODE_PYTHON = "/opt/mlx-train/venv/bin/python"
+
+
+def required() -> bool:
+    """Under CI (or MLX_TRAIN_REQUIRE_FLEET=1, which .ci/run sets) what the fleet and guide tests
+    need must be there: a test that cannot run is an error, never a quiet skip."""
+    return bool(os.environ.get("CI")) or os.environ.get("MLX_TRAIN_REQUIRE_FLEET") == "1"
+
+
+def unavailable(reason: str) -> None:
+    """Skip for want of `reason`, or fail when required()."""
+    if required():
+        pytest.fail(f"{reason} (required here: CI or MLX_TRAIN_REQUIRE_FLEET=1 is set)", pytrace=False)
+    pytest.skip(reason)
+
+
+def fleet_env(fleet, **extra: str) -> dict:
+    """The environment for mlx-train against the fleet: its ssh wrapper first on PATH (so `ssh h1`
+    resolves), wide tables so rows are not folded."""
+    return {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200",
+            **extra}
+
+
+def train_on_fleet(fleet, cluster: Path, corpus: Path, run: Path, *extra: str, popen: bool = False):
+    """`mlx-train train` on the fleet's hosts with TINY; with popen, started and returned running."""
+    argv = [MLX_TRAIN, "train", "--cluster", str(cluster), *TINY, "--data", str(corpus), "--run-dir", str(run), *extra]
+    if popen:
+        return subprocess.Popen(argv, env=fleet_env(fleet), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(argv, env=fleet_env(fleet), capture_output=True, text=True, timeout=240)
+
+
+def wait_for(check: Callable[[], Optional[T]], timeout: float, what: str, every: float = 0.2) -> T:
+    """The first truthy value of check(), polled until `timeout` seconds; fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
 
 
 def cli(*args: str, timeout: float = 300, check: bool = False, **kw) -> subprocess.CompletedProcess:
@@ -32,7 +86,9 @@ def jsonl(path: Path) -> List[dict]:
 
 
 def events(run_dir: Path, name: str = None) -> List[dict]:
-    evs = jsonl(Path(run_dir) / "events.jsonl")
+    """The run's events (of one kind if `name`); [] before the run wrote any."""
+    path = Path(run_dir) / "events.jsonl"
+    evs = jsonl(path) if path.exists() else []
     return [e for e in evs if name is None or e["event"] == name]
 
 
@@ -50,3 +106,25 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def is_worker(pid: int) -> bool:
+    """A live rank process (the fleet shares this machine's pid namespace, so remote ranks count)."""
+    try:
+        return pid_alive(pid) and b"mlx_train.rank.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def rank_pids(run_dir: Path, attempt: Optional[int] = None) -> List[int]:
+    """The pids the ranks reported at launch, of every attempt or of one."""
+    return [r["pid"] for e in events(run_dir, "launch") if attempt is None or e.get("attempt") == attempt
+            for r in e["ranks"]]
+
+
+def assert_ranks_gone(pids: List[int], timeout: float = 15, what: str = "a rank outlived its run") -> None:
+    """Every pid in `pids` ends (as a rank) within `timeout` seconds."""
+    try:
+        wait_for(lambda: not any(is_worker(p) for p in pids), timeout, what)
+    except AssertionError:
+        raise AssertionError(f"{what}: pids {[p for p in pids if is_worker(p)]} still running") from None

@@ -57,3 +57,78 @@ def test_identity_ignores_the_split_of_the_global_batch():
     c = TrainConfig(dist=DistributedConfig(2, 4, 1))
     assert a.identity() == b.identity()
     assert a.identity() != c.identity()
+
+
+# Resolution: flags beat the config file (or the resumed run's config.yaml), which beats the defaults.
+
+def _resolve(argv, **opts):
+    from mlx_train.cli import options
+    from mlx_train.cli.main import build_parser
+    from mlx_train.config import RunOptions
+    from mlx_train.controller.run import resolve_config
+
+    a = build_parser().parse_args(["train", *argv])
+    run_opts = options.build(a, RunOptions)
+    return resolve_config(options.given(a, TrainConfig), run_opts), run_opts
+
+
+def test_flag_beats_file_beats_default(tmp_path):
+    f = tmp_path / "train.yaml"
+    f.write_text("steps: 77\nmodel: {n_layers: 3}\ndist: {batch_size_per_device: 5}\n")
+    cfg, _ = _resolve(["--config", str(f), "--batch-size", "6", "--memory-budget", "1GiB"])
+    assert cfg.dist.batch_size_per_device == 6          # flag over file
+    assert cfg.steps == 77 and cfg.model.n_layers == 3   # file over default
+    assert cfg.model.d_model == TrainConfig().model.d_model and cfg.optim == TrainConfig().optim  # defaults
+    assert cfg.memory_budget == 2**30
+    assert _resolve([])[0] == TrainConfig()
+
+
+def test_resume_reads_the_runs_config(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig(steps=12, seed=4, model=ModelConfig(n_layers=2, d_model=64, n_heads=2)).to_yaml(run / "config.yaml")
+    other = tmp_path / "other.yaml"
+    other.write_text("steps: 999\n")
+    cfg, opts = _resolve(["--resume", str(run), "--config", str(other), "--batch-size", "3"])
+    assert opts.resume == str(run)
+    assert (cfg.steps, cfg.seed, cfg.model.d_model) == (12, 4, 64)  # the run's, not --config's nor defaults
+    assert cfg.dist.batch_size_per_device == 3
+
+
+def test_config_is_frozen_and_changed_by_replace_which_checks():
+    import dataclasses
+
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 3
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        dataclasses.replace(cfg, steps=0)
+
+
+def test_trusted_rebuilds_without_checks_what_the_controller_checked():
+    cfg = TrainConfig(steps=9, dist=DistributedConfig(2, 4, 3))
+    assert TrainConfig.trusted(cfg.to_dict()) == cfg
+    # No checks run again: the rank takes the controller's word for it.
+    assert TrainConfig.trusted({**cfg.to_dict(), "steps": 0}).steps == 0
+
+
+def test_every_flag_comes_from_a_field():
+    from mlx_train.cli.options import flagged_fields
+    from mlx_train.config import RunOptions
+
+    flags = {f.metadata["flag"] for cls in (TrainConfig, RunOptions) for _, f, _ in flagged_fields(cls)}
+    assert flags == {"--devices", "--distributed", "--cluster", "--backend", "--model", "--layers", "--width",
+                     "--heads", "--seq-len", "--data", "--batch-size", "--accumulation", "--steps", "--lr",
+                     "--warmup", "--precision", "--grad-checkpoint", "--seed", "--optimize-memory",
+                     "--memory-budget", "--config", "--run-dir", "--resume", "--log-every", "--eval-every",
+                     "--checkpoint-every", "--keep-checkpoints", "--max-restarts", "--stall-timeout",
+                     "--stop-after", "--no-live", "--rank-wrapper"}
+
+
+def test_run_options_from_flags():
+    _, opts = _resolve(["--no-live", "--max-restarts", "0", "--stall-timeout", "8", "--distributed"])
+    assert (opts.live, opts.max_restarts, opts.stall_timeout, opts.distributed) == (False, 0, 8.0, True)
+    _, opts = _resolve([])
+    from mlx_train.config import RunOptions
+
+    assert opts == RunOptions() and opts.live is None and opts.max_restarts == 3

@@ -5,7 +5,7 @@ import signal
 import pytest
 
 from mlx_train import protocol
-from mlx_train.config import TrainConfig
+from mlx_train.config import DistributedConfig, TrainConfig
 from mlx_train.controller.supervisor import Status, classify_exit
 from mlx_train.errors import UserError
 from mlx_train.planning.oom import CrashFacts, OomPolicy, settings
@@ -15,11 +15,7 @@ MiB = 2**20
 
 
 def cfg(**kw) -> TrainConfig:
-    c = TrainConfig()
-    c.dist.batch_size_per_device = kw.pop("batch", 8)
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
+    return TrainConfig(dist=DistributedConfig(batch_size_per_device=kw.pop("batch", 8)), **kw)
 
 
 def classify(code, *, finished=False, log="", peak=0, budget=0, reported=None, user_error="", c=None):
@@ -83,8 +79,7 @@ def test_a_signal_that_is_not_a_memory_death_is_a_failure():
 
 
 def test_recovery_ladder_keeps_the_global_batch():
-    c = cfg(batch=8)
-    c.dist.num_devices = 2
+    c = TrainConfig(dist=DistributedConfig(num_devices=2, batch_size_per_device=8))
     new = OomPolicy().next_config(c)
     assert new.dist.batch_size_per_device == 4 and new.dist.gradient_accumulation == 2 * c.dist.gradient_accumulation
     assert new.dist.global_batch_size == c.dist.global_batch_size

@@ -13,8 +13,7 @@ from mlx_train.rundir import ENDED, RunDir
 def run(tmp_path):
     r = RunDir(tmp_path / "run")
     r.path.mkdir()
-    cfg = TrainConfig()
-    cfg.steps = 100
+    cfg = TrainConfig(steps=100)
     cfg.to_yaml(r.config_path)
     return r
 

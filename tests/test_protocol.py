@@ -93,7 +93,7 @@ def test_an_int_is_a_valid_float():
 
 
 def test_the_supervisor_handles_every_kind(tmp_path):
-    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [])
+    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [], max_restarts=3, stall_timeout=None)
     assert set(sup.handlers) == set(protocol.KINDS.values())
 
 
@@ -148,7 +148,7 @@ def test_a_handler_that_fails_does_not_bring_the_supervisor_down(tmp_path):
     from mlx_train.controller.supervisor import Attempt, _State
     from mlx_train.controller.watchdog import Watchdog
 
-    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [])
+    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [], max_restarts=3, stall_timeout=None)
     group = Attempt([], RunDir(tmp_path), sup.inbox, number=0)
     group.logs[0] = io.StringIO()
     state = _State(group, Watchdog([0]))

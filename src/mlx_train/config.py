@@ -1,7 +1,12 @@
 """Typed run configuration: validated once here, trusted everywhere after.
 
 `TrainConfig` is the whole resolved configuration written to `config.yaml`; `DistributedConfig`
-is the part the guide shows users (devices, per-device batch, accumulation, backend).
+is the part the guide shows users (devices, per-device batch, accumulation, backend); `RunOptions`
+says how the controller runs it (restarts, run directory, ...). Every knob is one field: its
+default, help and command-line flag live together (`knob`), and the `train` options are generated
+from them (cli/options.py). The classes are frozen and check their values when built, so a config
+that exists is valid: change one with `dataclasses.replace` (which checks the new one), and a rank
+rebuilds the controller's already-checked config with `TrainConfig.trusted`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from mlx_train.units import parse_bytes
 
 BACKENDS = ("ring", "mpi", "any")
 PRECISIONS = ("fp32", "bf16")
@@ -49,16 +56,31 @@ class _Yaml:
         return from_dict(cls, _load(source))
 
 
-@dataclass
+def knob(default: Any = dataclasses.MISSING, help: str = "", flag: Optional[str] = None, *,
+         default_factory: Any = dataclasses.MISSING, **meta: Any) -> Any:
+    """A config field carrying its help and command-line flag (cli/options.py turns these into argparse).
+
+    Equivalent to `field(default=..., metadata={"help": ..., "flag": ...})`; `meta` may add choices
+    (a tuple), metavar, parse (str -> value, e.g. parse_bytes, also applied to strings in a config
+    file) and store_false (the flag sets False, as `--no-live` does). A field without a flag is set
+    in the config file only.
+    """
+    metadata = {"help": help, **({"flag": flag} if flag else {}), **meta}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
 class DistributedConfig(_Yaml):
     """How the work is split: `global batch = num_devices x batch_size_per_device x accumulation`."""
 
-    num_devices: int = 1
-    batch_size_per_device: int = 8
-    gradient_accumulation: int = 1
-    backend: str = "ring"
-    # Ring backend: TCP connections per rank and address (MLX stripes each all_sum across them).
-    ring_connections: int = 1
+    num_devices: int = knob(1, "number of ranks (with --distributed: default the cluster's slots)", "--devices")
+    batch_size_per_device: int = knob(8, "per-device batch size", "--batch-size")
+    gradient_accumulation: int = knob(1, "gradient accumulation steps", "--accumulation")
+    backend: str = knob("ring", "MLX distributed backend", "--backend", choices=BACKENDS)
+    # MLX stripes each all_sum across these connections.
+    ring_connections: int = knob(1, "ring backend: TCP connections per rank and address")
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
@@ -69,43 +91,43 @@ class DistributedConfig(_Yaml):
         return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    # "gpt" (built in) or "package.module:factory" (bring your own; see docs/model_development.md)
-    name: str = "gpt"
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    seq_len: int = 128
-    vocab_size: int = 256
+    name: str = knob("gpt", "'gpt' (built in) or package.module:factory (docs/model_development.md)", "--model")
+    n_layers: int = knob(4, "transformer blocks", "--layers")
+    d_model: int = knob(128, "model width", "--width")
+    n_heads: int = knob(4, "attention heads (must divide the width)", "--heads")
+    seq_len: int = knob(128, "tokens per training sequence", "--seq-len")
+    vocab_size: int = knob(256, "vocabulary size (set from the data at launch)")
 
     def __post_init__(self) -> None:
         _positive_int(self, "n_layers", "d_model", "n_heads", "seq_len", "vocab_size")
         check(self.d_model % self.n_heads == 0,
-               f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         check(self.name == "gpt" or ":" in self.name,
-               f"unknown model {self.name!r}: use 'gpt' or 'package.module:factory'")
+              f"unknown model {self.name!r}: use 'gpt' or 'package.module:factory'")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     # None: the running Python's standard library sources (present on every machine).
-    path: Optional[str] = None
-    val_fraction: float = 0.05
+    path: Optional[str] = knob(None, "text file/folder, .jsonl with 'text', or .npy token ids "
+                                     "(default: the Python standard library's sources)", "--data")
+    val_fraction: float = knob(0.05, "share of the data held out for validation")
 
     def __post_init__(self) -> None:
         check(0.0 < self.val_fraction < 0.5, f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = knob(3e-3, "peak learning rate", "--lr")
+    min_lr_ratio: float = knob(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = knob(20, "warmup steps", "--warmup")
+    weight_decay: float = knob(0.1, "AdamW weight decay")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    grad_clip: float = knob(1.0, "global gradient-norm clip (0 disables it)")
 
     def __post_init__(self) -> None:
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -114,23 +136,25 @@ class OptimConfig:
         check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(_Yaml):
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    dist: DistributedConfig = field(default_factory=DistributedConfig)
-    precision: str = "fp32"
-    grad_checkpoint: bool = False
-    steps: int = 300
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 4
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    seed: int = 0
-    # Per-device memory budget in bytes; None means "derive from the device".
-    memory_budget: Optional[int] = None
+    model: ModelConfig = knob(help="the model", default_factory=ModelConfig)
+    data: DataConfig = knob(help="the data", default_factory=DataConfig)
+    optim: OptimConfig = knob(help="the optimizer", default_factory=OptimConfig)
+    dist: DistributedConfig = knob(help="where and how the batch is split", default_factory=DistributedConfig)
+    precision: str = knob("fp32", "compute precision", "--precision", choices=PRECISIONS)
+    grad_checkpoint: bool = knob(False, "recompute each block in backward (less memory, more compute)",
+                                 "--grad-checkpoint")
+    steps: int = knob(300, "optimizer steps", "--steps")
+    log_every: int = knob(10, "steps between metric lines", "--log-every")
+    eval_every: int = knob(50, "steps between validation passes", "--eval-every")
+    eval_batches: int = knob(4, "batches per validation pass")
+    checkpoint_every: int = knob(50, "steps between checkpoints", "--checkpoint-every")
+    keep_checkpoints: int = knob(3, "newest checkpoints kept", "--keep-checkpoints")
+    seed: int = knob(0, "random seed (weights, data order)", "--seed")
+    # None: derive from the device (planning's per-rank share of its memory).
+    memory_budget: Optional[int] = knob(None, "per-device memory budget, bytes or e.g. 8GiB (default: from the "
+                                              "device)", "--memory-budget", parse=parse_bytes)
 
     def __post_init__(self) -> None:
         check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -153,6 +177,55 @@ class TrainConfig(_Yaml):
             "seed": self.seed,
         }
 
+    @classmethod
+    def trusted(cls, data: dict) -> "TrainConfig":
+        """Rebuild a config that was validated at the edge (a rank's --config-json): no checks run again."""
+        return _trusted(cls, data)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the controller runs a training job (not part of the run's config.yaml)."""
+
+    config: Optional[str] = knob(None, "YAML config file (flags override it)", "--config")
+    run_dir: Optional[str] = knob(None, "run directory (default runs/<run-id>)", "--run-dir")
+    resume: Optional[str] = knob(None, "continue the run in DIR from its last checkpoint (its config.yaml is the "
+                                       "base; flags override it)", "--resume", metavar="DIR")
+    distributed: bool = knob(False, "run across the hosts in the cluster file", "--distributed")
+    cluster: Optional[str] = knob(None, "cluster file (default ./cluster.yaml or ~/.mlx-train/cluster.yaml)",
+                                  "--cluster")
+    max_restarts: int = knob(3, "relaunches after a rank failure before giving up", "--max-restarts")
+    stall_timeout: Optional[float] = knob(None, "seconds without progress from a rank before a restart (default: "
+                                          "adaptive, 5 x the median step, at least 10 s, with allowances for "
+                                          "start-up, evaluation and checkpoints)", "--stall-timeout")
+    stop_after: Optional[int] = knob(None, "checkpoint and stop cleanly after this step", "--stop-after")
+    optimize_memory: bool = knob(False, "start from the memory planner's split", "--optimize-memory")
+    live: Optional[bool] = knob(None, "plain log lines instead of a progress bar", "--no-live", store_false=True)
+    rank_wrapper: Optional[str] = knob(None, "prefix each local rank's command, e.g. 'taskset -c 0' or "
+                                             "'prlimit --as=4000000000'", "--rank-wrapper", metavar="CMD")
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.max_restarts, int) and self.max_restarts >= 0,
+              f"--max-restarts must be >= 0, got {self.max_restarts}")
+        check(self.stall_timeout is None or self.stall_timeout > 0,
+              f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
+        check(self.stop_after is None or self.stop_after > 0,
+              f"--stop-after must be a positive step, got {self.stop_after}")
+
+
+def _trusted(cls, data: dict):
+    hints = typing.get_type_hints(cls)
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+        else:  # a key missing from the JSON (never, from our supervisor): the field's default
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+            value = _trusted(hints[f.name], value)
+        object.__setattr__(obj, f.name, value)  # frozen: how dataclasses itself sets fields
+    return obj
+
 
 def from_dict(cls, data: Any, where: str = "config"):
     """Build dataclass `cls` from plain data, naming the offending key on any mismatch."""
@@ -163,13 +236,20 @@ def from_dict(cls, data: Any, where: str = "config"):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} in {where} (known: {', '.join(sorted(known))})")
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, f"{where}.{name}")
-        else:
-            kwargs[name] = _coerce(hint, value, f"{where}.{name}")
+            continue
+        parse = meta[name].get("parse")
+        if parse is not None and isinstance(value, str):  # e.g. memory_budget: 8GiB
+            try:
+                value = parse(value)
+            except Exception as exc:
+                raise ValueError(f"{where}.{name}: {exc}") from None
+        kwargs[name] = _coerce(hint, value, f"{where}.{name}")
     return cls(**kwargs)
 
 

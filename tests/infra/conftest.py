@@ -3,8 +3,10 @@ import pytest
 import testinfra
 import yaml
 
-# tests/conftest.py brings up FLEET_SIZE = 3 hosts, h1..h3.
-NODES = ["h1", "h2", "h3"]
+from helpers import FLEET_HOSTS
+
+# The nodes tests/conftest.py brings up (helpers.FLEET_SIZE of them).
+NODES = FLEET_HOSTS
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ import importlib.metadata
 import json
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +11,16 @@ import yaml
 pytestmark = pytest.mark.fleet
 
 VENV_PYTHON = "/opt/mlx-train/venv/bin/python"
+REPO = Path(__file__).resolve().parents[2]
+# Run on the node and here alike: sha256 over the package's Python files, paths and contents.
+PACKAGE_HASH = """
+def package_hash(root):
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts):
+        h.update(f.relative_to(root).as_posix().encode() + b"\\0" + f.read_bytes() + b"\\0")
+    return h.hexdigest()
+"""
 
 
 def mca_param(node, framework: str, name: str, *, from_env: bool = False) -> tuple[str, str]:
@@ -54,9 +65,9 @@ def test_login_environment_carries_the_mpi_and_ring_settings(node, inventory, fl
     assert env.get("OMPI_MCA_btl_tcp_links") == "4"
     assert env.get("OMPI_MCA_btl_tcp_if_include") == iface
     assert env.get("OMPI_MCA_oob_tcp_if_include") == iface
-    assert env.get("MLX_TRAIN_IFACE") == iface
-    assert env.get("MLX_TRAIN_ADDR") == fleet.host(node.backend.hostname).ip
     assert env.get("MLX_TRAIN_PYTHON") == VENV_PYTHON
+    # node.yml is the one record of the node's interface, address and backend.
+    assert not {"MLX_TRAIN_NODE", "MLX_TRAIN_IFACE", "MLX_TRAIN_ADDR", "MLX_TRAIN_BACKEND"} & set(env)
     _, source = mca_param(node, "btl", "btl_tcp_links", from_env=True)
     assert source == "environment"
 
@@ -81,12 +92,19 @@ def test_every_node_reaches_every_other_with_host_key_checking(node, fleet):
 
 
 def test_every_node_has_the_same_venv_as_the_controller(fleet):
-    probe = ("import json, importlib.metadata as m, sys, mlx.core as mx, mlx_train; "
-             "print(json.dumps([sys.prefix, m.version('mlx'), m.version('mlx-train'), mx.ones(2).sum().item()]))")
+    # The installed package's content, not its version string (0.1.0 for every build): a node left
+    # with an older install of the same version must fail here.
+    probe = ("import json, importlib.metadata as m, sys, mlx.core as mx, mlx_train, pathlib; "
+             f"exec({PACKAGE_HASH!r}); "
+             "print(json.dumps([sys.prefix, m.version('mlx'), package_hash(pathlib.Path(mlx_train.__file__).parent), "
+             "mx.ones(2).sum().item()]))")
     seen = {}
     for h in fleet.hosts:
         res = fleet.ssh(h, f"{VENV_PYTHON} -c {shlex.quote(probe)}")
         assert res.returncode == 0, f"{h.name}: {res.stderr}"
         seen[h.name] = json.loads(res.stdout)
-    controller = ["/opt/mlx-train/venv", importlib.metadata.version("mlx"), importlib.metadata.version("mlx-train"), 2.0]
+    namespace: dict = {}
+    exec(PACKAGE_HASH, namespace)
+    source = namespace["package_hash"](REPO / "src" / "mlx_train")
+    controller = ["/opt/mlx-train/venv", importlib.metadata.version("mlx"), source, 2.0]
     assert all(v == controller for v in seen.values()), (controller, seen)

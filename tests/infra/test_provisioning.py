@@ -46,7 +46,7 @@ def _failure_lines(result) -> list[str]:
 @pytest.mark.parametrize("override, message", [
     ({"mlx_interface": None}, "h2: mlx_interface must name the interface MLX traffic is pinned to"),
     ({"mlx_interface": ["eth0"]}, "pinned to (a string such as en0 or bridge0); got ["),
-    ({"mlx_backend": "carrier-pigeon"}, "h2: mlx_backend must be ring, mpi, jaccl or any"),
+    ({"mlx_backend": "carrier-pigeon"}, "h2: mlx_backend must be ring, mpi or any"),
 ], ids=["missing", "not-a-string", "bad-backend"])
 def test_malformed_inventory_stops_before_any_change(bare_fleet, tmp_path, override, message):
     result = fleet_tools.provision(bare_fleet, inventory=_bad_inventory(bare_fleet, tmp_path, "h2", **override))

@@ -19,10 +19,11 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from mlx_train.fleet import ssh as remote_mod
 from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
+from mlx_train.fleet import mpi, ssh
 from mlx_train.fleet.hosts import LOCAL, Host
+
 
 @dataclass
 class RankProc:
@@ -35,7 +36,7 @@ class RankProc:
 
 
 def local_hosts(n: int) -> List[Host]:
-    return [Host(LOCAL, "127.0.0.1", sys.executable, os.cpu_count(), n)]
+    return [Host(LOCAL, "127.0.0.1", python=sys.executable, slots=n)]
 
 
 def rank_hosts(hosts: List[Host]) -> List[Host]:
@@ -74,11 +75,16 @@ def _remote_ports(n: int) -> List[int]:
     return list(range(base, base + n))
 
 
-def _ssh(host: Host, env: Dict[str, str], argv: List[str]) -> List[str]:
+def _ssh(dest: str, command: str) -> List[str]:
+    # Fresh: the supervisor learns a rank ended from its pipe's EOF, and an ssh ControlMaster
+    # (users' configs and the test fleet's have one) would hold that pipe open past the client.
+    return ssh.argv(dest, command, fresh=True)
+
+
+def _remote_command(env: Dict[str, str], argv: List[str]) -> str:
     # Environment variables do not cross ssh, so they go on the remote command line. A login
     # shell is not used: the interpreter path is absolute.
-    remote = " ".join(["exec", "env", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
-    return ["ssh", "-T", "-o", "BatchMode=yes", host.name, remote]
+    return " ".join(["exec", "env", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
 
 
 def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper: List[str]) -> List[RankProc]:
@@ -96,19 +102,8 @@ def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper
         if host.local:
             procs.append(RankProc([*wrapper, *argv], {**os.environ, **env}, host.name, [rank]))
         else:
-            procs.append(RankProc(_ssh(host, env, argv), dict(os.environ), host.name, [rank]))
+            procs.append(RankProc(_ssh(host.name, _remote_command(env, argv)), dict(os.environ), host.name, [rank]))
     return procs
-
-
-def mpi_env() -> Dict[str, str]:
-    env = {"PYTHONUNBUFFERED": "1"}
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    if sys.platform.startswith("linux") and not any(os.path.exists(os.path.join(d, "libmpi.so")) for d in
-                                                     ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib")):
-        # Debian's openmpi-bin alone ships only the versioned library MLX does not look for.
-        env["MLX_MPI_LIBNAME"] = "libmpi.so.40"
-    return env
 
 
 def plan_mpi(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List[RankProc]:
@@ -119,10 +114,8 @@ def plan_mpi(cfg: TrainConfig, hosts: List[Host], base_args: List[str]) -> List[
         raise UserError("--backend mpi needs OpenMPI's mpirun on PATH: run `make install` (Debian: apt-get install "
                         "openmpi-bin libopenmpi-dev; macOS: brew install open-mpi), or use --backend ring")
     per_rank = rank_hosts(hosts)
-    env = mpi_env()
-    argv = [mpirun, "-np", str(len(per_rank)), "--tag-output", "--oversubscribe"]
-    for key in sorted(env):
-        argv += ["-x", key]
+    env = mpi.env_here()
+    argv = [mpirun, "-np", str(len(per_rank)), "--tag-output", "--oversubscribe", *mpi.forward(env)]
     python = hosts[0].python
     argv += [python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
     return [RankProc(argv, {**os.environ, **env}, hosts[0].name if len(hosts) == 1 else "mpirun",
@@ -133,17 +126,9 @@ def plan_mpi_remote(hosts: List[Host], base_args: List[str]) -> List[RankProc]:
     """mpirun runs on the first host, over ssh: from there it reaches the others through the nodes'
     own key mesh, and every node's MCA params file and login environment apply."""
     per_rank = rank_hosts(hosts)
-    # Whether the nodes need these cannot be told from here; both are harmless where not needed.
-    env = {"PYTHONUNBUFFERED": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    mpirun = ["mpirun", "-np", str(len(per_rank)), "--tag-output",
-              "--host", ",".join(f"{remote_mod.host_part(h.name)}:{h.slots}" for h in hosts)]
-    for key in sorted(env):
-        mpirun += ["-x", key]
     program = [hosts[0].python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
-    # MLX dlopens libmpi.so, which a node may only have as libmpi.so.40 (Debian without -dev).
-    remote = (remote_mod.MPI_LIB_PROBE + f"exec env {' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())} {shlex.join(mpirun)} $lib "
-              f"{shlex.join(program)}")
-    return [RankProc(["ssh", "-T", "-o", "BatchMode=yes", hosts[0].name, remote], dict(os.environ), hosts[0].name,
+    command = mpi.on_node([(h.name, h.slots) for h in hosts], program, ["--tag-output"], {"PYTHONUNBUFFERED": "1"})
+    return [RankProc(_ssh(hosts[0].name, command), dict(os.environ), hosts[0].name,
                      list(range(len(per_rank))), tagged=True, rank_hosts=[h.name for h in per_rank])]
 
 

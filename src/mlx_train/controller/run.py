@@ -4,34 +4,19 @@ from __future__ import annotations
 
 import copy
 import shlex
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import replace
+from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
-from mlx_train.config import TrainConfig, from_dict
+from mlx_train.config import RunOptions, TrainConfig, from_dict
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import Batcher, load_corpus
 from mlx_train.errors import UserError
-from mlx_train.controller.launch import Host, local_hosts
+from mlx_train.controller.launch import local_hosts
+from mlx_train.fleet.hosts import Host
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
 from mlx_train.controller.supervisor import Supervisor
 from mlx_train.planning.oom import OomPolicy
-
-
-@dataclass
-class RunRequest:
-    overrides: dict                    # nested {"dist": {...}, "model": {...}, ...}: only what the user set
-    config_file: Optional[str] = None
-    run_dir: Optional[str] = None
-    resume: Optional[str] = None
-    distributed: bool = False
-    cluster_file: Optional[str] = None
-    max_restarts: int = 3
-    stall_timeout: float = 300.0
-    stop_after: Optional[int] = None
-    optimize_memory: bool = False
-    live: Optional[bool] = None
-    rank_wrapper: Optional[str] = None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -41,33 +26,37 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def resolve_config(req: RunRequest) -> TrainConfig:
-    """defaults < --config file (or the resumed run's config.yaml) < flags; validated here, once."""
-    base = TrainConfig().to_dict()
+def resolve_config(flags: dict, opts: RunOptions) -> TrainConfig:
+    """flags > --config file (or the resumed run's config.yaml) > defaults: one TrainConfig, checked here once.
+
+    `flags` holds only what the user typed, nested like `TrainConfig.to_dict()`.
+    """
+    base: dict = {}
     source = "flags"
-    if req.resume:
-        if not RunDir(req.resume).exists():
-            raise UserError(f"nothing to resume in {req.resume}: no config.yaml there (pass the run directory)")
-        base, source = RunDir(req.resume).load_config().to_dict(), f"{req.resume}/config.yaml"
-    elif req.config_file:
+    if opts.resume:
+        if not RunDir(opts.resume).exists():
+            raise UserError(f"nothing to resume in {opts.resume}: no config.yaml there (pass the run directory)")
+        base, source = RunDir(opts.resume).load_config().to_dict(), f"{opts.resume}/config.yaml"
+    elif opts.config:
         try:
-            base, source = _merge(base, TrainConfig.from_yaml(req.config_file).to_dict()), req.config_file
+            base, source = TrainConfig.from_yaml(opts.config).to_dict(), opts.config
         except ValueError as exc:
-            raise UserError(f"--config {req.config_file}: {exc}") from None
+            raise UserError(f"--config {opts.config}: {exc}") from None
     try:
-        return from_dict(TrainConfig, _merge(base, req.overrides))
+        return from_dict(TrainConfig, _merge(base, flags))
     except ValueError as exc:
         raise UserError(f"{exc} (from {source}): fix the value and run again") from None
 
 
 def check_inputs(cfg: TrainConfig) -> TrainConfig:
-    """Fail before any rank starts if the model or data cannot serve this configuration."""
+    """Fail before any rank starts if the model or data cannot serve this configuration; the data sets
+    the vocabulary (256 for bytes, max id + 1 for a .npy)."""
     if cfg.model.name != "gpt":
         from mlx_train.rank.model import load_factory
 
         load_factory(cfg.model.name)
     corpus = load_corpus(cfg.data)
-    cfg.model.vocab_size = corpus.vocab_size  # the data decides: 256 for bytes, max id + 1 for a .npy
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=corpus.vocab_size))
     Batcher(corpus.train, cfg.model.seq_len, cfg.seed, "training").require(cfg.dist.global_batch_size,
                                                                             "one global batch")
     Batcher(corpus.val, cfg.model.seq_len, cfg.seed, "validation").require(cfg.dist.num_devices,
@@ -75,13 +64,19 @@ def check_inputs(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def hosts_for(req: RunRequest, cfg: TrainConfig) -> List[Host]:
-    if req.distributed or req.cluster_file:
-        hosts = cluster.with_devices(cluster.load_hosts(req.cluster_file),
-                                     req.overrides.get("dist", {}).get("num_devices"))
-        cfg.dist.num_devices = sum(h.slots for h in hosts)
-        return hosts
-    return local_hosts(cfg.dist.num_devices)
+def hosts_for(opts: RunOptions, cfg: TrainConfig, flags: dict) -> Tuple[List[Host], TrainConfig]:
+    """The hosts a run uses and the config with its device count: the cluster's slots (cut to the
+    --devices the user asked for) with --distributed or --cluster, else `cfg`'s local ranks."""
+    if not (opts.distributed or opts.cluster):
+        return local_hosts(cfg.dist.num_devices), cfg
+    dist = flags.get("dist", {})
+    found = cluster.load_cluster(opts.cluster)
+    hosts = cluster.with_devices(found.hosts, dist.get("num_devices"))
+    cfg = replace(cfg, dist=replace(cfg.dist, num_devices=sum(h.slots for h in hosts)))
+    # The backend the nodes were provisioned for, unless --backend, --config or --resume chose one.
+    if found.backend and not (opts.resume or opts.config or "backend" in dist):
+        cfg = replace(cfg, dist=replace(cfg.dist, backend=found.backend))
+    return hosts, cfg
 
 
 def budget_for(hosts: List[Host]) -> int:
@@ -112,29 +107,27 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     return new
 
 
-def start(req: RunRequest) -> int:
-    cfg = resolve_config(req)
-    hosts = hosts_for(req, cfg)
-    if req.optimize_memory:
+def start(flags: dict, opts: RunOptions) -> int:
+    cfg = resolve_config(flags, opts)
+    hosts, cfg = hosts_for(opts, cfg, flags)
+    if opts.optimize_memory:
         cfg = plan_for_budget(cfg, hosts)
     cfg = check_inputs(cfg)
-    from_dict(TrainConfig, cfg.to_dict())  # re-validate after the adjustments above
-    run = RunDir(req.resume or req.run_dir or RUNS_ROOT / new_run_id())
-    run.prepare(cfg, resume=bool(req.resume))
+    run = RunDir(opts.resume or opts.run_dir or RUNS_ROOT / new_run_id())
+    run.prepare(cfg, resume=bool(opts.resume))
     d = cfg.dist
     where = ", ".join(f"{h.name} x{h.slots}" for h in hosts)
     print(f"run {run.path}: {d.num_devices} ranks ({where}), backend {d.backend}; global batch {d.global_batch_size} "
           f"= {d.num_devices} devices x {d.batch_size_per_device} per device x {d.gradient_accumulation} "
           f"accumulation; {cfg.steps} steps", flush=True)
     start_step = 0
-    if req.resume:
+    if opts.resume:
         from mlx_train.rank.checkpoint import list_steps
 
         steps = list_steps(run.checkpoints)
         start_step = int(steps[-1].name.split("-")[1]) if steps else 0
-    view = ProgressView(cfg.steps, start_step, live=req.live)
-    sup = Supervisor(cfg, run, hosts, max_restarts=req.max_restarts, stall_timeout=req.stall_timeout,
-                     resume=bool(req.resume), stop_after=req.stop_after, view=view,
-                     oom=OomPolicy(),
-                     rank_wrapper=shlex.split(req.rank_wrapper) if req.rank_wrapper else None)
+    view = ProgressView(cfg.steps, start_step, live=opts.live)
+    sup = Supervisor(cfg, run, hosts, max_restarts=opts.max_restarts, stall_timeout=opts.stall_timeout,
+                     resume=bool(opts.resume), stop_after=opts.stop_after, view=view, oom=OomPolicy(),
+                     rank_wrapper=shlex.split(opts.rank_wrapper) if opts.rank_wrapper else None)
     return sup.supervise()

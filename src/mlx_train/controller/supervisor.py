@@ -70,8 +70,11 @@ def _die_with_parent() -> None:
 
 
 def _remote_kill(host: str, pid: int, sig: int) -> None:
+    # Fresh (no ControlMaster): over a dead link a multiplexed session hangs past ConnectTimeout.
+    from mlx_train.fleet import ssh
+
     try:
-        subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host, f"kill -{int(sig)} {pid}"],
+        subprocess.run(ssh.argv(host, f"kill -{int(sig)} {int(pid)}", fresh=True),
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
     except subprocess.TimeoutExpired:
         pass  # an unreachable host: its rank fails on its own once the ring is gone
@@ -278,8 +281,8 @@ class _State:
 
 
 class Supervisor:
-    def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int = 3,
-                 stall_timeout: Optional[float] = None, resume: bool = False, stop_after: Optional[int] = None,
+    def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int,
+                 stall_timeout: Optional[float], resume: bool = False, stop_after: Optional[int] = None,
                  view: Optional[ProgressView] = None, rank_wrapper: Optional[List[str]] = None,
                  oom: Optional[OomPolicy] = None, allowances: Allowances = Allowances()):
         self.cfg, self.run, self.hosts = cfg, run, hosts

@@ -10,13 +10,14 @@ import argparse
 import shutil
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import List
 
 from rich.console import Console
 from rich.table import Table
 
-from mlx_train.config import TrainConfig
+from mlx_train.config import RunOptions, TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.errors import UserError
 from mlx_train.planning.optimize import Trial, Tuner
@@ -59,15 +60,15 @@ def run_trial(hosts, scratch: Path, console: Console):
 
 
 def optimize(a: argparse.Namespace) -> int:
-    from mlx_train.controller.run import RunRequest, budget_for, check_inputs, hosts_for, resolve_config
+    from mlx_train.controller.run import budget_for, check_inputs, hosts_for, resolve_config
 
     if a.trial_steps < 3:
         raise UserError("--trial-steps must be at least 3 (the first step pays for start-up)")
     # Without --devices, a cluster keeps all of its hosts (and a local run one device).
-    overrides = {"dist": {"num_devices": a.devices}} if a.devices is not None else {}
-    req = RunRequest(overrides, a.config, distributed=a.distributed, cluster_file=a.cluster)
-    base = check_inputs(resolve_config(req))
-    hosts = hosts_for(req, base)
+    flags = {"dist": {"num_devices": a.devices}} if a.devices is not None else {}
+    opts = RunOptions(config=a.config, distributed=a.distributed, cluster=a.cluster)
+    hosts, base = hosts_for(opts, resolve_config(flags, opts), flags)
+    base = check_inputs(base)
     budget = parse_bytes(a.memory_budget) if a.memory_budget else (
         base.memory_budget or budget_for(hosts))
     console = Console(soft_wrap=True, width=None if Console().is_terminal else 140)
@@ -84,8 +85,7 @@ def optimize(a: argparse.Namespace) -> int:
     console.print(_table(tuner.trials))
     if best is None:
         raise UserError("no candidate ran within the memory budget: raise --memory-budget or use a smaller model")
-    out = best.apply(base)
-    out.memory_budget = base.memory_budget
+    out = replace(best.apply(base), memory_budget=base.memory_budget)
     out.to_yaml(output)
     if base.dist.num_devices == 1:
         from mlx_train.planning.perf import record_baseline

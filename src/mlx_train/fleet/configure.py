@@ -1,8 +1,10 @@
 """`mlx-train configure --distributed`: ask every inventory host how to reach it, write the cluster file.
 
-Per host, over ssh: its pinned interface and that interface's IPv4 address (the ring binds
-there), the venv's interpreter and the core count. Output: `cluster.yaml` (read by `train
---distributed`) and an `mlx.launch`-compatible hostfile.
+Per host, over ssh: the facts provisioning left in the node facts file (`node.yml`, written by
+the Ansible node role: pinned interface and address, backend), that interface's IPv4 address
+now (the ring binds there), the venv's interpreter, memory and core count. Output: `cluster.yaml`
+(read by `train --distributed`, which defaults to the provisioned backend) and an
+`mlx.launch`-compatible hostfile.
 """
 
 from __future__ import annotations
@@ -12,23 +14,27 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-from mlx_train.fleet import ssh as remote
+from mlx_train.config import BACKENDS
 from mlx_train.errors import UserError
+from mlx_train.fleet import ssh
+from mlx_train.fleet.hosts import LOCAL, Host, write_cluster
 
-DEFAULT_VENV = "/opt/mlx-train/venv"
+DEFAULT_ROOT = "/opt/mlx-train"  # Ansible's mlx_train_root: the venv and node.yml live under it
 FLEET_INVENTORY = Path(".fleet/inventory.yml")
 LOCAL_INVENTORY = Path("inventory/local.yml")
 
-# One round trip per host. The login shell has sourced the node's env hook, so MLX_TRAIN_IFACE is
-# the provisioned interface when the inventory does not name one.
+# One round trip per host: key=value facts, then the node facts file after a marker line. The
+# interface is the inventory's, else the one provisioning pinned (node.yml's `interface`).
+_NODE_MARK = "---- node.yml ----"
 _PROBE = r"""
-iface=${1:-${MLX_TRAIN_IFACE:-}}
+node=$3
+iface=$1
+[ -z "$iface" ] && [ -r "$node" ] && iface=$(sed -n 's/^interface: *//p' "$node" | tr -d '"' | head -n 1)
 py=$2
 echo "os=$(uname -s)"
 echo "cores=$( (nproc || sysctl -n hw.ncpu) 2>/dev/null)"
@@ -38,24 +44,17 @@ else echo "memory=$(sysctl -n hw.memsize 2>/dev/null)"; fi
 echo "iface=$iface"
 if [ -n "$iface" ]; then
   if command -v ip >/dev/null 2>&1; then
-    addr=$(ip -4 -o addr show dev "$iface" 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | head -n 1)
+    addr=$(ip -4 -o addr show dev "$iface" 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | tr '\n' ' ')
   else
     addr=$(ipconfig getifaddr "$iface" 2>/dev/null)
   fi
   echo "addr=$addr"
 fi
 [ -x "$py" ] && echo "python=$py"
-"""
-
-
-@dataclass
-class Probed:
-    name: str
-    addr: str
-    iface: str
-    python: str
-    cores: int
-    memory: Optional[int] = None  # bytes; the planner's device memory for this host
+echo "@NODE_MARK@"
+[ -r "$node" ] && cat "$node"
+exit 0
+""".replace("@NODE_MARK@", _NODE_MARK)
 
 
 def default_inventory() -> Path:
@@ -102,7 +101,7 @@ def ssh_destination(name: str, hostvars: dict) -> str:
     """What `ssh` is given: the inventory name when ssh's config knows it (the test fleet, a
     user's ~/.ssh/config), else `user@ansible_host`."""
     if hostvars.get("ansible_connection") == "local" or name in ("localhost", "127.0.0.1"):
-        return remote.LOCAL
+        return LOCAL
     try:
         g = subprocess.run(["ssh", "-G", name], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -114,44 +113,67 @@ def ssh_destination(name: str, hostvars: dict) -> str:
     return f"{user}@{hostvars['ansible_host']}" if user else str(hostvars["ansible_host"])
 
 
-def probe(name: str, hostvars: dict) -> Probed:
+def probe(name: str, hostvars: dict) -> Tuple[Host, int, dict]:
+    """The host as the cluster file records it, its core count, and its node facts (node.yml)."""
     dest = ssh_destination(name, hostvars)
-    venv = hostvars.get("mlx_train_venv", DEFAULT_VENV)
-    python = f"{venv}/bin/python"
+    root = hostvars.get("mlx_train_root", DEFAULT_ROOT)
+    python = f"{hostvars.get('mlx_train_venv', f'{root}/venv')}/bin/python"
     iface = str(hostvars.get("mlx_interface") or "")
-    command = f"sh -c {shlex.quote(_PROBE)} probe {shlex.quote(iface)} {shlex.quote(python)}"
-    res = remote.run(dest, command, timeout=remote.CONNECT_TIMEOUT_S + 15, fresh=True)
+    args = " ".join(shlex.quote(a) for a in (iface, python, f"{root}/node.yml"))
+    res = ssh.run(dest, f"sh -c {shlex.quote(_PROBE)} probe {args}", timeout=ssh.CONNECT_TIMEOUT_S + 15, fresh=True)
     if not res.ok:
         raise UserError(f"host {name} ({dest}) is not reachable over ssh ({res.why()}): check it is on and that "
                         f"`ssh {dest} true` works without a password (ssh-copy-id), then run configure again")
-    facts = dict(line.split("=", 1) for line in res.out.splitlines() if "=" in line)
+    out, _, node_yml = res.out.partition(_NODE_MARK)
+    facts = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    try:
+        node = yaml.safe_load(node_yml) or {}
+    except yaml.YAMLError:
+        node = {}
+    node = node if isinstance(node, dict) else {}
     iface = facts.get("iface", "")
     if not iface:
         raise UserError(f"host {name} has no pinned interface: set mlx_interface for it in the inventory and "
                         "run `make provision`")
-    if not facts.get("addr"):
+    addrs = facts.get("addr", "").split()
+    if not addrs:
         raise UserError(f"host {name} has no IPv4 address on interface {iface}: fix mlx_interface in the inventory "
                         "or bring the interface up, then run configure again")
     if "python" not in facts:
-        if dest != remote.LOCAL:
+        if dest != LOCAL:
             raise UserError(f"host {name} has no interpreter at {python}: run `make provision` (or set "
                             "mlx_train_venv for it in the inventory)")
         facts["python"] = sys.executable  # this machine, not provisioned: the controller's own venv
+    # The address provisioning pinned (an inventory may choose among several), if still on the interface.
+    addr = str(node["address"]) if str(node.get("address")) in addrs else addrs[0]
     cores, kb, memory = (facts.get(k, "").strip() for k in ("cores", "memory_kb", "memory"))
-    return Probed(dest, facts["addr"], iface, facts["python"], int(cores) if cores.isdigit() else 1,
-                  int(kb) * 1024 if kb.isdigit() else int(memory) if memory.isdigit() else None)
+    host = Host(dest, addr, iface=iface, python=facts["python"],
+                memory=int(kb) * 1024 if kb.isdigit() else int(memory) if memory.isdigit() else None)
+    return host, int(cores) if cores.isdigit() else 1, node
 
 
-def write_files(hosts: List[Probed], output: Path, hostfile: Optional[Path]) -> None:
-    data = {"hosts": [{"name": h.name, "addr": h.addr, "iface": h.iface, "python": h.python, "cores": h.cores,
-                       "memory": h.memory, "slots": 1} for h in hosts]}
-    output.write_text("# Written by `mlx-train configure --distributed`; one rank per slot.\n"
-                      + yaml.safe_dump(data, sort_keys=False))
+def fleet_backend(nodes: Dict[str, dict]) -> Optional[str]:
+    """The backend the hosts were provisioned for (Ansible's mlx_backend), None if none recorded one."""
+    seen = {name: node.get("backend") for name, node in nodes.items() if node.get("backend")}
+    if not seen:
+        return None
+    if len(set(seen.values())) > 1:
+        raise UserError("the hosts were provisioned for different backends ("
+                        + ", ".join(f"{n}: {b}" for n, b in seen.items())
+                        + "): set one mlx_backend for the fleet and run `make provision`")
+    backend = next(iter(seen.values()))
+    if backend not in BACKENDS:
+        raise UserError(f"the hosts were provisioned for backend {backend!r}, which mlx-train does not run "
+                        f"({', '.join(BACKENDS)}): fix mlx_backend in the inventory and run `make provision`")
+    return backend
+
+
+def write_files(hosts: List[Host], backend: Optional[str], output: Path, hostfile: Optional[Path]) -> None:
+    write_cluster(output, hosts, backend)
     if hostfile:
         # mlx.launch treats only the literal 127.0.0.1 as local.
-        launch = {"backend": "ring", "envs": [],
-                  "hosts": [{"ssh": "127.0.0.1" if h.name == remote.LOCAL else h.name, "ips": [h.addr]}
-                            for h in hosts]}
+        launch = {"backend": backend if backend in ("ring", "mpi") else "ring", "envs": [],
+                  "hosts": [{"ssh": "127.0.0.1" if h.local else h.name, "ips": [h.addr]} for h in hosts]}
         hostfile.write_text(json.dumps(launch, indent=2) + "\n")
 
 
@@ -165,9 +187,12 @@ def configure(distributed: bool, inventory: Optional[str] = None, output: str = 
     if not hostvars:
         raise UserError(f"inventory {path} lists no hosts: add them (see inventory/example-mac-fleet.yml)")
     names = list(hostvars)
-    probed = remote.parallel(lambda n: probe(n, hostvars[n]), names)
-    write_files(probed, Path(output), Path(hostfile) if hostfile else None)
-    for h in probed:
-        print(f"{h.name}: {h.addr} on {h.iface}, {h.cores} cores, {h.python}")
-    print(f"wrote {output}" + (f" and {hostfile}" if hostfile else "") + f" ({len(probed)} hosts from {path})")
+    probed = ssh.parallel(lambda n: probe(n, hostvars[n]), names)
+    backend = fleet_backend({n: node for n, (_, _, node) in zip(names, probed)})
+    hosts = [h for h, _, _ in probed]
+    write_files(hosts, backend, Path(output), Path(hostfile) if hostfile else None)
+    for h, cores, _ in probed:
+        print(f"{h.name}: {h.addr} on {h.iface}, {cores} cores, {h.python}")
+    print(f"wrote {output}" + (f" and {hostfile}" if hostfile else "")
+          + f" ({len(hosts)} hosts from {path}" + (f", provisioned for the {backend} backend)" if backend else ")"))
     return 0

@@ -1,14 +1,17 @@
-"""The cluster file (`cluster.yaml`): which hosts take part and how to reach them.
+"""The cluster file (`cluster.yaml`): which hosts take part, how to reach them, which backend.
 
-Written by `mlx-train configure --distributed` from an Ansible inventory; read by `train
---distributed`. Each host: `name` (ssh destination), `addr` (pinned interface address for the
-ring backend), `iface`, `python` (absolute interpreter), `cores`, `slots` (ranks).
+The one host type and the one parser of the file. Written by `mlx-train configure --distributed`
+from an Ansible inventory (and the nodes' provisioned facts); read by `train --distributed`,
+`optimize`, `status`, `check-network` and `reset-distributed`. Each host: `name` (ssh
+destination), `addr` (pinned interface address for the ring backend), `iface`, `python`
+(absolute interpreter), `memory` (bytes), `slots` (ranks). At the top, `backend`: the one the
+nodes were provisioned for (Ansible's `mlx_backend`), which `train --distributed` defaults to.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,14 +20,15 @@ import yaml
 from mlx_train.errors import UserError
 
 LOCAL = "localhost"
+DEFAULT_PATHS = (Path("cluster.yaml"), Path.home() / ".mlx-train" / "cluster.yaml")
 
 
 @dataclass
 class Host:
     name: str                    # ssh destination, or "localhost"
     addr: str = "127.0.0.1"      # address the ring backend binds and connects on
+    iface: str = ""              # the pinned interface `addr` is on ("" for local ranks)
     python: str = sys.executable  # absolute interpreter on that host
-    cores: Optional[int] = None
     slots: int = 1               # ranks this host takes
     memory: Optional[int] = None  # bytes of device memory, from the cluster file (remote hosts)
 
@@ -33,8 +37,16 @@ class Host:
         return self.name == LOCAL
 
 
+@dataclass
+class Cluster:
+    path: Path
+    hosts: List[Host] = field(default_factory=list)
+    backend: Optional[str] = None  # what the nodes were provisioned for; None in files from before
 
-DEFAULT_PATHS = (Path("cluster.yaml"), Path.home() / ".mlx-train" / "cluster.yaml")
+
+def configured() -> Optional[Path]:
+    """The cluster file a command uses when given none (./cluster.yaml, then ~/.mlx-train/), or None."""
+    return next((p for p in DEFAULT_PATHS if p.is_file()), None)
 
 
 def find_cluster_file(path: Optional[str] = None) -> Path:
@@ -44,26 +56,40 @@ def find_cluster_file(path: Optional[str] = None) -> Path:
             raise UserError(f"cluster file {p} does not exist: create it with "
                             "`mlx-train configure --distributed --inventory <inventory.yml>`")
         return p
-    for p in DEFAULT_PATHS:
-        if p.is_file():
-            return p
-    raise UserError("no cluster file (cluster.yaml here or in ~/.mlx-train/): run `mlx-train configure "
-                    "--distributed --inventory <inventory.yml>` first, or train locally with --devices N")
+    p = configured()
+    if p is None:
+        raise UserError("no cluster file (cluster.yaml here or in ~/.mlx-train/): run `mlx-train configure "
+                        "--distributed --inventory <inventory.yml>` first, or train locally with --devices N")
+    return p
 
 
-def load_hosts(path: Optional[str] = None) -> List[Host]:
+def load_cluster(path: Optional[str] = None) -> Cluster:
     p = find_cluster_file(path)
     try:
         data = yaml.safe_load(p.read_text())
-        hosts = [Host(name=str(h["name"]), addr=str(h["addr"]), python=str(h["python"]),
-                      cores=h.get("cores"), slots=int(h.get("slots", 1)), memory=h.get("memory"))
+        hosts = [Host(name=str(h["name"]), addr=str(h["addr"]), iface=str(h.get("iface") or ""),
+                      python=str(h["python"]), slots=int(h.get("slots", 1)),
+                      memory=int(h["memory"]) if h.get("memory") is not None else None)
                  for h in data["hosts"]]
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        backend = data.get("backend")
+    except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{p} is not a valid cluster file ({exc.__class__.__name__}: {exc}): "
                         "regenerate it with `mlx-train configure --distributed`") from None
     if not hosts:
         raise UserError(f"{p} lists no hosts: regenerate it with `mlx-train configure --distributed`")
-    return hosts
+    return Cluster(p, hosts, str(backend) if backend else None)
+
+
+def load_hosts(path: Optional[str] = None) -> List[Host]:
+    return load_cluster(path).hosts
+
+
+def write_cluster(path: Path, hosts: List[Host], backend: Optional[str]) -> None:
+    data = {**({"backend": backend} if backend else {}),
+            "hosts": [{"name": h.name, "addr": h.addr, "iface": h.iface, "python": h.python, "memory": h.memory,
+                       "slots": h.slots} for h in hosts]}
+    path.write_text("# Written by `mlx-train configure --distributed`; one rank per slot.\n"
+                    + yaml.safe_dump(data, sort_keys=False))
 
 
 def with_devices(hosts: List[Host], devices: Optional[int]) -> List[Host]:
@@ -73,5 +99,4 @@ def with_devices(hosts: List[Host], devices: Optional[int]) -> List[Host]:
     if devices < len(hosts):
         hosts = hosts[:devices]
     base, extra = divmod(devices, len(hosts))
-    return [Host(h.name, h.addr, h.python, h.cores, base + (1 if i < extra else 0), h.memory)
-            for i, h in enumerate(hosts)]
+    return [replace(h, slots=base + (1 if i < extra else 0)) for i, h in enumerate(hosts)]

@@ -20,11 +20,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import yaml
-
-from mlx_train.fleet import ssh as remote
-from mlx_train.fleet.hosts import find_cluster_file
-from mlx_train.errors import UserError
+from mlx_train.fleet import mpi, ssh
+from mlx_train.fleet.hosts import Host, load_hosts
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 RING_TIMEOUT_S = 15
@@ -38,14 +35,6 @@ class Finding:
     verdict: str
     detail: str
     fix: str = ""
-
-
-@dataclass
-class Node:
-    name: str
-    addr: str
-    iface: str
-    python: str
 
 
 _HOST_PROBE = r"""
@@ -63,15 +52,17 @@ else
 fi
 """
 
-# On host A: ssh to every peer over the node key mesh, fresh connections, timed.
+# On host A: ssh to every peer over the node key mesh, fresh connections, timed. The ssh options
+# come from the controller (argv[2]): one builder of ssh command lines.
+MESH_CONNECT_S = 3
 _MESH_PROBE = """
 import json, subprocess, sys, time
 out = {}
 for peer in json.loads(sys.argv[1]):
     t = time.monotonic()
     try:
-        p = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "-o", "ControlPath=none",
-                            peer, "true"], capture_output=True, text=True, timeout=6, stdin=subprocess.DEVNULL)
+        p = subprocess.run(["ssh", "-T", *json.loads(sys.argv[2]), peer, "true"], capture_output=True, text=True,
+                           timeout=6, stdin=subprocess.DEVNULL)
         err = p.stderr.strip().splitlines()
         out[peer] = [p.returncode, time.monotonic() - t, err[-1] if err else ""]
     except subprocess.TimeoutExpired:
@@ -111,29 +102,21 @@ print(json.dumps({"rank": g.rank(), "size": g.size(), "init_s": init_s, "ms": 1e
 """
 
 
-def load_nodes(cluster_file: Optional[str]) -> List[Node]:
-    path = find_cluster_file(cluster_file)
-    try:
-        data = yaml.safe_load(path.read_text())
-        return [Node(str(h["name"]), str(h["addr"]), str(h.get("iface") or ""), str(h["python"]))
-                for h in data["hosts"]]
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a valid cluster file ({exc}): regenerate it with "
-                        "`mlx-train configure --distributed`") from None
-
-
 def _last_json(text: str) -> Optional[dict]:
+    """The last line of `text` that is a JSON object, or None."""
     for line in reversed(text.strip().splitlines()):
         try:
-            return json.loads(line)
+            value = json.loads(line)
         except ValueError:
             continue
+        if isinstance(value, dict):
+            return value
     return None
 
 
-def check_host(node: Node, backend: str) -> List[Finding]:
-    res = remote.run(node.name, f"sh -c {shlex.quote(_HOST_PROBE)} probe {shlex.quote(node.iface)}",
-                     timeout=remote.CONNECT_TIMEOUT_S + 10, fresh=True)
+def check_host(node: Host, backend: str) -> List[Finding]:
+    res = ssh.run(node.name, f"sh -c {shlex.quote(_HOST_PROBE)} probe {shlex.quote(node.iface)}",
+                  timeout=ssh.CONNECT_TIMEOUT_S + 10, fresh=True)
     if not res.ok:
         return [Finding("ssh", f"controller -> {node.name}", FAIL, res.why(),
                         f"is {node.name} on and cabled? try `ssh {node.name} true`; then rerun")]
@@ -153,7 +136,7 @@ def check_host(node: Node, backend: str) -> List[Finding]:
     return out
 
 
-def _mca_finding(node: Node, lines: List[str], backend: str) -> Finding:
+def _mca_finding(node: Host, lines: List[str], backend: str) -> Finding:
     if lines == ["none"] or not lines:
         return Finding("MCA values", node.name, FAIL if backend == "mpi" else WARN, "ompi_info not found",
                        "run `make provision` (installs Open MPI)")
@@ -170,9 +153,11 @@ def _mca_finding(node: Node, lines: List[str], backend: str) -> Finding:
     return Finding("MCA values", node.name, OK, detail)
 
 
-def check_mesh(node: Node, peers: List[Node]) -> List[Finding]:
-    res = remote.run_python(node.name, node.python, _MESH_PROBE, [json.dumps([p.name for p in peers])],
-                            timeout=6 * len(peers) + 10)
+def check_mesh(node: Host, peers: List[Host]) -> List[Finding]:
+    res = ssh.run_python(node.name, node.python, _MESH_PROBE,
+                         [json.dumps([p.name for p in peers]),
+                          json.dumps(ssh.options(fresh=True, connect_timeout=MESH_CONNECT_S))],
+                         timeout=6 * len(peers) + 10)
     data = _last_json(res.out) if res.ok else None
     if data is None:
         return [Finding("ssh mesh", f"{node.name} -> {p.name}", FAIL, f"probe on {node.name} failed: {res.why()}",
@@ -189,13 +174,13 @@ def check_mesh(node: Node, peers: List[Node]) -> List[Finding]:
     return out
 
 
-def check_ring_pair(a: Node, b: Node, size_mb: float) -> Finding:
+def check_ring_pair(a: Host, b: Host, size_mb: float) -> Finding:
     where = f"{a.name} <-> {b.name}"
     port = random.randrange(20000, 60000)
     peers = json.dumps([[f"{a.addr}:{port}"], [f"{b.addr}:{port + 1}"]])
     args = lambda rank: [str(RING_TIMEOUT_S), str(size_mb), "5", str(rank), peers]  # noqa: E731
-    results = remote.parallel(lambda x: remote.run_python(x[0].name, x[0].python, _ALL_SUM, args(x[1]),
-                                                          timeout=RING_TIMEOUT_S + 8), [(a, 0), (b, 1)])
+    results = ssh.parallel(lambda x: ssh.run_python(x[0].name, x[0].python, _ALL_SUM, args(x[1]),
+                                                    timeout=RING_TIMEOUT_S + 8), [(a, 0), (b, 1)])
     parsed = [_last_json(r.out) if r.ok else None for r in results]
     if not all(parsed):
         bad = [n.name for n, p in zip((a, b), parsed) if not p]
@@ -230,17 +215,15 @@ print(json.dumps({"rank": comm.rank, "ms": 1e3 * sorted(times)[len(times) // 2],
 """
 
 
-def _mpirun_on_first(nodes: List[Node], argv: List[str]) -> tuple:
+def _mpirun_on_first(nodes: List[Host], argv: List[str]) -> tuple:
     """Run `argv` as one rank per host, with mpirun started on the first host (the node key mesh
     and its MCA params then apply). Returns (result, per-rank JSON rows)."""
-    hosts = ",".join(f"{remote.host_part(n.name)}:1" for n in nodes)
-    cmd = (f"{remote.MPI_LIB_PROBE}OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 exec mpirun -np {len(nodes)} "
-           f"--host {hosts} -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM $lib {shlex.join(argv)}")
-    res = remote.run(nodes[0].name, cmd, timeout=MPI_TIMEOUT_S)
-    return res, [json.loads(line) for line in res.out.splitlines() if line.startswith("{")]
+    # Untagged output: each rank prints its one JSON line at exit, in one write (stdout buffered).
+    res = ssh.run(nodes[0].name, mpi.on_node([(n.name, 1) for n in nodes], argv), timeout=MPI_TIMEOUT_S)
+    return res, [row for row in map(_last_json, res.out.splitlines()) if row is not None]
 
 
-def check_mpi(nodes: List[Node], size_mb: float) -> List[Finding]:
+def check_mpi(nodes: List[Host], size_mb: float) -> List[Finding]:
     """The MPI path two ways: MLX's own MPI backend (what training uses) and mpi4py (plain MPI)."""
     python, where = nodes[0].python, f"all hosts (mpirun on {nodes[0].name})"
     findings = []
@@ -259,13 +242,13 @@ def check_mpi(nodes: List[Node], size_mb: float) -> List[Finding]:
     return findings
 
 
-def run_checks(nodes: List[Node], backend: str = "ring", size_mb: float = 8.0) -> List[Finding]:
+def run_checks(nodes: List[Host], backend: str = "ring", size_mb: float = 8.0) -> List[Finding]:
     findings: List[Finding] = []
-    per_host = remote.parallel(lambda n: check_host(n, backend), nodes)
+    per_host = ssh.parallel(lambda n: check_host(n, backend), nodes)
     reachable = [n for n, f in zip(nodes, per_host) if f[0].verdict == OK]
     for f in per_host:
         findings += f
-    for mesh in remote.parallel(lambda n: check_mesh(n, [p for p in nodes if p is not n]), reachable):
+    for mesh in ssh.parallel(lambda n: check_mesh(n, [p for p in nodes if p is not n]), reachable):
         findings += mesh
     for a, b in itertools.combinations(nodes, 2):
         if a in reachable and b in reachable:
@@ -297,7 +280,7 @@ def print_findings(findings: List[Finding]) -> None:
 
 
 def check_network(cluster_file: Optional[str] = None, backend: str = "ring", size_mb: float = 8.0) -> int:
-    nodes = load_nodes(cluster_file)
+    nodes = load_hosts(cluster_file)
     findings = run_checks(nodes, backend, size_mb)
     print_findings(findings)
     failed = [f for f in findings if f.verdict == FAIL]

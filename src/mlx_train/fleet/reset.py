@@ -16,7 +16,7 @@ import json
 import sys
 from typing import List, Optional
 
-from mlx_train.fleet import ssh as remote
+from mlx_train.fleet import ssh
 
 # Ring hostfiles a worker did not get to delete (it removes its own right after init); older
 # than this, no rank is still starting up with one.
@@ -25,7 +25,7 @@ STALE_AFTER_S = 60.0
 
 
 def local_reset() -> dict:
-    return reset_host(remote.LOCAL, sys.executable)
+    return reset_host(ssh.LOCAL, sys.executable)
 
 
 def local_list() -> List[dict]:
@@ -53,13 +53,8 @@ print(json.dumps({"killed": [{k: r[k] for k in ("run_id", "rank", "pid")} for r 
 
 
 def reset_host(name: str, python: str) -> dict:
-    res = remote.run_python(name, python, _REMOTE, [json.dumps(STALE_GLOBS), str(STALE_AFTER_S)], timeout=30)
-    if not res.ok:
-        return {"host": name, "error": res.why()}
-    report = res.last_json()
-    if report is None:
-        return {"host": name, "error": f"unexpected output: {res.out.strip()[-200:]}"}
-    return {"host": name, **report}
+    report, why = ssh.probe(name, python, _REMOTE, [json.dumps(STALE_GLOBS), str(STALE_AFTER_S)])
+    return {"host": name, **report} if report is not None else {"host": name, "error": why}
 
 
 def reset_distributed(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
@@ -69,11 +64,11 @@ def reset_distributed(cluster_file: Optional[str] = None, local_only: bool = Fal
     results = [{**local_reset(), "host": "this machine"}]
     note = ""
     if not local_only:
-        from mlx_train.fleet.hosts import DEFAULT_PATHS, load_hosts
+        from mlx_train.fleet.hosts import configured, load_hosts
 
-        if cluster_file or any(p.is_file() for p in DEFAULT_PATHS):
+        if cluster_file or configured():
             hosts = [h for h in load_hosts(cluster_file) if not h.local]
-            results += remote.parallel(lambda h: reset_host(h.name, h.python), hosts)
+            results += ssh.parallel(lambda h: reset_host(h.name, h.python), hosts)
         else:
             note = "no cluster file: only this machine was reset"
     t = Table(title="reset-distributed", title_justify="left")

@@ -1,7 +1,8 @@
-"""Running commands on fleet hosts over ssh, always bounded in time.
+"""Every ssh command line, and running commands on fleet hosts over ssh, always bounded in time.
 
-Shared by configure, check-network, status and reset-distributed. A host named "localhost"
-runs the command here instead (the one-machine inventory has no ssh).
+`argv` is the one builder of ssh command lines: used by launch (remote ranks, remote mpirun),
+the supervisor's remote kill, configure, check-network, status and reset-distributed. A host
+named "localhost" runs the command here instead (the one-machine inventory has no ssh).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, TypeVar
+from typing import Callable, Iterable, List, Optional, Tuple, TypeVar
 
-LOCAL = "localhost"
+from mlx_train.fleet.hosts import LOCAL
+
 CONNECT_TIMEOUT_S = 4
 T = TypeVar("T")
 
@@ -46,21 +48,33 @@ class Result:
         return lines[-1].strip() if lines else f"exit code {self.code}"
 
 
-def ssh_argv(dest: str, command: str, *, fresh: bool = False) -> List[str]:
-    """`fresh` bypasses an ssh ControlMaster: a multiplexed session over a dead link hangs
-    instead of failing within ConnectTimeout, which matters when checking reachability."""
-    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}"]
+def options(*, fresh: bool = False, connect_timeout: float = CONNECT_TIMEOUT_S) -> List[str]:
+    """The ssh options every fleet command takes: never prompt, give up connecting in seconds.
+
+    `fresh` keeps ssh away from ControlMaster multiplexing, both ways: it neither joins a master
+    nor becomes one. Over a dead link a multiplexed session hangs instead of failing within
+    ConnectTimeout. And a master holds the output of every session it carries: after the client
+    is killed it keeps the client's pipe open until the far host confirms the session closed (a
+    downed link: for good), so whoever waits for that pipe's EOF never learns the client ended.
+    Ranks, the remote kill, status, reset and the reachability probes use it.
+    """
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout:g}"]
     if fresh:
         opts += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
-    return ["ssh", "-T", *opts, dest, command]
+    return opts
+
+
+def argv(dest: str, command: str, *, fresh: bool = False) -> List[str]:
+    """`ssh` running `command` (one shell string) on `dest`, without a terminal."""
+    return ["ssh", "-T", *options(fresh=fresh), dest, command]
 
 
 def run(dest: str, command: str, *, timeout: float = 20, input: Optional[str] = None,
         fresh: bool = False) -> Result:
-    argv = ["sh", "-c", command] if dest == LOCAL else ssh_argv(dest, command, fresh=fresh)
+    cmd = ["sh", "-c", command] if dest == LOCAL else argv(dest, command, fresh=fresh)
     t0 = time.monotonic()
     try:
-        p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+        p = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
                            stdin=None if input is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -76,18 +90,24 @@ def run_python(dest: str, python: str, code: str, args: Iterable[str] = (), *, t
     return run(dest, f"exec {command}", timeout=timeout, input=code, fresh=fresh)
 
 
+def probe(dest: str, python: str, code: str, args: Iterable[str] = (), *, timeout: float = 30) -> Tuple[Optional[dict], str]:
+    """Run a probe that prints one JSON object last, over a fresh connection (a host behind a dead
+    link fails within ConnectTimeout): (that object, "") or (None, why not)."""
+    res = run_python(dest, python, code, args, timeout=timeout, fresh=True)
+    if not res.ok:
+        return None, res.why()
+    value = res.last_json()
+    if value is None:
+        return None, f"unexpected output from {python}: {(res.err.strip() or res.out.strip())[-200:]}"
+    return value, ""
+
+
 def parallel(fn: Callable[..., T], items: List, workers: int = 16) -> List[T]:
     """fn(item) for every item at once (each is mostly waiting on ssh), results in order."""
     if not items:
         return []
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
         return list(pool.map(fn, items))
-
-
-# For a shell command on a node that runs mpirun: sets $lib to the mpirun flag MLX needs when the
-# node has only libmpi.so.40 (Debian without libopenmpi-dev), else to nothing.
-MPI_LIB_PROBE = ("lib='-x MLX_MPI_LIBNAME=libmpi.so.40'; for f in /usr/lib/*/libmpi.so /usr/lib/libmpi.so "
-                 '/opt/homebrew/lib/libmpi.dylib /usr/local/lib/libmpi.dylib; do [ -e "$f" ] && lib=; done; ')
 
 
 def host_part(dest: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mlx_train.fleet import ssh as remote
+from mlx_train.fleet import ssh
 
 # Runs on each host with its own interpreter (sent on stdin): facts plus the live pid records.
 _FACTS = """
@@ -31,13 +31,8 @@ print(json.dumps(out))
 
 
 def host_facts(name: str, python: str) -> dict:
-    res = remote.run_python(name, python, _FACTS, timeout=30, fresh=True)
-    if not res.ok:
-        return {"reachable": False, "why": res.why()}
-    facts = res.last_json()
-    if facts is None:
-        return {"reachable": False, "why": f"unexpected output from {python}: {res.err.strip()[-160:]}"}
-    return {"reachable": True, **facts}
+    facts, why = ssh.probe(name, python, _FACTS)
+    return {"reachable": True, **facts} if facts is not None else {"reachable": False, "why": why}
 
 
 def _ranks(facts: dict) -> str:
@@ -52,15 +47,15 @@ def _ranks(facts: dict) -> str:
 def print_fleet_status(console, cluster_file: Optional[str]) -> int:
     from rich.table import Table
 
-    from mlx_train.fleet.hosts import DEFAULT_PATHS, find_cluster_file, load_hosts
+    from mlx_train.fleet.hosts import configured, load_cluster
     from mlx_train.units import human
 
-    if cluster_file is None and not any(p.is_file() for p in DEFAULT_PATHS):
+    if cluster_file is None and configured() is None:
         console.print("cluster: none configured (mlx-train configure --distributed)")
         return 0
-    path = find_cluster_file(cluster_file)
-    hosts = load_hosts(str(path))
-    facts = remote.parallel(lambda h: host_facts(h.name, h.python), hosts)
+    cluster = load_cluster(cluster_file)
+    path, hosts = cluster.path, cluster.hosts
+    facts = ssh.parallel(lambda h: host_facts(h.name, h.python), hosts)
     t = Table(title=f"cluster ({path})", title_justify="left")
     for col in ("host", "reachable", "OS", "mlx", "python", "memory", "device", "running ranks"):
         t.add_column(col)

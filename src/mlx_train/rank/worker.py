@@ -58,12 +58,12 @@ def main(argv=None) -> int:
     from mlx_train.rank import pidrecords
 
     from mlx_train import protocol
-    from mlx_train.config import TrainConfig, from_dict
+    from mlx_train.config import TrainConfig
     from mlx_train.errors import UserError
     from mlx_train.rank.device import device_memory, rank_budget
     from mlx_train.rank.trainer import Trainer
 
-    cfg = from_dict(TrainConfig, json.loads(args.config_json))
+    cfg = TrainConfig.trusted(json.loads(args.config_json))  # checked once, by the controller
     group = init_group(args, cfg.dist.backend)
     rank = group.rank()
     record = pidrecords.write(args.run_id, rank, args.run_dir)

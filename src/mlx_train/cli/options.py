@@ -1,0 +1,104 @@
+"""argparse options generated from the config dataclasses' field metadata (see config.knob).
+
+A field with a "flag" becomes an option: its type comes from the annotation, its choices, metavar
+and parser from the metadata, its help from the help text plus the default. Every option defaults
+to None, meaning "not given", so that only what the user typed overrides the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+from mlx_train.errors import UserError
+
+Field = Tuple[Tuple[str, ...], dataclasses.Field, Any]  # (path, field, base type)
+
+
+def flagged_fields(cls, prefix: Tuple[str, ...] = ()) -> Iterator[Field]:
+    """Every field with a flag, nested dataclasses included, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from flagged_fields(hint, prefix + (f.name,))
+        elif "flag" in f.metadata:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            yield prefix + (f.name,), f, (args[0] if args else hint)
+
+
+def _dest(path: Tuple[str, ...]) -> str:
+    return "cfg:" + ".".join(path)
+
+
+def _type(f: dataclasses.Field, base: Any):
+    parse = f.metadata.get("parse")
+    if parse is None:
+        return base
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except UserError as exc:  # argparse reports ArgumentTypeError as its own one-line error
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = base.__name__
+    return convert
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is None or f.metadata.get("store_false") or "(default" in text:
+        return text
+    if isinstance(default, bool):
+        return text if not default else f"{text} (default: on)"
+    return f"{text} (default: {default})"
+
+
+def add_options(parser: argparse.ArgumentParser, cls, title: Optional[str] = None,
+                only: Optional[set] = None) -> None:
+    """Add `cls`'s flagged fields to `parser` (one group per nested section), or only those in `only`."""
+    groups: Dict[str, Any] = {}
+    sections = {f.name: f.metadata.get("help") or f.name for f in dataclasses.fields(cls)}
+    for path, f, base in flagged_fields(cls):
+        flag = f.metadata["flag"]
+        if only is not None and flag not in only:
+            continue
+        section = sections[path[0]] if len(path) > 1 else (title or cls.__name__)
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section)
+        kw: Dict[str, Any] = {"dest": _dest(path), "default": None, "help": _help(f)}
+        if f.metadata.get("store_false"):
+            kw.update(action="store_const", const=False)
+        elif base is bool:
+            kw.update(action="store_const", const=True)
+        else:
+            choices = f.metadata.get("choices")
+            metavar = f.metadata.get("metavar") or (None if choices else flag.lstrip("-").upper().replace("-", "_"))
+            kw.update(type=_type(f, base), choices=choices, metavar=metavar)
+        groups[section].add_argument(flag, **kw)
+
+
+def given(a: argparse.Namespace, cls) -> dict:
+    """The values the user gave for `cls`'s flags, nested like `cls.to_dict()` ({} when none)."""
+    out: dict = {}
+    for path, _, _ in flagged_fields(cls):
+        value = getattr(a, _dest(path), None)
+        if value is None:
+            continue
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def build(a: argparse.Namespace, cls):
+    """An instance of a flat options class (RunOptions) from the flags, defaults for the rest."""
+    try:
+        return cls(**given(a, cls))
+    except ValueError as exc:
+        raise UserError(f"{exc}: fix the value and run again") from None

@@ -106,4 +106,3 @@ def test_a_second_holder_of_the_run_lock_is_refused(tmp_path):
                 pass
     with run.lock():  # released with its holder
         pass
-

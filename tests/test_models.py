@@ -244,3 +244,11 @@ def test_a_hub_id_that_cannot_be_fetched(tmp_path, chat_data):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     err = _refused(tmp_path, "--model", "someorg/no-such-model", "--data", str(chat_data), env=env)
     assert "cannot fetch model 'someorg/no-such-model' from the Hugging Face hub" in err
+
+
+def test_a_budget_that_cannot_hold_the_model(tmp_path, tiny_model, chat_data, cache_env):
+    """The planner judges a pretrained model from its config.json before launch."""
+    err = _refused(tmp_path, "--model", str(tiny_model), "--data", str(chat_data), "--seq-len", "64",
+                   "--memory-budget", "2MiB", env=cache_env)
+    assert "cannot hold this model" in err, err
+    assert "--fine-tune lora" in err

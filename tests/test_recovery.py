@@ -69,9 +69,16 @@ def test_rank_crashing_under_prlimit_is_recovered(tmp_path):
 
 
 def test_nothing_smaller_left_stops_with_a_clear_message(tmp_path):
+    # A budget below the planner's smallest step is refused before launch (test_cli_errors); the
+    # planner's own figure for that step passes, and the real step (a little larger) does not fit.
+    from mlx_train.config import ModelConfig
+    from mlx_train.planning.memory import ModelShape, step_memory
+
+    least = step_memory(ModelShape.from_config(ModelConfig(n_layers=2, d_model=64, n_heads=2, seq_len=64)), 1, 1,
+                        True, "bf16").peak
     run = tmp_path / "hopeless"
     proc = cli("train", *SMALL, "--batch-size", "1", "--precision", "bf16", "--grad-checkpoint", "--steps", "5",
-               "--memory-budget", "1MiB", "--run-dir", str(run), "--no-live")
+               "--memory-budget", str(least), "--run-dir", str(run), "--no-live")
     assert proc.returncode == 1
     assert "nothing smaller is left to try" in proc.stdout
     assert events(run)[-1]["event"] == "failed"

@@ -12,6 +12,9 @@ rebuilds the controller's already-checked config with `TrainConfig.trusted`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import shlex
+import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from mlx_train.units import parse_bytes
+from mlx_train.units import MAX_BYTES, parse_bytes
 
 BACKENDS = ("ring", "mpi", "any")
 FINE_TUNE_MODES = ("full", "lora", "dora")
@@ -54,8 +57,8 @@ class _Yaml:
         return _dump(self, path)
 
     @classmethod
-    def from_yaml(cls, source: str | Path):
-        return from_dict(cls, _load(source))
+    def from_yaml(cls, source: str | Path, complete: bool = False):
+        return from_dict(cls, _load(source), complete=complete)
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", flag: Optional[str] = None, *,
@@ -195,7 +198,7 @@ class TrainConfig(_Yaml):
     seed: int = knob(0, "random seed (weights, data order)", "--seed")
     # None: derive from the device (planning's per-rank share of its memory).
     memory_budget: Optional[int] = knob(None, "per-device memory budget, bytes or e.g. 8GiB (default: from the "
-                                              "device)", "--memory-budget", parse=parse_bytes)
+                                              "device)", "--memory-budget", parse=parse_bytes, max=MAX_BYTES)
 
     def __post_init__(self) -> None:
         check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -249,10 +252,19 @@ class RunOptions:
     def __post_init__(self) -> None:
         check(isinstance(self.max_restarts, int) and self.max_restarts >= 0,
               f"--max-restarts must be >= 0, got {self.max_restarts}")
-        check(self.stall_timeout is None or self.stall_timeout > 0,
-              f"--stall-timeout must be > 0 seconds, got {self.stall_timeout}")
+        check(self.stall_timeout is None or isinstance(self.stall_timeout, (int, float))
+              and math.isfinite(self.stall_timeout) and self.stall_timeout > 0,
+              f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
         check(self.stop_after is None or self.stop_after > 0,
               f"--stop-after must be a positive step, got {self.stop_after}")
+        if self.rank_wrapper is not None:
+            try:
+                argv = shlex.split(self.rank_wrapper)
+            except ValueError as exc:
+                raise ValueError(f"--rank-wrapper {self.rank_wrapper!r} is not a command line ({exc}): fix its "
+                                 "quoting") from None
+            check(not argv or shutil.which(argv[0]) is not None,
+                  f"--rank-wrapper: no program {argv[0]!r} on PATH" if argv else "")
 
 
 def _trusted(cls, data: dict):
@@ -269,43 +281,61 @@ def _trusted(cls, data: dict):
     return obj
 
 
-def from_dict(cls, data: Any, where: str = "config"):
-    """Build dataclass `cls` from plain data, naming the offending key on any mismatch."""
+# Integers in the config fit in 32 bits (MLX counts steps and seeds with them) unless a field says more.
+INT_MAX = 2**31 - 1
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def from_dict(cls, data: Any, where: str = "config", complete: bool = False):
+    """Build dataclass `cls` from plain data, naming the offending key on any mismatch.
+
+    `complete`: every field must be there (a run's own config.yaml, which is written whole).
+    """
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where} must be a mapping of settings, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in {where} (known: {', '.join(sorted(known))})")
-    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+        raise ValueError(f"unknown key {_show(unknown[0])} in {where}: use one of {', '.join(fields)}")
+    missing = [k for k in fields if k not in data]
+    if complete and missing:
+        raise ValueError(f"{where} lacks {missing[0]!r}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, f"{where}.{name}")
+            kwargs[name] = from_dict(hint, value, f"{where}.{name}", complete)
             continue
-        parse = meta[name].get("parse")
+        parse = fields[name].metadata.get("parse")
         if parse is not None and isinstance(value, str):  # e.g. memory_budget: 8GiB
             try:
                 value = parse(value)
             except Exception as exc:
                 raise ValueError(f"{where}.{name}: {exc}") from None
-        kwargs[name] = _coerce(hint, value, f"{where}.{name}")
+        kwargs[name] = _coerce(hint, value, f"{where}.{name}", fields[name].metadata.get("max", INT_MAX))
     return cls(**kwargs)
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if value is None:
-        return None
+def _coerce(hint: Any, value: Any, where: str, int_max: int = INT_MAX) -> Any:
     args = typing.get_args(hint)
     base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{where} must be {base.__name__}, got null")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base in (int, float, str, bool) and not isinstance(value, base):
-        raise ValueError(f"{where} must be {base.__name__}, got {value!r}")
-    if base is int and isinstance(value, bool):
-        raise ValueError(f"{where} must be int, got {value!r}")
+        value = float(value) if abs(value) < 2**1000 else math.inf
+    if base in (int, float, str, bool) and (not isinstance(value, base) or base is int and isinstance(value, bool)):
+        raise ValueError(f"{where} must be {base.__name__}, got {_show(value)}")
+    if base is float and not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {_show(value)}")
+    if base is int and abs(value) > int_max:
+        raise ValueError(f"{where} must be at most {int_max}, got {_show(value)}")
     return value
 
 
@@ -318,11 +348,20 @@ def _dump(obj: Any, path: str | Path | None) -> str:
 
 def _load(source: str | Path) -> Any:
     path = Path(source)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a config file: pass a .yaml file")
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"config file {path} does not exist: check the path")
     try:
-        return yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: pass a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ValueError(f"{path} is not valid YAML{at}: fix or delete it") from None
+    except (RecursionError, OSError) as exc:
+        raise ValueError(f"{path} cannot be read as YAML ({type(exc).__name__}): fix or delete it") from None
+    if data is None:
+        raise ValueError(f"{path} is empty: write settings in it (see `mlx-train train --help`) or leave it out")
+    return data

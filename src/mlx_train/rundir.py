@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -70,11 +72,23 @@ class RunDir:
                                 "or choose another --run-dir")
         elif resume:
             raise UserError(f"nothing to resume in {self.path}: no config.yaml there")
-        for d in (self.path, self.checkpoints, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".yaml.tmp")
-        cfg.to_yaml(tmp)
-        tmp.replace(self.config_path)
+        elif self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise UserError(f"{self.path} exists and is not a run directory (no config.yaml): choose a new or "
+                            "empty --run-dir")
+        made = []
+        try:
+            for d in (self.path, self.checkpoints, self.logs):
+                if not d.is_dir():
+                    d.mkdir(parents=True)
+                    made.append(d)
+            tmp = self.config_path.with_suffix(".yaml.tmp")
+            cfg.to_yaml(tmp)
+            tmp.replace(self.config_path)
+        except OSError as exc:
+            for d in reversed(made):  # leave nothing behind that we made
+                shutil.rmtree(d, ignore_errors=True)
+            raise UserError(f"cannot create the run directory {self.path} ({exc.strerror or exc}): choose another "
+                            "--run-dir") from None
 
     def append(self, path: Path, record: dict) -> None:
         with path.open("a") as fh:
@@ -86,10 +100,10 @@ class RunDir:
         return record
 
     def metrics(self) -> List[dict]:
-        return list(read_jsonl(self.metrics_path))
+        return [r for r in read_jsonl(self.metrics_path) if _is_metric(r)]
 
     def events(self) -> List[dict]:
-        return list(read_jsonl(self.events_path))
+        return [r for r in read_jsonl(self.events_path) if _is_event(r)]
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -115,11 +129,29 @@ class RunDir:
             fh.close()
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_metric(r) -> bool:
+    """A record as the trainer writes it (what monitor and status read); anything else is skipped."""
+    return (isinstance(r, dict) and isinstance(r.get("step"), int) and all(_number(r.get(k)) for k in (
+        "loss", "tokens_per_s", "comm_time_s")) and isinstance(r.get("devices"), int) and r["devices"] > 0
+        and isinstance(r.get("global_batch"), int)
+        and all(isinstance(r.get(k), list) and len(r[k]) == r["devices"] and all(isinstance(x, int) for x in r[k])
+                for k in ("peak_memory", "param_checksum"))
+        and all(_number(r[k]) for k in ("val_loss", "time", "compute_time_s", "grad_bytes") if k in r))
+
+
+def _is_event(r) -> bool:
+    return isinstance(r, dict) and isinstance(r.get("event"), str) and _number(r.get("time"))
+
+
 def read_jsonl(path: Path) -> Iterator[dict]:
-    """Records of a JSONL file; a torn last line (a writer mid-append) is skipped."""
+    """Records of a JSONL file; a torn last line (a writer mid-append) and undecodable lines are skipped."""
     if not path.is_file():
         return
-    with path.open() as fh:
+    with path.open(errors="replace") as fh:
         for line in fh:
             try:
                 yield json.loads(line)

@@ -6,6 +6,8 @@ import re
 
 from mlx_train.errors import UserError
 
+# Far beyond any device, and still an exact integer everywhere sizes go (numpy, MLX, JSON).
+MAX_BYTES = 2**60
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -19,8 +21,10 @@ def parse_bytes(text: str) -> int:
         value = float(m.group(1)) * _UNITS[unit]
     except ValueError:
         raise UserError(f"cannot read {text!r} as a size: write bytes or e.g. 512MiB, 8GiB, 16GB") from None
-    if value <= 0:
-        raise UserError(f"size {text!r} must be positive")
+    if not value >= 1:  # NaN included
+        raise UserError(f"size {text!r} must be at least 1 byte: write e.g. 512MiB, 8GiB, 16GB")
+    if value > MAX_BYTES:
+        raise UserError(f"size {text!r} is larger than any device ({MAX_BYTES} bytes at most): write e.g. 8GiB")
     return int(value)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlx_train.cli import options
+
 
 def cmd_configure(a: argparse.Namespace) -> int:
     from mlx_train.fleet.configure import configure
@@ -40,7 +42,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("check-network", help="ssh, interfaces, MCA values, ring ports and bandwidth between hosts")
     p.add_argument("--cluster")
     p.add_argument("--backend", choices=["ring", "mpi"], default="ring")
-    p.add_argument("--size-mb", type=float, default=8.0, help="all_sum buffer size for the bandwidth probe")
+    p.add_argument("--size-mb", type=options.positive_number, default=8.0,
+                   help="all_sum buffer size for the bandwidth probe (default: 8)")
     p.set_defaults(func=cmd_check_network)
 
     p = sub.add_parser("reset-distributed", help="stop this project's stray ranks and remove stale files")
@@ -51,9 +54,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("optimize", help="measure candidate settings and write the best as a config file")
     p.add_argument("--devices", type=int, help="ranks to tune for (default 1; with --distributed: the cluster's)")
     p.add_argument("--config", help="base config (YAML)")
-    p.add_argument("--output", default="optimized.yaml")
-    p.add_argument("--trial-steps", type=int, default=6)
-    p.add_argument("--memory-budget", help="per-device budget, bytes or e.g. 8GiB (default: from the device)")
+    p.add_argument("--output", default="optimized.yaml", type=options.output_file(),
+                   help="config file to write (default: optimized.yaml)")
+    p.add_argument("--trial-steps", type=int, default=6, help="steps per trial, at least 3 (default: 6)")
+    p.add_argument("--memory-budget", type=options.size,
+                   help="per-device budget, bytes or e.g. 8GiB (default: from the device)")
     p.add_argument("--distributed", action="store_true", help="tune across the cluster file's hosts")
     p.add_argument("--cluster")
     p.set_defaults(func=cmd_optimize)

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("monitor", help="live view of a run (default: the newest under runs/)")
     p.add_argument("run_dir", nargs="?")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    p.add_argument("--plot", metavar="FILE.png", help="write loss and throughput curves")
+    p.add_argument("--plot", metavar="FILE.png", type=options.output_file(".png", ".pdf", ".svg"),
+                   help="write loss and throughput curves")
     p.add_argument("--performance", action="store_true", help="compute/communication breakdown per step")
     p.set_defaults(func=cmd_monitor)
 
@@ -73,16 +74,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
-    func = a.func if hasattr(a, "func") else cmd_train
+    given = sys.argv[1:] if argv is None else argv
+    a = argparse.Namespace(command=given[0] if given else "")
     try:
-        return func(a)
+        a = parser.parse_args(argv)  # inside: an argparse type can meet a bug too
+        return a.func(a)
     except UserError as exc:
-        print(f"mlx-train {a.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message quotes
+        print(f"mlx-train {a.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug, not bad input (that is a UserError, raised where the input enters)
+        log = _crash_log(argv)
+        print(f"mlx-train {a.command}: internal error, please report it with {log} (it holds the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _crash_log(argv: Optional[List[str]]) -> str:
+    """Write the current exception's traceback to a file under the state directory; return its path."""
+    import os
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    text = f"mlx-train {' '.join(sys.argv[1:] if argv is None else argv)}\n\n{traceback.format_exc()}"
+    state = Path(os.environ.get("MLX_TRAIN_STATE", str(Path.home() / ".mlx-train"))) / "crashes"
+    for folder in (state, Path(tempfile.gettempdir())):  # the state directory may itself be the problem
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            path.write_text(text)
+            return str(path)
+        except OSError:
+            continue
+    return "(no writable place for the log)"
 
 
 if __name__ == "__main__":

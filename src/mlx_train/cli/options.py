@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
+from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from mlx_train.errors import UserError
@@ -102,3 +104,50 @@ def build(a: argparse.Namespace, cls):
         return cls(**given(a, cls))
     except ValueError as exc:
         raise UserError(f"{exc}: fix the value and run again") from None
+
+
+# argparse types for the options that are not config fields (their errors are argparse's one line).
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def size(text: str) -> int:
+    from mlx_train.units import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def output_file(*suffixes: str):
+    """A file the command will write: its folder must exist and take a new file there (tried, and
+    undone), and it must not be a folder; with `suffixes`, its name must end in one of them."""
+
+    def check(text: str) -> str:
+        path = Path(text)
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"{text!r} must end in {' or '.join(suffixes)}")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder: name a file in it")
+        existed = path.exists()
+        try:
+            with path.open("ab"):
+                pass
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot write {text!r} ({exc.strerror or exc}): choose another "
+                                             "place") from None
+        finally:
+            if not existed and path.is_file():
+                path.unlink()
+        return text
+
+    check.__name__ = "file"
+    return check

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from mlx_train.config import RunOptions, TrainConfig, from_dict
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
+from mlx_train.units import MAX_BYTES, human
 from mlx_train.controller.launch import local_hosts
 from mlx_train.fleet.hosts import Host
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
@@ -35,9 +37,13 @@ def resolve_config(flags: dict, opts: RunOptions) -> TrainConfig:
     base: dict = {}
     source = "flags"
     if opts.resume:
-        if not RunDir(opts.resume).exists():
+        run = RunDir(opts.resume)
+        if not run.exists():
             raise UserError(f"nothing to resume in {opts.resume}: no config.yaml there (pass the run directory)")
-        base, source = RunDir(opts.resume).load_config().to_dict(), f"{opts.resume}/config.yaml"
+        try:
+            base, source = TrainConfig.from_yaml(run.config_path, complete=True).to_dict(), str(run.config_path)
+        except ValueError as exc:
+            raise UserError(f"{run.config_path} is damaged ({exc}): restore it, or start a new run") from None
     elif opts.config:
         try:
             base, source = TrainConfig.from_yaml(opts.config).to_dict(), opts.config
@@ -80,12 +86,28 @@ def hosts_for(opts: RunOptions, cfg: TrainConfig, flags: dict) -> Tuple[List[Hos
         return local_hosts(cfg.dist.num_devices), cfg
     dist = flags.get("dist", {})
     found = cluster.load_cluster(opts.cluster)
+    _check_hosts(found.hosts, str(found.path))
     hosts = cluster.with_devices(found.hosts, dist.get("num_devices"))
     cfg = replace(cfg, dist=replace(cfg.dist, num_devices=sum(h.slots for h in hosts)))
     # The backend the nodes were provisioned for, unless --backend, --config or --resume chose one.
     if found.backend and not (opts.resume or opts.config or "backend" in dist):
         cfg = replace(cfg, dist=replace(cfg.dist, backend=found.backend))
     return hosts, cfg
+
+
+def _check_hosts(hosts: List[Host], where: str) -> None:
+    """What a run needs of the cluster file's hosts, judged before launch."""
+    fix = "fix it, or regenerate it with `mlx-train configure --distributed`"
+    for h in hosts:
+        if not isinstance(h.slots, int) or isinstance(h.slots, bool) or not 1 <= h.slots <= 1024:
+            raise UserError(f"{where}: host {h.name} has {h.slots!r} slots (ranks), not a number from 1 to 1024: {fix}")
+        if h.memory is not None and (not isinstance(h.memory, int) or not 0 < h.memory <= MAX_BYTES):
+            raise UserError(f"{where}: host {h.name} has memory {h.memory!r}, not a positive number of bytes: {fix}")
+    seen = {}
+    for h in hosts:
+        if h.addr in seen and seen[h.addr] != h.name:
+            raise UserError(f"{where}: hosts {seen[h.addr]} and {h.name} share the address {h.addr}: {fix}")
+        seen[h.addr] = h.name
 
 
 def budget_for(hosts: List[Host]) -> int:
@@ -116,14 +138,57 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     return new
 
 
-def start(flags: dict, opts: RunOptions) -> int:
+def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
+    """Refuse, before launch, a budget that cannot hold the built-in model even at its smallest step
+    (batch 1 per device, checkpointing, bf16), naming the smallest budget that would."""
+    from mlx_train.rank.hf import is_pretrained
+
+    pretrained = is_pretrained(cfg.model.name)  # its shape comes from its config.json (planning/memory.py)
+    if cfg.model.name != "gpt" and not pretrained:
+        return  # a model of your own: the planner does not know its shape
+    from mlx_train.planning.memory import step_memory
+    from mlx_train.planning.planner import model_shape
+
+    budget = cfg.memory_budget or budget_for(hosts)
+    accumulation = 2 if cfg.dist.global_batch_size > cfg.dist.num_devices else 1  # only > 1 matters
+    least = step_memory(model_shape(cfg.model, cfg.fine_tune), 1, accumulation, True, "bf16",
+                        num_devices=cfg.dist.num_devices).peak
+    if least <= budget:
+        return
+    need = size_at_least(least)
+    smaller = "--fine-tune lora, a quantized model or a shorter --seq-len" if pretrained else \
+        "a smaller model (--layers, --width, --seq-len)"
+    if cfg.memory_budget:
+        raise UserError(f"--memory-budget {human(budget)} cannot hold this model even at batch 1 with checkpointing "
+                        f"in bf16: raise it to at least {need}, or use {smaller}")
+    raise UserError(f"this model needs at least {need} per device even at batch 1 with checkpointing in bf16, more "
+                    f"than the {human(budget)} a rank has here: use {smaller}")
+
+
+def size_at_least(n: float) -> str:
+    """`n` bytes rounded up to a tenth of a readable unit, written as --memory-budget takes it."""
+    for unit, scale in (("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30), ("TiB", 2**40), ("PiB", 2**50)):
+        if n < 1024 * scale or unit == "PiB":
+            return f"{math.ceil(n / scale * 10) / 10:g}{unit}"
+    return f"{n}"
+
+
+def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host], RunDir]:
+    """Everything before launch: the one resolved config, its hosts, the checks of model, data and
+    memory, and the run directory. Bad input stops here, with nothing launched."""
     cfg = resolve_config(flags, opts)
     hosts, cfg = hosts_for(opts, cfg, flags)
+    cfg = check_inputs(cfg)  # the data sets the vocabulary, so it comes before any memory judgement
+    check_fits(cfg, hosts)
     if opts.optimize_memory:
         cfg = plan_for_budget(cfg, hosts)
-    cfg = check_inputs(cfg)
     run = RunDir(opts.resume or opts.run_dir or RUNS_ROOT / new_run_id())
     run.prepare(cfg, resume=bool(opts.resume))
+    return cfg, hosts, run
+
+
+def start(flags: dict, opts: RunOptions) -> int:
+    cfg, hosts, run = prepare_run(flags, opts)
     d = cfg.dist
     where = ", ".join(f"{h.name} x{h.slots}" for h in hosts)
     print(f"run {run.path}: {d.num_devices} ranks ({where}), backend {d.backend}; global batch {d.global_batch_size} "

@@ -22,7 +22,7 @@ from mlx_train.controller.console import ProgressView
 from mlx_train.errors import UserError
 from mlx_train.planning.optimize import Trial, Tuner
 from mlx_train.rundir import RunDir
-from mlx_train.units import human, parse_bytes
+from mlx_train.units import human
 
 
 class _Quiet(ProgressView):
@@ -60,7 +60,7 @@ def run_trial(hosts, scratch: Path, console: Console):
 
 
 def optimize(a: argparse.Namespace) -> int:
-    from mlx_train.controller.run import budget_for, check_inputs, hosts_for, resolve_config
+    from mlx_train.controller.run import budget_for, check_fits, check_inputs, hosts_for, resolve_config
 
     if a.trial_steps < 3:
         raise UserError("--trial-steps must be at least 3 (the first step pays for start-up)")
@@ -69,8 +69,8 @@ def optimize(a: argparse.Namespace) -> int:
     opts = RunOptions(config=a.config, distributed=a.distributed, cluster=a.cluster)
     hosts, base = hosts_for(opts, resolve_config(flags, opts), flags)
     base = check_inputs(base)
-    budget = parse_bytes(a.memory_budget) if a.memory_budget else (
-        base.memory_budget or budget_for(hosts))
+    budget = a.memory_budget or base.memory_budget or budget_for(hosts)
+    check_fits(replace(base, memory_budget=budget), hosts)  # nothing to try if not even batch 1 fits
     console = Console(soft_wrap=True, width=None if Console().is_terminal else 140)
     console.print(f"optimize: {base.dist.num_devices} devices, global batch {base.dist.global_batch_size}, "
                   f"budget {human(budget)} per device, {a.trial_steps} steps per trial")

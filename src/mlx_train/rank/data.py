@@ -52,7 +52,9 @@ def load_corpus(cfg: DataConfig, model: Optional[ModelConfig] = None):
                         "'text' field, or a .npy of token ids")
     if path.is_dir() and (path / "train.jsonl").is_file():
         return _jsonl_dir_bytes(path, cfg.val_fraction)
-    if path.suffix == ".npy":
+    if path.is_dir() or not path.is_file():  # a folder (whatever its name), or a pipe/device: read as a folder
+        tokens, vocab = _load_text(path), 256
+    elif path.suffix == ".npy":
         tokens = _load_npy(path)
         vocab = max(256, int(tokens.max()) + 1)
     elif path.suffix == ".jsonl":
@@ -79,10 +81,13 @@ def _stdlib_corpus(val_fraction: float) -> Corpus:
 def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path} is not a readable .npy file ({exc})") from None
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.size == 0 or arr.min() < 0:
-        raise UserError(f"{path} must hold a non-empty 1-D array of non-negative integer token ids")
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{path} is not a readable .npy file ({type(exc).__name__}): write it with numpy.save") \
+            from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.size == 0 or arr.min() < 0 \
+            or arr.max() >= 2**31:
+        raise UserError(f"{path} must hold a non-empty 1-D array of integer token ids in [0, 2**31): save such an "
+                        "array with numpy.save")
     return arr
 
 
@@ -95,9 +100,10 @@ def _load_jsonl(path: Path) -> np.ndarray:
             try:
                 docs.append(json.loads(line)["text"].encode())
             except (ValueError, KeyError, TypeError, AttributeError):
-                raise UserError(f"{path}:{n} is not a JSON object with a string 'text' field") from None
+                raise UserError(f"{path}:{n} is not a JSON object with a string 'text' field: fix or remove that "
+                                "line") from None
     if not docs:
-        raise UserError(f"{path} holds no documents")
+        raise UserError(f"{path} holds no documents: add lines like {{\"text\": \"...\"}}")
     return np.frombuffer(b"\n".join(docs), dtype=np.uint8)
 
 
@@ -127,10 +133,11 @@ def _jsonl_dir_bytes(path: Path, val_fraction: float) -> Corpus:
 
 
 def _load_text(path: Path) -> np.ndarray:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     parts = [b for b in (f.read_bytes() for f in files) if b and b"\0" not in b[:4096]]
     if not parts:
-        raise UserError(f"{path} holds no text files")
+        raise UserError(f"{path} holds no text files: pass a text file or a folder of them, a .jsonl with a "
+                        "'text' field, or a .npy of token ids")
     return np.frombuffer(b"\n".join(parts), dtype=np.uint8)
 
 

@@ -49,8 +49,11 @@ def model_path(name: str) -> Path:
     if not path.exists() and not _looks_like_path(name):
         path = _fetch(name)
     if not path.is_dir():
-        raise UserError(f"model {name}: no such directory: pass a model directory (config.json, *.safetensors, "
-                        "tokenizer files) or a Hugging Face id like mlx-community/Qwen2.5-0.5B-Instruct-4bit")
+        # A bare word that is no directory is most likely a typo for a model name, not a path.
+        what = f"unknown model {name!r}" if "/" not in name and not name.startswith((".", "~")) \
+            else f"model {name}: no such directory"
+        raise UserError(f"{what}: use 'gpt', package.module:factory, a model directory (config.json, "
+                        "*.safetensors, tokenizer files) or a Hugging Face id like mlx-community/Qwen2.5-0.5B-Instruct-4bit")
     if not (path / "config.json").is_file():
         raise UserError(f"model directory {path} has no config.json: it is not a Hugging Face / mlx-lm model "
                         "(convert it with `mlx_lm.convert`, or point --model at the folder holding config.json)")

@@ -129,9 +129,7 @@ class Trainer:
             return
         path = checkpoint.save(
             self.ckpt_root, step, dict(tree_flatten(self.stepper.params)), dict(tree_flatten(self.optimizer.state)),
-            rng=mx.random.state[0], meta={"data_position": step, "dist": self.cfg.dist.to_dict(),
-                                          "identity": self.cfg.identity()},
-            keep=self.cfg.keep_checkpoints)
+            meta={"identity": self.cfg.identity()}, keep=self.cfg.keep_checkpoints)
         protocol.emit("checkpoint", step=step, path=str(path))
 
     def restore(self) -> int:
@@ -140,14 +138,22 @@ class Trainer:
         MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to one all_sum
         (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact.
         """
-        found = None
+        found, mismatch = None, 0
         if self.rank == 0:
             result = checkpoint.load_latest(self.ckpt_root)
             for path, reason in result.skipped:
                 protocol.emit("event", event="checkpoint_damaged", path=path, reason=reason)
             found = result.checkpoint
-        header = mx.array([found.step + 1 if found else 0], dtype=mx.int32)
-        step = int(self.broadcast(header).item()) - 1
+            if found is not None:
+                mismatch = checkpoint.identity_mismatch(found.meta, self.cfg.identity())
+        header = mx.array([found.step + 1 if found else 0, mismatch], dtype=mx.int32)
+        step, mismatch = (int(v) for v in self.broadcast(header).tolist())
+        step -= 1
+        if mismatch:
+            # Every rank learns the verdict, so each exits with the same one-line error.
+            raise UserError(f"{self.ckpt_root}/{checkpoint.step_name(step)} belongs to a different run "
+                            f"({checkpoint.describe_mismatch(mismatch, self.cfg.identity())}): resume it with "
+                            "the config it was written with, or start a new --run-dir")
         if step < 0:
             if self.rank == 0:
                 protocol.emit("event", event="resume_empty")

@@ -43,7 +43,6 @@ class Trainer:
         model, loss_fn = build_model(cfg.model, cfg.grad_checkpoint)
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
-        self.optimizer.init(self.stepper.params)
         self.n_params = count_parameters(model)
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
@@ -167,11 +166,10 @@ class Trainer:
             state = {k: found.optimizer[k] for k in state}
         values = list(params.values()) + list(state.values())
         out = unpack(self.broadcast(pack(values)), values)
-        self.stepper.params = tree_unflatten(list(zip(params, out[:len(params)])))
         new_state = tree_unflatten(list(zip(state, out[len(params):])))
         new_state["step"] = mx.array(step, dtype=mx.uint64)
         new_state["learning_rate"] = self.optimizer.state["learning_rate"]
-        self.optimizer.state = new_state
+        self.stepper.load(tree_unflatten(list(zip(params, out[:len(params)]))), new_state)
         mx.eval(self.stepper.params, self.optimizer.state)
         if self.rank == 0:
             protocol.emit("resumed", step=step)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import checkpoint
+from mlx_train.rank import blas, checkpoint
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig, DistributedConfig
@@ -46,7 +46,8 @@ class Trainer:
         self.n_params = count_parameters(model)
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
-        self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}")
+        self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
+                 f"BLAS: {blas.in_use()}")
 
     def say(self, text: str) -> None:
         print(text, flush=True)

@@ -146,10 +146,14 @@ def _assign(dst: Any, src: Any) -> None:
     graph's captured state is its containers, so they must be kept, not replaced)."""
     items = dst.items() if isinstance(dst, dict) else enumerate(dst)
     for key, value in list(items):
-        if isinstance(value, (dict, list)):
-            _assign(value, src[key])
-        else:
+        if isinstance(value, mx.array):
             dst[key] = src[key]
+        elif isinstance(value, (dict, list)) and _has(src, key):  # an empty container has no leaves to send
+            _assign(value, src[key])
+
+
+def _has(tree: Any, key: Any) -> bool:
+    return key in tree if isinstance(tree, dict) else key < len(tree)
 
 
 def make_sync(group: Optional[mx.distributed.Group], bucket_bytes: int = BUCKET_BYTES,

@@ -39,15 +39,15 @@ def main() -> None:
     res = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "blas": fast.get("LD_PRELOAD", "reference only")}
     steps = [
-        ("step", "step_overhead.py", fast, None),
-        ("step_refblas", "step_overhead.py", ref, {"rounds": 3, "steps_per_round": 2}),
-        ("llama", "llama_bench.py", {}, {"ranks": 1}),
-        ("llama2", "llama_bench.py", {}, {"ranks": 2, "rounds": 2}),
+        ("step", "step_overhead.py", fast, {"rounds": 5}),
+        ("step_refblas", "step_overhead.py", ref, {"rounds": 3, "steps_per_round": 1}),
+        ("llama", "llama_bench.py", {}, {"ranks": 1, "rounds": 2, "steps": 15}),
+        ("llama2", "llama_bench.py", {}, {"ranks": 2, "rounds": 1, "steps": 15}),
         ("peak", "matmul_peak.py", fast, None),
         ("sync", "sync_overhead.py", blas.rank_env(ranks_on_host=2), None),
         ("sync_large", "sync_overhead.py", blas.rank_env(ranks_on_host=2),
          {"width": 256, "layers": 8, "rounds": 9, "reps": 8}),
-        ("checkpoint", "checkpoint_write.py", {}, {"where": str(HERE.parent)}),
+        ("checkpoint", "checkpoint_write.py", {}, {"where": str(HERE.parent), "rounds": 3}),
         ("startup", "startup.py", {}, None),
     ]
     for key, script, env, args in steps:

@@ -694,7 +694,7 @@ def _cluster_files(world, doc):
     path = world.fresh("cluster").with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(doc)
-    result, refusal = edge("cluster files", hosts_for, RunOptions(cluster=str(path)), TrainConfig(), None)
+    result, refusal = edge("cluster files", hosts_for, RunOptions(cluster=str(path)), TrainConfig(), {})
     if result is not None:
         hosts, _ = result
         record("cluster files", _hosts_ok(hosts), doc)

@@ -836,3 +836,15 @@ def _write_table() -> None:
         for cat in sorted(FAILURES):
             lines += [f"- {cat}:"] + [f"  - {why}: {ex}" for why, ex in sorted(FAILURES[cat].items())]
     TABLE.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.multiproc
+def test_the_largest_accepted_values_really_run(world):
+    """The edge's bounds are the rank's: what the config accepts at its limits trains (2 steps)."""
+    top = str(2**31 - 1)
+    run = world.fresh("run")
+    proc = cli("train", "--layers", "1", "--width", "32", "--heads", "2", "--seq-len", "16", "--batch-size", "1",
+               "--data", str(world.small), "--seed", top, "--steps", top, "--warmup", top, "--eval-every", top,
+               "--checkpoint-every", top, "--keep-checkpoints", top, "--log-every", "1", "--stop-after", "2",
+               "--max-restarts", "0", "--memory-budget", "1TiB", "--run-dir", str(run), "--no-live", timeout=300)
+    assert proc.returncode == 0 and "stopped at step 2" in proc.stdout, proc.stdout + proc.stderr

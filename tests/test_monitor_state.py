@@ -19,8 +19,8 @@ def run(tmp_path):
 
 
 def metric(step, t, loss=3.0, **kw):
-    return {"step": step, "loss": loss, "time": t, "tokens_per_s": 1000.0, "devices": 2, "global_batch": 8,
-            "peak_memory": [1, 1], "param_checksum": [7, 7], **kw}
+    return {"step": step, "loss": loss, "time": t, "tokens_per_s": 1000.0, "comm_time_s": 0.01, "devices": 2,
+            "global_batch": 8, "peak_memory": [1, 1], "param_checksum": [7, 7], **kw}
 
 
 def write(run, events=(), metrics=()):

@@ -287,6 +287,15 @@ def test_second_supervisor_on_a_run_is_refused(tmp_path):
     assert events(run)[-1]["event"] == "interrupted"
 
 
+def test_a_rank_that_cannot_be_started_is_one_line_and_an_event(tmp_path):
+    run = tmp_path / "nostart"
+    proc = cli("train", *TINY, "--steps", "2", "--rank-wrapper", "no-such-wrapper-here", "--run-dir", str(run),
+               "--no-live", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no-such-wrapper-here" in proc.stderr
+    assert events(run)[-1]["event"] == "failed"
+
+
 def test_monitor_performance_breakdown(two_rank_run, tmp_path):
     from mlx_train.config import TrainConfig
     from mlx_train.planning.perf import baseline_key

@@ -34,6 +34,7 @@ from mlx_train.config import TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.controller.launch import Host, RankProc
 from mlx_train.controller.watchdog import Allowances, Stall, Watchdog
+from mlx_train.errors import UserError
 from mlx_train.planning.oom import CrashFacts, OomPolicy, settings
 from mlx_train.rundir import RunDir
 
@@ -109,7 +110,6 @@ def classify_exit(cfg: TrainConfig, oom: OomPolicy, facts: CrashFacts, where: st
 class _Proc:
     spec: RankProc
     popen: subprocess.Popen
-    exited: threading.Event = field(default_factory=threading.Event)
     drained: threading.Event = field(default_factory=threading.Event)
     wake: tuple = field(default_factory=os.pipe)  # _wait writes here so the pump starts its bounded drain
 
@@ -132,9 +132,15 @@ class Attempt:
             for r in spec.ranks:
                 self.logs[r] = run.log_path(r).open("a", buffering=1)
                 self.logs[r].write(f"==== attempt {number} on {spec.host} ====\n")
-            popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+            try:
+                popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+            except OSError as exc:
+                self.stop()
+                self.close()
+                raise UserError(f"cannot start ranks {spec.ranks} on {spec.host} ({spec.argv[0]}: {exc.strerror}): "
+                                "check --rank-wrapper and the interpreter path") from None
             proc = _Proc(spec, popen)
             threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
             threading.Thread(target=self._wait, args=(len(self.procs), proc), daemon=True).start()
@@ -162,7 +168,7 @@ class Attempt:
                     break
                 *lines, buf = (buf + chunk).split(b"\n")
                 for line in lines:
-                    self._line(proc, line.decode(errors="replace"))
+                    self._line(proc, line.decode(errors="replace").rstrip("\r"))
             if buf:
                 self._line(proc, buf.decode(errors="replace"))
         finally:
@@ -177,6 +183,8 @@ class Attempt:
             if m:
                 rank, line = int(m.group(1)), m.group(2)
         log = self.logs.get(rank, self.logs[proc.spec.ranks[0]])
+        if log.closed:
+            return  # a straggler of an attempt that is over
         msg = protocol.parse(line)
         if msg is None:
             log.write(line + "\n")
@@ -190,7 +198,6 @@ class Attempt:
 
     def _wait(self, index: int, proc: _Proc) -> None:
         code = proc.popen.wait()
-        proc.exited.set()
         try:
             os.write(proc.wake[1], b"x")
         except OSError:
@@ -361,7 +368,11 @@ class Supervisor:
     def _attempt(self, attempt: int, resume: bool) -> Outcome:
         specs = launch.plan(self.cfg, self.hosts, str(self.run.path.resolve()), self.run.run_id, resume,
                             self.stop_after, self.rank_wrapper)
-        group = Attempt(specs, self.run, self.inbox, attempt)
+        try:
+            group = Attempt(specs, self.run, self.inbox, attempt)
+        except UserError as exc:
+            self.run.event("failed", reason=str(exc))
+            raise
         try:
             return self._watch(_State(group, Watchdog(group.ranks, self.stall_timeout, self.allowances)))
         finally:
@@ -372,48 +383,51 @@ class Supervisor:
         """Sleep on the inbox until every process of the attempt has exited; say how it went."""
         group = s.group
         failure: Optional[Outcome] = None
-        exited, give_up = 0, None
-        while exited < len(group.procs):
+        reported, give_up, next_check = set(), None, time.monotonic() + 1.0
+
+        def end(outcome: Outcome) -> None:
+            nonlocal failure, give_up
+            failure = outcome
+            group.stop()
+            give_up = time.monotonic() + DRAIN_S + 5.0
+
+        while len(reported) < len(group.procs):
             try:
                 item = self.inbox.get(timeout=1.0)
             except queue.Empty:
-                if failure is None:
-                    stall = s.dog.check()
-                    if stall:
-                        failure = self._stalled(s, stall)
-                        group.stop()
-                        give_up = time.monotonic() + DRAIN_S + 5.0
-                elif give_up is not None and time.monotonic() > give_up:
+                item = None
+            now = time.monotonic()
+            if now >= next_check:  # once a second, however busy the inbox
+                next_check = now + 1.0
+                stall = s.dog.check() if failure is None else None
+                if stall:
+                    end(self._stalled(s, stall))
+                elif give_up is not None and now > give_up:
                     # stop() has SIGKILLed every process and waited; an exit still unreported
                     # would wait on something outside our control: do not wait for it.
-                    self.run.event("unaccounted", ranks=[r for p in group.procs if not p.drained.is_set()
+                    self.run.event("unaccounted", ranks=[r for i, p in enumerate(group.procs) if i not in reported
                                                          for r in p.spec.ranks])
                     break
+            if item is None:
                 continue
             if item[0] == "signal":
                 if failure is None or failure.status is not Status.INTERRUPTED:
-                    failure = Outcome(Status.INTERRUPTED, s.step, "interrupted")
-                    group.stop()
-                    give_up = time.monotonic() + DRAIN_S + 5.0
+                    end(Outcome(Status.INTERRUPTED, s.step, "interrupted"))
             elif item[1] != group.number:
                 continue  # a late line or exit of an earlier attempt
             elif item[0] == "exit":
-                exited += 1
+                reported.add(item[2])
                 proc, code = group.procs[item[2]], item[3]
                 for r in proc.spec.ranks if not proc.spec.tagged else [None]:
                     self.run.event("rank_exit", rank=r, host=proc.spec.host,
                                    **({"signal": -code} if code < 0 else {"code": code}))
-                if failure is None:
-                    failure = self._exit_outcome(s, proc, code)
-                    if failure is not None:
-                        group.stop()
-                        give_up = time.monotonic() + DRAIN_S + 5.0
+                verdict = self._exit_outcome(s, proc, code) if failure is None else None
+                if verdict is not None:
+                    end(verdict)
             else:
                 verdict = self._dispatch(s, item[2], item[3])
                 if verdict is not None and failure is None:
-                    failure = verdict
-                    group.stop()
-                    give_up = time.monotonic() + DRAIN_S + 5.0
+                    end(verdict)
         return failure or Outcome(s.status, s.step)
 
     def _dispatch(self, s: _State, rank: int, msg: protocol.Message) -> Optional[Outcome]:

@@ -75,7 +75,9 @@ FOUND_BEFORE_FIXES = {
     "processes": ["--run-dir in /proc: FileNotFoundError", "--run-dir under a file: NotADirectoryError",
                   "--memory-budget 1KB: launched, walked the OOM ladder, exit 1", "binary --data: no fix said"],
     "run dirs": ["monitor, metrics record of another shape: KeyError", "monitor, wrong types: TypeError",
-                 "monitor, non-UTF-8 metrics/events: UnicodeDecodeError"],
+                 "monitor, non-UTF-8 metrics/events: UnicodeDecodeError",
+                 "(property added later) --resume with every checkpoint damaged: accepted, restarted from step 0",
+                 "(likewise) a manifest of another shape: AttributeError in checkpoint.verify, the rank crashed"],
     "sizes & durations": ["a model that cannot fit at batch 1 launched anyway", "sizes beyond 64 bits accepted"],
 }
 
@@ -614,7 +616,8 @@ def test_run_directories(world, data):
     TRIED["run dirs"] += 1
     before = digest(run)
     # monitor reads what it can: a snapshot (exit 0) or a one-line refusal, never a crash.
-    code, out, err = run_main(["monitor", str(run), "--once"], world.cwd)
+    extra = ["--performance"] if data.draw(st.booleans()) else []
+    code, out, err = run_main(["monitor", str(run), "--once", *extra], world.cwd)
     note(f"monitor: exit {code}\n{out[-1500:]}\n{err[-1500:]}")
     why = None if code == 0 and "Traceback" not in out + err else failure_of(code, out, err)
     record("run dirs", why and f"monitor: {why}", run, err)
@@ -634,6 +637,11 @@ def test_run_directories(world, data):
             expect_refused("run dirs", ["train", "--resume", str(run)], world, also_unchanged=(run,))
     elif result is not None:
         record("run dirs", None if digest(run).keys() >= before.keys() else "resume deleted files", run)
+        from mlx_train.rank.checkpoint import list_steps, verify
+
+        steps = list_steps(run / "checkpoints")
+        intact = any(verify(p) is None for p in steps)
+        record("run dirs", None if intact or not steps else "resume accepted with every checkpoint damaged", run)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -836,3 +844,15 @@ def _write_table() -> None:
         for cat in sorted(FAILURES):
             lines += [f"- {cat}:"] + [f"  - {why}: {ex}" for why, ex in sorted(FAILURES[cat].items())]
     TABLE.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.multiproc
+def test_the_largest_accepted_values_really_run(world):
+    """The edge's bounds are the rank's: what the config accepts at its limits trains (2 steps)."""
+    top = str(2**31 - 1)
+    run = world.fresh("run")
+    proc = cli("train", "--layers", "1", "--width", "32", "--heads", "2", "--seq-len", "16", "--batch-size", "1",
+               "--data", str(world.small), "--seed", top, "--steps", top, "--warmup", top, "--eval-every", top,
+               "--checkpoint-every", top, "--keep-checkpoints", top, "--log-every", "1", "--stop-after", "2",
+               "--max-restarts", "0", "--memory-budget", "1TiB", "--run-dir", str(run), "--no-live", timeout=300)
+    assert proc.returncode == 0 and "stopped at step 2" in proc.stdout, proc.stdout + proc.stderr

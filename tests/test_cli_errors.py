@@ -144,3 +144,15 @@ def test_a_bug_is_reported_with_its_log_not_a_traceback(tmp_path):
     assert log.parent == state / "crashes"
     text = log.read_text()
     assert "Traceback" in text and "ZeroDivisionError" in text and "mlx-train status --local" in text
+
+
+def test_resume_with_every_checkpoint_damaged_is_refused(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "all-damaged"
+    shutil.copytree(finished_run, run)
+    for blob in run.glob("checkpoints/step-*/model.safetensors"):
+        blob.write_bytes(b"not a tensor")
+    before = _tree_digest(run)
+    _assert_user_error(cli("train", "--resume", str(run)), "no intact checkpoint", "restore one")
+    assert _tree_digest(run) == before

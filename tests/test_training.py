@@ -288,11 +288,15 @@ def test_second_supervisor_on_a_run_is_refused(tmp_path):
 
 
 def test_a_rank_that_cannot_be_started_is_one_line_and_an_event(tmp_path):
-    run = tmp_path / "nostart"
-    proc = cli("train", *TINY, "--steps", "2", "--rank-wrapper", "no-such-wrapper-here", "--run-dir", str(run),
+    # A wrapper that is not on PATH is refused before launch (test_bad_input_campaign); one that is
+    # there but cannot be executed fails at the spawn.
+    run, wrapper = tmp_path / "nostart", tmp_path / "not-a-program"
+    wrapper.write_text("not a program\n")
+    wrapper.chmod(0o755)
+    proc = cli("train", *TINY, "--steps", "2", "--rank-wrapper", str(wrapper), "--run-dir", str(run),
                "--no-live", timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no-such-wrapper-here" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "not-a-program" in proc.stderr
     assert events(run)[-1]["event"] == "failed"
 
 

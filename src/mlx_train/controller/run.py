@@ -180,6 +180,23 @@ def size_at_least(n: float) -> str:
     return f"{n}"
 
 
+def check_resumable(run: RunDir) -> None:
+    """--resume: refuse before launch when the run has checkpoints and none is intact; the ranks would
+    start over from step 0 and write over them."""
+    from mlx_train.rank.checkpoint import list_steps, verify
+
+    damaged = []
+    for path in reversed(list_steps(run.checkpoints)):
+        why = verify(path)
+        if why is None:
+            return
+        damaged.append(f"{path.name}: {why}")
+    if damaged:
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        raise UserError(f"no intact checkpoint in {run.checkpoints} ({damaged[0]}{more}): restore one, or start "
+                        "again with a new --run-dir")
+
+
 def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host], RunDir]:
     """Everything before launch: the one resolved config, its hosts, the checks of model, data and
     memory, and the run directory. Bad input stops here, with nothing launched."""
@@ -190,6 +207,8 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     if opts.optimize_memory:
         cfg = plan_for_budget(cfg, hosts)
     run = RunDir(opts.resume or opts.run_dir or RUNS_ROOT / new_run_id())
+    if opts.resume:
+        check_resumable(run)
     run.prepare(cfg, resume=bool(opts.resume))
     return cfg, hosts, run
 

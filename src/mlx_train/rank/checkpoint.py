@@ -109,6 +109,8 @@ def verify(path: Path) -> Optional[str]:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         return f"manifest unreadable ({exc.__class__.__name__})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        return "manifest is not a checkpoint manifest"
     if manifest.get("format") != FORMAT:
         return f"unknown checkpoint format {manifest.get('format')!r}"
     for name, digest in manifest.get("files", {}).items():

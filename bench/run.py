@@ -39,7 +39,7 @@ def main() -> None:
     res = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "blas": fast.get("LD_PRELOAD", "reference only")}
     steps = [
-        ("step", "step_overhead.py", fast, {"rounds": 5}),
+        ("step", "step_overhead.py", fast, {"rounds": 15, "steps_per_round": 2}),
         ("step_refblas", "step_overhead.py", ref, {"rounds": 3, "steps_per_round": 1}),
         ("llama", "llama_bench.py", {}, {"ranks": 1, "rounds": 2, "steps": 15}),
         ("llama2", "llama_bench.py", {}, {"ranks": 2, "rounds": 1, "steps": 15}),

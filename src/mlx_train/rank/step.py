@@ -60,9 +60,10 @@ class Stepper:
     the other: a micro-batch's forward/backward plus accumulation, the bucketed all-reduce, and
     clipping plus AdamW. Each graph is traced once and then replayed from C++ with its elementwise
     chains fused; the two boundaries keep compute and communication separately timed and cost two
-    extra evaluations (microseconds), nothing that one fused graph could overlap on MLX's single
-    CPU stream (docs/performance.md). The parameters and the optimizer state are the graphs'
-    captured state: they are updated in place, so `load` must be used to replace them.
+    extra evaluations (microseconds): one graph for the whole step measured no faster, and would
+    only pay off with its all-reduce on a communication stream (docs/performance.md). The
+    parameters and the optimizer state are the graphs' captured state: they are updated in place,
+    so `load` must be used to replace them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: optim.Optimizer, precision: str,

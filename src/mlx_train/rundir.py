@@ -128,6 +128,35 @@ class RunDir:
         finally:
             fh.close()
 
+    def supervisor(self) -> Optional[int]:
+        """The pid of the supervisor that last held the run's lock (see lock()), or None."""
+        try:
+            words = (self.path / ".lock").read_text().split()
+        except OSError:
+            return None
+        return int(words[1]) if len(words) > 1 and words[0] == "pid" and words[1].isdigit() else None
+
+    def supervised(self) -> bool:
+        """Is the run's supervisor (on this machine) still running?"""
+        pid = self.supervisor()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # an unreaped zombie is gone for our purposes
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return True
+
+    def ended(self) -> bool:
+        """Did the run end (finished, failed, interrupted, stopped), by its events?"""
+        evs = self.events()
+        return bool(evs) and evs[-1].get("event") in ENDED
+
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -46,7 +46,7 @@ def rank_hosts(hosts: List[Host]) -> List[Host]:
 
 def worker_args(cfg: TrainConfig, run_dir: str, run_id: str, resume: bool, stop_after: Optional[int]) -> List[str]:
     args = ["-m", "mlx_train.rank.worker", "--config-json", json.dumps(cfg.to_dict(), separators=(",", ":")),
-            "--run-dir", run_dir, "--run-id", run_id]
+            "--run-dir", run_dir, "--run-id", run_id, "--lifeline"]
     if resume:
         args.append("--resume")
     if stop_after is not None:

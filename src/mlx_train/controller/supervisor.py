@@ -133,7 +133,8 @@ class Attempt:
                 self.logs[r] = run.log_path(r).open("a", buffering=1)
                 self.logs[r].write(f"==== attempt {number} on {spec.host} ====\n")
             try:
-                popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                # stdin: a pipe kept open and never written, the rank's lifeline (rank/lifeline.py).
+                popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
                                          preexec_fn=_die_with_parent)
             except OSError as exc:
@@ -260,6 +261,8 @@ class Attempt:
     def close(self) -> None:
         for f in self.logs.values():
             f.close()
+        for p in self.procs:
+            p.popen.stdin.close()  # the lifeline: a rank still running anywhere ends now
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -1,4 +1,4 @@
-"""Gradient sync: the trainer's bucketed average_gradients vs one all_sum of a single buffer of the
+"""Gradient sync: the trainer's compiled, bucketed all-reduce vs one all_sum of a single buffer of the
 same bytes, 2 ranks on the ring backend over loopback (each rank is a separate process).
 
 Interleaved ABAB per round; reports rank 0's median ratio single_buffer_time / trainer_sync_time
@@ -21,7 +21,7 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
 
     from mlx_train.config import ModelConfig
     from mlx_train.rank.model import build_model
-    from mlx_train.rank.step import BUCKET_BYTES, sum_gradients
+    from mlx_train.rank.step import make_sync
     from timing import interleaved
 
     group = mx.distributed.init(backend="ring", strict=True)
@@ -33,8 +33,11 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
     flat = mx.random.normal((nbytes // 4,))
     mx.eval(flat)
 
+    sync = make_sync(group)  # the trainer's own (compiled) all-reduce
+    loss = mx.array(2.5)
+
     def trainer_sync():
-        mx.eval(sum_gradients(grads, group, BUCKET_BYTES))
+        mx.eval(sync(grads, loss))
 
     def single():  # the floor: one all_sum, no packing and no averaging
         mx.eval(mx.distributed.all_sum(flat, group=group))

@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from mlx_train.config import ModelConfig, OptimConfig
 from mlx_train.rank.model import build_model
-from mlx_train.rank.step import Stepper, make_optimizer
+from mlx_train.rank.step import Stepper, _assign, make_optimizer
 
 CFG = ModelConfig(n_layers=2, d_model=32, n_heads=2, seq_len=16)
 
@@ -59,3 +59,23 @@ def test_bf16_keeps_fp32_master_weights_and_trains():
         last = s.step([(x, y)]).loss
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(s.params))
     assert last < first - 0.5
+
+
+def test_compiled_step_matches_the_uncompiled_one():
+    x, y = _batch(8)
+    compiled = _stepper()
+    mx.random.seed(0)
+    model, loss = build_model(CFG)
+    eager = Stepper(model, loss, make_optimizer(OptimConfig(warmup_steps=0), 10), "fp32", 1.0, None, compile=False)
+    for _ in range(3):
+        a, b = compiled.step([(x[:4], y[:4]), (x[4:], y[4:])]), eager.step([(x[:4], y[:4]), (x[4:], y[4:])])
+        assert a.loss == pytest.approx(b.loss, abs=1e-5)
+    _close(_params(compiled), _params(eager), atol=1e-5)
+
+
+def test_update_keeps_containers_that_hold_no_parameters():
+    # A tree round trip through the all-reduce drops empty containers (mlx-lm's llama keeps a
+    # `layer_types` list); the compiled update writes into the model's own tree and must skip them.
+    kept = {"layer_types": [], "norm": {"weight": mx.zeros((2,))}}
+    _assign(kept, {"norm": {"weight": mx.ones((2,))}})
+    assert kept["layer_types"] == [] and kept["norm"]["weight"].tolist() == [1.0, 1.0]

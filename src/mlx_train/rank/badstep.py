@@ -1,31 +1,19 @@
-"""Bad steps: an update whose loss or gradient norm is not finite is skipped, on every rank alike.
+"""Bad steps: counting the updates the step skipped because they were not finite.
 
-The gradient norm is computed after the gradients are summed, so it is the same on every rank;
-the loss is each rank's own, so one tiny all_sum of a flag makes the ranks agree. A rank that
-skipped alone would leave the group with different weights.
+The skip itself happens in Stepper.step, on every rank alike (a rank that skipped alone would
+leave the group with different weights); this counts them in a row and reports each one, and the
+supervisor rolls back to the last checkpoint after a few in a row.
 """
 
 from __future__ import annotations
-
-from typing import Optional
-
-import mlx.core as mx
 
 from mlx_train import protocol
 from mlx_train.rank.step import StepStats
 
 
 class BadSteps:
-    def __init__(self, group: Optional[mx.distributed.Group]):
-        self.group = group
+    def __init__(self):
         self.in_a_row = 0
-
-    def guard(self, loss: mx.array, norm: mx.array) -> bool:
-        """Stepper.guard: True to apply this update."""
-        bad = mx.logical_not(mx.logical_and(mx.isfinite(loss), mx.isfinite(norm))).astype(mx.int32)
-        if self.group is not None and self.group.size() > 1:
-            bad = mx.distributed.all_sum(bad, group=self.group)
-        return int(bad.item()) == 0
 
     def after(self, step: int, stats: StepStats, rank: int) -> None:
         """Count skipped steps; rank 0 reports each one (the supervisor rolls back after a few in a row)."""

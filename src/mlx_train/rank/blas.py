@@ -48,16 +48,47 @@ def needs_reexec() -> bool:
 
 
 def in_use() -> str:
-    """Name the BLAS library mapped into this process (call after MLX has run a matmul)."""
+    """Name the BLAS that MLX's matmuls call in this process."""
     if platform.system() == "Darwin":
         return "Accelerate (Metal/CPU, macOS)"
+    provider = _global_provider("cblas_sgemm")
+    if provider and "openblas" in provider:
+        return f"OpenBLAS ({_openblas_threads()} threads)"
     try:
         maps = open("/proc/self/maps").read()
     except OSError:
         return "unknown"
-    if "openblas" in maps:
-        threads = os.environ.get("OPENBLAS_NUM_THREADS", "auto")
-        return f"OpenBLAS ({threads} threads)"
+    # Not in the global scope: MLX binds its own bundled copy (numpy's OpenBLAS, also mapped, uses
+    # suffixed symbols and serves only numpy, so "openblas" in the maps proves nothing).
     if "mlx_cpu.libs/libblas" in maps or "libblas" in maps:
         return "reference BLAS bundled with mlx[cpu] (slow: apt-get install libopenblas0-pthread)"
     return "unknown"
+
+
+def _global_provider(symbol: str) -> Optional[str]:
+    """Path of the library that serves `symbol` in the global scope (a preload wins), or None."""
+    import ctypes
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    try:
+        here = ctypes.CDLL(None)
+        address = ctypes.cast(getattr(here, symbol), ctypes.c_void_p)
+    except (AttributeError, OSError):
+        return None
+    info = DlInfo()
+    if not here.dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def _openblas_threads() -> str:
+    """The thread count OpenBLAS itself reports (preloaded, its symbols are global)."""
+    import ctypes
+
+    try:
+        return str(ctypes.CDLL(None).openblas_get_num_threads())
+    except (AttributeError, OSError):
+        return os.environ.get("OPENBLAS_NUM_THREADS", "auto")

@@ -4,6 +4,10 @@ Layout: `checkpoints/step-000120/{model,optimizer}.safetensors` + `manifest.json
 written under a temporary name and renamed into place, so a crash mid-write never leaves a
 directory that looks complete; a damaged one (bad checksum, missing file) is skipped on load in
 favour of the previous one.
+
+The manifest's `meta` records the run's identity (TrainConfig.identity()); a resume refuses a
+checkpoint whose identity differs from the run's (`identity_mismatch`). No RNG state is stored:
+the data order is a pure function of (seed, step) and the trainer reseeds the RNG every step.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ class Checkpoint:
     path: Path
     model: Dict[str, mx.array]
     optimizer: Dict[str, mx.array]
-    rng: Optional[mx.array]
     meta: dict
 
 
@@ -57,16 +60,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str, mx.array],
-         rng: Optional[mx.array] = None, meta: Optional[dict] = None, keep: int = 3) -> Path:
+         meta: Optional[dict] = None, keep: int = 3) -> Path:
     """Write checkpoint `step` under `root` atomically and keep only the newest `keep`."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:06d}"
+    final = root / step_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    arrays = {"model": model, "optimizer": dict(optimizer)}
-    if rng is not None:
-        arrays["optimizer"]["__rng__"] = rng
+    arrays = {"model": model, "optimizer": optimizer}
     files = {}
     for name, tree in arrays.items():
         path = tmp / f"{name}.safetensors"
@@ -83,6 +84,10 @@ def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str,
     _fsync_dir(root)
     prune(root, keep)
     return final
+
+
+def step_name(step: int) -> str:
+    return f"{_PREFIX}{step:06d}"
 
 
 def prune(root: Path, keep: int) -> None:
@@ -124,8 +129,32 @@ def load_latest(root: Path) -> LoadResult:
             continue
         manifest = json.loads((path / "manifest.json").read_text())
         opt = mx.load(str(path / "optimizer.safetensors"))
-        rng = opt.pop("__rng__", None)
+        opt.pop("__rng__", None)  # written by earlier versions, never needed (see the module docstring)
         result.checkpoint = Checkpoint(manifest["step"], path, mx.load(str(path / "model.safetensors")), opt,
-                                       rng, manifest.get("meta", {}))
+                                       manifest.get("meta", {}))
         return result
     return result
+
+
+NO_IDENTITY = -1
+
+
+def identity_mismatch(meta: dict, identity: dict) -> int:
+    """Bit i set when field i of `identity` (sorted keys) differs from the one saved in `meta`;
+    NO_IDENTITY when the checkpoint records none. 0 means the checkpoint belongs to this run.
+
+    An int so that rank 0, the only rank that reads the checkpoint, can hand the verdict to every
+    rank in the same all_sum as the step (each rank then fails with the same message).
+    """
+    saved = meta.get("identity")
+    if not isinstance(saved, dict):
+        return NO_IDENTITY
+    mine = json.loads(json.dumps(identity))  # tuples become lists, as in the saved JSON
+    return sum(1 << i for i, key in enumerate(sorted(mine)) if saved.get(key) != mine[key])
+
+
+def describe_mismatch(mask: int, identity: dict) -> str:
+    if mask == NO_IDENTITY:
+        return "it records no run identity"
+    keys = [k for i, k in enumerate(sorted(identity)) if mask & (1 << i)]
+    return ", ".join(keys) + (" differs" if len(keys) == 1 else " differ")

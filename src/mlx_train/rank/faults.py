@@ -25,9 +25,9 @@ def poison_if_due(stepper, step: int, rank: int, resumed: bool) -> Optional[dict
     at, who, count = (int(x) for x in spec.split(":"))
     if who != rank or not at <= step < at + count:
         return None
-    real = stepper.params
-    flat = tree_flatten(real)
+    flat = tree_flatten(stepper.params)
+    real = tree_unflatten(list(flat))  # the same arrays in a new tree: set_params overwrites in place
     key, value = flat[0]
     flat[0] = (key, mx.full(value.shape, float("nan"), value.dtype))
-    stepper.params = tree_unflatten(flat)
+    stepper.set_params(tree_unflatten(flat))
     return real

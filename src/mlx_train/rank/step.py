@@ -50,64 +50,144 @@ class StepStats:
     grad_norm: float
     compute_s: float
     comm_s: float
-    skipped: bool = False  # the guard refused the update (see Stepper.guard)
+    skipped: bool = False  # the update was not finite and was not applied (on every rank)
 
 
 class Stepper:
-    """Runs optimizer steps for one rank of `group` (size 1 for a single process)."""
+    """Runs optimizer steps for one rank of `group` (size 1 for a single process).
+
+    The step is compiled (mx.compile, as mlx-lm's trainer does) in three graphs evaluated one after
+    the other: a micro-batch's forward/backward plus accumulation, the bucketed all-reduce, and
+    clipping plus AdamW. Each graph is traced once and then replayed from C++ with its elementwise
+    chains fused; the two boundaries keep compute and communication separately timed and cost two
+    extra evaluations (microseconds), nothing that one fused graph could overlap on MLX's single
+    CPU stream (docs/performance.md). The parameters and the optimizer state are the graphs'
+    captured state: they are updated in place, so `load` must be used to replace them.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: optim.Optimizer, precision: str,
-                 grad_clip: float, group: Optional[mx.distributed.Group] = None):
+                 grad_clip: float, group: Optional[mx.distributed.Group] = None, compile: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.group = group
+        self.world = group.size() if group is not None else 1
         self.loss_fn = loss_fn
         self.grad_fn = make_grad_fn(model, loss_fn, precision)
+        self.compiled = compile
         self.params = model.trainable_parameters()
-        # Optional: guard(loss, grad_norm) -> bool, called before the update; False skips it (the
-        # optimizer's step count still advances, so the schedule and a resume stay in step).
-        self.guard: Optional[Callable[[mx.array, mx.array], bool]] = None
+        optimizer.init(self.params)
+        self._build()
+
+    def load(self, params: Any, optimizer_state: dict) -> None:
+        """Replace the parameters and optimizer state (a restore) and retrace around them."""
+        self.params, self.optimizer.state = params, optimizer_state
+        self._build()
+
+    def set_params(self, params: Any) -> None:
+        """Overwrite the parameters' values in place (the compiled graphs keep their containers)."""
+        _assign(self.params, params)
+
+    def _build(self) -> None:
+        first = lambda x, y, scale: self.grad_fn(self.params, x, y, scale)  # noqa: E731
+
+        def more(x, y, scale, acc):
+            loss, grads = self.grad_fn(self.params, x, y, scale)
+            return loss, tree_map(mx.add, acc, grads)
+
+        def clip(grads):
+            if self.grad_clip > 0:
+                return optim.clip_grad_norm(grads, self.grad_clip)
+            return grads, mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in _leaves(grads)))
+
+        def apply(grads):
+            _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
+
+        if not self.compiled:
+            self._first, self._more, self._clip, self._apply = first, more, clip, apply
+            self._sync = make_sync(self.group, compiled=False)
+            return
+        # The RNG state is captured too, so a model with dropout draws fresh masks every replay.
+        reads, rng = [self.params, mx.random.state], [mx.random.state]
+        state = [self.params, self.optimizer.state]
+        self._first = mx.compile(first, inputs=reads, outputs=rng)
+        self._more = mx.compile(more, inputs=reads, outputs=rng)
+        self._sync = make_sync(self.group)
+        self._clip = mx.compile(clip)
+        self._apply = mx.compile(apply, inputs=state, outputs=state)
 
     def step(self, micro_batches: Iterable[Tuple[Any, Any]]) -> StepStats:
         t0 = time.perf_counter()
         micro_batches = list(micro_batches)
-        world = self.group.size() if self.group is not None else 1
         # The mean over micro-batches and ranks is folded into the loss, so the backward pass
         # yields already-averaged gradients and the all-reduce is a bare sum (no extra pass).
-        scale = mx.array(1.0 / (len(micro_batches) * world))
+        scale = mx.array(1.0 / (len(micro_batches) * self.world))
         grads, loss = None, mx.array(0.0)
         for inputs, targets in micro_batches:
-            micro_loss, micro_grads = self.grad_fn(self.params, mx.array(inputs), mx.array(targets), scale)
-            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            x, y = mx.array(inputs), mx.array(targets)
+            micro_loss, grads = self._first(x, y, scale) if grads is None else self._more(x, y, scale, grads)
             loss = loss + micro_loss
             # Evaluate per micro-batch so accumulation bounds activation memory to one micro-batch.
             mx.eval(grads, loss)
-        loss = loss * world  # this rank's mean loss
+        loss = loss * self.world  # this rank's mean loss
         t1 = time.perf_counter()
-        if world > 1:
-            grads = sum_gradients(grads, self.group)
+        if self.world > 1:
+            grads = self._sync(grads, loss)
             mx.eval(grads)
         t2 = time.perf_counter()
-        if self.grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, self.grad_clip)
-        else:
-            norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for g in _leaves(grads)))
-        if self.guard is not None and not self.guard(loss, norm):
+        grads, norm = self._clip(grads)
+        # A non-finite update is skipped on every rank alike: one rank's non-finite loss made its
+        # gradients non-finite before the sum (sync), so the summed norm says so on every rank,
+        # with no extra collective. The step count still advances, so the schedule and a resume
+        # stay in step.
+        finite = mx.isfinite(norm) if self.world > 1 else mx.logical_and(mx.isfinite(norm), mx.isfinite(loss))
+        skipped = not bool(finite.item())
+        if skipped:
             self.optimizer.state["step"] = self.optimizer.step + 1
-            mx.eval(self.optimizer.state, norm)
-            t3 = time.perf_counter()
-            return StepStats(float(loss.item()), float(norm.item()), (t1 - t0) + (t3 - t2), t2 - t1, skipped=True)
-        self.params = self.optimizer.apply_gradients(grads, self.params)
+        else:
+            self._apply(grads)
         mx.eval(self.params, self.optimizer.state, norm)
         t3 = time.perf_counter()
-        return StepStats(float(loss.item()), float(norm.item()), (t1 - t0) + (t3 - t2), t2 - t1)
+        return StepStats(float(loss.item()), float(norm.item()), (t1 - t0) + (t3 - t2), t2 - t1, skipped)
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]]) -> mx.array:
         """Mean loss over `batches` with the current fp32 weights, as a lazy scalar."""
         self.model.update(self.params)
         losses = [self.loss_fn(self.model, mx.array(x), mx.array(y)) for x, y in batches]
         return mx.mean(mx.stack(losses))
+
+
+def _assign(dst: Any, src: Any) -> None:
+    """Copy the leaves of tree `src` into the same places of tree `dst`, in place (a compiled
+    graph's captured state is its containers, so they must be kept, not replaced)."""
+    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
+    for key, value in list(items):
+        if isinstance(value, mx.array):
+            dst[key] = src[key]
+        elif isinstance(value, (dict, list)) and _has(src, key):  # an empty container has no leaves to send
+            _assign(value, src[key])
+
+
+def _has(tree: Any, key: Any) -> bool:
+    return key in tree if isinstance(tree, dict) else key < len(tree)
+
+
+def make_sync(group: Optional[mx.distributed.Group], bucket_bytes: int = BUCKET_BYTES,
+              compiled: bool = True) -> Callable[[Any, mx.array], Any]:
+    """The gradient all-reduce as one function of (gradient tree, this rank's loss); compiled, its
+    packing, all_sums and unpacking replay from C++ without rebuilding the graph in Python every step.
+
+    A rank whose loss is not finite multiplies its smallest gradient by NaN before the sum, so every
+    rank's summed gradient norm is non-finite and all skip that update together (Stepper.step).
+    """
+    def sync(grads, loss):
+        flat = tree_flatten(grads)
+        i = min(range(len(flat)), key=lambda j: flat[j][1].size)
+        key, g = flat[i]
+        flat[i] = (key, g * mx.where(mx.isfinite(loss), 1.0, float("nan")).astype(g.dtype))
+        return sum_gradients(tree_unflatten(flat), group, bucket_bytes)
+
+    return mx.compile(sync) if compiled else sync
 
 
 def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES) -> Any:

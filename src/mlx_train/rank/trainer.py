@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import checkpoint, faults
+from mlx_train.rank import blas, checkpoint, faults
 from mlx_train.rank.badstep import BadSteps
 
 from mlx_train import protocol
@@ -44,13 +44,12 @@ class Trainer:
         model, loss_fn = build_model(cfg.model, cfg.grad_checkpoint)
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
-        self.optimizer.init(self.stepper.params)
-        self.bad_steps = BadSteps(group)
-        self.stepper.guard = self.bad_steps.guard
+        self.bad_steps = BadSteps()
         self.n_params = count_parameters(model)
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
-        self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}")
+        self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
+                 f"BLAS: {blas.in_use()}")
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -69,7 +68,7 @@ class Trainer:
             real = faults.poison_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
             stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
             if real is not None and stats.skipped:
-                self.stepper.params = real
+                self.stepper.set_params(real)
             step += 1
             self.bad_steps.after(step, stats, self.rank)
             step_s = time.perf_counter() - t0
@@ -141,9 +140,7 @@ class Trainer:
         protocol.emit(protocol.Phase("checkpoint", step))
         path = checkpoint.save(
             self.ckpt_root, step, dict(tree_flatten(self.stepper.params)), dict(tree_flatten(self.optimizer.state)),
-            rng=mx.random.state[0], meta={"data_position": step, "dist": self.cfg.dist.to_dict(),
-                                          "identity": self.cfg.identity()},
-            keep=self.cfg.keep_checkpoints)
+            meta={"identity": self.cfg.identity()}, keep=self.cfg.keep_checkpoints)
         protocol.emit(protocol.Checkpoint(step=step, path=str(path)))
         protocol.emit(protocol.Phase("checkpoint", step, done=True))
 
@@ -153,14 +150,22 @@ class Trainer:
         MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to one all_sum
         (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact.
         """
-        found = None
+        found, mismatch = None, 0
         if self.rank == 0:
             result = checkpoint.load_latest(self.ckpt_root)
             for path, reason in result.skipped:
                 protocol.emit(protocol.RankWarning("checkpoint_damaged", {"path": path, "reason": reason}))
             found = result.checkpoint
-        header = mx.array([found.step + 1 if found else 0], dtype=mx.int32)
-        step = int(self.broadcast(header).item()) - 1
+            if found is not None:
+                mismatch = checkpoint.identity_mismatch(found.meta, self.cfg.identity())
+        header = mx.array([found.step + 1 if found else 0, mismatch], dtype=mx.int32)
+        step, mismatch = (int(v) for v in self.broadcast(header).tolist())
+        step -= 1
+        if mismatch:
+            # Every rank learns the verdict, so each exits with the same one-line error.
+            raise UserError(f"{self.ckpt_root}/{checkpoint.step_name(step)} belongs to a different run "
+                            f"({checkpoint.describe_mismatch(mismatch, self.cfg.identity())}): resume it with "
+                            "the config it was written with, or start a new --run-dir")
         if step < 0:
             if self.rank == 0:
                 protocol.emit(protocol.Resumed(step=0))
@@ -174,11 +179,10 @@ class Trainer:
             state = {k: found.optimizer[k] for k in state}
         values = list(params.values()) + list(state.values())
         out = unpack(self.broadcast(pack(values)), values)
-        self.stepper.params = tree_unflatten(list(zip(params, out[:len(params)])))
         new_state = tree_unflatten(list(zip(state, out[len(params):])))
         new_state["step"] = mx.array(step, dtype=mx.uint64)
         new_state["learning_rate"] = self.optimizer.state["learning_rate"]
-        self.optimizer.state = new_state
+        self.stepper.load(tree_unflatten(list(zip(params, out[:len(params)]))), new_state)
         mx.eval(self.stepper.params, self.optimizer.state)
         if self.rank == 0:
             protocol.emit(protocol.Resumed(step=step, checkpoint=str(found.path)))

@@ -129,6 +129,8 @@ class Resumed(Message):
 class Checkpoint(Message):
     step: int
     path: str
+    agreed: Optional[bool] = None          # every rank's parameters were identical when it was written
+    param_checksum: Optional[list] = None  # each rank's checksum then
 
 
 @_kind("warning")

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from mlx_train.controller import launch
+from mlx_train.controller import divergence, launch
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig
@@ -296,6 +296,7 @@ class Supervisor:
         # Without a policy (the tuner's trials) out-of-memory is recognised but never reconfigured.
         self.oom = oom or OomPolicy(recover=False)
         self.inbox: "queue.Queue" = queue.Queue()
+        self.agreement = divergence.Agreement()
         self.rank_wrapper = rank_wrapper or []
         self.handlers = {
             protocol.Hello: self._on_hello, protocol.Budget: self._on_budget, protocol.Start: self._on_start,
@@ -497,10 +498,24 @@ class Supervisor:
     def _on_phase(self, s: _State, rank: int, msg: protocol.Phase) -> None:
         s.dog.phase(rank, msg.name, msg.step, msg.done)
 
-    def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> None:
+    def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> Optional[Outcome]:
         record = {**msg.fields(), "time": time.time(), "attempt": s.group.number}
         self.run.append(self.run.metrics_path, record)
         self.view.metrics(record)
+        return self._diverged(s, msg.step, msg.param_checksum)
+
+    def _diverged(self, s: _State, step: int, checksums: Optional[list]) -> Optional[Outcome]:
+        odd = divergence.odd_ranks(checksums or [])
+        if not odd:
+            return None
+        back = self.agreement.rollback_step()
+        hosts = [s.group.host_of(r) for r in odd]
+        self.run.event("diverged", rank=odd[0], ranks=odd, hosts=hosts, step=step, param_checksum=checksums,
+                       rollback_to=back)
+        where = ", ".join(f"rank {r} on {h}" for r, h in zip(odd, hosts))
+        return Outcome(Status.FAILED, s.step, f"{where} diverged from the others' parameters at step {step}: rolling "
+                                              "back to the newest checkpoint written while all ranks agreed"
+                                              + (f" (step {back})" if back is not None else ""))
 
     def _on_resumed(self, s: _State, rank: int, msg: protocol.Resumed) -> None:
         if msg.checkpoint is None:
@@ -509,8 +524,10 @@ class Supervisor:
             self.run.event("resume", step=msg.step, checkpoint=msg.checkpoint)
         s.step = msg.step
 
-    def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> None:
-        self.run.event("checkpoint", step=msg.step)
+    def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> Optional[Outcome]:
+        self.run.event("checkpoint", step=msg.step, **({} if msg.agreed is None else {"agreed": msg.agreed}))
+        self.agreement.checkpoint(msg.step, msg.agreed)
+        return self._diverged(s, msg.step, msg.param_checksum)
 
     def _on_warning(self, s: _State, rank: int, msg: protocol.RankWarning) -> None:
         self.run.event(msg.event, rank=rank, **msg.details)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import blas, checkpoint, faults
+from mlx_train.rank import blas, checkpoint, faults, perturb
 from mlx_train.rank.badstep import BadSteps
 
 from mlx_train import protocol
@@ -66,6 +66,7 @@ class Trainer:
             # rank): a resumed run then draws exactly what the uninterrupted one would have.
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
             real = faults.poison_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
+            perturb.perturb_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
             stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
             if real is not None and stats.skipped:
                 self.stepper.set_params(real)
@@ -135,13 +136,26 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        # Every rank's checksum goes with the checkpoint: one written while the ranks disagreed
+        # is never resumed from (a silent divergence would be saved with it).
+        mine = mx.array([self.param_checksum()], dtype=mx.int64)
+        sums = [int(v) for v in np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine)]
         if self.rank != 0:
             return
+        agreed = len(set(sums)) == 1
         protocol.emit(protocol.Phase("checkpoint", step))
-        path = checkpoint.save(
-            self.ckpt_root, step, dict(tree_flatten(self.stepper.params)), dict(tree_flatten(self.optimizer.state)),
-            meta={"identity": self.cfg.identity()}, keep=self.cfg.keep_checkpoints)
-        protocol.emit(protocol.Checkpoint(step=step, path=str(path)))
+        try:
+            path = checkpoint.save(
+                self.ckpt_root, step, dict(tree_flatten(self.stepper.params)),
+                dict(tree_flatten(self.optimizer.state)),
+                meta={"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed},
+                keep=self.cfg.keep_checkpoints)
+        except checkpoint.WriteFailed as exc:
+            # Disk full, no permission, a read-only mount: the previous checkpoints are intact and
+            # training goes on; the next interval tries again.
+            protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": step, "reason": str(exc)}))
+        else:
+            protocol.emit(protocol.Checkpoint(step=step, path=str(path), agreed=agreed, param_checksum=sums))
         protocol.emit(protocol.Phase("checkpoint", step, done=True))
 
     def restore(self) -> int:

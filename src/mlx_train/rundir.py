@@ -17,6 +17,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -91,8 +92,14 @@ class RunDir:
                             "--run-dir") from None
 
     def append(self, path: Path, record: dict) -> None:
-        with path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            # A full or read-only disk must not bring the supervisor down with its ranks running;
+            # the record is said on stderr instead (one line) and the run goes on.
+            print(f"warning: cannot record in {path} ({exc.strerror}): {json.dumps(record)[:300]}", file=sys.stderr,
+                  flush=True)
 
     def event(self, event: str, **fields) -> dict:
         record = {"event": event, "time": time.time(), **fields}

@@ -188,13 +188,13 @@ class Attempt:
             return  # a straggler of an attempt that is over
         msg = protocol.parse(line)
         if msg is None:
-            log.write(line + "\n")
+            _append(log, line + "\n")
             return
         if isinstance(msg, protocol.Malformed):
-            log.write(f"[supervisor] ignored a malformed protocol line ({msg.why}): {line}\n")
+            _append(log, f"[supervisor] ignored a malformed protocol line ({msg.why}): {line}\n")
             return
         if not isinstance(msg, protocol.Heartbeat):
-            log.write(line + "\n")
+            _append(log, line + "\n")
         self.inbox.put(("msg", self.number, rank, msg))
 
     def _wait(self, index: int, proc: _Proc) -> None:
@@ -263,6 +263,13 @@ class Attempt:
             f.close()
         for p in self.procs:
             p.popen.stdin.close()  # the lifeline: a rank still running anywhere ends now
+
+
+def _append(log, text: str) -> None:
+    try:
+        log.write(text)
+    except OSError:
+        pass  # a full disk loses log text, never a message (the pump must go on reading)
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -531,7 +538,7 @@ class Supervisor:
 
     def _on_warning(self, s: _State, rank: int, msg: protocol.RankWarning) -> None:
         self.run.event(msg.event, rank=rank, **msg.details)
-        self.view.note(f"[yellow]warning:[/] {msg.event} {msg.details}")
+        self.view.note(f"[yellow]warning:[/] {msg.event}: {msg.details.get('reason') or msg.details}")
 
     def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> Optional[Outcome]:
         self.run.event("bad_step", **msg.fields())

@@ -88,7 +88,8 @@ def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str,
                 os.fsync(fh.fileno())
     except (OSError, RuntimeError, ValueError) as exc:  # MLX reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise WriteFailed(f"cannot write {final.name} in {root}: {_why(exc)}") from exc
+        need = sum(v.nbytes for tree in (model, optimizer) for v in tree.values())
+        raise WriteFailed(f"cannot write {final.name} in {root}: {_why(exc, root, need)}") from exc
     if final.exists():  # a rerun of the same step after a restart: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -97,9 +98,16 @@ def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str,
     return final
 
 
-def _why(exc: BaseException) -> str:
+def _why(exc: BaseException, root: Path, need: int) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    try:  # MLX's own write error names no cause; a disk without room for the arrays is the usual one
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if free is not None and free < need:
+        return (f"{os.strerror(errno.ENOSPC)} (ENOSPC): {need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free "
+                f"[{exc}]")
     return str(exc) or exc.__class__.__name__
 
 

@@ -153,7 +153,10 @@ class Trainer:
         except checkpoint.WriteFailed as exc:
             # Disk full, no permission, a read-only mount: the previous checkpoints are intact and
             # training goes on; the next interval tries again.
-            protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": step, "reason": str(exc)}))
+            kept = checkpoint.list_steps(self.ckpt_root)
+            protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": step, "reason": (
+                f"{exc}; {'the newest checkpoint is still ' + kept[-1].name if kept else 'no checkpoint yet'}, "
+                "training goes on and the next checkpoint interval tries again")}))
         else:
             protocol.emit(protocol.Checkpoint(step=step, path=str(path), agreed=agreed, param_checksum=sums))
         protocol.emit(protocol.Phase("checkpoint", step, done=True))

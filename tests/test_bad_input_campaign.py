@@ -57,7 +57,9 @@ SURVEY = os.environ.get("MLX_TRAIN_CAMPAIGN_SURVEY") == "1"  # collect failures 
 # an exception type and place, a launch, a wrong exit or a line that does not say how to fix it.
 FOUND_BEFORE_FIXES = {
     "cluster files": ["0 slots in every host: ValueError from the config check", "memory: false/negative accepted",
-                      "memory as a string: TypeError in rank_budget", "huge memory: OverflowError in rank_budget"],
+                      "memory as a string: TypeError in rank_budget", "huge memory: OverflowError in rank_budget",
+                      "(after the cluster file gained `backend`) an unknown backend: ValueError",
+                      "the same host listed twice accepted"],
     "config": ["unknown-key message without a fix"],
     "data": ["a folder named *.jsonl: IsADirectoryError", "\"holds no text files\" without a fix",
              ".npy refusals without a fix (and an empty .npy: EOFError, found earlier)"],
@@ -694,7 +696,7 @@ def _cluster_files(world, doc):
     path = world.fresh("cluster").with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(doc)
-    result, refusal = edge("cluster files", hosts_for, RunOptions(cluster=str(path)), TrainConfig(), None)
+    result, refusal = edge("cluster files", hosts_for, RunOptions(cluster=str(path)), TrainConfig(), {})
     if result is not None:
         hosts, _ = result
         record("cluster files", _hosts_ok(hosts), doc)

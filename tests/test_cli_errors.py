@@ -112,7 +112,8 @@ def test_budget_that_cannot_hold_batch_1_is_refused_before_launch(tmp_path):
     for budget, fits in ((least, True), ("1KB", False)):
         a = build_parser().parse_args(["train", *TINY, "--memory-budget", budget])
         opts = options.build(a, RunOptions)
-        hosts, cfg = hosts_for(opts, resolve_config(options.given(a, TrainConfig), opts), None)
+        flags = options.given(a, TrainConfig)
+        hosts, cfg = hosts_for(opts, resolve_config(flags, opts), flags)
         if fits:
             check_fits(cfg, hosts)
         else:

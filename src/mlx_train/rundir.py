@@ -172,11 +172,11 @@ def _number(v) -> bool:
 def _is_metric(r) -> bool:
     """A record as the trainer writes it (what monitor and status read); anything else is skipped."""
     return (isinstance(r, dict) and isinstance(r.get("step"), int) and all(_number(r.get(k)) for k in (
-        "loss", "tokens_per_s", "comm_time_s")) and isinstance(r.get("devices"), int) and r["devices"] > 0
+        "loss", "tokens_per_s")) and isinstance(r.get("devices"), int) and r["devices"] > 0
         and isinstance(r.get("global_batch"), int)
         and all(isinstance(r.get(k), list) and len(r[k]) == r["devices"] and all(isinstance(x, int) for x in r[k])
                 for k in ("peak_memory", "param_checksum"))
-        and all(_number(r[k]) for k in ("val_loss", "time", "compute_time_s", "grad_bytes") if k in r))
+        and all(_number(r[k]) for k in ("val_loss", "time", "compute_time_s", "comm_time_s", "grad_bytes") if k in r))
 
 
 def _is_event(r) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
-from mlx_train.config import RunOptions, TrainConfig, from_dict
+from mlx_train.config import BACKENDS, RunOptions, TrainConfig, from_dict
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import Batcher, load_corpus
 from mlx_train.errors import UserError
@@ -82,6 +82,9 @@ def hosts_for(opts: RunOptions, cfg: TrainConfig, flags: dict) -> Tuple[List[Hos
     cfg = replace(cfg, dist=replace(cfg.dist, num_devices=sum(h.slots for h in hosts)))
     # The backend the nodes were provisioned for, unless --backend, --config or --resume chose one.
     if found.backend and not (opts.resume or opts.config or "backend" in dist):
+        if found.backend not in BACKENDS:
+            raise UserError(f"{found.path}: backend {found.backend[:40]!r} is not one of {', '.join(BACKENDS)}: fix "
+                            "it, or regenerate the file with `mlx-train configure --distributed`")
         cfg = replace(cfg, dist=replace(cfg.dist, backend=found.backend))
     return hosts, cfg
 
@@ -94,11 +97,15 @@ def _check_hosts(hosts: List[Host], where: str) -> None:
             raise UserError(f"{where}: host {h.name} has {h.slots!r} slots (ranks), not a number from 1 to 1024: {fix}")
         if h.memory is not None and (not isinstance(h.memory, int) or not 0 < h.memory <= MAX_BYTES):
             raise UserError(f"{where}: host {h.name} has memory {h.memory!r}, not a positive number of bytes: {fix}")
-    seen = {}
+    names, addrs = set(), {}
     for h in hosts:
-        if h.addr in seen and seen[h.addr] != h.name:
-            raise UserError(f"{where}: hosts {seen[h.addr]} and {h.name} share the address {h.addr}: {fix}")
-        seen[h.addr] = h.name
+        if h.name in names:
+            raise UserError(f"{where}: host {h.name} is listed twice: remove one entry and set `slots: N` on the "
+                            "other for N ranks")
+        if h.addr in addrs:
+            raise UserError(f"{where}: hosts {addrs[h.addr]} and {h.name} share the address {h.addr}: {fix}")
+        names.add(h.name)
+        addrs[h.addr] = h.name
 
 
 def budget_for(hosts: List[Host]) -> int:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from mlx_train.controller import divergence, launch
+from mlx_train.controller import divergence, elastic, launch
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig
@@ -53,6 +53,7 @@ class Status(enum.Enum):
     OOM = "oom"
     USER_ERROR = "user_error"
     INTERRUPTED = "interrupted"
+    RESIZE = "resize"              # an excluded host is back: relaunch from the checkpoint just written
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Outcome:
     step: int = 0
     reason: str = ""
     oom: Optional[dict] = None
+    host: Optional[str] = None     # the host that ended the attempt, when one did (elastic.py)
 
 
 def _die_with_parent() -> None:
@@ -294,8 +296,10 @@ class Supervisor:
     def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int,
                  stall_timeout: Optional[float], resume: bool = False, stop_after: Optional[int] = None,
                  view: Optional[ProgressView] = None, rank_wrapper: Optional[List[str]] = None,
-                 oom: Optional[OomPolicy] = None, allowances: Allowances = Allowances()):
+                 oom: Optional[OomPolicy] = None, allowances: Allowances = Allowances(),
+                 min_devices: Optional[int] = None, max_devices: Optional[int] = None):
         self.cfg, self.run, self.hosts = cfg, run, hosts
+        self.members = elastic.Membership(hosts, min_devices, max_devices)
         # stall_timeout None: the watchdog adapts to the run's pace (watchdog.py).
         self.max_restarts, self.stall_timeout, self.allowances = max_restarts, stall_timeout, allowances
         self.resume, self.stop_after = resume, stop_after
@@ -345,7 +349,9 @@ class Supervisor:
                                     f"{self.run.path}", 130, step=out.step)
             if out.status is Status.USER_ERROR:
                 return self._finish("failed", f"[red]error:[/] {out.reason}", 2, reason=out.reason)
-            if out.status is Status.OOM:
+            if out.status is Status.RESIZE:
+                oom_steps += 1  # taking a host back is no failure: it uses up no restart
+            elif out.status is Status.OOM:
                 if not self._reconfigure(out):
                     reason = (f"out of memory ({out.reason}) and nothing smaller is left to try: use more devices, "
                               "a smaller model or --seq-len, or a larger --memory-budget")
@@ -358,8 +364,51 @@ class Supervisor:
             attempt += 1
             resume = True
             self.run.event("restart", attempt=attempt, reason=out.reason)
-            if out.status is not Status.OOM:
+            if out.status not in (Status.OOM, Status.RESIZE):
                 self.view.note(f"[yellow]restart {attempt - oom_steps}/{self.max_restarts}:[/] {out.reason}")
+            if self.members.enabled:
+                self._membership(out)
+
+    def _membership(self, out: Outcome) -> None:
+        """Elastic runs (--min-devices): exclude or re-admit hosts before the relaunch, and re-split
+        the global batch over the devices that remain (elastic.py)."""
+        m = self.members
+        before = [h.name for h in m.active]
+        if out.status is Status.RESIZE:
+            for h in m.readmittable():
+                m.readmit(h)
+                self.run.event("readmit", host=h.name)
+                self.view.note(f"[green]readmit {h.name}:[/] it answers again")
+        else:
+            suspects = []
+            blamed = m.blame(out.host)
+            if blamed:
+                suspects += [(h, f"{blamed} ({out.reason})") for h in m.active if h.name == out.host]
+            suspects += [(h, f"unreachable at relaunch: {why}") for h, why in m.unreachable()]
+            for h, why in dict((h.name, (h, w)) for h, w in suspects).values():
+                if not m.can_exclude(h):
+                    self.view.note(f"[yellow]{h.name} {why}; kept: without it fewer than --min-devices "
+                                   f"{m.min_devices} remain[/]")
+                    continue
+                m.exclude(h, why)
+                self.run.event("exclude", host=h.name, reason=why)
+                self.view.note(f"[yellow]exclude {h.name}:[/] {why}")
+        if [h.name for h in m.active] == before:
+            return
+        try:
+            new = elastic.resplit(self.cfg, m.active)
+        except UserError as exc:
+            self.view.note(f"[yellow]cannot resize:[/] {exc}")
+            return
+        d = new.dist
+        self.run.event("resize", hosts=[h.name for h in m.active], devices=d.num_devices,
+                       global_batch=d.global_batch_size, batch_size_per_device=d.batch_size_per_device,
+                       gradient_accumulation=d.gradient_accumulation)
+        self.view.note(f"[yellow]resize:[/] {d.num_devices} devices ({', '.join(h.name for h in m.active)}), "
+                       f"{d.batch_size_per_device} per device x {d.gradient_accumulation} accumulation, global batch "
+                       f"{d.global_batch_size}")
+        new.to_yaml(self.run.config_path)
+        self.cfg, self.hosts = new, list(m.active)
 
     def _reconfigure(self, out: Outcome) -> bool:
         """After out-of-memory: record it, take the policy's next configuration; False when none is left."""
@@ -411,6 +460,8 @@ class Supervisor:
             if now >= next_check:  # once a second, however busy the inbox
                 next_check = now + 1.0
                 stall = s.dog.check() if failure is None else None
+                if self.members.enabled:
+                    self.members.tick()  # probes excluded hosts in the background
                 if stall:
                     end(self._stalled(s, stall))
                 elif give_up is not None and now > give_up:
@@ -460,8 +511,11 @@ class Supervisor:
         where = f"rank {rank}" if len(proc.spec.ranks) == 1 else "mpirun"
         facts = CrashFacts(rank, code, self._attempt_log(rank), s.group.peaks.get(rank, 0),
                            s.group.budgets.get(rank, 0), s.group.oom)
-        return classify_exit(self.cfg, self.oom, facts, where, s.step, set(proc.spec.ranks) <= s.finished,
-                             self._log_error(rank) if code == protocol.EXIT_USER_ERROR else "")
+        out = classify_exit(self.cfg, self.oom, facts, where, s.step, set(proc.spec.ranks) <= s.finished,
+                            self._log_error(rank) if code == protocol.EXIT_USER_ERROR else "")
+        if out is not None and len(proc.spec.ranks) == 1:
+            out.host = s.group.host_of(rank)
+        return out
 
     def _stalled(self, s: _State, stall: Stall) -> Outcome:
         # Peers of a frozen rank wait in its collective and go quiet too; a local process that the
@@ -477,7 +531,7 @@ class Supervisor:
         self.run.event("stall", rank=suspect, host=host, step=step, phase=stall.phase,
                        quiet_s=round(stall.quiet_s, 1), timeout_s=stall.timeout_s, quiet=stall.quiet)
         return Outcome(Status.FAILED, s.step, f"no progress from rank {suspect} on {host} for {stall.quiet_s:.0f} s "
-                                              f"(allowed {stall.timeout_s:.0f} s after its {stall.phase})")
+                                              f"(allowed {stall.timeout_s:.0f} s after its {stall.phase})", host=host)
 
     # -- one handler per message kind ---------------------------------------------------------------
     def _on_hello(self, s: _State, rank: int, msg: protocol.Hello) -> None:
@@ -534,7 +588,15 @@ class Supervisor:
     def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> Optional[Outcome]:
         self.run.event("checkpoint", step=msg.step, **({} if msg.agreed is None else {"agreed": msg.agreed}))
         self.agreement.checkpoint(msg.step, msg.agreed)
-        return self._diverged(s, msg.step, msg.param_checksum)
+        diverged = self._diverged(s, msg.step, msg.param_checksum)
+        if diverged or not self.members.enabled:
+            return diverged
+        self.members.progressed()
+        back = self.members.readmittable()
+        if back:  # relaunch from this checkpoint with the host(s) back in
+            return Outcome(Status.RESIZE, msg.step, f"{', '.join(h.name for h in back)} answer again: re-admitting "
+                                                    f"at the checkpoint of step {msg.step}")
+        return None
 
     def _on_warning(self, s: _State, rank: int, msg: protocol.RankWarning) -> None:
         self.run.event(msg.event, rank=rank, **msg.details)

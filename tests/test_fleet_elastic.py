@@ -55,3 +55,34 @@ def test_host_lost_for_good_is_excluded_and_the_run_goes_on(fleet, cluster, corp
     for k in a:
         np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=1e-3, atol=1e-4, err_msg=k)
     assert_ranks_gone(rank_pids(run), timeout=90, what="a rank outlived the elastic run (h3's, once its link is back)")
+
+
+def test_host_back_is_readmitted_at_a_checkpoint(fleet, cluster, corpus, tmp_path):
+    run = tmp_path / "readmit"
+    proc = train_on_fleet(fleet, cluster, corpus, run, "--steps", "600", "--checkpoint-every", "20", "--log-every", "20",
+                          "--eval-every", "1000", "--no-live", "--min-devices", "2", popen=True)
+    try:
+        wait_for(lambda: events(run, "checkpoint"), 120, "the first checkpoint")
+        fleet_tools.link_down("h3")
+        try:
+            wait_for(lambda: events(run, "exclude"), 120, "h3's exclusion")
+        finally:
+            fleet_tools.link_up("h3")
+        wait_for(lambda: events(run, "readmit"), 180, "h3's re-admission")
+    except BaseException:
+        proc.kill()
+        raise
+    _finish(proc, run)
+    kinds = [e["event"] for e in events(run)]
+    assert kinds.index("exclude") < kinds.index("readmit"), kinds
+    readmit = events(run, "readmit")[0]
+    assert readmit["host"] == "h3"
+    # Re-admitted at a checkpoint and relaunched from it: no step of progress lost.
+    restart = [e for e in events(run, "restart") if e["time"] <= readmit["time"]][-1]
+    at = int(restart["reason"].rsplit("checkpoint of step ", 1)[1])
+    assert [e["step"] for e in events(run, "resume") if e["time"] > readmit["time"]][0] == at
+    resizes = events(run, "resize")
+    assert [r["devices"] for r in resizes] == [2, 3] and resizes[1]["hosts"] == ["h1", "h2", "h3"], resizes
+    assert sorted(r["host"] for r in events(run, "launch")[-1]["ranks"]) == ["h1", "h2", "h3"]
+    assert all(r["global_batch"] == 12 for r in resizes)
+    assert_ranks_gone(rank_pids(run), timeout=90)

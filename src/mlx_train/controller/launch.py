@@ -87,6 +87,12 @@ def _remote_command(env: Dict[str, str], argv: List[str]) -> str:
     return " ".join(["exec", "env", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
 
 
+def test_hooks() -> Dict[str, str]:
+    """The fault-injection switches of the tests (MLX_TRAIN_TEST_*, off unless set), which must
+    reach remote ranks too: ssh does not forward the environment."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLX_TRAIN_TEST_")}
+
+
 def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper: List[str]) -> List[RankProc]:
     per_rank = rank_hosts(hosts)
     n = len(per_rank)
@@ -98,7 +104,7 @@ def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper
         argv = [host.python, *base_args, "--ranks-on-host", str(host.slots)]
         if n > 1:  # a ring of one would wait for a peer that never comes
             argv += ["--rank", str(rank), "--ring-hosts", peers]
-        env = {"PYTHONUNBUFFERED": "1"}
+        env = {"PYTHONUNBUFFERED": "1", **test_hooks()}
         if host.local:
             procs.append(RankProc([*wrapper, *argv], {**os.environ, **env}, host.name, [rank]))
         else:

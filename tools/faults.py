@@ -95,7 +95,7 @@ class Fault:
     what: str
     inject: Callable[[Ctx], None]
     hook: Dict[str, str] = field(default_factory=dict)  # a test hook's environment (injects by itself)
-    prepare: Optional[Callable[[Ctx], None]] = None
+    prepare: Optional[Callable[[Ctx], None]] = None    # right after the run starts
     after: Optional[Callable[[Ctx], None]] = None      # once the run is over: undo what is left
 
 
@@ -148,8 +148,9 @@ def _ckpt_dir(ctx: Ctx) -> Path:
 
 
 def _tmpfs_on_h1(ctx: Ctx) -> None:
-    # Rank 0 (on h1) writes checkpoints: their storage is a small tmpfs in h1's own mount namespace.
-    _ckpt_dir(ctx).mkdir(parents=True)
+    # Rank 0 (on h1) writes checkpoints: their storage is a small tmpfs in h1's own mount namespace,
+    # mounted once the supervisor made the run directory and before the ranks are up.
+    wait_for(lambda: _ckpt_dir(ctx).is_dir(), 60, "the run directory")
     ctx.fleet.run_in("h1", ["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", str(_ckpt_dir(ctx))], check=True)
 
 
@@ -171,6 +172,8 @@ def _unmount_h1(ctx: Ctx) -> None:
 
 
 def _corrupt_newest(ctx: Ctx) -> None:
+    # Past two checkpoints, so that there is an intact one behind the corrupted newest.
+    wait_for(lambda: len(ctx.events("checkpoint")) >= 2, 120, "a second checkpoint")
     _signal_rank("KILL")(ctx)  # the group stops: no newer checkpoint can be completed
     time.sleep(1.0)
     newest = sorted(p for p in _ckpt_dir(ctx).iterdir() if p.name.startswith("step-"))[-1]
@@ -272,10 +275,10 @@ def run_one(fleet, cluster: Path, corpus: Path, root: Path, fault: Optional[Faul
     env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200",
            **(fault.hook if fault else {})}
     ctx = Ctx(fleet, cluster, corpus, run, env)
-    if fault and fault.prepare:
-        fault.prepare(ctx)
     ctx.start("--run-dir", str(run))
     try:
+        if fault and fault.prepare:
+            fault.prepare(ctx)
         if fault is None:
             out, _ = ctx.proc.communicate(timeout=600)
             if ctx.proc.returncode:
@@ -337,14 +340,66 @@ def setup(root: Path):
     return fleet, cluster, corpus
 
 
+# Faults a long run can take again and again (the test hooks act once, in a first attempt only).
+SOAK = ["kill-rank", "sigstop-rank", "link-down-10s", "loss-100", "corrupt-checkpoint", "controller-kill"]
+
+
+def soak(fleet, cluster, corpus, root: Path, n: int, seed: int) -> str:
+    """n random faults, one after another, in one long run; each must be followed by progress."""
+    import random
+
+    rng = random.Random(seed)
+    run = root / "soak"
+    env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
+    ctx = Ctx(fleet, cluster, corpus, run, env)
+    global JOB
+    JOB = [a if a != str(STEPS) else "100000" for a in JOB]
+    JOB[JOB.index("--max-restarts") + 1] = str(4 * n)
+    ctx.start("--run-dir", str(run))
+    faults = {f.name: f for f in FAULTS}
+    lines, t0 = [], time.time()
+    try:
+        for i in range(n):
+            name = rng.choice(SOAK)
+            top = max((m["step"] for m in ctx.metrics()), default=0)
+            wait_for(lambda: max((m["step"] for m in ctx.metrics()), default=0) >= top + 15, 300,
+                     f"progress before fault {i + 1}")
+            t = time.time()
+            faults[name].inject(ctx)
+            wait_for(lambda: any(m["time"] > t and m["step"] > 0 for m in ctx.metrics()
+                                 if m.get("time", 0) > max([e["time"] for e in ctx.events("resume")
+                                                            if e["time"] > t] or [t])), 300,
+                     f"a step after fault {i + 1} ({name})")
+            back = min(m["time"] for m in ctx.metrics() if m.get("time", 0) > t) - t
+            lines.append(f"{i + 1:2d}. {name}: training again after {back:.1f} s")
+            print(lines[-1], flush=True)
+    finally:
+        if ctx.proc.poll() is None:
+            ctx.proc.send_signal(signal.SIGINT)
+            ctx.proc.communicate(timeout=120)
+        for h in ("h1", "h2", "h3"):
+            fleet_tools.clear_faults(h)
+    restarts = len(ctx.events("restart"))
+    return (f"Soak: {len(lines)}/{n} faults survived in one run ({time.time() - t0:.0f} s, {restarts} restarts, "
+            f"last step {max(m['step'] for m in ctx.metrics())}):\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=[f.name for f in FAULTS], help="these faults only")
+    p.add_argument("--soak", type=int, metavar="N", help="instead: N random faults in one long run")
+    p.add_argument("--seed", type=int, default=0, help="the soak's choice of faults")
     p.add_argument("--output", default=str(REPO / "build" / "faults.md"))
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="mlx-train-faults-", dir="/tmp"))
     t0 = time.time()
     fleet, cluster, corpus = setup(root)
+    if args.soak:
+        text = soak(fleet, cluster, corpus, root, args.soak, args.seed)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print("\n" + text)
+        return 0 if text.startswith(f"Soak: {args.soak}/") else 1
     run_one(fleet, cluster, corpus, root, None, None)
     base = final_params(root / "baseline")
     rows = []

@@ -357,30 +357,37 @@ def soak(fleet, cluster, corpus, root: Path, n: int, seed: int) -> str:
     JOB[JOB.index("--max-restarts") + 1] = str(4 * n)
     ctx.start("--run-dir", str(run))
     faults = {f.name: f for f in FAULTS}
-    lines, t0 = [], time.time()
+    done, t0 = [], time.time()
+
+    def top() -> int:
+        return max((m["step"] for m in ctx.metrics()), default=0)
     try:
         for i in range(n):
             name = rng.choice(SOAK)
-            top = max((m["step"] for m in ctx.metrics()), default=0)
-            wait_for(lambda: max((m["step"] for m in ctx.metrics()), default=0) >= top + 15, 300,
-                     f"progress before fault {i + 1}")
+            before = top()
+            wait_for(lambda: top() >= before + 15, 300, f"progress before fault {i + 1}")
             t = time.time()
             faults[name].inject(ctx)
-            wait_for(lambda: any(m["time"] > t and m["step"] > 0 for m in ctx.metrics()
-                                 if m.get("time", 0) > max([e["time"] for e in ctx.events("resume")
-                                                            if e["time"] > t] or [t])), 300,
-                     f"a step after fault {i + 1} ({name})")
-            back = min(m["time"] for m in ctx.metrics() if m.get("time", 0) > t) - t
-            lines.append(f"{i + 1:2d}. {name}: training again after {back:.1f} s")
-            print(lines[-1], flush=True)
+            done.append((name, t))
+            print(f"{i + 1:2d}. {name}", flush=True)
+        before = top()
+        wait_for(lambda: top() >= before + 15, 300, "progress after the last fault")
     finally:
         if ctx.proc.poll() is None:
             ctx.proc.send_signal(signal.SIGINT)
             ctx.proc.communicate(timeout=120)
         for h in ("h1", "h2", "h3"):
             fleet_tools.clear_faults(h)
+    # Afterwards, per fault: the first step after the last relaunch it caused (or after it, if none).
+    lines, ms, resumes = [], ctx.metrics(), [e["time"] for e in ctx.events("resume")]
+    for i, (name, t) in enumerate(done):
+        end = done[i + 1][1] if i + 1 < len(done) else float("inf")
+        since = max([r for r in resumes if t <= r < end] or [t])
+        nxt = [m["time"] for m in ms if since < m.get("time", 0) < end]
+        lines.append(f"{i + 1:2d}. {name}: " + (f"training again after {min(nxt) - t:.1f} s" if nxt else "NOT recovered"))
+    survived = sum("NOT" not in line for line in lines)
     restarts = len(ctx.events("restart"))
-    return (f"Soak: {len(lines)}/{n} faults survived in one run ({time.time() - t0:.0f} s, {restarts} restarts, "
+    return (f"Soak: {survived}/{n} faults survived in one run ({time.time() - t0:.0f} s, {restarts} restarts, "
             f"last step {max(m['step'] for m in ctx.metrics())}):\n\n" + "\n".join(lines) + "\n")
 
 

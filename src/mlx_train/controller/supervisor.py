@@ -43,7 +43,7 @@ STOP_GRACE_S = 5.0
 # After a process exits, how long its pipe may still deliver what it wrote before it died.
 DRAIN_S = 2.0
 # Skipped (non-finite) steps in a row after which the group restarts from its last checkpoint.
-ROLLBACK_AFTER_BAD_STEPS = 3
+ROLLBACK_AFTER_BAD_STEPS = protocol.ROLLBACK_AFTER_BAD_STEPS
 
 
 class Status(enum.Enum):

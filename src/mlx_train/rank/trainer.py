@@ -72,6 +72,9 @@ class Trainer:
                 self.stepper.set_params(real)
             step += 1
             self.bad_steps.after(step, stats, self.rank)
+            if self.bad_steps.in_a_row >= protocol.ROLLBACK_AFTER_BAD_STEPS:  # every rank alike (agreed flag)
+                sys.stdout.flush()
+                sys.exit(protocol.EXIT_ROLLBACK)  # the supervisor rolls back; no checkpoint of this state
             step_s = time.perf_counter() - t0
             window.append((step_s, stats))
             protocol.emit(protocol.Heartbeat(step=step, peak=mx.get_peak_memory(), step_s=step_s))

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 INVENTORY ?= $(if $(wildcard .fleet/inventory.yml),.fleet/inventory.yml,inventory/local.yml)
 N ?= 3
 
-.PHONY: install train test test-unit bench provision fleet-up fleet-down reset lint clean
+.PHONY: install train test test-unit bench faults provision fleet-up fleet-down reset lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test-unit: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# The fault matrix on the test fleet (root): docs/reliability.md; the table goes to build/faults.md.
+faults: install
+	$(BIN)/python tools/faults.py $(if $(ONLY),--only $(ONLY))
 
 provision: install
 	PATH=$(CURDIR)/$(BIN):$$PATH ANSIBLE_CONFIG=$(CURDIR)/ansible/ansible.cfg \

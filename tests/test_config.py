@@ -122,7 +122,7 @@ def test_every_flag_comes_from_a_field():
                      "--warmup", "--precision", "--grad-checkpoint", "--seed", "--optimize-memory",
                      "--memory-budget", "--config", "--run-dir", "--resume", "--log-every", "--eval-every",
                      "--checkpoint-every", "--keep-checkpoints", "--max-restarts", "--stall-timeout",
-                     "--stop-after", "--no-live", "--rank-wrapper",
+                     "--stop-after", "--no-live", "--rank-wrapper", "--min-devices", "--max-devices",
                      # pretrained models (docs/fine_tuning.md)
                      "--val-fraction", "--mask-prompt", "--packing", "--fine-tune", "--lora-rank", "--lora-scale",
                      "--lora-dropout", "--lora-layers", "--lora-keys"}

@@ -26,6 +26,14 @@ def start_detached(fleet, host: str, code: str) -> int:
     return int(res.stdout.strip())
 
 
+def _children(pid: int) -> list:
+    """Child pids of `pid` (the fleet shares this machine's pid namespace)."""
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
 def test_reset_kills_recorded_stray_only(fleet, cluster, tmp_path):
     stray = start_detached(fleet, "h2", 'from mlx_train.rank import pidrecords; import time; '
                                         'pidrecords.write("stray-test", 1, "/tmp/nowhere"); time.sleep(600)')
@@ -45,15 +53,17 @@ def test_reset_kills_recorded_stray_only(fleet, cluster, tmp_path):
 
 
 def test_reset_stops_remote_ranks_orphaned_by_a_killed_supervisor(fleet, cluster, corpus, tmp_path):
-    """A rank that cannot notice its supervisor is gone (here frozen with SIGSTOP, like a sleeping
-    laptop or a rank stuck in an all_sum with a vanished peer) outlives a SIGKILLed supervisor."""
+    """A rank that cannot notice its supervisor is gone (here a sleeping laptop: the rank and its
+    lifeline guardian both frozen with SIGSTOP) outlives a SIGKILLed supervisor."""
     run = tmp_path / "orphaned"
     proc = train_on_fleet(fleet, cluster, corpus, run, "--steps", "100000", "--no-live", popen=True)
     try:
         launch = wait_for(lambda: events(run, "launch"), 120, "the run's launch")[0]
         frozen = launch["ranks"][1]
         assert frozen["host"] == "h2"
-        fleet.run_in("h2", ["kill", "-STOP", str(frozen["pid"])], check=True)
+        guardians = _children(frozen["pid"])
+        assert guardians, "the rank has no lifeline guardian"
+        fleet.run_in("h2", ["kill", "-STOP", str(frozen["pid"]), *map(str, guardians)], check=True)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         assert is_worker(frozen["pid"]), "the frozen rank did not outlive its supervisor: nothing to reset"
@@ -65,6 +75,8 @@ def test_reset_stops_remote_ranks_orphaned_by_a_killed_supervisor(fleet, cluster
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
+        for pid in (guardians if "guardians" in locals() else []):
+            fleet.run_in("h2", ["kill", "-CONT", str(pid)], check=False)  # it sees its rank gone and ends
         for r in (launch["ranks"] if "launch" in locals() else []):
             if is_worker(r["pid"]):
                 fleet.run_in(r["host"], ["kill", "-9", str(r["pid"])], check=False)

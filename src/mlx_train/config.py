@@ -244,6 +244,11 @@ class RunOptions:
                                           "adaptive, 5 x the median step, at least 10 s, with allowances for "
                                           "start-up, evaluation and checkpoints)", "--stall-timeout")
     stop_after: Optional[int] = knob(None, "checkpoint and stop cleanly after this step", "--stop-after")
+    min_devices: Optional[int] = knob(None, "elastic: exclude a host that fails repeatedly or cannot be reached and "
+                                            "go on with the rest while at least N devices remain (default: off)",
+                                      "--min-devices", metavar="N")
+    max_devices: Optional[int] = knob(None, "elastic: re-admit recovered hosts only up to N devices", "--max-devices",
+                                      metavar="N")
     optimize_memory: bool = knob(False, "start from the memory planner's split", "--optimize-memory")
     live: Optional[bool] = knob(None, "plain log lines instead of a progress bar", "--no-live", store_false=True)
     rank_wrapper: Optional[str] = knob(None, "prefix each local rank's command, e.g. 'taskset -c 0' or "
@@ -255,6 +260,12 @@ class RunOptions:
         check(self.stall_timeout is None or isinstance(self.stall_timeout, (int, float))
               and math.isfinite(self.stall_timeout) and self.stall_timeout > 0,
               f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")
+        for name in ("min_devices", "max_devices"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value > 0),
+                  f"--{name.replace('_', '-')} must be a positive number of devices, got {value}")
+        check(self.min_devices is None or self.max_devices is None or self.min_devices <= self.max_devices,
+              f"--min-devices ({self.min_devices}) must not exceed --max-devices ({self.max_devices})")
         check(self.stop_after is None or self.stop_after > 0,
               f"--stop-after must be a positive step, got {self.stop_after}")
         if self.rank_wrapper is not None:

@@ -22,6 +22,11 @@ PREFIX = "@mlx-train "
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_OUT_OF_MEMORY = 75  # the rank's peak passed --memory-budget (EX_TEMPFAIL: retry with less)
+EXIT_ROLLBACK = 76       # too many bad steps in a row: the rank stops before it writes another checkpoint
+
+# Skipped (non-finite) steps in a row after which the group goes back to its last checkpoint. The
+# ranks stop by themselves there: a checkpoint written after it would hold the skipped steps.
+ROLLBACK_AFTER_BAD_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,8 @@ class Resumed(Message):
 class Checkpoint(Message):
     step: int
     path: str
+    agreed: Optional[bool] = None          # every rank's parameters were identical when it was written
+    param_checksum: Optional[list] = None  # each rank's checksum then
 
 
 @_kind("warning")

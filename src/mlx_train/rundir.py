@@ -17,6 +17,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -91,8 +92,14 @@ class RunDir:
                             "--run-dir") from None
 
     def append(self, path: Path, record: dict) -> None:
-        with path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            # A full or read-only disk must not bring the supervisor down with its ranks running;
+            # the record is said on stderr instead (one line) and the run goes on.
+            print(f"warning: cannot record in {path} ({exc.strerror}): {json.dumps(record)[:300]}", file=sys.stderr,
+                  flush=True)
 
     def event(self, event: str, **fields) -> dict:
         record = {"event": event, "time": time.time(), **fields}
@@ -127,6 +134,35 @@ class RunDir:
             yield
         finally:
             fh.close()
+
+    def supervisor(self) -> Optional[int]:
+        """The pid of the supervisor that last held the run's lock (see lock()), or None."""
+        try:
+            words = (self.path / ".lock").read_text().split()
+        except OSError:
+            return None
+        return int(words[1]) if len(words) > 1 and words[0] == "pid" and words[1].isdigit() else None
+
+    def supervised(self) -> bool:
+        """Is the run's supervisor (on this machine) still running?"""
+        pid = self.supervisor()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # an unreaped zombie is gone for our purposes
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return True
+
+    def ended(self) -> bool:
+        """Did the run end (finished, failed, interrupted, stopped), by its events?"""
+        evs = self.events()
+        return bool(evs) and evs[-1].get("event") in ENDED
 
 
 def _number(v) -> bool:

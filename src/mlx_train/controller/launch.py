@@ -46,7 +46,7 @@ def rank_hosts(hosts: List[Host]) -> List[Host]:
 
 def worker_args(cfg: TrainConfig, run_dir: str, run_id: str, resume: bool, stop_after: Optional[int]) -> List[str]:
     args = ["-m", "mlx_train.rank.worker", "--config-json", json.dumps(cfg.to_dict(), separators=(",", ":")),
-            "--run-dir", run_dir, "--run-id", run_id]
+            "--run-dir", run_dir, "--run-id", run_id, "--lifeline"]
     if resume:
         args.append("--resume")
     if stop_after is not None:
@@ -87,6 +87,12 @@ def _remote_command(env: Dict[str, str], argv: List[str]) -> str:
     return " ".join(["exec", "env", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
 
 
+def test_hooks() -> Dict[str, str]:
+    """The fault-injection switches of the tests (MLX_TRAIN_TEST_*, off unless set), which must
+    reach remote ranks too: ssh does not forward the environment."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLX_TRAIN_TEST_")}
+
+
 def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper: List[str]) -> List[RankProc]:
     per_rank = rank_hosts(hosts)
     n = len(per_rank)
@@ -98,7 +104,7 @@ def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper
         argv = [host.python, *base_args, "--ranks-on-host", str(host.slots)]
         if n > 1:  # a ring of one would wait for a peer that never comes
             argv += ["--rank", str(rank), "--ring-hosts", peers]
-        env = {"PYTHONUNBUFFERED": "1"}
+        env = {"PYTHONUNBUFFERED": "1", **test_hooks()}
         if host.local:
             procs.append(RankProc([*wrapper, *argv], {**os.environ, **env}, host.name, [rank]))
         else:

@@ -228,6 +228,7 @@ def start(flags: dict, opts: RunOptions) -> int:
         start_step = int(steps[-1].name.split("-")[1]) if steps else 0
     view = ProgressView(cfg.steps, start_step, live=opts.live)
     sup = Supervisor(cfg, run, hosts, max_restarts=opts.max_restarts, stall_timeout=opts.stall_timeout,
+                     min_devices=opts.min_devices, max_devices=opts.max_devices,
                      resume=bool(opts.resume), stop_after=opts.stop_after, view=view, oom=OomPolicy(),
                      rank_wrapper=shlex.split(opts.rank_wrapper) if opts.rank_wrapper else None)
     return sup.supervise()

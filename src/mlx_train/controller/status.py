@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mlx_train.rank import pidrecords
 from mlx_train.units import human
-from mlx_train.rundir import RunDir
+from mlx_train.rundir import RUNS_ROOT, RunDir
 
 
 def system_memory() -> int:
@@ -46,17 +46,29 @@ def device_facts() -> Dict[str, str]:
     return facts
 
 
-def runs_in_progress() -> List[dict]:
+def runs_in_progress(root: Path = RUNS_ROOT) -> List[dict]:
+    """Runs with live ranks here, and runs that did not end but whose supervisor is gone (killed,
+    a lost terminal, a reboot): those wait for `train --resume`."""
     by_run: Dict[str, dict] = {}
     for rec in pidrecords.records():
-        if not rec["alive"]:
-            continue
-        run = by_run.setdefault(rec["run_id"], {"run_id": rec["run_id"], "run_dir": rec["run_dir"], "ranks": []})
-        run["ranks"].append(rec["rank"])
+        run = by_run.setdefault(rec["run_dir"], {"run_id": rec["run_id"], "run_dir": rec["run_dir"], "ranks": []})
+        if rec["alive"]:
+            run["ranks"].append(rec["rank"])
+    for d in (p for p in root.glob("*/") if (p / ".lock").is_file()) if root.is_dir() else []:
+        by_run.setdefault(str(d), {"run_id": d.name, "run_dir": str(d), "ranks": []})
+    runs = []
     for run in by_run.values():
-        metrics = RunDir(run["run_dir"]).metrics() if Path(run["run_dir"]).is_dir() else []
+        rd = RunDir(run["run_dir"])
+        supervised = rd.supervised()
+        if not run["ranks"] and (supervised or not rd.path.is_dir() or rd.ended() or rd.supervisor() is None):
+            continue
+        metrics = rd.metrics() if rd.path.is_dir() else []
         run["step"] = metrics[-1]["step"] if metrics else 0
-    return list(by_run.values())
+        pid = rd.supervisor()
+        run["supervisor"] = f"pid {pid}" if supervised else f"gone (pid {pid}): train --resume {rd.path}" \
+            if pid else "?"
+        runs.append(run)
+    return runs
 
 
 def status(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
@@ -68,10 +80,11 @@ def status(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
     console.print(t)
     runs = runs_in_progress()
     t = Table(title="runs in progress here", title_justify="left")
-    for col in ("run", "live ranks", "last step", "run dir"):
+    for col in ("run", "live ranks", "last step", "supervisor", "run dir"):
         t.add_column(col)
     for r in runs:
-        t.add_row(r["run_id"], ",".join(map(str, sorted(r["ranks"]))), str(r["step"]), r["run_dir"])
+        t.add_row(r["run_id"], ",".join(map(str, sorted(r["ranks"]))) or "none", str(r["step"]), r["supervisor"],
+                  r["run_dir"])
     console.print(t if runs else "runs in progress here: none")
     if not local_only:
         from mlx_train.fleet.status import print_fleet_status

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from mlx_train.controller import launch
+from mlx_train.controller import divergence, elastic, launch
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig
@@ -43,7 +43,7 @@ STOP_GRACE_S = 5.0
 # After a process exits, how long its pipe may still deliver what it wrote before it died.
 DRAIN_S = 2.0
 # Skipped (non-finite) steps in a row after which the group restarts from its last checkpoint.
-ROLLBACK_AFTER_BAD_STEPS = 3
+ROLLBACK_AFTER_BAD_STEPS = protocol.ROLLBACK_AFTER_BAD_STEPS
 
 
 class Status(enum.Enum):
@@ -53,6 +53,7 @@ class Status(enum.Enum):
     OOM = "oom"
     USER_ERROR = "user_error"
     INTERRUPTED = "interrupted"
+    RESIZE = "resize"              # an excluded host is back: relaunch from the checkpoint just written
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Outcome:
     step: int = 0
     reason: str = ""
     oom: Optional[dict] = None
+    host: Optional[str] = None     # the host that ended the attempt, when one did (elastic.py)
 
 
 def _die_with_parent() -> None:
@@ -133,7 +135,8 @@ class Attempt:
                 self.logs[r] = run.log_path(r).open("a", buffering=1)
                 self.logs[r].write(f"==== attempt {number} on {spec.host} ====\n")
             try:
-                popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                # stdin: a pipe kept open and never written, the rank's lifeline (rank/lifeline.py).
+                popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
                                          preexec_fn=_die_with_parent)
             except OSError as exc:
@@ -187,13 +190,13 @@ class Attempt:
             return  # a straggler of an attempt that is over
         msg = protocol.parse(line)
         if msg is None:
-            log.write(line + "\n")
+            _append(log, line + "\n")
             return
         if isinstance(msg, protocol.Malformed):
-            log.write(f"[supervisor] ignored a malformed protocol line ({msg.why}): {line}\n")
+            _append(log, f"[supervisor] ignored a malformed protocol line ({msg.why}): {line}\n")
             return
         if not isinstance(msg, protocol.Heartbeat):
-            log.write(line + "\n")
+            _append(log, line + "\n")
         self.inbox.put(("msg", self.number, rank, msg))
 
     def _wait(self, index: int, proc: _Proc) -> None:
@@ -260,6 +263,15 @@ class Attempt:
     def close(self) -> None:
         for f in self.logs.values():
             f.close()
+        for p in self.procs:
+            p.popen.stdin.close()  # the lifeline: a rank still running anywhere ends now
+
+
+def _append(log, text: str) -> None:
+    try:
+        log.write(text)
+    except OSError:
+        pass  # a full disk loses log text, never a message (the pump must go on reading)
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -284,8 +296,10 @@ class Supervisor:
     def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int,
                  stall_timeout: Optional[float], resume: bool = False, stop_after: Optional[int] = None,
                  view: Optional[ProgressView] = None, rank_wrapper: Optional[List[str]] = None,
-                 oom: Optional[OomPolicy] = None, allowances: Allowances = Allowances()):
+                 oom: Optional[OomPolicy] = None, allowances: Allowances = Allowances(),
+                 min_devices: Optional[int] = None, max_devices: Optional[int] = None):
         self.cfg, self.run, self.hosts = cfg, run, hosts
+        self.members = elastic.Membership(hosts, min_devices, max_devices)
         # stall_timeout None: the watchdog adapts to the run's pace (watchdog.py).
         self.max_restarts, self.stall_timeout, self.allowances = max_restarts, stall_timeout, allowances
         self.resume, self.stop_after = resume, stop_after
@@ -293,6 +307,7 @@ class Supervisor:
         # Without a policy (the tuner's trials) out-of-memory is recognised but never reconfigured.
         self.oom = oom or OomPolicy(recover=False)
         self.inbox: "queue.Queue" = queue.Queue()
+        self.agreement = divergence.Agreement()
         self.rank_wrapper = rank_wrapper or []
         self.handlers = {
             protocol.Hello: self._on_hello, protocol.Budget: self._on_budget, protocol.Start: self._on_start,
@@ -334,7 +349,9 @@ class Supervisor:
                                     f"{self.run.path}", 130, step=out.step)
             if out.status is Status.USER_ERROR:
                 return self._finish("failed", f"[red]error:[/] {out.reason}", 2, reason=out.reason)
-            if out.status is Status.OOM:
+            if out.status is Status.RESIZE:
+                oom_steps += 1  # taking a host back is no failure: it uses up no restart
+            elif out.status is Status.OOM:
                 if not self._reconfigure(out):
                     reason = (f"out of memory ({out.reason}) and nothing smaller is left to try: use more devices, "
                               "a smaller model or --seq-len, or a larger --memory-budget")
@@ -347,8 +364,51 @@ class Supervisor:
             attempt += 1
             resume = True
             self.run.event("restart", attempt=attempt, reason=out.reason)
-            if out.status is not Status.OOM:
+            if out.status not in (Status.OOM, Status.RESIZE):
                 self.view.note(f"[yellow]restart {attempt - oom_steps}/{self.max_restarts}:[/] {out.reason}")
+            if self.members.enabled:
+                self._membership(out)
+
+    def _membership(self, out: Outcome) -> None:
+        """Elastic runs (--min-devices): exclude or re-admit hosts before the relaunch, and re-split
+        the global batch over the devices that remain (elastic.py)."""
+        m = self.members
+        before = [h.name for h in m.active]
+        if out.status is Status.RESIZE:
+            for h in m.readmittable():
+                m.readmit(h)
+                self.run.event("readmit", host=h.name)
+                self.view.note(f"[green]readmit {h.name}:[/] it answers again")
+        else:
+            suspects = []
+            blamed = m.blame(out.host)
+            if blamed:
+                suspects += [(h, f"{blamed} ({out.reason})") for h in m.active if h.name == out.host]
+            suspects += [(h, f"unreachable at relaunch: {why}") for h, why in m.unreachable()]
+            for h, why in dict((h.name, (h, w)) for h, w in suspects).values():
+                if not m.can_exclude(h):
+                    self.view.note(f"[yellow]{h.name} {why}; kept: without it fewer than --min-devices "
+                                   f"{m.min_devices} remain[/]")
+                    continue
+                m.exclude(h, why)
+                self.run.event("exclude", host=h.name, reason=why)
+                self.view.note(f"[yellow]exclude {h.name}:[/] {why}")
+        if [h.name for h in m.active] == before:
+            return
+        try:
+            new = elastic.resplit(self.cfg, m.active)
+        except UserError as exc:
+            self.view.note(f"[yellow]cannot resize:[/] {exc}")
+            return
+        d = new.dist
+        self.run.event("resize", hosts=[h.name for h in m.active], devices=d.num_devices,
+                       global_batch=d.global_batch_size, batch_size_per_device=d.batch_size_per_device,
+                       gradient_accumulation=d.gradient_accumulation)
+        self.view.note(f"[yellow]resize:[/] {d.num_devices} devices ({', '.join(h.name for h in m.active)}), "
+                       f"{d.batch_size_per_device} per device x {d.gradient_accumulation} accumulation, global batch "
+                       f"{d.global_batch_size}")
+        new.to_yaml(self.run.config_path)
+        self.cfg, self.hosts = new, list(m.active)
 
     def _reconfigure(self, out: Outcome) -> bool:
         """After out-of-memory: record it, take the policy's next configuration; False when none is left."""
@@ -400,6 +460,8 @@ class Supervisor:
             if now >= next_check:  # once a second, however busy the inbox
                 next_check = now + 1.0
                 stall = s.dog.check() if failure is None else None
+                if self.members.enabled:
+                    self.members.tick()  # probes excluded hosts in the background
                 if stall:
                     end(self._stalled(s, stall))
                 elif give_up is not None and now > give_up:
@@ -449,8 +511,11 @@ class Supervisor:
         where = f"rank {rank}" if len(proc.spec.ranks) == 1 else "mpirun"
         facts = CrashFacts(rank, code, self._attempt_log(rank), s.group.peaks.get(rank, 0),
                            s.group.budgets.get(rank, 0), s.group.oom)
-        return classify_exit(self.cfg, self.oom, facts, where, s.step, set(proc.spec.ranks) <= s.finished,
-                             self._log_error(rank) if code == protocol.EXIT_USER_ERROR else "")
+        out = classify_exit(self.cfg, self.oom, facts, where, s.step, set(proc.spec.ranks) <= s.finished,
+                            self._log_error(rank) if code == protocol.EXIT_USER_ERROR else "")
+        if out is not None and len(proc.spec.ranks) == 1:
+            out.host = s.group.host_of(rank)
+        return out
 
     def _stalled(self, s: _State, stall: Stall) -> Outcome:
         # Peers of a frozen rank wait in its collective and go quiet too; a local process that the
@@ -466,7 +531,7 @@ class Supervisor:
         self.run.event("stall", rank=suspect, host=host, step=step, phase=stall.phase,
                        quiet_s=round(stall.quiet_s, 1), timeout_s=stall.timeout_s, quiet=stall.quiet)
         return Outcome(Status.FAILED, s.step, f"no progress from rank {suspect} on {host} for {stall.quiet_s:.0f} s "
-                                              f"(allowed {stall.timeout_s:.0f} s after its {stall.phase})")
+                                              f"(allowed {stall.timeout_s:.0f} s after its {stall.phase})", host=host)
 
     # -- one handler per message kind ---------------------------------------------------------------
     def _on_hello(self, s: _State, rank: int, msg: protocol.Hello) -> None:
@@ -494,10 +559,24 @@ class Supervisor:
     def _on_phase(self, s: _State, rank: int, msg: protocol.Phase) -> None:
         s.dog.phase(rank, msg.name, msg.step, msg.done)
 
-    def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> None:
+    def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> Optional[Outcome]:
         record = {**msg.fields(), "time": time.time(), "attempt": s.group.number}
         self.run.append(self.run.metrics_path, record)
         self.view.metrics(record)
+        return self._diverged(s, msg.step, msg.param_checksum)
+
+    def _diverged(self, s: _State, step: int, checksums: Optional[list]) -> Optional[Outcome]:
+        odd = divergence.odd_ranks(checksums or [])
+        if not odd:
+            return None
+        back = self.agreement.rollback_step()
+        hosts = [s.group.host_of(r) for r in odd]
+        self.run.event("diverged", rank=odd[0], ranks=odd, hosts=hosts, step=step, param_checksum=checksums,
+                       rollback_to=back)
+        where = ", ".join(f"rank {r} on {h}" for r, h in zip(odd, hosts))
+        return Outcome(Status.FAILED, s.step, f"{where} diverged from the others' parameters at step {step}: rolling "
+                                              "back to the newest checkpoint written while all ranks agreed"
+                                              + (f" (step {back})" if back is not None else ""))
 
     def _on_resumed(self, s: _State, rank: int, msg: protocol.Resumed) -> None:
         if msg.checkpoint is None:
@@ -506,12 +585,22 @@ class Supervisor:
             self.run.event("resume", step=msg.step, checkpoint=msg.checkpoint)
         s.step = msg.step
 
-    def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> None:
-        self.run.event("checkpoint", step=msg.step)
+    def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> Optional[Outcome]:
+        self.run.event("checkpoint", step=msg.step, **({} if msg.agreed is None else {"agreed": msg.agreed}))
+        self.agreement.checkpoint(msg.step, msg.agreed)
+        diverged = self._diverged(s, msg.step, msg.param_checksum)
+        if diverged or not self.members.enabled:
+            return diverged
+        self.members.progressed()
+        back = self.members.readmittable()
+        if back:  # relaunch from this checkpoint with the host(s) back in
+            return Outcome(Status.RESIZE, msg.step, f"{', '.join(h.name for h in back)} answer again: re-admitting "
+                                                    f"at the checkpoint of step {msg.step}")
+        return None
 
     def _on_warning(self, s: _State, rank: int, msg: protocol.RankWarning) -> None:
         self.run.event(msg.event, rank=rank, **msg.details)
-        self.view.note(f"[yellow]warning:[/] {msg.event} {msg.details}")
+        self.view.note(f"[yellow]warning:[/] {msg.event}: {msg.details.get('reason') or msg.details}")
 
     def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> Optional[Outcome]:
         self.run.event("bad_step", **msg.fields())

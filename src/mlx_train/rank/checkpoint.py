@@ -12,6 +12,7 @@ the data order is a pure function of (seed, step) and the trainer reseeds the RN
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -59,25 +60,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteFailed(Exception):
+    """A checkpoint could not be written (disk full, no permission, read-only): nothing of it is left."""
+
+
 def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str, mx.array],
          meta: Optional[dict] = None, keep: int = 3) -> Path:
-    """Write checkpoint `step` under `root` atomically and keep only the newest `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` under `root` atomically and keep only the newest `keep`.
+
+    Raises WriteFailed when the storage refuses it; the partial temporary directory is removed
+    and every existing checkpoint is left as it was."""
     final = root / step_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    arrays = {"model": model, "optimizer": optimizer}
-    files = {}
-    for name, tree in arrays.items():
-        path = tmp / f"{name}.safetensors"
-        mx.save_safetensors(str(path), tree)
-        files[path.name] = _sha256(path)
-    manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files, "meta": meta or {}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        files = {}
+        for name, tree in {"model": model, "optimizer": optimizer}.items():
+            path = tmp / f"{name}.safetensors"
+            mx.save_safetensors(str(path), tree)
+            files[path.name] = _sha256(path)
+        manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files, "meta": meta or {}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for f in tmp.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    except (OSError, RuntimeError, ValueError) as exc:  # MLX reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(v.nbytes for tree in (model, optimizer) for v in tree.values())
+        raise WriteFailed(f"cannot write {final.name} in {root}: {_why(exc, root, need)}") from exc
     if final.exists():  # a rerun of the same step after a restart: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -86,13 +98,38 @@ def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str,
     return final
 
 
+def _why(exc: BaseException, root: Path, need: int) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    try:  # MLX's own write error names no cause; a disk without room for the arrays is the usual one
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if free is not None and free < need:
+        return (f"{os.strerror(errno.ENOSPC)} (ENOSPC): {need / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free "
+                f"[{exc}]")
+    return str(exc) or exc.__class__.__name__
+
+
 def step_name(step: int) -> str:
     return f"{_PREFIX}{step:06d}"
 
 
+def agreed(path: Path) -> bool:
+    """Were the ranks' parameters identical when `path` was written? (Older checkpoints: assumed.)"""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("meta", {}).get("agreed") is not False
+    except (OSError, ValueError):
+        return False
+
+
 def prune(root: Path, keep: int) -> None:
-    for old in list_steps(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest `keep`, and always the newest one written while the ranks agreed."""
+    steps = list_steps(root)
+    safe = next((p for p in reversed(steps) if agreed(p)), None)
+    for old in steps[:-keep]:
+        if old != safe:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_steps(root: Path) -> List[Path]:
@@ -113,6 +150,8 @@ def verify(path: Path) -> Optional[str]:
         return "manifest is not a checkpoint manifest"
     if manifest.get("format") != FORMAT:
         return f"unknown checkpoint format {manifest.get('format')!r}"
+    if manifest.get("meta", {}).get("agreed") is False:
+        return f"written while the ranks' parameters disagreed ({manifest['meta'].get('param_checksum')})"
     for name, digest in manifest.get("files", {}).items():
         f = path / name
         if not f.is_file():

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import blas, checkpoint, faults, hf
+from mlx_train.rank import blas, checkpoint, faults, hf, perturb
 from mlx_train.rank.badstep import BadSteps
 
 from mlx_train import protocol
@@ -69,11 +69,15 @@ class Trainer:
             # rank): a resumed run then draws exactly what the uninterrupted one would have.
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
             real = faults.poison_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
+            perturb.perturb_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
             stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
             if real is not None and stats.skipped:
                 self.stepper.set_params(real)
             step += 1
             self.bad_steps.after(step, stats, self.rank)
+            if self.bad_steps.in_a_row >= protocol.ROLLBACK_AFTER_BAD_STEPS:  # every rank alike (agreed flag)
+                sys.stdout.flush()
+                sys.exit(protocol.EXIT_ROLLBACK)  # the supervisor rolls back; no checkpoint of this state
             step_s = time.perf_counter() - t0
             window.append((step_s, stats, self.train.tokens_in_step(step - 1, cfg.dist)))
             protocol.emit(protocol.Heartbeat(step=step, peak=mx.get_peak_memory(), step_s=step_s))
@@ -142,17 +146,33 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        # Every rank's checksum goes with the checkpoint: one written while the ranks disagreed
+        # is never resumed from (a silent divergence would be saved with it).
+        mine = mx.array([self.param_checksum()], dtype=mx.int64)
+        sums = [int(v) for v in np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine)]
         if self.rank != 0:
             return
+        agreed = len(set(sums)) == 1
         protocol.emit(protocol.Phase("checkpoint", step))
-        path = checkpoint.save(
-            self.ckpt_root, step, dict(tree_flatten(self.stepper.params)), dict(tree_flatten(self.optimizer.state)),
-            meta={"identity": self.cfg.identity()}, keep=self.cfg.keep_checkpoints)
-        if self.adapter_config is not None:  # results in mlx-lm's layout (hf.py)
-            if self.cfg.fine_tune.mode != "full":  # a full model's weights are the checkpoint itself
-                hf.write_adapters(path / "adapters", self.stepper.params, self.adapter_config)
-            hf.write_adapters(self.run_dir / "adapters", self.stepper.params, self.adapter_config)
-        protocol.emit(protocol.Checkpoint(step=step, path=str(path)))
+        try:
+            path = checkpoint.save(
+                self.ckpt_root, step, dict(tree_flatten(self.stepper.params)),
+                dict(tree_flatten(self.optimizer.state)),
+                meta={"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed},
+                keep=self.cfg.keep_checkpoints)
+            if self.adapter_config is not None:  # results in mlx-lm's layout (hf.py)
+                if self.cfg.fine_tune.mode != "full":  # a full model's weights are the checkpoint itself
+                    hf.write_adapters(path / "adapters", self.stepper.params, self.adapter_config)
+                hf.write_adapters(self.run_dir / "adapters", self.stepper.params, self.adapter_config)
+        except checkpoint.WriteFailed as exc:
+            # Disk full, no permission, a read-only mount: the previous checkpoints are intact and
+            # training goes on; the next interval tries again.
+            kept = checkpoint.list_steps(self.ckpt_root)
+            protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": step, "reason": (
+                f"{exc}; {'the newest checkpoint is still ' + kept[-1].name if kept else 'no checkpoint yet'}, "
+                "training goes on and the next checkpoint interval tries again")}))
+        else:
+            protocol.emit(protocol.Checkpoint(step=step, path=str(path), agreed=agreed, param_checksum=sums))
         protocol.emit(protocol.Phase("checkpoint", step, done=True))
 
     def restore(self) -> int:

@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ranks-on-host", type=int, default=1, help="ranks sharing this host (BLAS threads)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p.add_argument("--stop-after", type=int, help="checkpoint and exit cleanly after this step")
+    p.add_argument("--lifeline", action="store_true",
+                   help="end when stdin reaches its end or the launcher exits (the supervisor is gone: lifeline.py)")
     return p.parse_args(argv)
 
 
@@ -55,7 +57,10 @@ def main(argv=None) -> int:
         env = {**os.environ, **blas.rank_env(args.ranks_on_host)}
         os.execve(sys.executable, [sys.executable, "-m", "mlx_train.rank.worker", *sys.argv[1:]], env)
 
-    from mlx_train.rank import pidrecords
+    from mlx_train.rank import lifeline, pidrecords
+
+    if args.lifeline:
+        lifeline.start()  # before MLX starts any thread
 
     from mlx_train import protocol
     from mlx_train.config import TrainConfig

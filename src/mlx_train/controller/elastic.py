@@ -1,0 +1,165 @@
+"""Elastic membership: which hosts a run uses now, which it left out, and when to take one back.
+
+With `--min-devices N` a host that fails repeatedly (`FAIL_LIMIT` attempts in a row ended by it)
+or cannot be reached when the group is relaunched is excluded (event `exclude`), as long as N
+devices remain, and the run goes on on the rest from its last checkpoint. The global batch stays:
+planning re-splits it over the devices left (per-device batch x accumulation, within the memory
+budget), and the Batcher maps (seed, step) to the same samples for any split, so a resized run
+trains on exactly the same data. Excluded hosts are probed with a growing cooldown (as Horovod
+elastic's blacklist does); one that answers again is re-admitted at the next checkpoint (events
+`readmit`, `resize`), up to `--max-devices`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Tuple
+
+from mlx_train.config import TrainConfig
+from mlx_train.errors import UserError
+from mlx_train.fleet.hosts import Host
+
+FAIL_LIMIT = 2          # attempts in a row ended by the same host before it is excluded
+COOLDOWN_S = 10.0       # first wait before an excluded host is probed; doubles per failed probe
+MAX_COOLDOWN_S = 300.0
+PROBE_TIMEOUT_S = 10.0
+
+
+def reachable(host: Host) -> Tuple[bool, str]:
+    """Can a rank be started there? A fresh ssh connection that runs the host's interpreter."""
+    if host.local:
+        return True, ""
+    from mlx_train.fleet import ssh
+
+    res = ssh.run(host.name, f"exec {host.python} -c pass", timeout=PROBE_TIMEOUT_S, fresh=True)
+    return res.ok, "" if res.ok else res.why()
+
+
+@dataclass
+class _Out:
+    host: Host
+    reason: str
+    cooldown: float
+    next_probe: float
+    probing: bool = False
+    healthy: bool = False
+
+
+class Membership:
+    def __init__(self, hosts: List[Host], min_devices: Optional[int], max_devices: Optional[int] = None,
+                 probe: Callable[[Host], Tuple[bool, str]] = reachable, clock: Callable[[], float] = time.monotonic):
+        self.hosts = list(hosts)                  # in the cluster file's order, which sets rank order
+        self.active = list(hosts)
+        self.min_devices, self.max_devices = min_devices, max_devices
+        self.probe, self.clock = probe, clock
+        self.out: Dict[str, _Out] = {}
+        self.failures: Counter = Counter()
+        self.lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.min_devices is not None
+
+    def devices(self, hosts: Optional[List[Host]] = None) -> int:
+        return sum(h.slots for h in (self.active if hosts is None else hosts))
+
+    # -- leaving ------------------------------------------------------------------------------------
+    def blame(self, host: Optional[str]) -> Optional[str]:
+        """An attempt ended because of `host`: the reason to exclude it, once it did so FAIL_LIMIT times in a row."""
+        if not host or not any(h.name == host for h in self.active):
+            return None
+        for other in list(self.failures):
+            if other != host:
+                del self.failures[other]
+        self.failures[host] += 1
+        n = self.failures[host]
+        return f"ended {n} attempts in a row" if n >= FAIL_LIMIT else None
+
+    def progressed(self) -> None:
+        """A checkpoint was written: earlier failures no longer count as 'in a row'."""
+        self.failures.clear()
+
+    def unreachable(self) -> List[Tuple[Host, str]]:
+        """Active hosts that cannot be reached now (probed at once)."""
+        results: List[Optional[Tuple[bool, str]]] = [None] * len(self.active)
+
+        def one(i: int) -> None:
+            results[i] = self.probe(self.active[i])
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(self.active))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(PROBE_TIMEOUT_S + 5)
+        return [(h, r[1] if r else "no answer") for h, r in zip(self.active, results) if not (r and r[0])]
+
+    def can_exclude(self, host: Host) -> bool:
+        return self.devices([h for h in self.active if h.name != host.name]) >= (self.min_devices or 0) > 0
+
+    def exclude(self, host: Host, reason: str) -> None:
+        self.active = [h for h in self.active if h.name != host.name]
+        self.failures.pop(host.name, None)
+        self.out[host.name] = _Out(host, reason, COOLDOWN_S, self.clock() + COOLDOWN_S)
+
+    # -- coming back ----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Probe, in the background, each excluded host whose cooldown is over."""
+        now = self.clock()
+        with self.lock:
+            due = [o for o in self.out.values() if not o.probing and not o.healthy and o.next_probe <= now]
+            for o in due:
+                o.probing = True
+        for o in due:
+            threading.Thread(target=self._probe_one, args=(o,), daemon=True).start()
+
+    def _probe_one(self, o: _Out) -> None:
+        ok, _ = self.probe(o.host)
+        with self.lock:
+            o.probing, o.healthy = False, ok
+            if not ok:
+                o.cooldown = min(MAX_COOLDOWN_S, o.cooldown * 2)
+                o.next_probe = self.clock() + o.cooldown
+
+    def readmittable(self) -> List[Host]:
+        """Excluded hosts that answered their last probe, as many as --max-devices leaves room for."""
+        room = (self.max_devices or 1 << 30) - self.devices()
+        with self.lock:
+            ready = [o.host for o in self.out.values() if o.healthy]
+        picked = []
+        for h in ready:
+            if h.slots <= room:
+                picked.append(h)
+                room -= h.slots
+        return picked
+
+    def readmit(self, host: Host) -> None:
+        with self.lock:
+            self.out.pop(host.name, None)
+        names = {h.name for h in self.active} | {host.name}
+        self.active = [h for h in self.hosts if h.name in names]
+
+
+def resplit(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
+    """`cfg` for the devices of `hosts` with the same global batch, split by the memory planner."""
+    from mlx_train.planning.memory import RUNTIME_OVERHEAD
+    from mlx_train.planning.planner import MemoryOptimizer
+    from mlx_train.rank.device import device_memory, rank_budget
+
+    n, g = sum(h.slots for h in hosts), cfg.dist.global_batch_size
+    if g % n:
+        raise UserError(f"the global batch {g} cannot be split evenly over {n} devices")
+    budget = cfg.memory_budget or min(rank_budget(h.memory or device_memory()[0], h.slots) for h in hosts)
+    common = dict(model=cfg.model, num_devices=n, global_batch_size=g, memory_per_device=budget + RUNTIME_OVERHEAD,
+                  safety_fraction=0.95)
+    # The run's own precision and checkpointing first (its numbers stay comparable), else whatever fits.
+    plan = MemoryOptimizer.suggest_config(**common, precision=cfg.precision,
+                                          activation_checkpointing=cfg.grad_checkpoint)
+    if not plan.fits:
+        plan = MemoryOptimizer.suggest_config(**common)
+    if not plan.fits:
+        raise UserError(f"no split of the global batch {g} over {n} devices fits {budget / 2**20:.0f} MiB per device")
+    new = plan.apply_to(cfg)
+    return replace(new, dist=replace(new.dist, backend=cfg.dist.backend, ring_connections=cfg.dist.ring_connections))

@@ -44,7 +44,7 @@ class LoadResult:
     skipped: List[tuple] = field(default_factory=list)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -80,7 +80,7 @@ def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str,
         for name, tree in {"model": model, "optimizer": optimizer}.items():
             path = tmp / f"{name}.safetensors"
             mx.save_safetensors(str(path), tree)
-            files[path.name] = _sha256(path)
+            files[path.name] = sha256_file(path)
         manifest = {"format": FORMAT, "step": step, "time": time.time(), "files": files, "meta": meta or {}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for f in tmp.iterdir():
@@ -156,7 +156,7 @@ def verify(path: Path) -> Optional[str]:
         f = path / name
         if not f.is_file():
             return f"{name} missing"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{name} checksum mismatch"
     return None
 

@@ -30,6 +30,7 @@ import numpy as np
 from mlx_train.config import DataConfig, DistributedConfig
 from mlx_train.errors import UserError
 from mlx_train.rank.data import Batcher
+from mlx_train.rank.checkpoint import sha256_file
 
 CACHE_FORMAT = 1
 FORMATS = ("text", "prompt/completion", "messages")
@@ -121,14 +122,6 @@ def tokenizer_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class Examples:
     """The examples of one split, end to end: tokens, the learned-token mask, and where each starts."""
@@ -143,7 +136,7 @@ class Examples:
 
 def encode_file(path: Path, tokenizer, tok_digest: str, mask_prompt: bool) -> Examples:
     """The examples of one JSONL file, from the on-disk cache when this data and tokenizer were seen."""
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, _file_digest(path), tok_digest, mask_prompt]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, sha256_file(path), tok_digest, mask_prompt]).encode()).hexdigest()
     cached = cache_root() / "tokens" / f"{key[:32]}.npz"
     if cached.is_file():
         try:

@@ -115,6 +115,14 @@ class World:
         self.n += 1
         return self.root / ("fresh-runs" if name == "run" else "fresh") / f"{name}-{self.n}"
 
+    def written(self, name: str, doc: bytes, suffix: str = "") -> Path:
+        """A fresh file holding the generated document."""
+        path = self.fresh(name)
+        path = path.with_suffix(suffix) if suffix else path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(doc)
+        return path
+
     def user_files(self) -> Dict[str, str]:
         return {**digest(self.user_dir), **digest(self.finished), **digest(self.root, top_only=True)}
 
@@ -456,9 +464,7 @@ def _prepare(world: World, flags: dict, **opts):
 @given(doc=config_docs())
 def test_config_files(world, doc):
     TRIED["config"] += 1
-    path = world.fresh("config")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(doc)
+    path = world.written("config", doc)
     before = digest(path.parent)
     result, refusal = edge("config", _prepare, world, {}, config=str(path))
     record("config", None if digest(path.parent).get(str(path)) == before.get(str(path)) else "config file changed",
@@ -685,9 +691,7 @@ def _cluster_files(world, doc):
     from mlx_train.controller.run import budget_for, hosts_for
 
     TRIED["cluster files"] += 1
-    path = world.fresh("cluster").with_suffix(".yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(doc)
+    path = world.written("cluster", doc, ".yaml")
     result, refusal = edge("cluster files", hosts_for, RunOptions(cluster=str(path)), TrainConfig(), {})
     if result is not None:
         hosts, _ = result
@@ -723,9 +727,7 @@ def _inventories(world, doc):
     from mlx_train.fleet.configure import _parse_yaml_inventory
 
     TRIED["inventories"] += 1
-    path = world.fresh("inventory").with_suffix(".yml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(doc)
+    path = world.written("inventory", doc, ".yml")
     hosts, _ = edge("inventories", _parse_yaml_inventory, path)
     if hosts is not None:
         record("inventories", None if all(isinstance(v, dict) for v in hosts.values()) else "host vars not a mapping",

@@ -175,3 +175,50 @@ def test_an_unknown_tracker_is_one_line(tmp_path):
     res = cli("train", *TINY, "--steps", "2", "--report-to", "tensorboard,mlflow", "--run-dir", str(tmp_path / "r"))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "'mlflow' is not one of" in res.stderr, res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def _metric(step, loss, **kw):
+    return {"step": step, "loss": loss, "lr": 1e-3, "tokens_per_s": 1000.0, "comm_time_s": 0.01, "devices": 2,
+            "global_batch": 8, "peak_memory": [5, 7], "param_checksum": [1, 1], "time": float(step), **kw}
+
+
+def test_steps_a_restarted_attempt_logs_again_reach_the_trackers_once(tmp_path):
+    """After a restart the ranks log again the steps since the checkpoint; trackers want steps that only
+    go up, so the repeats (bit-exact) are not sent twice, also across a controller restart (--resume)."""
+    from mlx_train.config import TrainConfig
+    from mlx_train.controller.reporting import Reporters
+    from mlx_train.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.prepare(TrainConfig(steps=30), resume=False)
+    first = Reporters(run, ["tensorboard"], TrainConfig(steps=30))
+    for step, loss in ((5, 3.0), (10, 2.5), (5, 3.0), (10, 2.5), (15, 2.0)):
+        run.append(run.metrics_path, _metric(step, loss))
+        first.log(step, _metric(step, loss))
+    first.close()
+    second = Reporters(run, ["tensorboard"], TrainConfig(steps=30))  # a resumed controller
+    for step, loss in ((15, 2.0), (20, 1.5)):
+        second.log(step, _metric(step, loss, sample="def f():"))
+    second.close()
+    assert [s for s, _ in tensorboard_scalars(run.path)["train/loss"]] == [5, 10, 15, 20]
+    assert tensorboard_scalars(run.path)["perf/peak_memory_max"][0] == (5, 7.0)
+    assert not events(run.path, "report_failed")
+
+
+def test_monitor_snapshot_keeps_the_latest_sample(tmp_path):
+    from rich.console import Console
+
+    from mlx_train.config import TrainConfig
+    from mlx_train.controller.monitor import render, take_snapshot
+    from mlx_train.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.prepare(TrainConfig(steps=30), resume=False)
+    for m in (_metric(10, 3.0, sample="old\ttext"), _metric(20, 2.0, sample="new\nline\x07!"), _metric(25, 1.9),
+              _metric(26, 1.8, sample=17)):  # a hand-edited record's non-text sample is ignored
+        run.append(run.metrics_path, m)
+    snap = take_snapshot(run)
+    assert snap.sample == (20, "new\nline\x07!")
+    console = Console(width=200, record=True)
+    console.print(render(snap))
+    assert "sample    step 20: new⏎line·!" in console.export_text()

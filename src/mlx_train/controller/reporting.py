@@ -14,6 +14,7 @@ import netrc
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -59,8 +60,14 @@ class TensorBoard(Reporter):
     def open(self, run: RunDir, config: TrainConfig) -> None:
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(logdir=str(run.path / "tensorboard"), flush_secs=10)
-        self.writer.add_text("config", "```\n" + config.to_yaml() + "```", 0)
+        logdir = run.path / "tensorboard"
+        fresh = not any(logdir.glob("events.out.tfevents.*"))
+        # tensorboardX names files by the second and opens them "wb": a writer opened again within
+        # the same second (a quick resume) would write over the last one's file. Nanoseconds keep
+        # the names distinct and in time order, the order TensorBoard reads them in.
+        self.writer = SummaryWriter(logdir=str(logdir), flush_secs=10, filename_suffix=f".{time.time_ns()}")
+        if fresh:  # the config once, when the run starts (a resume keeps it)
+            self.writer.add_text("config", "```\n" + config.to_yaml() + "```", 0)
 
     def log(self, step: int, record: dict) -> None:
         for tag, value in scalars(record).items():

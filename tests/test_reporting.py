@@ -4,6 +4,7 @@ The trackers are read back with their own readers (TensorBoard's EventAccumulato
 protos) and must hold exactly what metrics.jsonl holds. W&B runs offline here: no account, no network.
 """
 
+import importlib.util
 import os
 import signal
 import struct
@@ -13,13 +14,17 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from helpers import TINY, cli, events, metrics, popen, wait_for
-
-pytest.importorskip("tensorboardX", reason="pip install 'mlx-train[tracking]'")
-pytest.importorskip("wandb", reason="pip install 'mlx-train[tracking]'")
-pytest.importorskip("tensorboard", reason="pip install 'mlx-train[test]' (TensorBoard's reader)")
+from helpers import TINY, cli, events, metrics, popen, unavailable, wait_for
 
 COMMON = [*TINY, "--devices", "2", "--steps", "30", "--log-every", "5", "--checkpoint-every", "30", "--no-live"]
+
+
+@pytest.fixture(scope="module")
+def trackers():
+    """The tracking packages (the test extra installs them); under CI their absence is an error."""
+    for package in ("tensorboardX", "wandb", "tensorboard"):
+        if importlib.util.find_spec(package) is None:
+            unavailable(f"{package} is not installed: pip install -e '.[test]'")
 
 
 def tensorboard_scalars(run: Path) -> dict:
@@ -78,7 +83,7 @@ def no_wandb_account(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory, no_wandb_account):
+def tracked_run(tmp_path_factory, no_wandb_account, trackers):
     run = tmp_path_factory.mktemp("report") / "tracked"
     cli("train", *COMMON, "--eval-every", "10", "--report-to", "tensorboard,wandb", "--run-dir", str(run), check=True)
     return run
@@ -131,7 +136,7 @@ def test_evaluating_and_sampling_leave_training_bit_exact(tracked_run, tmp_path)
 
 
 @pytest.mark.multiproc
-def test_a_tracker_that_dies_mid_run_does_not_stop_training(tmp_path):
+def test_a_tracker_that_dies_mid_run_does_not_stop_training(tmp_path, trackers):
     """SIGKILL W&B's service process under the controller: W&B raises from then on; the run goes on,
     says so once, and TensorBoard keeps every step."""
     run = tmp_path / "dies"
@@ -164,7 +169,7 @@ def test_a_missing_tracker_package_is_one_line_before_anything_is_written(tmp_pa
     (stub / "sitecustomize.py").write_text(f"import sys\nsys.modules[{package!r}] = None\n")
     run = tmp_path / "run"
     env = {"PYTHONPATH": os.pathsep.join([str(stub), os.environ.get("PYTHONPATH", "")])}
-    res = cli("train", *TINY, "--steps", "2", "--report-to", f"tensorboard,{backend}", "--run-dir", str(run), env=env)
+    res = cli("train", *TINY, "--steps", "2", "--report-to", backend, "--run-dir", str(run), env=env)
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and f"--report-to {backend} needs {package}" in res.stderr
     assert "pip install 'mlx-train[tracking]'" in res.stderr
@@ -182,7 +187,7 @@ def _metric(step, loss, **kw):
             "global_batch": 8, "peak_memory": [5, 7], "param_checksum": [1, 1], "time": float(step), **kw}
 
 
-def test_steps_a_restarted_attempt_logs_again_reach_the_trackers_once(tmp_path):
+def test_steps_a_restarted_attempt_logs_again_reach_the_trackers_once(tmp_path, trackers):
     """After a restart the ranks log again the steps since the checkpoint; trackers want steps that only
     go up, so the repeats (bit-exact) are not sent twice, also across a controller restart (--resume)."""
     from mlx_train.config import TrainConfig

@@ -52,6 +52,10 @@ class Reporter:
     def close(self) -> None:
         raise NotImplementedError
 
+    def where(self) -> str:
+        """Where the tracker writes, for the run's opening lines."""
+        return self.name
+
 
 class TensorBoard(Reporter):
     """Event files under runs/<id>/tensorboard/ (`tensorboard --logdir runs/<id>/tensorboard`)."""
@@ -68,6 +72,9 @@ class TensorBoard(Reporter):
         self.writer = SummaryWriter(logdir=str(logdir), flush_secs=10, filename_suffix=f".{time.time_ns()}")
         if fresh:  # the config once, when the run starts (a resume keeps it)
             self.writer.add_text("config", "```\n" + config.to_yaml() + "```", 0)
+
+    def where(self) -> str:
+        return f"TensorBoard in {self.writer.logdir}"
 
     def log(self, step: int, record: dict) -> None:
         for tag, value in scalars(record).items():
@@ -115,6 +122,9 @@ class Wandb(Reporter):
                   file=sys.stderr, flush=True)
             self.run = wandb.init(mode="offline", **kw)
 
+    def where(self) -> str:
+        return f"W&B {self.run.settings.mode} in {Path(self.run.dir).parent}"
+
     def log(self, step: int, record: dict) -> None:
         data = dict(scalars(record))
         if isinstance(record.get("sample"), str):
@@ -157,6 +167,7 @@ class Reporters:
                 self._failed(backend, "open", exc)
             else:
                 self.active.append(backend)
+                print(f"reporting to {backend.where()}", flush=True)
 
     def _failed(self, backend: Reporter, during: str, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:300]
@@ -186,8 +197,3 @@ class Reporters:
 
 def open_reporters(run: RunDir, names: Optional[List[str]], config: TrainConfig) -> Optional[Reporters]:
     return Reporters(run, names, config) if names else None
-
-
-def report_dirs(run: RunDir) -> List[Path]:
-    """Where the trackers of `run` wrote (for the user's note at the end)."""
-    return [p for p in (run.path / "tensorboard", run.path / "wandb") if p.exists()]

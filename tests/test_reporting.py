@@ -227,3 +227,26 @@ def test_monitor_snapshot_keeps_the_latest_sample(tmp_path):
     console = Console(width=200, record=True)
     console.print(render(snap))
     assert "sample    step 20: new⏎line·!" in console.export_text()
+
+
+def test_the_sample_decodes_as_the_model_computes_and_draws_nothing_from_the_training_stream():
+    import numpy as np
+
+    from mlx_train.config import ModelConfig
+    from mlx_train.rank import sample
+    from mlx_train.rank.model import GPT
+
+    mx.random.seed(3)
+    model = GPT(ModelConfig(n_layers=2, d_model=64, n_heads=2, seq_len=64))
+    x = mx.array(np.random.default_rng(0).integers(0, 256, (1, 50)), dtype=mx.int32)
+    cache = [None] * len(model.blocks)
+    steps = [sample.forward(model, x[:, :20], 0, cache)] + [sample.forward(model, x[:, i:i + 1], i, cache)
+                                                            for i in range(20, 50)]
+    assert mx.allclose(mx.concatenate(steps, axis=1), model(x), atol=1e-5).item()  # the keys and values kept
+    before = np.array(mx.random.state[0])
+    prompt = sample.prompt_from(np.frombuffer(b"# header\nimport os\nprint(os.sep)\n" * 4, dtype=np.uint8), 64)
+    assert bytes(prompt.astype(np.uint8)) == b"import os\nprint(os.sep)\n"
+    text = sample.generate(model, prompt, 64, seed=0)
+    assert text.startswith("import os\n") and text == sample.generate(model, prompt, 64, seed=0)
+    assert len(text.encode()) >= 64  # prompt and sample fill the model's 64 positions (a bad byte decodes to 3)
+    assert (np.array(mx.random.state[0]) == before).all(), "sampling moved the global random state"

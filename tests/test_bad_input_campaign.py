@@ -334,6 +334,9 @@ def bad_values(w: World) -> Dict[str, st.SearchStrategy]:
                                       str(w.user_dir), str(w.finished), "/proc/self/x/y"]),
         "--cluster": st.sampled_from([str(w.root / "nope.yaml"), str(w.regular), str(w.binary), str(w.empty_file),
                                       str(w.empty_dir)]),
+        "--report-to": st.sampled_from(["tensorbord", "", ",", "wandb,,", "csv", "TENSORBOARD ", "none,mlflow"]),
+        "--fine-tune": st.sampled_from(["qlora", "", "LoRA", "full,lora"]),
+        "--lora-rank": st.one_of(bad_pos_int, not_int),
         "--lrr": st.just("1"), "--batch_size": st.just("2"), "--distributed": st.just(None),
     }
 

@@ -62,6 +62,28 @@ def probe(nodes, backend: str, size_mb: float, gbps: float) -> dict:
     return {"verdict": f.verdict, "detail": f.detail, **f.figures, **extra}
 
 
+MCA_FILE = "/etc/openmpi/openmpi-mca-params.conf"
+# Open MPI's tuned collectives pick the all-reduce algorithm by message size and rank count; 4 is
+# the ring (bandwidth-optimal: B x 2(n-1)/n per link), what MLX's ring backend does.
+MPI_RING = "coll_tuned_use_dynamic_rules = 1\ncoll_tuned_allreduce_algorithm = 4\n"
+
+
+def set_mca(fl, extra: str) -> dict:
+    """Append `extra` to every host's MCA params file (in its own mount namespace); returns the
+    old contents for restore_mca."""
+    old = {}
+    for h in fl.hosts:
+        old[h.name] = fleet_tools.run_in(h, ["cat", MCA_FILE], check=False).stdout
+        fleet_tools.run_in(h, ["sh", "-c", f"cat >> {MCA_FILE}"], input=extra)
+    return old
+
+
+def restore_mca(fl, old: dict) -> None:
+    for h in fl.hosts:
+        if h.name in old:
+            fleet_tools.run_in(h, ["sh", "-c", f"cat > {MCA_FILE}"], input=old[h.name])
+
+
 def train(env: dict, cluster: Path, corpus: Path, run: Path, backend: str, model: list, steps: int) -> dict:
     argv = [MLX_TRAIN, "train", "--cluster", str(cluster), "--backend", backend, *model, "--data", str(corpus),
             "--run-dir", str(run), "--steps", str(steps), "--log-every", "1", "--eval-every", "100000",
@@ -115,6 +137,8 @@ def wire_s(nbytes: float, n: int, gbps: float) -> float:
 
 
 def table(res: dict) -> str:
+    from mlx_train.planning import perf
+
     rows = ["| link | backend | acc | probe busbw MB/s | probe % of wire | compute ms | sync ms (fastest) | step ms "
             "| step / max(compute, sync) | wire limit ms | fastest sync % of wire | tokens/s |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -131,6 +155,19 @@ def table(res: dict) -> str:
                     f"{t['step_s'] * 1e3:.0f} | {t['step_s'] / max(t['compute_s'], t['comm_s']):.2f} | "
                     + (f"{limit * 1e3:.0f} | {100 * limit / t['comm_min_s']:.0f}%" if g else "- | -")
                     + f" | {t['tokens_per_s']:,.0f} |")
+    rows += ["", "The scaling model (planning/perf.py) against these runs: measured compute + the predicted sync "
+             "(the wire limit at the probe's share of the link), phased step (MLX does not overlap):", "",
+             "| link | backend | acc | predicted sync ms | measured sync ms | predicted step ms | measured step ms "
+             "| predicted / measured |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in res["runs"]:
+        p, t = r["probe"], r["train"]
+        if not r["gbps"] or "error" in t or not p.get("wire_pct"):
+            continue
+        link = perf.Link(r["rate"], r["gbps"], p["wire_pct"] / 100, 0.0)
+        pred = perf.predict_step(t["compute_s"], t["grad_bytes"], t["devices"], link)
+        rows.append(f"| {r['rate']} | {r['backend']} | {r.get('accumulation', 1)} | {pred.comm_s * 1e3:.0f} | "
+                    f"{t['comm_s'] * 1e3:.0f} | {pred.step_s * 1e3:.0f} | {t['step_s'] * 1e3:.0f} | "
+                    f"{pred.step_s / t['step_s']:.2f} |")
     if res.get("overlap"):
         rows += ["", "bench/overlap.py across the fleet (ring, 3 ranks), ms per step, medians of interleaved rounds:", "",
                  "| link | phased compute | phased comm | phased step | fused | overlap (comm stream) "
@@ -152,6 +189,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--accumulations", default="1", help="ring runs at each of these accumulations (mpi: the first)")
     ap.add_argument("--model", default="--layers 4 --width 128 --heads 4 --seq-len 128 --batch-size 4")
+    ap.add_argument("--mpi-ring", action="store_true",
+                    help="also run mpi with Open MPI's ring all-reduce (coll_tuned algorithm 4) in the MCA params")
     ap.add_argument("--overlap-rounds", type=int, default=5, help="0: skip bench/overlap.py")
     ap.add_argument("--out", default=str(REPO / "build" / "fleet_links"))
     a = ap.parse_args()
@@ -192,19 +231,22 @@ def main() -> int:
         for rate in rates:
             gbps = RATE_GBPS[rate]
             set_rate(fl, rate)
-            for backend in backends:
+            for backend in backends + (["mpi-ring"] if a.mpi_ring else []):
                 accs = [int(k) for k in a.accumulations.split(",")]
+                old_mca = set_mca(fl, MPI_RING) if backend == "mpi-ring" else {}
+                backend = "mpi" if backend == "mpi-ring" else backend
                 for acc in accs if backend == "ring" else accs[:1]:
-                    run = work / f"run-{rate}-{backend}-{acc}"
+                    run = work / f"run-{rate}-{backend}{'-ring' if old_mca else ''}-{acc}"
                     log(f"{rate} {backend} accumulation {acc}: training")
                     t = train(env, cluster, corpus, run, backend, a.model.split() + ["--accumulation", str(acc)],
                               a.steps)
                     size_mb = t.get("grad_bytes", 3.3 * 2**20) / 2**20
                     log(f"{rate} {backend}: probe {size_mb:.2f} MB")
                     p = probe(nodes, backend, size_mb, gbps)
-                    res["runs"].append({"rate": rate, "gbps": gbps, "backend": backend, "accumulation": acc,
-                                        "probe": p, "train": t})
+                    res["runs"].append({"rate": rate, "gbps": gbps, "accumulation": acc, "probe": p, "train": t,
+                                        "backend": backend + (" (ring all-reduce)" if old_mca else "")})
                     log(json.dumps(res["runs"][-1])[:600])
+                restore_mca(fl, old_mca)
             if a.overlap_rounds and "ring" in backends:
                 log(f"{rate}: overlap bench")
                 width = int(a.model.split("--width")[1].split()[0]) if "--width" in a.model else 128

@@ -106,6 +106,21 @@ def train(env: dict, cluster: Path, corpus: Path, run: Path, backend: str, model
             "tokens_per_s": statistics.fmean(m["tokens_per_s"] for m in ms)}
 
 
+def show_cli(env: dict, cluster: Path, corpus: Path, run: Path, gbps: float, a) -> str:
+    """The commands a user runs, with the link rate: their output as printed."""
+    size_mb = f"{3492864 / 2**20:.4f}"
+    cn = subprocess.run([MLX_TRAIN, "check-network", "--cluster", str(cluster), "--backend", "mpi", "--size-mb",
+                         size_mb, "--link-gbps", str(gbps)], env=env, capture_output=True, text=True, timeout=300)
+    tr = subprocess.run([MLX_TRAIN, "train", "--cluster", str(cluster), *a.model.split(), "--data", str(corpus),
+                         "--run-dir", str(run), "--steps", "8", "--log-every", "1", "--link-gbps", str(gbps),
+                         "--no-live"], env=env, capture_output=True, text=True, timeout=300)
+    mon = subprocess.run([MLX_TRAIN, "monitor", str(run), "--once", "--performance"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    return "\n".join([f"$ mlx-train check-network --backend mpi --size-mb {size_mb} --link-gbps {gbps} (exit {cn.returncode})",
+                      cn.stdout[-6000:], f"$ mlx-train train ... --link-gbps {gbps} (exit {tr.returncode})",
+                      tr.stdout[-300:] + tr.stderr[-300:], "$ mlx-train monitor RUN --once --performance", mon.stdout[-4000:]])
+
+
 def overlap(fl, width: int, batch: int, rounds: int, bucket_mib: int) -> dict:
     """bench/overlap.py's rank_main, one rank in each host's network namespace (shared disk and venv)."""
     from mlx_train.rank import blas
@@ -191,6 +206,9 @@ def main() -> int:
     ap.add_argument("--model", default="--layers 4 --width 128 --heads 4 --seq-len 128 --batch-size 4")
     ap.add_argument("--mpi-ring", action="store_true",
                     help="also run mpi with Open MPI's ring all-reduce (coll_tuned algorithm 4) in the MCA params")
+    ap.add_argument("--show-cli", action="store_true",
+                    help="at each limited rate also run `check-network --link-gbps` and a `train --link-gbps` "
+                         "run's `monitor --performance`, as a user would, and keep their output")
     ap.add_argument("--overlap-rounds", type=int, default=5, help="0: skip bench/overlap.py")
     ap.add_argument("--out", default=str(REPO / "build" / "fleet_links"))
     a = ap.parse_args()
@@ -247,6 +265,9 @@ def main() -> int:
                                         "backend": backend + (" (ring all-reduce)" if old_mca else "")})
                     log(json.dumps(res["runs"][-1])[:600])
                 restore_mca(fl, old_mca)
+            if a.show_cli and gbps:
+                res.setdefault("cli", {})[rate] = show_cli(env, cluster, corpus, work / f"cli-{rate}", gbps, a)
+                log(res["cli"][rate])
             if a.overlap_rounds and "ring" in backends:
                 log(f"{rate}: overlap bench")
                 width = int(a.model.split("--width")[1].split()[0]) if "--width" in a.model else 128

@@ -53,8 +53,8 @@ class StepModel:
     """perf.predict_step for the tuner's candidates. Compute per step = (fixed + accumulation x
     per_micro) x the direction's factor: `fixed` holds the work that scales with the (constant)
     samples per step and the update, `per_micro` what each micro-batch costs on top. Sync: the
-    measured comm_time_s (the same bytes for every candidate), nothing before. Tokens per step are the same
-    for every candidate, so tokens/s = (measured tokens/s x step time, from the trials) / step."""
+    measured comm_time_s (the same bytes for every candidate), nothing before. Tokens per step
+    are the same for every candidate, so tokens/s = (measured tokens/s x step time) / step."""
 
     def __init__(self) -> None:
         self.fixed, self.per_micro = 1.0, 0.0   # units until the first measurement

@@ -121,19 +121,19 @@ def show_cli(env: dict, cluster: Path, corpus: Path, run: Path, gbps: float, a) 
                       tr.stdout[-300:] + tr.stderr[-300:], "$ mlx-train monitor RUN --once --performance", mon.stdout[-4000:]])
 
 
-def overlap(fl, width: int, batch: int, rounds: int, bucket_mib: int) -> dict:
+def overlap(hosts, width: int, batch: int, rounds: int, bucket_mib: int) -> dict:
     """bench/overlap.py's rank_main, one rank in each host's network namespace (shared disk and venv)."""
     from mlx_train.rank import blas
 
     base = 20000 + os.getpid() % 20000
     hostfile = Path(tempfile.mkstemp(prefix="mlx-train-overlap-", suffix=".json")[1])
-    hostfile.write_text(json.dumps([[f"{h.ip}:{base + i}"] for i, h in enumerate(fl.hosts)]))
+    hostfile.write_text(json.dumps([[f"{h.ip}:{base + i}"] for i, h in enumerate(hosts)]))
     args = json.dumps({"width": width, "batch": batch, "rounds": rounds, "bucket_mib": bucket_mib})
-    env = {**os.environ, **blas.rank_env(ranks_on_host=len(fl.hosts)), "MLX_HOSTFILE": str(hostfile),
+    env = {**os.environ, **blas.rank_env(ranks_on_host=len(hosts)), "MLX_HOSTFILE": str(hostfile),
            "PYTHONPATH": str(REPO / "src")}
     procs = [subprocess.Popen(["ip", "netns", "exec", h.netns, PY, str(REPO / "bench" / "overlap.py"), "--rank", args],
                               env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for r, h in enumerate(fl.hosts)]
+                              text=True) for r, h in enumerate(hosts)]
     try:
         outs = [p.communicate(timeout=400) for p in procs]
     except subprocess.TimeoutExpired:
@@ -184,7 +184,7 @@ def table(res: dict) -> str:
                     f"{t['comm_s'] * 1e3:.0f} | {pred.step_s * 1e3:.0f} | {t['step_s'] * 1e3:.0f} | "
                     f"{pred.step_s / t['step_s']:.2f} |")
     if res.get("overlap"):
-        rows += ["", "bench/overlap.py across the fleet (ring, 3 ranks), ms per step, medians of interleaved rounds:", "",
+        rows += ["", "bench/overlap.py across the fleet (ring, one rank per host), ms per step, medians of interleaved rounds:", "",
                  "| link | phased compute | phased comm | phased step | fused | overlap (comm stream) "
                  "| overlap / max(compute, comm) |", "|---|---:|---:|---:|---:|---:|---:|"]
         for rate, o in res["overlap"].items():
@@ -202,6 +202,7 @@ def main() -> int:
     ap.add_argument("--rates", default="unlimited,1gbit,200mbit")
     ap.add_argument("--backends", default="ring,mpi")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--devices", type=int, default=3, help="use the first N hosts (2: a core each on 2 cores)")
     ap.add_argument("--accumulations", default="1", help="ring runs at each of these accumulations (mpi: the first)")
     ap.add_argument("--model", default="--layers 4 --width 128 --heads 4 --seq-len 128 --batch-size 4")
     ap.add_argument("--mpi-ring", action="store_true",
@@ -225,7 +226,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mlx-train-fleet-links-", dir="/tmp"))
     res = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load "
                       f"{os.getloadavg()[0]:.1f}", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "model": a.model, "runs": [], "overlap": {},
+           "model": a.model, "devices": a.devices, "runs": [], "overlap": {},
            "note": "compute, sync, step: means over steps 3..N of the trainer's metrics; (fastest): the least sync"}
     try:
         log("provisioning")
@@ -245,7 +246,7 @@ def main() -> int:
             shutil.copy(f, corpus / f"{f.parent.name}-{f.name}")
         from mlx_train.fleet.hosts import load_hosts
 
-        nodes = load_hosts(str(cluster))
+        nodes = load_hosts(str(cluster))[:a.devices]
         for rate in rates:
             gbps = RATE_GBPS[rate]
             set_rate(fl, rate)
@@ -256,7 +257,8 @@ def main() -> int:
                 for acc in accs if backend == "ring" else accs[:1]:
                     run = work / f"run-{rate}-{backend}{'-ring' if old_mca else ''}-{acc}"
                     log(f"{rate} {backend} accumulation {acc}: training")
-                    t = train(env, cluster, corpus, run, backend, a.model.split() + ["--accumulation", str(acc)],
+                    t = train(env, cluster, corpus, run, backend,
+                              a.model.split() + ["--accumulation", str(acc), "--devices", str(a.devices)],
                               a.steps)
                     size_mb = t.get("grad_bytes", 3.3 * 2**20) / 2**20
                     log(f"{rate} {backend}: probe {size_mb:.2f} MB")
@@ -271,7 +273,7 @@ def main() -> int:
             if a.overlap_rounds and "ring" in backends:
                 log(f"{rate}: overlap bench")
                 width = int(a.model.split("--width")[1].split()[0]) if "--width" in a.model else 128
-                res["overlap"][rate] = overlap(fl, width, 4, a.overlap_rounds, 1)
+                res["overlap"][rate] = overlap(fl.hosts[:a.devices], width, 4, a.overlap_rounds, 1)
                 log(json.dumps(res["overlap"][rate])[:400])
     finally:
         for h in fl.hosts:
@@ -281,7 +283,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         res["seconds"] = time.monotonic() - t0
         out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = f"Machine: {res['machine']}; {res['date']}; model {res['model']}, 3 hosts, 1 rank each.\n\n{table(res)}\n"
+    md = f"Machine: {res['machine']}; {res['date']}; model {res['model']}, {a.devices} hosts, 1 rank each.\n\n{table(res)}\n"
     out.with_suffix(".md").write_text(md)
     print(md)
     log(f"done in {res['seconds']:.0f} s")

@@ -87,10 +87,15 @@ class DistributedConfig(_Yaml):
     backend: str = knob("ring", "MLX distributed backend", "--backend", choices=BACKENDS)
     # MLX stripes each all_sum across these connections.
     ring_connections: int = knob(1, "ring backend: TCP connections per rank and address")
+    # Recorded with the run: `monitor --performance` shows the sync against this wire's limit.
+    link_gbps: float = knob(0.0, "the links' rate between hosts in Gbit/s, if known (monitor --performance "
+                            "compares gradient sync with it)", "--link-gbps")
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
         check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check(isinstance(self.link_gbps, (int, float)) and not isinstance(self.link_gbps, bool)
+              and 0 <= self.link_gbps < 1e6, f"link_gbps must be a rate in Gbit/s (0: unknown), got {self.link_gbps!r}")
 
     @property
     def global_batch_size(self) -> int:

@@ -16,7 +16,7 @@ def cmd_configure(a: argparse.Namespace) -> int:
 def cmd_check_network(a: argparse.Namespace) -> int:
     from mlx_train.fleet.network import check_network
 
-    return check_network(cluster_file=a.cluster, backend=a.backend, size_mb=a.size_mb)
+    return check_network(cluster_file=a.cluster, backend=a.backend, size_mb=a.size_mb, link_gbps=a.link_gbps or 0.0)
 
 
 def cmd_reset(a: argparse.Namespace) -> int:
@@ -44,6 +44,8 @@ def add_commands(sub) -> None:
     p.add_argument("--backend", choices=["ring", "mpi"], default="ring")
     p.add_argument("--size-mb", type=options.positive_number, default=8.0,
                    help="all_sum buffer size for the bandwidth probe (default: 8)")
+    p.add_argument("--link-gbps", type=options.positive_number,
+                   help="the links' rate in Gbit/s: bandwidths are also shown as a percentage of it")
     p.set_defaults(func=cmd_check_network)
 
     p = sub.add_parser("reset-distributed", help="stop this project's stray ranks and remove stale files")

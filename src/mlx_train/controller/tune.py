@@ -51,10 +51,14 @@ def run_trial(hosts, scratch: Path, console: Console):
             t.status = "over budget" if oom else "failed"
             return
         t.tokens_per_s = statistics.median(m["tokens_per_s"] for m in ms)
+        # What the tuner's scaling model calibrates on (planning/optimize.StepModel).
+        t.compute_s = statistics.median(m["compute_time_s"] for m in ms)
+        t.comm_s = statistics.median(m["comm_time_s"] for m in ms)
         t.peak = max(max(m["peak_memory"]) for m in ms)
         t.status = "ok"
         console.print(f"  batch {t.batch:>3} x acc {t.accumulation:>3}  ckpt {'on ' if t.checkpointing else 'off'} "
-                      f"{t.precision}  conn {t.connections}: {t.tokens_per_s:,.0f} tok/s, peak {human(t.peak)}")
+                      f"{t.precision}  conn {t.connections}: {t.tokens_per_s:,.0f} tok/s"
+                      + (f" (predicted {t.predicted:,.0f})" if t.predicted else "") + f", peak {human(t.peak)}")
 
     return measure
 
@@ -99,12 +103,13 @@ def optimize(a: argparse.Namespace) -> int:
 
 def _table(trials: List[Trial]) -> Table:
     t = Table(title="trials, fastest first", title_justify="left")
-    for col in ("rank", "batch/device", "accumulation", "checkpointing", "precision", "ring conn.", "tokens/s",
-                "peak memory", "status"):
+    for col in ("rank", "batch/device", "accumulation", "checkpointing", "precision", "ring conn.", "predicted",
+                "tokens/s", "peak memory"):
         t.add_column(col, justify="right")
+    t.add_column("status", no_wrap=True)  # one line: tests and users grep it
     ranked = sorted(trials, key=lambda x: -x.tokens_per_s)
     for i, x in enumerate(ranked, 1):
         t.add_row(str(i) if x.status == "ok" else "-", str(x.batch), str(x.accumulation),
                   "on" if x.checkpointing else "off", x.precision, str(x.connections),
-                  f"{x.tokens_per_s:,.0f}" if x.status == "ok" else "-", human(x.peak) if x.peak else "-", x.status)
+                  f"{x.predicted:,.0f}" if x.predicted else "-", f"{x.tokens_per_s:,.0f}" if x.status == "ok" else "-", human(x.peak) if x.peak else "-", x.status)
     return t

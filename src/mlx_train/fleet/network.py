@@ -3,8 +3,11 @@
 From the controller to every host: ssh, the pinned interface and its address, the Open MPI
 values in effect. From every host to every other: ssh over the nodes' key mesh, then a 2-rank
 MLX ring all_sum over the pinned addresses (proves the ring ports are reachable, and measures
-bandwidth). With --backend mpi: an all-reduce across every host, started by mpirun
-on the first host, once through MLX's MPI backend and once through mpi4py (plain MPI).
+bandwidth); with 3+ hosts, one ring all_sum across all of them (the bus bandwidth training
+sees). With --backend mpi: an all-reduce across every host, started by mpirun on the first host,
+once through MLX's MPI backend and once through mpi4py (plain MPI). With --link-gbps, each
+bandwidth is also given as a percentage of that link rate (nccl-tests' bus bandwidth against the
+wire: an all-reduce of B bytes over n ranks cannot beat B x 2(n-1)/n / rate).
 
 Every network operation is bounded (ssh ConnectTimeout, process timeouts, SIGALRM inside the
 probes), so a dead link costs seconds.
@@ -17,7 +20,7 @@ import json
 import random
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from mlx_train.fleet import mpi, ssh
@@ -35,6 +38,8 @@ class Finding:
     verdict: str
     detail: str
     fix: str = ""
+    # A bandwidth probe's numbers: bytes, ranks, ms (median, slowest rank), algbw/busbw in GB/s.
+    figures: Dict[str, float] = field(default_factory=dict)
 
 
 _HOST_PROBE = r"""
@@ -114,6 +119,22 @@ def _last_json(text: str) -> Optional[dict]:
     return None
 
 
+def _figures(size_mb: float, ms: float, ranks: int, link_gbps: float = 0.0) -> Dict[str, float]:
+    # nccl-tests' definitions (planning/perf.py has the same; fleet may not import planning).
+    nbytes = size_mb * 2**20
+    algbw = nbytes / (ms / 1e3) / 1e9
+    busbw = algbw * 2 * (ranks - 1) / ranks
+    out = {"bytes": nbytes, "ranks": ranks, "ms": ms, "algbw_gbs": algbw, "busbw_gbs": busbw}
+    if link_gbps > 0:
+        out["wire_pct"] = 100 * busbw * 8 / link_gbps
+    return out
+
+
+def _bw_text(f: Dict[str, float]) -> str:
+    text = f"{f['bytes'] / 2**20:g} MB in {f['ms']:.1f} ms, busbw {f['busbw_gbs']:.2f} GB/s"
+    return text + (f" = {f['wire_pct']:.0f}% of the link" if "wire_pct" in f else "")
+
+
 def check_host(node: Host, backend: str) -> List[Finding]:
     res = ssh.run(node.name, f"sh -c {shlex.quote(_HOST_PROBE)} probe {shlex.quote(node.iface)}",
                   timeout=ssh.CONNECT_TIMEOUT_S + 10, fresh=True)
@@ -174,7 +195,7 @@ def check_mesh(node: Host, peers: List[Host]) -> List[Finding]:
     return out
 
 
-def check_ring_pair(a: Host, b: Host, size_mb: float) -> Finding:
+def check_ring_pair(a: Host, b: Host, size_mb: float, link_gbps: float = 0.0) -> Finding:
     where = f"{a.name} <-> {b.name}"
     port = random.randrange(20000, 60000)
     peers = json.dumps([[f"{a.addr}:{port}"], [f"{b.addr}:{port + 1}"]])
@@ -187,12 +208,30 @@ def check_ring_pair(a: Host, b: Host, size_mb: float) -> Finding:
         why = "; ".join(f"{n.name}: {r.why()}" for n, r, p in zip((a, b), results, parsed) if not p)
         return Finding("ring all_sum", where, FAIL, f"{why} (ports {port}-{port + 1} on {a.addr}, {b.addr})",
                        f"check the link and any firewall on the pinned interface of {', '.join(bad)}")
-    ms = max(p["ms"] for p in parsed)
-    gbps = size_mb * 2**20 / (ms / 1e3) / 1e9
-    detail = f"{size_mb:g} MB in {ms:.1f} ms, {gbps:.2f} GB/s (init {parsed[0]['init_s']:.1f} s)"
+    figures = _figures(size_mb, max(p["ms"] for p in parsed), 2, link_gbps)
+    detail = f"{_bw_text(figures)} (init {parsed[0]['init_s']:.1f} s)"
     if not all(p["correct"] for p in parsed):
-        return Finding("ring all_sum", where, FAIL, detail + ", wrong result", "check that both hosts run the same mlx")
-    return Finding("ring all_sum", where, OK, detail)
+        return Finding("ring all_sum", where, FAIL, detail + ", wrong result", "check that both hosts run the same mlx",
+                       figures)
+    return Finding("ring all_sum", where, OK, detail, figures=figures)
+
+
+def check_ring_all(nodes: List[Host], size_mb: float, link_gbps: float = 0.0) -> Finding:
+    """One ring all_sum with one rank on every host: the collective training runs, at its bus bandwidth."""
+    where = f"all {len(nodes)} hosts"
+    port = random.randrange(20000, 60000)
+    peers = json.dumps([[f"{n.addr}:{port + i}"] for i, n in enumerate(nodes)])
+    args = lambda rank: [str(RING_TIMEOUT_S), str(size_mb), "5", str(rank), peers]  # noqa: E731
+    results = ssh.parallel(lambda x: ssh.run_python(x[0].name, x[0].python, _ALL_SUM, args(x[1]),
+                                                    timeout=RING_TIMEOUT_S + 8), [(n, r) for r, n in enumerate(nodes)])
+    parsed = [_last_json(r.out) if r.ok else None for r in results]
+    if not all(parsed):
+        why = "; ".join(f"{n.name}: {r.why()}" for n, r, p in zip(nodes, results, parsed) if not p)
+        return Finding("ring all_sum", where, FAIL, why, "fix the pairwise ring findings above first")
+    figures = _figures(size_mb, max(p["ms"] for p in parsed), len(nodes), link_gbps)
+    ok = all(p["correct"] for p in parsed)
+    return Finding("ring all_sum", where, OK if ok else FAIL, _bw_text(figures) + ("" if ok else ", wrong result"),
+                   figures=figures)
 
 
 # One rank per host under mpirun: a plain MPI Allreduce through mpi4py, independent of MLX.
@@ -223,7 +262,7 @@ def _mpirun_on_first(nodes: List[Host], argv: List[str]) -> tuple:
     return res, [row for row in map(_last_json, res.out.splitlines()) if row is not None]
 
 
-def check_mpi(nodes: List[Host], size_mb: float) -> List[Finding]:
+def check_mpi(nodes: List[Host], size_mb: float, link_gbps: float = 0.0) -> List[Finding]:
     """The MPI path two ways: MLX's own MPI backend (what training uses) and mpi4py (plain MPI)."""
     python, where = nodes[0].python, f"all hosts (mpirun on {nodes[0].name})"
     findings = []
@@ -236,13 +275,14 @@ def check_mpi(nodes: List[Host], size_mb: float) -> List[Finding]:
             findings.append(Finding(what, where, FAIL, f"{res.why()} ({len(rows)}/{len(nodes)} ranks answered)",
                                     "fix the ssh mesh and ring findings above; `make provision` sets up Open MPI"))
             continue
-        ms = max(r["ms"] for r in rows)
-        detail = f"{label}, {size_mb:g} MB in {ms:.1f} ms ({size_mb * 2**20 / (ms / 1e3) / 1e9:.2f} GB/s)"
-        findings.append(Finding(what, where, OK if all(r["correct"] for r in rows) else FAIL, detail))
+        figures = _figures(size_mb, max(r["ms"] for r in rows), len(nodes), link_gbps)
+        detail = f"{label}, {_bw_text(figures)}"
+        findings.append(Finding(what, where, OK if all(r["correct"] for r in rows) else FAIL, detail, figures=figures))
     return findings
 
 
-def run_checks(nodes: List[Host], backend: str = "ring", size_mb: float = 8.0) -> List[Finding]:
+def run_checks(nodes: List[Host], backend: str = "ring", size_mb: float = 8.0,
+               link_gbps: float = 0.0) -> List[Finding]:
     findings: List[Finding] = []
     per_host = ssh.parallel(lambda n: check_host(n, backend), nodes)
     reachable = [n for n, f in zip(nodes, per_host) if f[0].verdict == OK]
@@ -252,14 +292,17 @@ def run_checks(nodes: List[Host], backend: str = "ring", size_mb: float = 8.0) -
         findings += mesh
     for a, b in itertools.combinations(nodes, 2):
         if a in reachable and b in reachable:
-            findings.append(check_ring_pair(a, b, size_mb))
+            findings.append(check_ring_pair(a, b, size_mb, link_gbps))
         else:
             down = ", ".join(n.name for n in (a, b) if n not in reachable)
             findings.append(Finding("ring all_sum", f"{a.name} <-> {b.name}", FAIL, f"not tested: {down} unreachable",
                                     f"fix ssh to {down} first"))
+    pairs_ok = all(f.verdict == OK for f in findings if f.check == "ring all_sum")
+    if len(nodes) > 2 and len(reachable) == len(nodes) and pairs_ok:
+        findings.append(check_ring_all(nodes, size_mb, link_gbps))
     if backend == "mpi":
         if len(reachable) == len(nodes) and len(nodes) > 1:
-            findings += check_mpi(nodes, size_mb)
+            findings += check_mpi(nodes, size_mb, link_gbps)
         else:
             findings.append(Finding("mpi all_sum", "all hosts", FAIL, "not tested: a host is unreachable",
                                     "fix the ssh findings first"))
@@ -279,9 +322,10 @@ def print_findings(findings: List[Finding]) -> None:
     Console(width=max(160, Console().width)).print(t)
 
 
-def check_network(cluster_file: Optional[str] = None, backend: str = "ring", size_mb: float = 8.0) -> int:
+def check_network(cluster_file: Optional[str] = None, backend: str = "ring", size_mb: float = 8.0,
+                  link_gbps: float = 0.0) -> int:
     nodes = load_hosts(cluster_file)
-    findings = run_checks(nodes, backend, size_mb)
+    findings = run_checks(nodes, backend, size_mb, link_gbps)
     print_findings(findings)
     failed = [f for f in findings if f.verdict == FAIL]
     warned = sum(f.verdict == WARN for f in findings)

@@ -1,10 +1,13 @@
 """The search behind `mlx-train optimize`: which settings to try, in which order, and when to stop.
 
-After DeepSpeed's autotuner: for each (precision, checkpointing) direction, grow the per-device
-batch (accumulation keeps the global batch) while tokens/s still improves by at least
-EARLY_STOP_GAIN; a direction whose first trial is already worse than the best so far by that much is
-not explored further. Settings the memory planner predicts over the budget are never run. On
-several hosts the ring's connections per address are tried last, on the best setting.
+The candidates keep the global batch: each (precision, checkpointing) direction with every
+per-device batch that divides it (accumulation makes up the rest). Settings the memory planner
+predicts over the budget are never run. The rest are ranked by the scaling model
+(planning/perf.py: step = accumulation x micro-batch compute + the gradient all-reduce, with
+checkpointing's extra forward) and tried fastest-predicted first; after each trial the model is
+calibrated on what was measured (compute and sync time per step), and the search stops when the
+next candidate is predicted slower than the best measured by EARLY_STOP_GAIN. On several hosts
+the ring's connections per address are tried last, on the best setting.
 
 Running a trial is the controller's job (controller/tune.py hands the tuner a `measure`).
 """
@@ -12,12 +15,18 @@ Running a trial is the controller's job (controller/tune.py hands the tuner a `m
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from mlx_train.config import TrainConfig
+from mlx_train.planning import perf
 
 EARLY_STOP_GAIN = 0.03
+# Checkpointing recomputes each block's forward during backward: one forward more on top of
+# forward + backward (~3 forwards), before calibration.
+CHECKPOINT_COST = 4 / 3
+PREDICTED_SLOWER = "skipped (predicted slower)"
 
 
 @dataclass
@@ -29,12 +38,85 @@ class Trial:
     connections: int = 1
     tokens_per_s: float = 0.0
     peak: int = 0
-    status: str = "pending"   # ok | over budget | failed | skipped (predicted over budget)
+    status: str = "pending"   # ok | over budget | failed | skipped (...)
+    predicted: float = 0.0    # the model's tokens/s when the trial was ranked (0: not yet calibrated)
+    compute_s: float = 0.0    # measured per step (metrics' compute_time_s), filled by `measure`
+    comm_s: float = 0.0       # measured gradient sync per step (comm_time_s)
 
     def apply(self, cfg: TrainConfig) -> TrainConfig:
         dist = dataclasses.replace(cfg.dist, batch_size_per_device=self.batch, gradient_accumulation=self.accumulation,
                                    ring_connections=self.connections)
         return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision)
+
+
+class StepModel:
+    """perf.predict_step for the tuner's candidates. Compute per step = (fixed + accumulation x
+    per_micro) x the direction's factor: `fixed` holds the work that scales with the (constant)
+    samples per step and the update, `per_micro` what each micro-batch costs on top. Sync: the
+    measured comm_time_s (the same bytes for every candidate), nothing before. Tokens per step
+    are the same for every candidate, so tokens/s = (measured tokens/s x step time) / step."""
+
+    def __init__(self) -> None:
+        self.fixed, self.per_micro = 1.0, 0.0   # units until the first measurement
+        self.factor = {"ckpt": CHECKPOINT_COST, "bf16": 1.0, "other": CHECKPOINT_COST}
+        self.comm = 0.0
+        self.tokens_per_step: Optional[float] = None
+
+    def compute_s(self, t: Trial) -> float:
+        c = self.fixed + t.accumulation * self.per_micro
+        return c * (self.factor["ckpt"] if t.checkpointing else 1.0) * (self.factor["bf16"] if t.precision == "bf16" else 1.0)
+
+    def step_s(self, t: Trial) -> float:
+        # The trainer's phased step: nothing hides the sync (perf.MLX_OVERLAPS is False).
+        return max(1e-9, perf.predict_step(self.compute_s(t), 0.0, 2, comm_s=self.comm).step_s)
+
+    def tokens_per_s(self, t: Trial) -> float:
+        return self.tokens_per_step / self.step_s(t) if self.tokens_per_step else 0.0
+
+    def calibrate(self, measured: List[Trial]) -> None:
+        ok = [t for t in measured if t.status == "ok" and t.compute_s > 0]
+        if not ok:
+            return
+        self.comm = statistics.median(t.comm_s for t in ok)
+        groups = {}
+        for t in ok:
+            groups.setdefault(_direction(t), []).append(t)
+        # The line's shape (cost per micro-batch against the rest) from the direction that has
+        # tried the most accumulations; its scale from fp32 without checkpointing when measured.
+        shape = max(groups, key=lambda d: (len({t.accumulation for t in groups[d]}), d == "plain"))
+        intercept, slope = _line([t.accumulation for t in groups[shape]], [t.compute_s for t in groups[shape]])
+        ratio = slope / intercept if intercept > 0 else 0.0
+        scale = "plain" if "plain" in groups else shape
+        prior = 1.0 if scale == "plain" else self.factor[scale]
+        self.fixed = statistics.median(t.compute_s / (prior * (1 + t.accumulation * ratio)) for t in groups[scale])
+        self.per_micro = ratio * self.fixed
+        for d, seen in groups.items():
+            if d != "plain" and (d != scale or scale == "plain"):
+                self.factor[d] = statistics.median(t.compute_s / (self.fixed + t.accumulation * self.per_micro)
+                                                   for t in seen)
+        self.tokens_per_step = statistics.median(t.tokens_per_s * (t.compute_s + t.comm_s) for t in ok)
+
+    def rank(self, candidates: List[Trial]) -> List[Trial]:
+        """Fastest predicted first; ties: bigger batches, no checkpointing, fp32."""
+        for t in candidates:
+            t.predicted = self.tokens_per_s(t)
+        return sorted(candidates, key=lambda t: (self.step_s(t), -t.batch, t.checkpointing, t.precision != "fp32"))
+
+
+def _direction(t: Trial) -> str:
+    """Which factor of the model a trial measures: plain (fp32), ckpt (fp32) or bf16; mixed: other."""
+    return {(False, "fp32"): "plain", (True, "fp32"): "ckpt", (False, "bf16"): "bf16"}.get(
+        (t.checkpointing, t.precision), "other")
+
+
+def _line(xs: List[int], ys: List[float]) -> tuple:
+    """Least-squares (intercept, slope) of ys over xs; slope 0 while xs has one value."""
+    mx_, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx_) ** 2 for x in xs)
+    if var == 0:
+        return my, 0.0
+    slope = sum((x - mx_) * (y - my) for x, y in zip(xs, ys)) / var
+    return my - slope * mx_, slope
 
 
 def _batches(per_device_total: int) -> List[int]:
@@ -55,6 +137,7 @@ class Tuner:
         self.base, self.budget, self.trial_steps = base, budget, trial_steps
         self.multi_host, self._measure = multi_host, measure
         self.trials: List[Trial] = []
+        self.model = StepModel()
 
     def trial_config(self, t: Trial) -> TrainConfig:
         return dataclasses.replace(t.apply(self.base), steps=self.trial_steps, log_every=1, eval_every=10**6,
@@ -80,36 +163,38 @@ class Tuner:
         ok = [t for t in self.trials if t.status == "ok"]
         return max(ok, key=lambda t: t.tokens_per_s, default=None)
 
-    def explore(self, checkpointing: bool, precision: str) -> None:
+    def candidates(self) -> List[Trial]:
         d = self.base.dist
         per_device_total = d.batch_size_per_device * d.gradient_accumulation
-        prev: Optional[Trial] = None
-        candidates = [Trial(b, per_device_total // b, checkpointing, precision, d.ring_connections)
-                      for b in _batches(per_device_total)]
-        for t in [t for t in candidates if self.fits(t)]:
-            self.measure(t)
-            if t.status == "over budget":
-                break
-            if t.status != "ok":
-                continue
-            leader = self.best()
-            if prev is None and leader is not t and t.tokens_per_s < leader.tokens_per_s * (1 - EARLY_STOP_GAIN):
-                break  # this direction starts clearly behind: not worth growing
-            if prev is not None and t.tokens_per_s < prev.tokens_per_s * (1 + EARLY_STOP_GAIN):
-                break  # the gain has flattened out
-            prev = t
+        return [Trial(b, per_device_total // b, ckpt, precision, d.ring_connections)
+                for ckpt, precision in ((False, "fp32"), (True, "fp32"), (False, "bf16"))
+                for b in _batches(per_device_total)]
 
     def run(self) -> Optional[Trial]:
-        self.explore(False, "fp32")
-        first = self.best()
-        # Checkpointing only pays when memory forbids the batches that run fastest without it.
-        if first is None or any(t.status != "ok" for t in self.trials if not t.checkpointing):
-            self.explore(True, "fp32")
-        self.explore(False, "bf16")
+        pending = [t for t in self.candidates() if self.fits(t)]
+        while pending:
+            self.model.calibrate(self.trials)
+            pending = self.model.rank(pending)
+            best, top = self.best(), pending[0]
+            if best is not None and top.predicted and top.predicted < best.tokens_per_s * (1 - EARLY_STOP_GAIN):
+                for t in pending:  # the model says none of the rest can win
+                    t.status = PREDICTED_SLOWER
+                self.trials += pending
+                break
+            pending.pop(0)
+            self.measure(top)
+            if top.status == "over budget":  # bigger batches of the same direction will not fit either
+                same = [t for t in pending if (t.checkpointing, t.precision) == (top.checkpointing, top.precision)
+                        and t.batch >= top.batch]
+                for t in same:
+                    t.status = "skipped (a smaller batch ran out of memory)"
+                    pending.remove(t)
+                self.trials += same
         best = self.best()
         if best is not None and self.multi_host:
             for k in (2, 4):
-                t = self.measure(dataclasses.replace(best, connections=k, status="pending", tokens_per_s=0.0, peak=0))
+                t = self.measure(dataclasses.replace(best, connections=k, status="pending", tokens_per_s=0.0, peak=0,
+                                                     predicted=0.0, compute_s=0.0, comm_s=0.0))
                 if t.status != "ok" or t.tokens_per_s < self.best().tokens_per_s * (1 + EARLY_STOP_GAIN):
                     break
         return self.best()

@@ -23,14 +23,14 @@ def package_hash(root):
 """
 
 
-def mca_param(node, framework: str, name: str, *, from_env: bool = False) -> tuple[str, str]:
+def mca_param(node, framework: str, name: str, *, from_env: bool = False, component: str = "tcp") -> tuple[str, str]:
     """(current value, data source) of an MCA parameter as ompi_info reports it.
 
     Without from_env the OMPI_MCA_ variable is unset first: the login environment exports the
     same value, and it would otherwise hide whether the params file is right.
     """
     unset = "" if from_env else f"env -u OMPI_MCA_{name} "
-    out = node.check_output(f"{unset}ompi_info --param {framework} tcp --level 9")
+    out = node.check_output(f"{unset}ompi_info --param {framework} {component} --level 9")
     m = re.search(rf'parameter "{name}" \(current value: "([^"]*)", data source: ([^,]+(?:\([^)]*\))?)', out)
     assert m, f"{name} not in ompi_info output:\n{out}"
     return m.group(1), m.group(2)
@@ -47,6 +47,13 @@ def test_btl_tcp_links_comes_from_the_params_file(node):
     value, source = mca_param(node, "btl", "btl_tcp_links")
     assert value == "4"
     assert source.startswith("file (") and "openmpi-mca-params.conf" in source, source
+
+
+def test_allreduce_uses_the_ring_algorithm_from_the_params_file(node):
+    for name, want in (("coll_tuned_use_dynamic_rules", "true"), ("coll_tuned_allreduce_algorithm", "ring")):
+        value, source = mca_param(node, "coll", name, component="tuned")
+        assert value in (want, {"true": "1", "ring": "4"}[want]), (name, value)
+        assert source.startswith("file (") and "openmpi-mca-params.conf" in source, (name, source)
 
 
 def test_mpi_traffic_is_pinned_to_the_hosts_own_interface(node, inventory):

@@ -125,7 +125,9 @@ def test_every_flag_comes_from_a_field():
                      "--stop-after", "--no-live", "--rank-wrapper", "--min-devices", "--max-devices",
                      # pretrained models (docs/fine_tuning.md)
                      "--val-fraction", "--mask-prompt", "--packing", "--fine-tune", "--lora-rank", "--lora-scale",
-                     "--lora-dropout", "--lora-layers", "--lora-keys"}
+                     "--lora-dropout", "--lora-layers", "--lora-keys",
+                     # the model and data copied to the hosts (docs/fleet.md)
+                     "--ship-cache"}
 
 
 def test_run_options_from_flags():

@@ -111,6 +111,16 @@ def test_a_copy_without_its_marker_is_never_taken_as_complete(remote, tmp_path):
 
 
 @needs_rsync
+def test_a_cache_path_with_spaces(remote, tmp_path):
+    src = model_dir(tmp_path / "my models")
+    item = item_of(src)
+    out = ship.ship_one(H, item, "~/a cache/shipped")
+    assert out.path == str(remote / "a cache" / "shipped" / item.digest / src.name)
+    assert ship.digest(Path(out.path))[0] == item.digest
+    assert ship.ship_one(H, item, "~/a cache/shipped").skipped
+
+
+@needs_rsync
 def test_a_single_file_keeps_its_name(remote, tmp_path):
     f = tmp_path / "tokens.npy"
     f.write_bytes(os.urandom(1000))

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, replace
@@ -173,13 +174,13 @@ def _shell_path(path: str) -> str:
 # ---------------------------------------------------------------- one host
 
 def probe_script(cache: str, item: Item) -> str:
-    """Run on the host: `present DIR` when the digest is complete there, `absent DIR FREE_KIB
-    USED_KIB` when it can take it, else one line saying why not (exit 3)."""
+    """Run on the host: `present DIR` when the digest is complete there, `absent FREE_KIB USED_KIB
+    DIR` when it can take it, else one line saying why not (exit 3). DIR last: it may hold spaces."""
     return f"""C={_shell_path(cache)}/{item.digest}
 if [ -f "$C/{MARKER}" ]; then echo "present $C"; exit 0; fi
 rsync --version >/dev/null 2>&1 || {{ echo "rsync is not installed there (apt-get install rsync; brew install rsync)"; exit 3; }}
 mkdir -p "$C" 2>/dev/null && touch "$C/.probe" 2>/dev/null && rm -f "$C/.probe" || {{ echo "cannot write the cache directory $C (set --ship-cache or ${CACHE_ENV} to a writable path)"; exit 3; }}
-echo "absent $C $(df -Pk "$C" | awk 'NR==2 {{print $4}}') $(du -sk "$C" | cut -f1)"
+echo "absent $(df -Pk "$C" | awk 'NR==2 {{print $4}}') $(du -sk "$C" | cut -f1) $C"
 """
 
 
@@ -212,18 +213,20 @@ def ship_one(host: Host, item: Item, cache: str) -> Shipped:
     t0 = time.monotonic()
     fail = f"cannot ship the {item.what} ({item.source}) to {host.name}"
     res = ssh.run(host.name, probe_script(cache, item), timeout=PROBE_TIMEOUT_S, fresh=True)
-    words = _last(res.out).split()
+    answer = _last(res.out)
     if res.code == 3:
-        raise UserError(f"{fail}: {_last(res.out)}")
-    if not res.ok or not words or words[0] not in ("present", "absent"):
+        raise UserError(f"{fail}: {answer}")
+    state, _, rest = answer.partition(" ")
+    if not res.ok or state not in ("present", "absent") or not rest:
         raise UserError(f"{fail}: ssh {host.name} failed ({res.why()}): check `ssh {host.name}` works")
-    remote_dir = words[1]
-    placed = f"{remote_dir}/{item.source.name}"
-    if words[0] == "present":
+    if state == "present":
+        placed = f"{rest}/{item.source.name}"
         return Shipped(host.name, item.what, item.digest, placed, 0, time.monotonic() - t0, True)
+    free, used, remote_dir = (rest.split(" ", 2) + ["", ""])[:3]
+    placed = f"{remote_dir}/{item.source.name}"
     try:
-        free_kib, used_kib = int(words[2]), int(words[3])
-    except (IndexError, ValueError):
+        free_kib, used_kib = int(free), int(used)
+    except ValueError:
         free_kib, used_kib = None, 0
     need_kib = item.size // 1024 - used_kib
     if free_kib is not None and need_kib > free_kib:
@@ -259,6 +262,9 @@ def ship(cfg: TrainConfig, hosts: List[Host], cache: Optional[str] = None) -> Tu
     if not wanted:
         return hosts, []
     where = cache_dir(cache)
+    if shutil.which("rsync") is None:
+        raise UserError("the model and data are copied to the hosts with rsync, which is not installed here: "
+                        "run `make install` (Debian: apt-get install rsync; macOS: brew install rsync)")
 
     def one(host: Host):
         try:

@@ -56,7 +56,7 @@ class Shipped:
     what: str
     digest: str
     path: str       # where it lies on that host
-    bytes: int      # bytes sent (0 when skipped)
+    bytes: int      # bytes of content copied there (0 when skipped)
     seconds: float
     skipped: bool
 
@@ -189,18 +189,8 @@ def rsync_argv(item: Item, dest: str, remote_dir: str) -> List[str]:
     ssh_cmd = shlex.join(["ssh", "-T", *ssh.options(fresh=True)])
     src = f"{item.source}/" if item.source.is_dir() else str(item.source)
     target = f"{remote_dir}/{item.source.name}" + ("/" if item.source.is_dir() else "")
-    return ["rsync", "-a", "-L", "--partial", f"--timeout={RSYNC_IO_TIMEOUT_S}", "--stats", "-e", ssh_cmd,
-            src, f"{dest}:{target}"]
-
-
-def _sent_bytes(stats: str) -> int:
-    for line in stats.splitlines():
-        if line.startswith("Total bytes sent:"):
-            try:
-                return int(line.split(":", 1)[1].strip().replace(",", "").replace(".", ""))
-            except ValueError:
-                return 0
-    return 0
+    # Only options macOS's own rsync (openrsync) takes too.
+    return ["rsync", "-a", "-L", "--partial", f"--timeout={RSYNC_IO_TIMEOUT_S}", "-e", ssh_cmd, src, f"{dest}:{target}"]
 
 
 def _last(text: str) -> str:
@@ -246,7 +236,7 @@ def ship_one(host: Host, item: Item, cache: str) -> Shipped:
     done = ssh.run(host.name, mark, timeout=PROBE_TIMEOUT_S, fresh=True)
     if not done.ok:
         raise UserError(f"{fail}: cannot write its marker ({done.why()})")
-    return Shipped(host.name, item.what, item.digest, placed, _sent_bytes(cp.stdout), time.monotonic() - t0, False)
+    return Shipped(host.name, item.what, item.digest, placed, item.size, time.monotonic() - t0, False)
 
 
 # ---------------------------------------------------------------- the fleet

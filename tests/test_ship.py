@@ -10,6 +10,8 @@ import os
 import shlex
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,36 @@ def test_a_single_file_keeps_its_name(remote, tmp_path):
     f.write_bytes(os.urandom(1000))
     out = ship.ship_one(H, item_of(f, "data"), "~/cache")
     assert Path(out.path).name == "tokens.npy" and Path(out.path).read_bytes() == f.read_bytes()
+
+
+@needs_rsync
+def test_a_hub_id_ships_its_local_snapshot(remote, tmp_path):
+    """A hub id is resolved here, offline, to its snapshot in the hub cache (files there are links
+    into a blob store) and shipped as the files themselves."""
+    src = model_dir(tmp_path / "made")
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    for f in (p for p in src.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / ship.digest(f)[0]
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, blob)
+        link = snapshot / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    code = ("import json, sys; from mlx_train.config import ModelConfig, TrainConfig; from mlx_train.fleet import ship;"
+            "from mlx_train.fleet.hosts import Host; (i,) = ship.items(TrainConfig(model=ModelConfig(name='acme/tiny')));"
+            "s = ship.ship_one(Host('h9', '10.0.0.9'), i, '~/cache');"
+            "print(json.dumps([str(i.source), i.digest, s.path]))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    source, digest, placed = json.loads(out.stdout.splitlines()[-1])
+    assert Path(source) == snapshot and digest == ship.digest(src)[0]
+    copied = Path(placed)
+    assert not any(p.is_symlink() for p in copied.rglob("*"))
+    assert (copied / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
 
 def test_an_unwritable_cache_stops_with_the_host_named(remote, tmp_path):

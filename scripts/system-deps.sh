@@ -4,7 +4,7 @@
 # because the Python parts still work and the tests that need these packages skip with a reason.
 set -euo pipefail
 
-debian_pkgs=(openmpi-bin libopenmpi-dev libopenblas0-pthread openssh-server iproute2 nftables python3-venv util-linux)
+debian_pkgs=(openmpi-bin libopenmpi-dev libopenblas0-pthread openssh-server iproute2 nftables python3-venv util-linux rsync)
 
 if [[ "$(uname -s)" == "Darwin" ]]; then
     if command -v brew >/dev/null && ! command -v mpirun >/dev/null; then

@@ -127,7 +127,9 @@ def test_every_flag_comes_from_a_field():
                      "--val-fraction", "--mask-prompt", "--packing", "--fine-tune", "--lora-rank", "--lora-scale",
                      "--lora-dropout", "--lora-layers", "--lora-keys",
                      # experiment tracking (controller/reporting.py)
-                     "--report-to"}
+                     "--report-to",
+                     # the model and data copied to the hosts (docs/fleet.md)
+                     "--ship-cache"}
 
 
 def test_run_options_from_flags():

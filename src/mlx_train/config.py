@@ -245,6 +245,9 @@ class RunOptions:
     distributed: bool = knob(False, "run across the hosts in the cluster file", "--distributed")
     cluster: Optional[str] = knob(None, "cluster file (default ./cluster.yaml or ~/.mlx-train/cluster.yaml)",
                                   "--cluster")
+    ship_cache: Optional[str] = knob(None, "where each remote host keeps the model and data copied to it, a path on "
+                                           "that host (default $MLX_TRAIN_SHIP_CACHE, else ~/.cache/mlx-train/shipped)",
+                                     "--ship-cache", metavar="DIR")
     max_restarts: int = knob(3, "relaunches after a rank failure before giving up", "--max-restarts")
     stall_timeout: Optional[float] = knob(None, "seconds without progress from a rank before a restart (default: "
                                           "adaptive, 5 x the median step, at least 10 s, with allowances for "

@@ -4,7 +4,8 @@ Three shapes, all running the same `python -m mlx_train.rank.worker`:
 - ring, local ranks: one child per rank with the ring's peer list on loopback;
 - ring over ssh: one `ssh host ... worker` per rank with the hosts' pinned addresses;
 - mpi: one `mpirun --tag-output` carrying every rank (local or `--host` list).
-The supervisor (supervisor.py) owns the processes these describe.
+The supervisor (supervisor.py) owns the processes these describe. A rank on a remote host reads
+the model and data where ship.py put them on that host (`ship.on_host`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import shutil
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
-from mlx_train.fleet import mpi, ssh
+from mlx_train.fleet import mpi, ship, ssh
 from mlx_train.fleet.hosts import LOCAL, Host
 
 
@@ -93,7 +94,8 @@ def test_hooks() -> Dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("MLX_TRAIN_TEST_")}
 
 
-def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper: List[str]) -> List[RankProc]:
+def plan_ring(cfg: TrainConfig, hosts: List[Host], args_for: Callable[[Host], List[str]],
+              wrapper: List[str]) -> List[RankProc]:
     per_rank = rank_hosts(hosts)
     n = len(per_rank)
     k = cfg.dist.ring_connections
@@ -101,7 +103,7 @@ def plan_ring(cfg: TrainConfig, hosts: List[Host], base_args: List[str], wrapper
     peers = json.dumps([[f"{h.addr}:{p}" for p in ports[r * k:(r + 1) * k]] for r, h in enumerate(per_rank)])
     procs = []
     for rank, host in enumerate(per_rank):
-        argv = [host.python, *base_args, "--ranks-on-host", str(host.slots)]
+        argv = [host.python, *args_for(host), "--ranks-on-host", str(host.slots)]
         if n > 1:  # a ring of one would wait for a peer that never comes
             argv += ["--rank", str(rank), "--ring-hosts", peers]
         env = {"PYTHONUNBUFFERED": "1", **test_hooks()}
@@ -145,7 +147,14 @@ def plan(cfg: TrainConfig, hosts: List[Host], run_dir: str, run_id: str, resume:
     if total != cfg.dist.num_devices:
         raise UserError(f"{cfg.dist.num_devices} devices asked for but the hosts provide {total} slots: "
                         "change --devices or the cluster file")
-    base = worker_args(cfg, run_dir, run_id, resume, stop_after)
+    def args_for(host: Host) -> List[str]:
+        return worker_args(ship.on_host(cfg, host), run_dir, run_id, resume, stop_after)
+
     if cfg.dist.backend == "mpi":
-        return plan_mpi(cfg, hosts, base)
-    return plan_ring(cfg, hosts, base, wrapper or [])
+        # One command line carries every rank: the model and data must lie at one path on all hosts.
+        first = args_for(hosts[0])
+        if any(args_for(h) != first for h in hosts[1:]):
+            raise UserError("--backend mpi starts every rank with one command line, but the model or data lie at "
+                            "different paths on the hosts: set --ship-cache to one absolute path, or use --backend ring")
+        return plan_mpi(cfg, hosts, first)
+    return plan_ring(cfg, hosts, args_for, wrapper or [])

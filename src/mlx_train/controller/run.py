@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
+from mlx_train.fleet import ship
 from mlx_train.config import BACKENDS, RunOptions, TrainConfig, from_dict
 from mlx_train.controller import reporting
 from mlx_train.controller.console import ProgressView
@@ -211,7 +212,11 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     run = RunDir(opts.resume or opts.run_dir or RUNS_ROOT / new_run_id())
     if opts.resume:
         check_resumable(run)
+    # The model and data reach every remote host (or one line names the host that cannot take them).
+    hosts, shipped = ship.ship(cfg, hosts, opts.ship_cache)
     run.prepare(cfg, resume=bool(opts.resume))
+    for s in shipped:
+        run.event("ship", **s.event())
     return cfg, hosts, run
 
 

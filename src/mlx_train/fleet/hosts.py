@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 
@@ -31,6 +31,9 @@ class Host:
     python: str = sys.executable  # absolute interpreter on that host
     slots: int = 1               # ranks this host takes
     memory: Optional[int] = None  # bytes of device memory, from the cluster file (remote hosts)
+    # Set before launch, never from the file: where the run's model and data lie on this host
+    # (the path the config names -> its copy in this host's cache, ship.py).
+    placed: Dict[str, str] = field(default_factory=dict)
 
     @property
     def local(self) -> bool:

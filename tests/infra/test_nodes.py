@@ -36,6 +36,11 @@ def mca_param(node, framework: str, name: str, *, from_env: bool = False, compon
     return m.group(1), m.group(2)
 
 
+def test_rsync_is_there_for_shipping_models(node):
+    # fleet/ship.py copies a model and its data to each node with rsync over the fleet's ssh.
+    assert node.run("rsync --version").rc == 0
+
+
 def test_openmpi_is_installed_with_the_libmpi_mlx_loads(node):
     assert node.exists("mpirun")
     assert node.run("ompi_info --version").rc == 0

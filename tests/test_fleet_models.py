@@ -83,7 +83,13 @@ def test_lora_across_three_hosts_reads_shipped_copies(fleet, lora_run, private):
     # Adapters in mlx-lm's layout, only the LoRA weights in them.
     adapters = mx.load(str(run / "adapters" / "adapters.safetensors"))
     assert adapters and all(k.endswith((".lora_a", ".lora_b")) for k in adapters)
-    assert json.loads((run / "adapters" / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+    adapter_config = json.loads((run / "adapters" / "adapter_config.json").read_text())
+    assert adapter_config["fine_tune_type"] == "lora"
+    # The user's names, not rank 0's host copy: the adapters and the run's identity (checked on
+    # resume) are the same whichever host rank 0 lands on.
+    assert adapter_config["model"] == str(model)
+    meta = json.loads((run / "checkpoints" / "step-000040" / "manifest.json").read_text())["meta"]
+    assert (meta["identity"]["model"]["name"], meta["identity"]["data"]["path"]) == (str(model), str(data))
     # Copied to every host, model and data, each into that host's own cache, marker last.
     shipped = events(run, "ship")
     assert sorted((s["host"], s["what"]) for s in shipped) == sorted((h, w) for h in FLEET_HOSTS for w in ("model", "data"))

@@ -211,19 +211,32 @@ def test_each_rank_reads_its_hosts_copy():
              Host("h2", "10.77.0.12", placed={"/models/m": "/c2/m", "/data/chat": "/c2/chat"}),
              launch.local_hosts(1)[0]]
     procs = launch.plan(cfg, hosts, "/runs/r1", "r1", False)
-    sent = [sent_config(p.argv) for p in procs]
-    assert [(c["model"]["name"], c["data"]["path"]) for c in sent] == \
+    # Every rank gets the user's config (the run's identity, the adapters' "model") and where its
+    # own host holds the model and data.
+    assert all(sent_config(p.argv) == cfg.to_dict() for p in procs)
+    sent = [TrainConfig.trusted(sent_config(p.argv)).placed_at(sent_placed(p.argv)) for p in procs]
+    assert [(c.model.name, c.data.path) for c in sent] == \
         [("/c1/m", "/c1/chat"), ("/c2/m", "/c2/chat"), ("/models/m", "/data/chat")]
+    assert sent[0].identity() != cfg.identity() and sent[0].placed_at({}) == sent[0]
     mpi = TrainConfig(model=cfg.model, data=cfg.data, dist=DistributedConfig(num_devices=2, backend="mpi"))
     with pytest.raises(UserError, match="different paths on the hosts"):
         launch.plan(mpi, hosts[:2], "/runs/r1", "r1", False)
     same = [Host(h.name, h.addr, placed={"/models/m": "/c/m"}) for h in hosts[:2]]
     (p,) = launch.plan(mpi, same, "/runs/r1", "r1", False)
-    assert sent_config(p.argv)["model"]["name"] == "/c/m"
+    assert sent_placed(p.argv) == {"/models/m": "/c/m"}
+
+
+def _worker_argv(argv) -> list:
+    return shlex.split(argv[-1]) if argv[0] == "ssh" else list(argv)  # inside the remote command over ssh
 
 
 def sent_config(argv) -> dict:
-    """The --config-json a rank is started with (inside the remote command line over ssh)."""
-    if argv[0] == "ssh":
-        argv = shlex.split(argv[-1])
+    """The --config-json a rank is started with."""
+    argv = _worker_argv(argv)
     return json.loads(argv[argv.index("--config-json") + 1])
+
+
+def sent_placed(argv) -> dict:
+    """The --placed a rank is started with (nothing placed: {})."""
+    argv = _worker_argv(argv)
+    return json.loads(argv[argv.index("--placed") + 1]) if "--placed" in argv else {}

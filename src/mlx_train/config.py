@@ -18,7 +18,7 @@ import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 
@@ -227,6 +227,15 @@ class TrainConfig(_Yaml):
             "steps": self.steps,
             "seed": self.seed,
         }
+
+    def placed_at(self, placed: Dict[str, str]) -> "TrainConfig":
+        """This config reading its model and data where fleet/ship.py put them on one host
+        (the config's path -> that host's copy). The run's identity stays the unplaced config's."""
+        if not placed:
+            return self
+        data = placed.get(self.data.path, self.data.path) if self.data.path else self.data.path
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, name=placed.get(self.model.name, self.model.name)),
+                                   data=dataclasses.replace(self.data, path=data))
 
     @classmethod
     def trusted(cls, data: dict) -> "TrainConfig":

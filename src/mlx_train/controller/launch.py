@@ -5,7 +5,7 @@ Three shapes, all running the same `python -m mlx_train.rank.worker`:
 - ring over ssh: one `ssh host ... worker` per rank with the hosts' pinned addresses;
 - mpi: one `mpirun --tag-output` carrying every rank (local or `--host` list).
 The supervisor (supervisor.py) owns the processes these describe. A rank on a remote host reads
-the model and data where ship.py put them on that host (`ship.on_host`).
+the model and data where ship.py put them on that host (`--placed`, TrainConfig.placed_at).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 
 from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
-from mlx_train.fleet import mpi, ship, ssh
+from mlx_train.fleet import mpi, ssh
 from mlx_train.fleet.hosts import LOCAL, Host
 
 
@@ -45,9 +45,14 @@ def rank_hosts(hosts: List[Host]) -> List[Host]:
     return [h for h in hosts for _ in range(h.slots)]
 
 
-def worker_args(cfg: TrainConfig, run_dir: str, run_id: str, resume: bool, stop_after: Optional[int]) -> List[str]:
+def worker_args(cfg: TrainConfig, run_dir: str, run_id: str, resume: bool, stop_after: Optional[int],
+                placed: Optional[Dict[str, str]] = None) -> List[str]:
+    # The rank gets the user's config and, apart, where its host holds the model and data: the run's
+    # identity (checked on resume) and the adapters' "model" must not depend on which host rank 0 is on.
     args = ["-m", "mlx_train.rank.worker", "--config-json", json.dumps(cfg.to_dict(), separators=(",", ":")),
             "--run-dir", run_dir, "--run-id", run_id, "--lifeline"]
+    if placed:
+        args += ["--placed", json.dumps(placed, separators=(",", ":"))]
     if resume:
         args.append("--resume")
     if stop_after is not None:
@@ -148,7 +153,7 @@ def plan(cfg: TrainConfig, hosts: List[Host], run_dir: str, run_id: str, resume:
         raise UserError(f"{cfg.dist.num_devices} devices asked for but the hosts provide {total} slots: "
                         "change --devices or the cluster file")
     def args_for(host: Host) -> List[str]:
-        return worker_args(ship.on_host(cfg, host), run_dir, run_id, resume, stop_after)
+        return worker_args(cfg, run_dir, run_id, resume, stop_after, host.placed)
 
     if cfg.dist.backend == "mpi":
         # One command line carries every rank: the model and data must lie at one path on all hosts.

@@ -10,7 +10,7 @@ A host that already holds the digest gets nothing; a host that cannot take it st
 before launch with one line naming it. Local ranks read the original path.
 
 The hosts come back with `placed` filled (original path as the config names it -> path on that
-host); `on_host` gives the config a rank on that host receives.
+host); the rank on that host gets it as `--placed` and reads through TrainConfig.placed_at.
 """
 
 from __future__ import annotations
@@ -269,12 +269,3 @@ def ship(cfg: TrainConfig, hosts: List[Host], cache: Optional[str] = None) -> Tu
     placed = {h.name: {item.key: s.path for item, s in zip(wanted, results[h.name])} for h in remote}
     return ([replace(h, placed=placed.get(h.name, {})) for h in hosts],
             [s for h in remote for s in results[h.name]])
-
-
-def on_host(cfg: TrainConfig, host: Host) -> TrainConfig:
-    """The config a rank on `host` receives: the model and data where they lie on that host."""
-    if not host.placed:
-        return cfg
-    model = host.placed.get(cfg.model.name, cfg.model.name)
-    data = host.placed.get(cfg.data.path, cfg.data.path) if cfg.data.path else cfg.data.path
-    return replace(cfg, model=replace(cfg.model, name=model), data=replace(cfg.data, path=data))

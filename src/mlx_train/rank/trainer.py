@@ -24,7 +24,8 @@ from mlx_train.rank.step import Stepper, current_lr, make_optimizer, pack, unpac
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str, memory_budget: int):
+    def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str, memory_budget: int,
+                 placed: Optional[dict] = None):
         self.cfg, self.group = cfg, group
         self.rank, self.size = group.rank(), group.size()
         if self.size != cfg.dist.num_devices:
@@ -32,7 +33,9 @@ class Trainer:
         self.ckpt_root = Path(run_dir) / "checkpoints"
         self.memory_budget = memory_budget
         self.run_dir = Path(run_dir)
-        corpus = load_corpus(cfg.data, cfg.model)
+        # Read from this host's copies; self.cfg keeps the user's names (the run's identity).
+        local = cfg.placed_at(placed or {})
+        corpus = load_corpus(local.data, local.model)
         self.train = corpus.batcher("train", cfg.model.seq_len, cfg.seed)
         self.val = corpus.batcher("val", cfg.model.seq_len, cfg.seed + 1)
         self.train.require(cfg.dist.global_batch_size, "one global batch")
@@ -42,9 +45,9 @@ class Trainer:
         self.val_dist = DistributedConfig(self.size, eval_batch, 1, cfg.dist.backend)
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
-        model, loss_fn = build_model(cfg.model, cfg.grad_checkpoint, cfg.fine_tune)
+        model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)
         self.adapter_config = hf.adapter_config(cfg.model.name, cfg.fine_tune, len(model.layers)) \
-            if hf.is_pretrained(cfg.model.name) else None
+            if hf.is_pretrained(local.model.name) else None
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
         self.bad_steps = BadSteps()

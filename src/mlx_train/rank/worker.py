@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-id", required=True)
     p.add_argument("--rank", type=int, help="ring backend: this rank")
     p.add_argument("--ring-hosts", help='ring backend: JSON list, one ["ip:port"] per rank')
+    p.add_argument("--placed", default="{}",
+                   help="JSON: the config's model/data path -> its copy on this host (fleet/ship.py)")
     p.add_argument("--ranks-on-host", type=int, default=1, help="ranks sharing this host (BLAS threads)")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p.add_argument("--stop-after", type=int, help="checkpoint and exit cleanly after this step")
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
                                      python=sys.executable))
         budget = cfg.memory_budget or rank_budget(device_memory()[0], args.ranks_on_host)
         protocol.emit(protocol.Budget(rank=rank, budget=budget))
-        trainer = Trainer(cfg, group, args.run_dir, budget)
+        trainer = Trainer(cfg, group, args.run_dir, budget, placed=json.loads(args.placed))
         trainer.run(resume=args.resume, stop_after=args.stop_after)
         return protocol.EXIT_OK
     except UserError as exc:

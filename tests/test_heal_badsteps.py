@@ -5,7 +5,10 @@ import math
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
+
+from helpers import TINY, cli, events
 
 from mlx_train.config import ModelConfig, OptimConfig, TrainConfig
 from mlx_train.rank import dataskip
@@ -76,3 +79,21 @@ def test_a_loss_above_the_limit_skips_the_update_and_below_it_applies():
     fine = s.step(batch, loss_limit=1000.0)
     assert not fine.skipped
     assert any(not np.array_equal(before[k], np.array(v)) for k, v in tree_flatten(s.params))
+
+
+@pytest.mark.multiproc
+def test_loss_spike_run_resumes_bit_for_bit(tmp_path):
+    """With a tight --loss-spike some steps are skipped; stopped and resumed in the middle, the run
+    judges the same steps (the running means travel in the checkpoint) and ends on the same weights."""
+    job = [*TINY, "--devices", "2", "--steps", "40", "--log-every", "10", "--checkpoint-every", "10",
+           "--loss-spike", "1.05", "--max-restarts", "5", "--no-live"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    cli("train", *job, "--run-dir", str(straight), check=True)
+    skipped = [e["step"] for e in events(straight, "bad_step")]
+    assert skipped and all(e["loss_limit"] is not None for e in events(straight, "bad_step"))
+    cli("train", *job, "--run-dir", str(broken), "--stop-after", "20", check=True)
+    cli("train", "--resume", str(broken), check=True)
+    assert [e["step"] for e in events(broken, "bad_step")] == skipped
+    a = mx.load(str(straight / "checkpoints" / "step-000040" / "model.safetensors"))
+    b = mx.load(str(broken / "checkpoints" / "step-000040" / "model.safetensors"))
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)

@@ -616,8 +616,10 @@ class Supervisor:
 
     def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> Optional[Outcome]:
         self.run.event("bad_step", **msg.fields())
-        self.view.note(f"[yellow]skipped step {msg.step}:[/] loss {msg.loss}, gradient norm {msg.grad_norm} "
-                       f"({msg.in_a_row} in a row)")
+        spiked = msg.loss_limit is not None and msg.loss > msg.loss_limit
+        self.view.note(f"[yellow]skipped step {msg.step}:[/] loss {msg.loss}"
+                       + (f" above the --loss-spike limit {msg.loss_limit:.4g}" if spiked else "")
+                       + f", gradient norm {msg.grad_norm} ({msg.in_a_row} in a row)")
         if msg.in_a_row < ROLLBACK_AFTER_BAD_STEPS:
             return None
         # Skipping does not heal weights that already went bad: go back to the last checkpoint, and

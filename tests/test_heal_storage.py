@@ -45,3 +45,56 @@ def test_unwritable_adapters_fail_as_a_checkpoint_does_and_keep_the_old_ones(dis
     assert sorted(p.name for p in disk.iterdir()) == ["adapters"]  # no temporary left behind
     after = mx.load(str(out / hf.ADAPTER_WEIGHTS))["layers.0.lora_a"]
     assert np.array_equal(before, np.array(after))
+
+
+@pytest.fixture
+def disk8m(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "disk8m"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], check=True, capture_output=True,
+                   timeout=30)
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+
+
+def _bytes(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.multiproc
+def test_a_run_whose_adapters_cannot_be_written_goes_on(disk8m, tiny_model, chat_data, tmp_path):
+    """A LoRA run on a full disk with room for its next checkpoint but not for the run's adapters
+    beside it: checkpoint_failed names the adapters and the cause, the checkpoint itself is written,
+    the previous adapters stay, and the next interval writes them again."""
+    from helpers import cli, events
+
+    run, env = disk8m / "run", {"MLX_TRAIN_CACHE": str(tmp_path / "cache")}
+    cli("train", "--model", str(tiny_model), "--data", str(chat_data), "--seq-len", "64", "--batch-size", "4",
+        "--fine-tune", "lora", "--lora-layers", "-1", "--lora-rank", "64", "--steps", "12", "--checkpoint-every", "4",
+        "--log-every", "4", "--no-live", "--stop-after", "4", "--run-dir", str(run), env=env, check=True, timeout=600)
+    first = run / "checkpoints" / "step-000004"
+    adapters = _bytes(run / "adapters")
+    assert adapters > 400 * 1024  # rank 64: well above the room left over below
+    st = os.statvfs(disk8m)
+    filler = disk8m / "filler"
+    with filler.open("wb") as fh:  # room for one more checkpoint (with its adapters) and logs, not for more
+        fh.write(b"\0" * (st.f_bavail * st.f_frsize - _bytes(first) - 200 * 1024))
+    try:
+        cli("train", "--resume", str(run), "--stop-after", "8", env=env, check=True, timeout=600)
+    finally:
+        filler.unlink()
+    failed = events(run, "checkpoint_failed")
+    assert [e["step"] for e in failed] == [8], failed
+    assert "adapters not written" in failed[0]["reason"] and "(ENOSPC)" in failed[0]["reason"], failed
+    assert events(run, "checkpoint")[-1]["step"] == 8 and checkpoint.verify(run / "checkpoints" / "step-000008") is None
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+    old = mx.load(str(first / "adapters" / hf.ADAPTER_WEIGHTS))
+    kept = mx.load(str(run / "adapters" / hf.ADAPTER_WEIGHTS))
+    assert all(np.array_equal(np.array(old[k]), np.array(kept[k])) for k in old)  # step 4's, intact
+    cli("train", "--resume", str(run), env=env, check=True, timeout=600)
+    new = mx.load(str(run / "adapters" / hf.ADAPTER_WEIGHTS))
+    last = mx.load(str(run / "checkpoints" / "step-000012" / "adapters" / hf.ADAPTER_WEIGHTS))
+    assert all(np.array_equal(np.array(new[k]), np.array(last[k])) for k in new)
+    assert events(run)[-1]["event"] == "finish"

@@ -184,6 +184,15 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_temporaries(root: Path) -> None:
+    """Remove what writes cut short left (a rank stopped mid-write: its temporary directory). Only
+    at restore, when no write of this run can be going on (one supervisor per run: its lock)."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(f".tmp-{_PREFIX}") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def list_steps(root: Path) -> List[Path]:
     """Checkpoint directories, oldest first (temporary ones excluded)."""
     if not root.is_dir():

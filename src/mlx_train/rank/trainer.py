@@ -239,6 +239,7 @@ class Trainer:
         """
         found, mismatch = None, 0
         if self.rank == 0:
+            checkpoint.remove_temporaries(self.ckpt_root)  # writes in the background may have been cut short
             result = checkpoint.load_latest(self.ckpt_root)
             for path, reason in result.skipped:
                 protocol.emit(protocol.RankWarning("checkpoint_damaged", {"path": path, "reason": reason}))

@@ -182,7 +182,10 @@ class Trainer:
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
                 "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]]}
         self.writer.start(lambda: self._write(step, params, state, meta))
-        self.pending = {"step": step, "agreed": agreed, "sums": sums, "stall_s": time.perf_counter() - t0}
+        # The training thread keeps the snapshot until the write is over, so its arrays are freed
+        # here and never by the writer thread.
+        self.pending = {"step": step, "agreed": agreed, "sums": sums, "stall_s": time.perf_counter() - t0,
+                        "snapshot": (params, state)}
         protocol.emit(protocol.Phase("checkpoint", step, done=True))
 
     def _write(self, step: int, params: dict, state: dict, meta: dict) -> tuple:

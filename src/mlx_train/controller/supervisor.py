@@ -34,7 +34,7 @@ from mlx_train import protocol
 from mlx_train.config import TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.controller.launch import Host, RankProc
-from mlx_train.controller.watchdog import Allowances, Stall, Watchdog
+from mlx_train.controller.watchdog import CHECKPOINT, Allowances, Stall, Watchdog
 from mlx_train.errors import UserError
 from mlx_train.planning.oom import CrashFacts, OomPolicy, settings
 from mlx_train.rank import dataskip
@@ -600,6 +600,10 @@ class Supervisor:
         extra = {k: v for k, v in (("agreed", msg.agreed), ("stall_s", msg.stall_s), ("write_s", msg.write_s))
                  if v is not None}
         self.run.event("checkpoint", step=msg.step, **extra)
+        if msg.write_s is not None:
+            # Written in the background: the rank's checkpoint phases are only its waits for a write,
+            # which last up to a whole write. Its allowance learns from the writes themselves.
+            s.dog.durations[CHECKPOINT].append(msg.write_s)
         self.agreement.checkpoint(msg.step, msg.agreed)
         if not self.members.enabled:
             return None

@@ -176,7 +176,7 @@ class Trainer:
         sums = [int(v) for v in everyone[:, 0]]
         agreed = len(set(sums)) == 1
         protocol.emit(protocol.Phase("checkpoint", step))  # the watchdog allows for the wait below
-        self.finish_write(block=True)  # one write at a time: the previous one ends first
+        self.finish_write(block=True, announced=True)  # one write at a time: the previous one ends first
         params = checkpoint.snapshot(dict(tree_flatten(self.stepper.params)))
         state = checkpoint.snapshot(dict(tree_flatten(self.optimizer.state)))
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
@@ -202,12 +202,18 @@ class Trainer:
             return path, str(exc)
         return path, None
 
-    def finish_write(self, block: bool) -> None:
+    def finish_write(self, block: bool, announced: bool = False) -> None:
         """Report the background write once it is over (rank 0): its checkpoint, or why it failed.
-        With block, wait for it (it is bounded by the watchdog's checkpoint allowance: a rank stuck
-        in a write is stopped like any stuck rank)."""
+        With block, wait for it, announced to the watchdog as a checkpoint phase (unless the caller
+        did): it allows as long as the slowest recent write, so a rank stuck in a write is stopped
+        like any stuck rank and a slow write is not mistaken for one."""
         t0 = time.perf_counter()
+        waiting = block and self.writer.busy and not announced
+        if waiting:
+            protocol.emit(protocol.Phase("checkpoint", self.pending["step"]))
         done = self.writer.finish(block)
+        if waiting:
+            protocol.emit(protocol.Phase("checkpoint", self.pending["step"], done=True))
         if done is None:
             return
         outcome, write_s = done

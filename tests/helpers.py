@@ -13,6 +13,8 @@ from typing import Callable, List, Optional, TypeVar
 
 import pytest
 
+from mlx_train import procs
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 # The console script, as a user runs it (the fleet tests); `cli` below runs the module.
@@ -96,16 +98,7 @@ def metrics(run_dir: Path) -> List[dict]:
     return jsonl(Path(run_dir) / "metrics.jsonl")
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-    except OSError:
-        return True
+pid_alive = procs.alive
 
 
 def is_worker(pid: int) -> bool:

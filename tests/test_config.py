@@ -125,7 +125,9 @@ def test_every_flag_comes_from_a_field():
                      "--stop-after", "--no-live", "--rank-wrapper", "--min-devices", "--max-devices",
                      # pretrained models (docs/fine_tuning.md)
                      "--val-fraction", "--mask-prompt", "--packing", "--fine-tune", "--lora-rank", "--lora-scale",
-                     "--lora-dropout", "--lora-layers", "--lora-keys"}
+                     "--lora-dropout", "--lora-layers", "--lora-keys",
+                     # experiment tracking (controller/reporting.py)
+                     "--report-to"}
 
 
 def test_run_options_from_flags():

@@ -20,12 +20,17 @@ SMALL = dict(n_layers=4, d_model=256, n_heads=4, seq_len=256, vocab_size=256)
 LONG = dict(n_layers=4, d_model=128, n_heads=4, seq_len=1024, vocab_size=256)
 
 
-def _bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "memory_accuracy.py"
-    spec = importlib.util.spec_from_file_location("memory_accuracy", path)
+def _load_bench(name: str):
+    # bench/ is a folder of scripts, not a package: load the one that holds the measurement by path.
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench():
+    return _load_bench("memory_accuracy")
 
 
 def test_guide_call_reads_as_dict_and_attributes():
@@ -180,11 +185,7 @@ def test_prediction_within_15_percent_of_measured_peak():
 
 # -- pretrained models (config.json shapes, frozen bases, packed weights) -----------------------------
 def _lm_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "lm_memory.py"
-    spec = importlib.util.spec_from_file_location("lm_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_bench("lm_memory")
 
 
 @pytest.mark.parametrize("which, ft", [

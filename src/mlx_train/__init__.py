@@ -7,7 +7,7 @@ The package is drawn in levels; each imports only the levels below it (tests/tes
     fleet        hosts, the cluster file, ssh, configure, check-network, status, reset
     planning     memory model, planner, out-of-memory policy, tuner search
     rank         inside one training process: worker, trainer, step, model, data, checkpoints
-    (top level)  the shared contracts: config, errors, protocol, run directory, units
+    (top level)  the shared contracts: config, errors, procs, protocol, run directory, units
 
 See docs/architecture.md.
 """

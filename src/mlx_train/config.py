@@ -28,6 +28,7 @@ BACKENDS = ("ring", "mpi", "any")
 FINE_TUNE_MODES = ("full", "lora", "dora")
 PACKINGS = ("pack", "pad")
 PRECISIONS = ("fp32", "bf16")
+REPORT_TO = ("tensorboard", "wandb")  # experiment trackers (controller/reporting.py)
 
 
 def check(cond: bool, msg: str) -> None:
@@ -265,6 +266,9 @@ class RunOptions:
     live: Optional[bool] = knob(None, "plain log lines instead of a progress bar", "--no-live", store_false=True)
     rank_wrapper: Optional[str] = knob(None, "prefix each local rank's command, e.g. 'taskset -c 0' or "
                                              "'prlimit --as=4000000000'", "--rank-wrapper", metavar="CMD")
+    report_to: Optional[str] = knob(None, "also send the logged steps to experiment trackers: tensorboard, wandb, "
+                                          "or both comma-separated (W&B logs offline without an API key; needs "
+                                          "pip install 'mlx-train[tracking]')", "--report-to", metavar="LIST")
 
     def __post_init__(self) -> None:
         check(isinstance(self.max_restarts, int) and self.max_restarts >= 0,
@@ -288,6 +292,14 @@ class RunOptions:
                                  "quoting") from None
             check(not argv or shutil.which(argv[0]) is not None,
                   f"--rank-wrapper: no program {argv[0]!r} on PATH" if argv else "")
+        for name in self.trackers:
+            check(name in REPORT_TO, f"--report-to {name[:40]!r} is not one of {', '.join(REPORT_TO)}, none")
+
+    @property
+    def trackers(self) -> list:
+        """--report-to as a list of names, each once, in the order given ([] for none)."""
+        names = [n.strip().lower() for n in (self.report_to or "").split(",") if n.strip()]
+        return list(dict.fromkeys(n for n in names if n != "none"))
 
 
 def _trusted(cls, data: dict):

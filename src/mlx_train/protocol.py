@@ -119,6 +119,7 @@ class Metrics(Message):
     peak_memory: list
     param_checksum: list
     val_loss: Optional[float] = None
+    sample: Optional[str] = None  # the embedded GPT's text after a fixed prompt, at an evaluation (rank/sample.py)
 
 
 @_kind("resumed")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from mlx_train import procs
 from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
 
@@ -146,18 +147,7 @@ class RunDir:
     def supervised(self) -> bool:
         """Is the run's supervisor (on this machine) still running?"""
         pid = self.supervisor()
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:  # an unreaped zombie is gone for our purposes
-            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return True
+        return pid is not None and procs.alive(pid)
 
     def ended(self) -> bool:
         """Did the run end (finished, failed, interrupted, stopped), by its events?"""

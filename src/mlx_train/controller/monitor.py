@@ -13,6 +13,7 @@ from typing import List, Optional
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from mlx_train.controller.console import fmt_duration
 from mlx_train.errors import UserError
@@ -31,6 +32,13 @@ def sparkline(values: List[float], width: int = 40) -> str:
     return "".join(_BARS[int((v - lo) / span * (len(_BARS) - 1))] for v in values)
 
 
+def printable(text: str) -> str:
+    """A sample on one line: line breaks and tabs shown as symbols, other control characters as '·'
+    (a byte-level model early in training writes any byte)."""
+    text = text.replace("\n", "⏎").replace("\t", "⇥")
+    return "".join(c if c.isprintable() else "·" for c in text)
+
+
 @dataclass
 class Snapshot:
     run: RunDir
@@ -41,6 +49,7 @@ class Snapshot:
     restarts: int = 0
     eta_s: Optional[float] = None
     val: List[tuple] = field(default_factory=list)
+    sample: Optional[tuple] = None  # (step, text): the embedded GPT's latest evaluation sample
 
     @property
     def last(self) -> Optional[dict]:
@@ -61,6 +70,8 @@ def take_snapshot(run: RunDir) -> Snapshot:
             not any(e["event"] == "launch" and e["time"] > ended[-1]["time"] for e in events):
         snap.state = ENDED[ended[-1]["event"]]
     snap.val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    samples = [(m["step"], m["sample"]) for m in metrics if isinstance(m.get("sample"), str)]
+    snap.sample = samples[-1] if samples else None
     recent = [m for m in metrics if "time" in m][-6:]
     if len(recent) >= 2 and recent[-1]["step"] > recent[0]["step"]:
         rate = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
@@ -85,6 +96,8 @@ def render(snap: Snapshot, performance: bool = False):
         head.add_row("val loss", f"{snap.val[-1][1]:.4f}  {sparkline([v for _, v in snap.val])}")
     head.add_row("tokens/s", f"{last['tokens_per_s']:,.0f}  ({last['devices']} devices, global batch {last['global_batch']})")
     head.add_row("restarts", str(snap.restarts))
+    if snap.sample:
+        head.add_row("sample", Text(f"step {snap.sample[0]}: {printable(snap.sample[1])}"))
     ranks = Table(title="per rank", title_justify="left")
     ranks.add_column("rank")
     ranks.add_column("peak memory", justify="right")
@@ -173,6 +186,8 @@ def _follow(run: RunDir, refresh_s: float) -> int:
                 val = f"  val {m['val_loss']:.4f}" if "val_loss" in m else ""
                 print(f"step {m['step']}/{snap.total}  loss {m['loss']:.4f}{val}  {m['tokens_per_s']:,.0f} tok/s",
                       flush=True)
+                if isinstance(m.get("sample"), str):
+                    print(f"  sample: {printable(m['sample'])}", flush=True)
                 shown = m["step"]
         if snap.state != "running":
             print(f"{snap.state} at step {shown} ({snap.restarts} restarts)", flush=True)

@@ -11,6 +11,7 @@ from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
 from mlx_train.config import BACKENDS, RunOptions, TrainConfig, from_dict
+from mlx_train.controller import reporting
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
@@ -201,6 +202,7 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     """Everything before launch: the one resolved config, its hosts, the checks of model, data and
     memory, and the run directory. Bad input stops here, with nothing launched."""
     cfg = resolve_config(flags, opts)
+    reporting.check(opts.trackers)  # a missing tracker package: one line, before anything is written
     hosts, cfg = hosts_for(opts, cfg, flags)
     cfg = check_inputs(cfg)  # the data sets the vocabulary, so it comes before any memory judgement
     check_fits(cfg, hosts)
@@ -231,4 +233,9 @@ def start(flags: dict, opts: RunOptions) -> int:
                      min_devices=opts.min_devices, max_devices=opts.max_devices,
                      resume=bool(opts.resume), stop_after=opts.stop_after, view=view, oom=OomPolicy(),
                      rank_wrapper=shlex.split(opts.rank_wrapper) if opts.rank_wrapper else None)
-    return sup.supervise()
+    sup.report = reporting.open_reporters(run, opts.trackers, cfg)
+    try:
+        return sup.supervise()
+    finally:
+        if sup.report is not None:
+            sup.report.close()

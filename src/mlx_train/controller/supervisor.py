@@ -312,6 +312,7 @@ class Supervisor:
         self.inbox: "queue.Queue" = queue.Queue()
         self.agreement = divergence.Agreement()
         self.rank_wrapper = rank_wrapper or []
+        self.report = None  # experiment trackers (reporting.Reporters), fed what metrics.jsonl gets
         self.handlers = {
             protocol.Hello: self._on_hello, protocol.Budget: self._on_budget, protocol.Start: self._on_start,
             protocol.Heartbeat: self._on_heartbeat, protocol.Phase: self._on_phase,
@@ -566,6 +567,8 @@ class Supervisor:
     def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> None:
         record = {**msg.fields(), "time": time.time(), "attempt": s.group.number}
         self.run.append(self.run.metrics_path, record)
+        if self.report is not None:
+            self.report.log(msg.step, record)
         self.view.metrics(record)
 
     def _on_checksum(self, s: _State, rank: int, msg: protocol.Checksum) -> Optional[Outcome]:

@@ -79,22 +79,35 @@ def _parse_yaml_inventory(path: Path) -> Dict[str, dict]:
     # Without Ansible: groups with hosts/vars/children; group vars apply to their hosts. Jinja in
     # values is not rendered, which the variables read here do not need.
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"inventory {path} is not valid YAML ({exc}): fix it") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"inventory {path} is not valid UTF-8 YAML ({_first_line(exc)}): fix it") from None
     hosts: Dict[str, dict] = {}
 
-    def walk(group: dict, inherited: dict) -> None:
-        group = group or {}
-        gvars = {**inherited, **(group.get("vars") or {})}
-        for name, hvars in (group.get("hosts") or {}).items():
-            hosts[name] = {**hosts.get(name, {}), **gvars, **(hvars or {})}
-        for child in (group.get("children") or {}).values():
-            walk(child, gvars)
+    def mapping(value, where: str) -> dict:
+        # Ansible's YAML inventory is mappings all the way down; anything else is a user's typo.
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise UserError(f"inventory {path}: {where} must be a mapping, not {type(value).__name__}: "
+                            "see inventory/example-mac-fleet.yml")
+        return value
 
-    for group in data.values():
-        walk(group, {})
+    def walk(name: str, group, inherited: dict) -> None:
+        group = mapping(group, f"group {name!r}")
+        gvars = {**inherited, **mapping(group.get("vars"), f"{name}.vars")}
+        for host, hvars in mapping(group.get("hosts"), f"{name}.hosts").items():
+            hosts[str(host)] = {**hosts.get(str(host), {}), **gvars, **mapping(hvars, f"host {host!r}")}
+        for child, sub in mapping(group.get("children"), f"{name}.children").items():
+            walk(str(child), sub, gvars)
+
+    for name, group in mapping(data, "the top level").items():
+        walk(str(name), group, {})
     return hosts
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def ssh_destination(name: str, hostvars: dict) -> str:

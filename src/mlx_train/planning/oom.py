@@ -54,6 +54,20 @@ def settings(cfg: TrainConfig) -> dict:
             "grad_checkpoint": cfg.grad_checkpoint, "precision": cfg.precision}
 
 
+def _predicted(cfg: TrainConfig) -> int:
+    """The planner's peak for `cfg`'s step (the built-in GPT or a pretrained model's config.json), or 0
+    for a model whose shape it cannot know, or whose config.json is no longer readable here."""
+    from mlx_train.errors import UserError
+    from mlx_train.planning.planner import MemoryOptimizer, knows_shape
+
+    if not knows_shape(cfg.model):
+        return 0
+    try:
+        return MemoryOptimizer.estimate(cfg)
+    except (UserError, OSError, ValueError):
+        return 0
+
+
 class OomPolicy:
     """`recover=False` (the tuner's trials) still recognises out-of-memory but never reconfigures."""
 
@@ -78,11 +92,7 @@ class OomPolicy:
         budget = facts.budget or cfg.memory_budget
         if not budget:
             return ""
-        predicted = 0
-        if cfg.model.name == "gpt":
-            from mlx_train.planning.planner import MemoryOptimizer
-
-            predicted = MemoryOptimizer.estimate(cfg)
+        predicted = _predicted(cfg)
         if max(facts.peak, predicted) < EVIDENCE_FRACTION * budget:
             return ""
         what = "an allocation failure in its log" if alloc_failed else "a crash"

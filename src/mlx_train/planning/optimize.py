@@ -62,10 +62,10 @@ class Tuner:
 
     def fits(self, t: Trial) -> bool:
         """The planner's verdict; settings it predicts over the budget are listed, never run."""
-        from mlx_train.planning.planner import MemoryOptimizer
+        from mlx_train.planning.planner import MemoryOptimizer, knows_shape
 
         cfg = self.trial_config(t)
-        if cfg.model.name != "gpt" or MemoryOptimizer.estimate(cfg) <= self.budget:
+        if not knows_shape(cfg.model) or MemoryOptimizer.estimate(cfg) <= self.budget:
             return True
         t.status = "skipped (predicted over budget)"
         self.trials.append(t)

@@ -65,6 +65,12 @@ def _pretrained(model) -> bool:
     return is_pretrained(model.name if isinstance(model, ModelConfig) else model)
 
 
+def knows_shape(model: ModelConfig) -> bool:
+    """Can the memory model size `model`: the built-in GPT, or a pretrained model (its config.json)?
+    A `module:factory` model of the user's own has a shape the planner cannot know."""
+    return model.name == "gpt" or _pretrained(model)
+
+
 def model_shape(model: ModelConfig, fine_tune: Optional[FineTuneConfig] = None):
     """The memory model's shape for `model`: its config.json's for a pretrained model (read from the
     model directory; a hub id is fetched once), else the built-in GPT's."""
@@ -89,7 +95,7 @@ class MemoryOptimizer:
         num_devices: int = 1,
         *,
         model: Any = None,
-        fine_tune: Optional[FineTuneConfig] = None,
+        fine_tune: Any = None,
         n_layers: Optional[int] = None,
         d_model: Optional[int] = None,
         n_heads: Optional[int] = None,
@@ -116,6 +122,10 @@ class MemoryOptimizer:
                f"activation_checkpointing must be True, False or None, got {activation_checkpointing!r}")
         check(isinstance(safety_fraction, (int, float)) and 0 < safety_fraction <= 1,
                f"safety_fraction must be in (0, 1], got {safety_fraction!r}")
+        if isinstance(fine_tune, str):  # fine_tune="lora": the mode alone, the other settings their defaults
+            fine_tune = FineTuneConfig(mode=fine_tune)
+        check(fine_tune is None or isinstance(fine_tune, FineTuneConfig),
+              f"fine_tune must be 'full', 'lora', 'dora' or a FineTuneConfig, got {type(fine_tune).__name__}")
         shape, n_params, assumptions = cls._resolve_model(model_size, model, n_layers, d_model, n_heads,
                                                           seq_len, vocab_size, fine_tune)
         hardware = cls._hardware(memory_per_device, safety_fraction)

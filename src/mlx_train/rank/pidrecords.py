@@ -11,26 +11,11 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import List, Optional
+from typing import List
+
+from mlx_train import procs
 
 RECORD_DIR = Path(os.environ.get("MLX_TRAIN_STATE", str(Path.home() / ".mlx-train"))) / "ranks"
-
-
-def _start_time(pid: int) -> Optional[str]:
-    """Kernel start time of `pid` (clock ticks since boot on Linux; `ps` lstart elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except OSError:
-        pass
-    except IndexError:
-        return None
-    if not Path("/proc").is_dir():  # macOS
-        import subprocess
-
-        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True)
-        return out.stdout.strip() or None
-    return None
 
 
 def write(run_id: str, rank: int, run_dir: str) -> Path:
@@ -38,7 +23,7 @@ def write(run_id: str, rank: int, run_dir: str) -> Path:
     pid = os.getpid()
     path = RECORD_DIR / f"{run_id}.rank{rank}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "rank": rank, "pid": pid, "start": _start_time(pid),
+    tmp.write_text(json.dumps({"run_id": run_id, "rank": rank, "pid": pid, "start": procs.start_time(pid),
                                "run_dir": run_dir}))
     tmp.replace(path)
     return path
@@ -56,7 +41,7 @@ def records() -> List[dict]:
         except (OSError, ValueError):
             continue
         rec["file"] = str(f)
-        rec["alive"] = rec.get("start") is not None and _start_time(rec["pid"]) == rec["start"]
+        rec["alive"] = rec.get("start") is not None and procs.start_time(rec["pid"]) == rec["start"]
         out.append(rec)
     return out
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import blas, checkpoint, dataskip, faults, hf, perturb
+from mlx_train.rank import blas, checkpoint, dataskip, faults, hf, perturb, sample
 from mlx_train.rank.badstep import BadSteps, LossSpike
 
 from mlx_train import protocol
@@ -54,6 +54,9 @@ class Trainer:
         self.n_params = count_parameters(model)
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
+        # The embedded byte-level GPT shows a text sample at each evaluation (rank/sample.py).
+        self.prompt = sample.prompt_from(corpus.val, cfg.model.seq_len) \
+            if self.rank == 0 and cfg.model.name == "gpt" and corpus.vocab_size == 256 else None
         self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
                  f"BLAS: {blas.in_use()}")
 
@@ -90,13 +93,15 @@ class Trainer:
             step_s = time.perf_counter() - t0
             window.append((step_s, stats, self.train.tokens_in_step(data, cfg.dist)))
             protocol.emit(protocol.Heartbeat(step=step, peak=mx.get_peak_memory(), step_s=step_s))
-            val_loss = None
+            val_loss = text = None
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 protocol.emit(protocol.Phase("eval", step))  # longer than a step: the watchdog allows for it
                 val_loss = self.validate()
+                if self.prompt is not None:
+                    text = sample.generate(self.stepper.model, self.prompt, cfg.model.seq_len, cfg.seed)
                 protocol.emit(protocol.Phase("eval", step, done=True))
             if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
-                self.log(step, window, val_loss)
+                self.log(step, window, val_loss, text)
                 window = []
             self.check_memory_budget(step)
             stopping = stop_after is not None and step >= stop_after
@@ -121,7 +126,7 @@ class Trainer:
     def all_mean(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group) / self.size if self.size > 1 else x
 
-    def log(self, step: int, window: List[tuple], val_loss: Optional[float]) -> None:
+    def log(self, step: int, window: List[tuple], val_loss: Optional[float], text: Optional[str] = None) -> None:
         loss = float(self.all_mean(mx.array(window[-1][1].loss)).item())
         checksum = self.param_checksum()
         # Every rank's own report is what the divergence check judges (controller/divergence.py).
@@ -141,7 +146,7 @@ class Trainer:
             "param_checksum": [int(v) for v in everyone[:, 1]],
         }
         if self.rank == 0:
-            protocol.emit(protocol.Metrics(**record, val_loss=val_loss))
+            protocol.emit(protocol.Metrics(**record, val_loss=val_loss, sample=text))
 
     def param_checksum(self) -> int:
         crc = 0

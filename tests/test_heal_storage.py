@@ -98,3 +98,21 @@ def test_a_run_whose_adapters_cannot_be_written_goes_on(disk8m, tiny_model, chat
     last = mx.load(str(run / "checkpoints" / "step-000012" / "adapters" / hf.ADAPTER_WEIGHTS))
     assert all(np.array_equal(np.array(new[k]), np.array(last[k])) for k in new)
     assert events(run)[-1]["event"] == "finish"
+
+
+@pytest.mark.multiproc
+def test_a_write_slower_than_the_checkpoint_interval_is_no_stall(tmp_path):
+    """Each write takes 12 s more (MLX_TRAIN_TEST_SLOW_WRITE), longer than the watchdog's 10 s
+    floor and than the steps between checkpoints: rank 0's wait for the previous write is announced
+    and allowed for (120 s until a write was timed, then 5 x the writes' own times), so the run
+    finishes without a stall and every checkpoint lands."""
+    from helpers import TINY, cli, events
+
+    run = tmp_path / "slow"
+    cli("train", *TINY, "--devices", "2", "--steps", "6", "--checkpoint-every", "2", "--log-every", "1",
+        "--eval-every", "100", "--max-restarts", "0", "--run-dir", str(run), "--no-live",
+        env={"MLX_TRAIN_TEST_SLOW_WRITE": "12"}, check=True, timeout=300)
+    assert not events(run, "stall") and not events(run, "restart")
+    done = events(run, "checkpoint")
+    assert [e["step"] for e in done] == [2, 4, 6] and all(e["write_s"] >= 12 for e in done), done
+    assert events(run)[-1]["event"] == "finish"

@@ -10,11 +10,15 @@ DATA_STEP .. DATA_STEP+COUNT-1 (rank/dataskip.py), in every attempt: a bad stret
 again by a replay unless the rollback steps past it.
 
 The trainer puts the real weights back after each such step whose update was skipped.
+
+MLX_TRAIN_TEST_SLOW_WRITE="SECONDS" makes every checkpoint write (in rank 0's background writer)
+take SECONDS longer: a slow disk, for the watchdog's checkpoint allowance.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 import mlx.core as mx
@@ -22,6 +26,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 POISON = "MLX_TRAIN_TEST_POISON"
 BAD_DATA = "MLX_TRAIN_TEST_BAD_DATA"
+SLOW_WRITE = "MLX_TRAIN_TEST_SLOW_WRITE"
+
+
+def delay_write() -> None:
+    seconds = float(os.environ.get(SLOW_WRITE) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def _due(name: str, step: int, rank: int) -> bool:

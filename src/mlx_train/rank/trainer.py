@@ -180,8 +180,12 @@ class Trainer:
             return
         sums = [int(v) for v in everyone[:, 0]]
         agreed = len(set(sums)) == 1
-        protocol.emit(protocol.Phase("checkpoint", step))  # the watchdog allows for the wait below
-        self.finish_write(block=True, announced=True)  # one write at a time: the previous one ends first
+        # One write at a time: the previous one ends first. Only that wait is announced to the
+        # watchdog as a checkpoint phase (the snapshot takes no longer than a step), so the
+        # allowance it learns comes from waits and writes, never from snapshots alone.
+        t_wait = time.perf_counter()
+        self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
+        t0 += time.perf_counter() - t_wait
         params = checkpoint.snapshot(dict(tree_flatten(self.stepper.params)))
         state = checkpoint.snapshot(dict(tree_flatten(self.optimizer.state)))
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
@@ -191,11 +195,11 @@ class Trainer:
         # here and never by the writer thread.
         self.pending = {"step": step, "agreed": agreed, "sums": sums, "stall_s": time.perf_counter() - t0,
                         "snapshot": (params, state)}
-        protocol.emit(protocol.Phase("checkpoint", step, done=True))
 
     def _write(self, step: int, params: dict, state: dict, meta: dict) -> tuple:
         """The writer thread's job: the checkpoint, then the adapters (pretrained models). Returns
         (the checkpoint's path, why the adapters could not be written or None)."""
+        faults.delay_write()  # a testing hook, off unless set
         path = checkpoint.save(self.ckpt_root, step, params, state, meta=meta, keep=self.cfg.keep_checkpoints)
         if self.adapter_config is None:  # results in mlx-lm's layout (hf.py) for pretrained models only
             return path, None
@@ -207,13 +211,14 @@ class Trainer:
             return path, str(exc)
         return path, None
 
-    def finish_write(self, block: bool, announced: bool = False) -> None:
+    def finish_write(self, block: bool) -> None:
         """Report the background write once it is over (rank 0): its checkpoint, or why it failed.
-        With block, wait for it, announced to the watchdog as a checkpoint phase (unless the caller
-        did): it allows as long as the slowest recent write, so a rank stuck in a write is stopped
-        like any stuck rank and a slow write is not mistaken for one."""
+        With block, wait for it, announced to the watchdog as a checkpoint phase: it allows 120 s
+        until a write was timed, then 5 x the slowest recent one (the supervisor tells it the
+        writes' times), so a rank stuck in a write is stopped like any stuck rank and a slow write
+        is not mistaken for one."""
         t0 = time.perf_counter()
-        waiting = block and self.writer.busy and not announced
+        waiting = block and self.writer.busy
         if waiting:
             protocol.emit(protocol.Phase("checkpoint", self.pending["step"]))
         done = self.writer.finish(block)

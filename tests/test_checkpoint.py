@@ -79,3 +79,39 @@ def test_missing_manifest_and_half_written_dirs_are_ignored(tmp_path):
     result = checkpoint.load_latest(tmp_path)
     assert result.checkpoint.step == 1 and "manifest unreadable" in result.skipped[0][1]
     assert json.loads((tmp_path / "step-000001" / "manifest.json").read_text())["format"] == checkpoint.FORMAT
+    checkpoint.remove_temporaries(tmp_path)  # at restore: what a write cut short left goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001", "step-000002"]
+
+
+def test_a_background_write_holds_the_state_of_its_step(tmp_path):
+    """The trainer snapshots and writes beside the training loop: the file holds the weights of the
+    step it was taken at, however many steps ran meanwhile; a failed write comes back as WriteFailed."""
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import ModelConfig, OptimConfig
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.step import Stepper, make_optimizer
+
+    mx.random.seed(0)
+    model, loss = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, seq_len=16))
+    stepper = Stepper(model, loss, make_optimizer(OptimConfig(warmup_steps=0), 10), "fp32", 1.0, None)
+    tokens = np.random.default_rng(0).integers(0, 256, (4, 17)).astype(np.int32)
+    stepper.step([(tokens[:, :-1], tokens[:, 1:])])
+    before = {k: np.array(v) for k, v in tree_flatten(stepper.params)}
+    params = checkpoint.snapshot(dict(tree_flatten(stepper.params)))
+    state = checkpoint.snapshot(dict(tree_flatten(stepper.optimizer.state)))
+    writer = checkpoint.Writer()
+    writer.start(lambda: checkpoint.save(tmp_path, 1, params, state))
+    assert writer.busy
+    for _ in range(3):  # training goes on beside the write
+        stepper.step([(tokens[:, :-1], tokens[:, 1:])])
+    path, seconds = writer.finish()
+    assert path == tmp_path / "step-000001" and seconds > 0 and not writer.busy
+    got = checkpoint.load_latest(tmp_path).checkpoint
+    assert all(np.array_equal(before[k], np.array(got.model[k])) for k in before)
+    assert any(not np.array_equal(before[k], np.array(v)) for k, v in tree_flatten(stepper.params))
+    (tmp_path / "a-file").write_text("not a directory")
+    writer.start(lambda: checkpoint.save(tmp_path / "a-file", 2, params, state))
+    failed, _ = writer.finish()
+    assert isinstance(failed, checkpoint.WriteFailed) and "a-file" in str(failed)
+    assert writer.finish() is None

@@ -119,7 +119,7 @@ def test_every_flag_comes_from_a_field():
     flags = {f.metadata["flag"] for cls in (TrainConfig, RunOptions) for _, f, _ in flagged_fields(cls)}
     assert flags == {"--devices", "--distributed", "--cluster", "--backend", "--model", "--layers", "--width",
                      "--heads", "--seq-len", "--data", "--batch-size", "--accumulation", "--link-gbps", "--steps", "--lr",
-                     "--warmup", "--precision", "--grad-checkpoint", "--seed", "--optimize-memory",
+                     "--warmup", "--precision", "--grad-checkpoint", "--seed", "--loss-spike", "--optimize-memory",
                      "--memory-budget", "--config", "--run-dir", "--resume", "--log-every", "--eval-every",
                      "--checkpoint-every", "--keep-checkpoints", "--max-restarts", "--stall-timeout",
                      "--stop-after", "--no-live", "--rank-wrapper", "--min-devices", "--max-devices",

@@ -41,5 +41,7 @@ def test_fault_is_detected_and_recovered(fleet, cluster, corpus, baseline, name)
         assert row.detection_s is not None
     if "exclude" in row.events:  # the host was still cut off at relaunch: resized, so summed in another order
         assert row.params.startswith("max abs diff") and float(row.params.split()[3]) < 1e-2, row.params
+    elif name == "nan":  # the rollback steps past the bad steps' data (rank/dataskip.py): other batches after it
+        assert row.params.startswith("max abs diff"), row.params
     else:
         assert row.params == "equal (bitwise)", row.params

@@ -3,6 +3,7 @@
 
     make faults                                  # every fault, the table into build/faults.md
     python tools/faults.py --only kill-rank nan  # some of them
+    python tools/faults.py --local 3             # no fleet, no root: the default local 2-rank run, rank 1 killed
 
 Each run is the same small job (3 hosts, a tiny model, 80 steps, a checkpoint every 10,
 --min-devices 2); one fault is injected once it has passed step 15, and the run must finish.
@@ -391,15 +392,70 @@ def soak(fleet, cluster, corpus, root: Path, n: int, seed: int) -> str:
             f"last step {max(m['step'] for m in ctx.metrics())}):\n\n" + "\n".join(lines) + "\n")
 
 
+# The default local run (`mlx-train train --devices 2`: 4 layers, width 128, batch 8 per rank, a
+# checkpoint every 50 steps), shortened, with a metrics line every step so the next step is seen.
+LOCAL_STEPS = 150
+LOCAL_JOB = ["--devices", "2", "--steps", str(LOCAL_STEPS), "--log-every", "1", "--no-live"]
+LOCAL_INJECT_AFTER = 60
+
+
+def local(root: Path, repeats: int) -> str:
+    """SIGKILL rank 1 of the default local 2-rank run `repeats` times, once per run past step 60;
+    the same table as the fleet's, against one run without a fault."""
+    global STEPS
+    STEPS = LOCAL_STEPS  # final_params reads the last checkpoint
+
+    def start(run: Path) -> Ctx:
+        ctx = Ctx(None, None, None, run, {**os.environ, "COLUMNS": "200"})
+        ctx.proc = subprocess.Popen([MLX_TRAIN, "train", *LOCAL_JOB, "--run-dir", str(run)], env=ctx.env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return ctx
+
+    base = start(root / "local-baseline")
+    out, _ = base.proc.communicate(timeout=600)
+    if base.proc.returncode:
+        raise RuntimeError(f"the baseline run failed:\n{out[-3000:]}")
+    params = final_params(base.run)
+    fault = Fault("kill-rank-local", "SIGKILL rank 1, default local 2-rank run", _signal_rank("KILL"))
+    rows = []
+    for i in range(repeats):
+        ctx = start(root / f"local-kill-{i}")
+        try:
+            wait_for(lambda: any(m["step"] >= LOCAL_INJECT_AFTER for m in ctx.metrics()), 300, "step 60")
+            t_inject = time.time()
+            os.kill(ctx.rank(1)["pid"], signal.SIGKILL)
+            out, _ = ctx.proc.communicate(timeout=600)
+        finally:
+            if ctx.proc.poll() is None:
+                ctx.proc.kill()
+                ctx.proc.communicate(timeout=30)
+        row = measure(ctx, t_inject, params)
+        row.fault = fault
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+    return (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on this machine, no fleet ({repeats} runs); job: "
+            f"mlx-train train {' '.join(LOCAL_JOB)} (the defaults otherwise), rank 1 killed past step "
+            f"{LOCAL_INJECT_AFTER}\n\n{table(rows)}\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=[f.name for f in FAULTS], help="these faults only")
     p.add_argument("--soak", type=int, metavar="N", help="instead: N random faults in one long run")
     p.add_argument("--seed", type=int, default=0, help="the soak's choice of faults")
-    p.add_argument("--output", default=str(REPO / "build" / "faults.md"))
+    p.add_argument("--local", type=int, metavar="N", help="instead: no fleet, rank 1 of the default local 2-rank "
+                                                           "run killed, N times")
+    p.add_argument("--output", help="where the table goes (default build/faults.md, with --local build/faults-local.md)")
     args = p.parse_args(argv)
+    args.output = args.output or str(REPO / "build" / ("faults-local.md" if args.local else "faults.md"))
     root = Path(tempfile.mkdtemp(prefix="mlx-train-faults-", dir="/tmp"))
     t0 = time.time()
+    if args.local:
+        text = local(root, args.local)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+        print("\n" + text)
+        return 0 if "| finish |" in text and "error" not in text else 1
     fleet, cluster, corpus = setup(root)
     if args.soak:
         text = soak(fleet, cluster, corpus, root, args.soak, args.seed)

@@ -202,6 +202,13 @@ class TrainConfig(_Yaml):
     checkpoint_every: int = knob(50, "steps between checkpoints", "--checkpoint-every")
     keep_checkpoints: int = knob(3, "newest checkpoints kept", "--keep-checkpoints")
     seed: int = knob(0, "random seed (weights, data order)", "--seed")
+    loss_spike: Optional[float] = knob(None, "a loss above X times its running mean counts as a bad step: its update "
+                                             "is skipped on every rank, and three in a row roll back (default: off)",
+                                       "--loss-spike", metavar="X")
+    # Written by the supervisor after a rollback for bad steps (rank/dataskip.py), not by users:
+    # [step, count] pairs, each moving the data of every step from `step` on `count` steps along.
+    skip_data: list = knob(help="data windows stepped past after bad-step rollbacks ([step, count] pairs)",
+                           default_factory=list)
     # None: derive from the device (planning's per-rank share of its memory).
     memory_budget: Optional[int] = knob(None, "per-device memory budget, bytes or e.g. 8GiB (default: from the "
                                               "device)", "--memory-budget", parse=parse_bytes, max=MAX_BYTES)
@@ -211,6 +218,11 @@ class TrainConfig(_Yaml):
         _positive_int(self, "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
         check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
+        check(self.loss_spike is None or self.loss_spike > 1, f"loss_spike must be > 1 (a multiple of the running "
+              f"mean loss), got {self.loss_spike}")
+        check(isinstance(self.skip_data, list) and all(
+            isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, int) and x >= 0 for x in w)
+            for w in self.skip_data), f"skip_data must be a list of [step, count] pairs, got {self.skip_data!r}")
 
     def identity(self) -> dict:
         """What makes two runs the same run: resuming with a different identity is refused.

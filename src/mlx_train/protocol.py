@@ -137,6 +137,16 @@ class Checkpoint(Message):
     path: str
     agreed: Optional[bool] = None          # every rank's parameters were identical when it was written
     param_checksum: Optional[list] = None  # each rank's checksum then
+    stall_s: Optional[float] = None        # how long it held the training loop up (the write runs beside it)
+    write_s: Optional[float] = None        # how long the write itself took (in the background)
+
+
+@_kind("checksum")
+@dataclass(frozen=True)
+class Checksum(Message):
+    """One rank's own parameter checksum after `step` (sent by every rank at each report and checkpoint)."""
+    step: int
+    value: int
 
 
 @_kind("warning")
@@ -150,11 +160,14 @@ class RankWarning(Message):
 @_kind("bad_step")
 @dataclass(frozen=True)
 class BadStep(Message):
-    """A step whose loss or gradient norm was not finite on some rank: every rank skipped its update."""
+    """A step whose loss or gradient norm was not finite on some rank (or whose loss spiked past
+    --loss-spike): every rank skipped its update."""
     step: int
     loss: float
     grad_norm: float
     in_a_row: int
+    data_step: Optional[int] = None     # the data step it trained on (rank/dataskip.py)
+    loss_limit: Optional[float] = None  # rank 0's --loss-spike limit then (a loss above it is a bad step)
 
 
 @_kind("oom")

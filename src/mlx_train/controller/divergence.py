@@ -11,7 +11,7 @@ others on resume).
 from __future__ import annotations
 
 from collections import Counter
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 
 def odd_ranks(checksums: Sequence[int]) -> List[int]:
@@ -23,6 +23,37 @@ def odd_ranks(checksums: Sequence[int]) -> List[int]:
     top = max(counts.values())
     reference = checksums[0] if counts[checksums[0]] == top else counts.most_common(1)[0][0]
     return [r for r, c in enumerate(checksums) if c != reference]
+
+
+class Reports:
+    """Each rank's own checksum reports, gathered into one step's complete set.
+
+    Divergence is judged only on such a set: one step, every rank of the attempt, each value as
+    that rank itself reported it. The lists rank 0 gathers for metrics and checkpoints can be
+    stale: a ring all_gather during which a peer dies may return without an error with that
+    peer's slot still holding its previous value (seen in the soak, docs/reliability.md), which
+    would name a healthy rank as diverged. A rank that dies never completes its step's set, so no
+    verdict is given on it; its exit ends the attempt instead.
+    """
+
+    def __init__(self, ranks: Sequence[int]) -> None:
+        self.ranks = sorted(ranks)
+        self.pending: Dict[int, Dict[int, int]] = {}
+        self.judged = -1  # the newest step judged: a second report of it (a log and a checkpoint) is not
+
+    def add(self, step: int, rank: int, value: int) -> Optional[List[int]]:
+        """Record `rank`'s checksum after `step`; return the step's checksums in rank order once
+        every rank has reported it (None until then, and for a step already judged)."""
+        if step <= self.judged:
+            return None
+        self.pending.setdefault(step, {})[rank] = value
+        if not set(self.ranks) <= set(self.pending[step]):
+            return None
+        got = self.pending.pop(step)
+        self.judged = step
+        for old in [s for s in self.pending if s < step]:
+            del self.pending[old]  # a step some rank never reported: never to be judged
+        return [got[r] for r in self.ranks]
 
 
 class Agreement:

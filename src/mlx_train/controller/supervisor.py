@@ -14,6 +14,7 @@ process the rank spawned, e.g. an ssh ControlMaster, can hold the pipe open fore
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import os
 import queue
@@ -33,9 +34,10 @@ from mlx_train import protocol
 from mlx_train.config import TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.controller.launch import Host, RankProc
-from mlx_train.controller.watchdog import Allowances, Stall, Watchdog
+from mlx_train.controller.watchdog import CHECKPOINT, Allowances, Stall, Watchdog
 from mlx_train.errors import UserError
 from mlx_train.planning.oom import CrashFacts, OomPolicy, settings
+from mlx_train.rank import dataskip
 from mlx_train.rundir import RunDir
 
 _TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
@@ -290,6 +292,7 @@ class _State:
     finished: set = field(default_factory=set)
     status: Status = Status.DONE
     launched: bool = False
+    checksums: Optional[divergence.Reports] = None  # each rank's own checksum reports (the divergence check)
 
 
 class Supervisor:
@@ -314,7 +317,8 @@ class Supervisor:
             protocol.Hello: self._on_hello, protocol.Budget: self._on_budget, protocol.Start: self._on_start,
             protocol.Heartbeat: self._on_heartbeat, protocol.Phase: self._on_phase,
             protocol.Metrics: self._on_metrics, protocol.Resumed: self._on_resumed,
-            protocol.Checkpoint: self._on_checkpoint, protocol.RankWarning: self._on_warning,
+            protocol.Checkpoint: self._on_checkpoint, protocol.Checksum: self._on_checksum,
+            protocol.RankWarning: self._on_warning,
             protocol.BadStep: self._on_bad_step, protocol.OutOfMemory: self._on_oom,
             protocol.Done: self._on_end, protocol.Stopped: self._on_end,
         }
@@ -560,13 +564,20 @@ class Supervisor:
     def _on_phase(self, s: _State, rank: int, msg: protocol.Phase) -> None:
         s.dog.phase(rank, msg.name, msg.step, msg.done)
 
-    def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> Optional[Outcome]:
+    def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> None:
         record = {**msg.fields(), "time": time.time(), "attempt": s.group.number}
         self.run.append(self.run.metrics_path, record)
         if self.report is not None:
             self.report.log(msg.step, record)
         self.view.metrics(record)
-        return self._diverged(s, msg.step, msg.param_checksum)
+
+    def _on_checksum(self, s: _State, rank: int, msg: protocol.Checksum) -> Optional[Outcome]:
+        # Judged only on one step's complete set of the ranks' own reports, never on the lists
+        # rank 0 gathers: a collective a peer died in can leave stale values there (divergence.Reports).
+        if s.checksums is None:
+            s.checksums = divergence.Reports(s.group.ranks)
+        sums = s.checksums.add(msg.step, rank, msg.value)
+        return None if sums is None else self._diverged(s, msg.step, sums)
 
     def _diverged(self, s: _State, step: int, checksums: Optional[list]) -> Optional[Outcome]:
         odd = divergence.odd_ranks(checksums or [])
@@ -589,11 +600,16 @@ class Supervisor:
         s.step = msg.step
 
     def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> Optional[Outcome]:
-        self.run.event("checkpoint", step=msg.step, **({} if msg.agreed is None else {"agreed": msg.agreed}))
+        extra = {k: v for k, v in (("agreed", msg.agreed), ("stall_s", msg.stall_s), ("write_s", msg.write_s))
+                 if v is not None}
+        self.run.event("checkpoint", step=msg.step, **extra)
+        if msg.write_s is not None:
+            # Written in the background: the rank's checkpoint phases are only its waits for a write,
+            # which last up to a whole write. Its allowance learns from the writes themselves.
+            s.dog.durations[CHECKPOINT].append(msg.write_s)
         self.agreement.checkpoint(msg.step, msg.agreed)
-        diverged = self._diverged(s, msg.step, msg.param_checksum)
-        if diverged or not self.members.enabled:
-            return diverged
+        if not self.members.enabled:
+            return None
         self.members.progressed()
         back = self.members.readmittable()
         if back:  # relaunch from this checkpoint with the host(s) back in
@@ -607,14 +623,24 @@ class Supervisor:
 
     def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> Optional[Outcome]:
         self.run.event("bad_step", **msg.fields())
-        self.view.note(f"[yellow]skipped step {msg.step}:[/] loss {msg.loss}, gradient norm {msg.grad_norm} "
-                       f"({msg.in_a_row} in a row)")
+        spiked = msg.loss_limit is not None and msg.loss > msg.loss_limit
+        self.view.note(f"[yellow]skipped step {msg.step}:[/] loss {msg.loss}"
+                       + (f" above the --loss-spike limit {msg.loss_limit:.4g}" if spiked else "")
+                       + f", gradient norm {msg.grad_norm} ({msg.in_a_row} in a row)")
         if msg.in_a_row < ROLLBACK_AFTER_BAD_STEPS:
             return None
-        # Skipping does not heal weights that already went bad: go back to the last checkpoint.
-        self.run.event("rollback", step=msg.step, bad_steps=msg.in_a_row)
+        # Skipping does not heal weights that already went bad: go back to the last checkpoint, and
+        # step past the data of the bad steps, which a replay would meet again (rank/dataskip.py).
+        first, last = msg.step - msg.in_a_row, msg.step - 1  # optimizer steps counted from 0
+        old = self.cfg.skip_data
+        window = dataskip.window_for(first, last)
+        self.cfg = dataclasses.replace(self.cfg, skip_data=[*old, window])
+        self.cfg.to_yaml(self.run.config_path)  # a later --resume steps past it too
+        data = [dataskip.data_step(old, first), dataskip.data_step(old, last)]
+        self.run.event("rollback", step=msg.step, bad_steps=msg.in_a_row, data_steps=data, skip=window)
         return Outcome(Status.FAILED, s.step, f"{msg.in_a_row} steps in a row with a non-finite loss or gradient "
-                                              "norm: rolling back to the last checkpoint")
+                                              f"norm (or a loss spike): rolling back to the last checkpoint, past "
+                                              f"the data of steps {first + 1}-{last + 1} (data steps {data[0]}-{data[1]})")
 
     def _on_oom(self, s: _State, rank: int, msg: protocol.OutOfMemory) -> None:
         s.group.oom = msg.fields()

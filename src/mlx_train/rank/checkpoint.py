@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -89,7 +90,7 @@ def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str,
     except (OSError, RuntimeError, ValueError) as exc:  # MLX reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         need = sum(v.nbytes for tree in (model, optimizer) for v in tree.values())
-        raise WriteFailed(f"cannot write {final.name} in {root}: {_why(exc, root, need)}") from exc
+        raise WriteFailed(f"cannot write {final.name} in {root}: {why_failed(exc, root, need)}") from exc
     if final.exists():  # a rerun of the same step after a restart: replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -98,7 +99,58 @@ def save(root: Path, step: int, model: Dict[str, mx.array], optimizer: Dict[str,
     return final
 
 
-def _why(exc: BaseException, root: Path, need: int) -> str:
+def snapshot(flat: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """The arrays of `flat` as they are now, evaluated and row-contiguous, for a write in the background.
+
+    MLX arrays are immutable and the step replaces the parameters with new arrays (it never writes
+    into these: a buffer is reused only when nothing else holds it), so holding them is a snapshot;
+    making them contiguous here leaves the writer thread no graph to evaluate."""
+    out = {k: mx.contiguous(v) for k, v in flat.items()}
+    mx.eval(out)
+    return out
+
+
+class Writer:
+    """One checkpoint write at a time, in a background thread, while training goes on.
+
+    `start` hands it a job (a function writing a snapshot); `finish` waits for it (or, without
+    block, only looks) and returns (what the job returned or raised, seconds it took). The thread is
+    not a daemon: a rank that ends while a write is going finishes the write first."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._result: Optional[Tuple[Any, float]] = None
+
+    def start(self, job: Callable[[], Any]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("a checkpoint write is still going: finish() it first")
+        t0 = time.perf_counter()
+
+        def run() -> None:
+            try:
+                out = job()
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which decides
+                out = exc
+            self._result = (out, time.perf_counter() - t0)
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer")
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def finish(self, block: bool = True) -> Optional[Tuple[Any, float]]:
+        """The finished write's (outcome, seconds), or None when there is none (or, without block, not yet)."""
+        if self._thread is None or (not block and self._thread.is_alive()):
+            return None
+        self._thread.join()
+        result, self._thread, self._result = self._result, None, None
+        return result
+
+
+def why_failed(exc: BaseException, root: Path, need: int) -> str:
+    """Why a write under `root` of `need` bytes failed, in words (errno names; MLX's own errors say less)."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
     try:  # MLX's own write error names no cause; a disk without room for the arrays is the usual one
@@ -130,6 +182,15 @@ def prune(root: Path, keep: int) -> None:
     for old in steps[:-keep]:
         if old != safe:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_temporaries(root: Path) -> None:
+    """Remove what writes cut short left (a rank stopped mid-write: its temporary directory). Only
+    at restore, when no write of this run can be going on (one supervisor per run: its lock)."""
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(f".tmp-{_PREFIX}") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def list_steps(root: Path) -> List[Path]:

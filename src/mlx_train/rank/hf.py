@@ -188,13 +188,26 @@ def adapter_config(model_name: str, ft: FineTuneConfig, n_blocks: int) -> dict:
 
 
 def write_adapters(out: Path, params: Any, config: dict) -> Path:
-    """Write `params` (the trainable tree) and `config` to `out` atomically (replace by rename)."""
+    """Write `params` (the trainable tree) and `config` to `out` atomically (replace by rename).
+
+    Raises checkpoint.WriteFailed when the storage refuses it (disk full, no permission, read-only),
+    as a checkpoint does: the partial temporary directory is removed and adapters already at `out`
+    are left as they were."""
+    from mlx_train.rank import checkpoint
+
     out = Path(out)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), dict(tree_flatten(params)))
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
+    arrays = dict(tree_flatten(params))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), arrays)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
+    except (OSError, RuntimeError, ValueError) as exc:  # MLX reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(v.nbytes for v in arrays.values())
+        raise checkpoint.WriteFailed(f"cannot write adapters to {out}: "
+                                     f"{checkpoint.why_failed(exc, out.parent, need)}") from exc
     old = out.with_name(f".old-{out.name}-{os.getpid()}")
     if out.exists():
         os.rename(out, old)

@@ -117,7 +117,9 @@ class Stepper:
         self._clip = mx.compile(clip)
         self._apply = mx.compile(apply, inputs=state, outputs=state)
 
-    def step(self, micro_batches: Iterable[Tuple[Any, Any]]) -> StepStats:
+    def step(self, micro_batches: Iterable[Tuple[Any, Any]], loss_limit: Optional[float] = None) -> StepStats:
+        """One optimizer step. A loss above `loss_limit` (--loss-spike) is treated as non-finite: the
+        update is skipped on every rank alike, by the same path."""
         t0 = time.perf_counter()
         micro_batches = list(micro_batches)
         # The mean over micro-batches and ranks is folded into the loss, so the backward pass
@@ -131,9 +133,10 @@ class Stepper:
             # Evaluate per micro-batch so accumulation bounds activation memory to one micro-batch.
             mx.eval(grads, loss)
         loss = loss * self.world  # this rank's mean loss
+        guard = loss if loss_limit is None else mx.where(loss > loss_limit, float("nan"), loss)
         t1 = time.perf_counter()
         if self.world > 1:
-            grads = self._sync(grads, loss)
+            grads = self._sync(grads, guard)
             mx.eval(grads)
         t2 = time.perf_counter()
         grads, norm = self._clip(grads)
@@ -141,7 +144,7 @@ class Stepper:
         # gradients non-finite before the sum (sync), so the summed norm says so on every rank,
         # with no extra collective. The step count still advances, so the schedule and a resume
         # stay in step.
-        finite = mx.isfinite(norm) if self.world > 1 else mx.logical_and(mx.isfinite(norm), mx.isfinite(loss))
+        finite = mx.isfinite(norm) if self.world > 1 else mx.logical_and(mx.isfinite(norm), mx.isfinite(guard))
         skipped = not bool(finite.item())
         if skipped:
             self.optimizer.state["step"] = self.optimizer.step + 1

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import blas, checkpoint, faults, hf, perturb, sample
-from mlx_train.rank.badstep import BadSteps
+from mlx_train.rank import blas, checkpoint, dataskip, faults, hf, perturb, sample
+from mlx_train.rank.badstep import BadSteps, LossSpike
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig, DistributedConfig
@@ -51,6 +51,9 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
         self.bad_steps = BadSteps()
+        self.spike = LossSpike(cfg.loss_spike)
+        self.writer = checkpoint.Writer()  # rank 0 writes checkpoints beside the training loop
+        self.pending: Optional[dict] = None  # what the write in progress is of
         self.n_params = count_parameters(model)
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
@@ -74,18 +77,24 @@ class Trainer:
             # MLX has no setter for its global RNG state, so make it a function of (seed, step,
             # rank): a resumed run then draws exactly what the uninterrupted one would have.
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
-            real = faults.poison_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
-            perturb.perturb_if_due(self.stepper, step, self.rank, resume)  # a testing hook, off unless set
-            stats = self.stepper.step(self.train.micro_batches(step, self.rank, cfg.dist))
+            data = dataskip.data_step(cfg.skip_data, step)  # past the data of earlier bad-step rollbacks
+            # Testing hooks, off unless set.
+            real = faults.poison_if_due(self.stepper, step, self.rank, resume, data_step=data)
+            perturb.perturb_if_due(self.stepper, step, self.rank, resume)
+            limit = self.spike.limit()
+            stats = self.stepper.step(self.train.micro_batches(data, self.rank, cfg.dist), loss_limit=limit)
             if real is not None and stats.skipped:
                 self.stepper.set_params(real)
+            self.spike.observe(stats.loss, stats.skipped)
             step += 1
-            self.bad_steps.after(step, stats, self.rank)
+            self.bad_steps.after(step, stats, self.rank, data_step=data, loss_limit=limit)
             if self.bad_steps.in_a_row >= protocol.ROLLBACK_AFTER_BAD_STEPS:  # every rank alike (agreed flag)
+                self.finish_write(block=True)  # a checkpoint from before the bad steps: the rollback's target
                 sys.stdout.flush()
                 sys.exit(protocol.EXIT_ROLLBACK)  # the supervisor rolls back; no checkpoint of this state
+            self.finish_write(block=False)  # report a checkpoint written in the background as soon as it is
             step_s = time.perf_counter() - t0
-            window.append((step_s, stats, self.train.tokens_in_step(step - 1, cfg.dist)))
+            window.append((step_s, stats, self.train.tokens_in_step(data, cfg.dist)))
             protocol.emit(protocol.Heartbeat(step=step, peak=mx.get_peak_memory(), step_s=step_s))
             val_loss = text = None
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -102,8 +111,10 @@ class Trainer:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 self.save(step)
             if stopping:
+                self.finish_write(block=True)
                 protocol.emit(protocol.Stopped(step=step))
                 return
+        self.finish_write(block=True)
         protocol.emit(protocol.Done(step=step))
 
     # -- reporting ---------------------------------------------------------------------------------
@@ -120,7 +131,10 @@ class Trainer:
 
     def log(self, step: int, window: List[tuple], val_loss: Optional[float], text: Optional[str] = None) -> None:
         loss = float(self.all_mean(mx.array(window[-1][1].loss)).item())
-        mine = mx.array([mx.get_peak_memory(), self.param_checksum()], dtype=mx.int64)
+        checksum = self.param_checksum()
+        # Every rank's own report is what the divergence check judges (controller/divergence.py).
+        protocol.emit(protocol.Checksum(step=step, value=checksum))
+        mine = mx.array([mx.get_peak_memory(), checksum], dtype=mx.int64)
         everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 2)
         step_time = sum(w[0] for w in window) / len(window)
         record = {
@@ -149,39 +163,95 @@ class Trainer:
             # Stop with our own code while we still can: the OS would SIGKILL us (Linux) or the
             # Metal driver abort us, and the supervisor then has less to go on.
             protocol.emit(protocol.OutOfMemory(rank=self.rank, step=step, peak=peak, budget=budget))
+            self.finish_write(block=True)
             sys.stdout.flush()
             sys.exit(protocol.EXIT_OUT_OF_MEMORY)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
+        """Checkpoint `step`: every rank's checksum goes with it, rank 0 snapshots the state and
+        writes it in the background while training goes on (finish_write reports it)."""
+        t0 = time.perf_counter()
         # Every rank's checksum goes with the checkpoint: one written while the ranks disagreed
-        # is never resumed from (a silent divergence would be saved with it).
-        mine = mx.array([self.param_checksum()], dtype=mx.int64)
-        sums = [int(v) for v in np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine)]
+        # is never resumed from (a silent divergence would be saved with it). Each rank's running
+        # loss mean (--loss-spike) travels in the same gather.
+        checksum = self.param_checksum()
+        protocol.emit(protocol.Checksum(step=step, value=checksum))
+        mine = mx.array([checksum, *self.spike.state()], dtype=mx.int64)
+        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 3)
         if self.rank != 0:
             return
+        sums = [int(v) for v in everyone[:, 0]]
         agreed = len(set(sums)) == 1
-        protocol.emit(protocol.Phase("checkpoint", step))
+        # One write at a time: the previous one ends first. Only that wait is announced to the
+        # watchdog as a checkpoint phase (the snapshot takes no longer than a step), so the
+        # allowance it learns comes from waits and writes, never from snapshots alone.
+        t_wait = time.perf_counter()
+        self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
+        t0 += time.perf_counter() - t_wait
+        params = checkpoint.snapshot(dict(tree_flatten(self.stepper.params)))
+        state = checkpoint.snapshot(dict(tree_flatten(self.optimizer.state)))
+        meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
+                "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]]}
+        self.writer.start(lambda: self._write(step, params, state, meta))
+        # The training thread keeps the snapshot until the write is over, so its arrays are freed
+        # here and never by the writer thread.
+        self.pending = {"step": step, "agreed": agreed, "sums": sums, "stall_s": time.perf_counter() - t0,
+                        "snapshot": (params, state)}
+
+    def _write(self, step: int, params: dict, state: dict, meta: dict) -> tuple:
+        """The writer thread's job: the checkpoint, then the adapters (pretrained models). Returns
+        (the checkpoint's path, why the adapters could not be written or None)."""
+        faults.delay_write()  # a testing hook, off unless set
+        path = checkpoint.save(self.ckpt_root, step, params, state, meta=meta, keep=self.cfg.keep_checkpoints)
+        if self.adapter_config is None:  # results in mlx-lm's layout (hf.py) for pretrained models only
+            return path, None
         try:
-            path = checkpoint.save(
-                self.ckpt_root, step, dict(tree_flatten(self.stepper.params)),
-                dict(tree_flatten(self.optimizer.state)),
-                meta={"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed},
-                keep=self.cfg.keep_checkpoints)
-            if self.adapter_config is not None:  # results in mlx-lm's layout (hf.py)
-                if self.cfg.fine_tune.mode != "full":  # a full model's weights are the checkpoint itself
-                    hf.write_adapters(path / "adapters", self.stepper.params, self.adapter_config)
-                hf.write_adapters(self.run_dir / "adapters", self.stepper.params, self.adapter_config)
+            if self.cfg.fine_tune.mode != "full":  # a full model's weights are the checkpoint itself
+                hf.write_adapters(path / "adapters", params, self.adapter_config)
+            hf.write_adapters(self.run_dir / "adapters", params, self.adapter_config)
         except checkpoint.WriteFailed as exc:
+            return path, str(exc)
+        return path, None
+
+    def finish_write(self, block: bool) -> None:
+        """Report the background write once it is over (rank 0): its checkpoint, or why it failed.
+        With block, wait for it, announced to the watchdog as a checkpoint phase: it allows 120 s
+        until a write was timed, then 5 x the slowest recent one (the supervisor tells it the
+        writes' times), so a rank stuck in a write is stopped like any stuck rank and a slow write
+        is not mistaken for one."""
+        t0 = time.perf_counter()
+        waiting = block and self.writer.busy
+        if waiting:
+            protocol.emit(protocol.Phase("checkpoint", self.pending["step"]))
+        done = self.writer.finish(block)
+        if waiting:
+            protocol.emit(protocol.Phase("checkpoint", self.pending["step"], done=True))
+        if done is None:
+            return
+        outcome, write_s = done
+        p, self.pending = self.pending, None
+        stall_s = p["stall_s"] + (time.perf_counter() - t0 if block else 0.0)
+        if isinstance(outcome, checkpoint.WriteFailed):
             # Disk full, no permission, a read-only mount: the previous checkpoints are intact and
             # training goes on; the next interval tries again.
-            kept = checkpoint.list_steps(self.ckpt_root)
-            protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": step, "reason": (
-                f"{exc}; {'the newest checkpoint is still ' + kept[-1].name if kept else 'no checkpoint yet'}, "
-                "training goes on and the next checkpoint interval tries again")}))
-        else:
-            protocol.emit(protocol.Checkpoint(step=step, path=str(path), agreed=agreed, param_checksum=sums))
-        protocol.emit(protocol.Phase("checkpoint", step, done=True))
+            self._write_failed(p["step"], outcome)
+            return
+        if isinstance(outcome, BaseException):
+            raise outcome
+        path, adapters_failed = outcome
+        protocol.emit(protocol.Checkpoint(step=p["step"], path=str(path), agreed=p["agreed"], param_checksum=p["sums"],
+                                          stall_s=round(stall_s, 4), write_s=round(write_s, 4)))
+        if adapters_failed:
+            protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": p["step"], "reason": (
+                f"adapters not written: {adapters_failed}; the checkpoint {path.name} itself is intact, training goes "
+                "on and the next checkpoint interval tries again")}))
+
+    def _write_failed(self, step: int, exc: Exception) -> None:
+        kept = checkpoint.list_steps(self.ckpt_root)
+        protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": step, "reason": (
+            f"{exc}; {'the newest checkpoint is still ' + kept[-1].name if kept else 'no checkpoint yet'}, "
+            "training goes on and the next checkpoint interval tries again")}))
 
     def restore(self) -> int:
         """Load the newest intact checkpoint on rank 0 and hand it to every rank; return its step.
@@ -191,6 +261,7 @@ class Trainer:
         """
         found, mismatch = None, 0
         if self.rank == 0:
+            checkpoint.remove_temporaries(self.ckpt_root)  # writes in the background may have been cut short
             result = checkpoint.load_latest(self.ckpt_root)
             for path, reason in result.skipped:
                 protocol.emit(protocol.RankWarning("checkpoint_damaged", {"path": path, "reason": reason}))
@@ -223,9 +294,18 @@ class Trainer:
         new_state["learning_rate"] = self.optimizer.state["learning_rate"]
         self.stepper.load(tree_unflatten(list(zip(params, out[:len(params)]))), new_state)
         mx.eval(self.stepper.params, self.optimizer.state)
+        self.restore_loss_mean(found.meta if found is not None else {})
         if self.rank == 0:
             protocol.emit(protocol.Resumed(step=step, checkpoint=str(found.path)))
         return step
+
+    def restore_loss_mean(self, meta: dict) -> None:
+        """Each rank's running loss mean (--loss-spike) as the checkpoint recorded it. A checkpoint of
+        another number of ranks (an elastic resize) holds no mean for this split: warm up afresh."""
+        saved = meta.get("loss_mean") if self.rank == 0 else None
+        rows = saved if isinstance(saved, list) and len(saved) == self.size else [[0, 0]] * self.size
+        mine = self.broadcast(mx.array(rows, dtype=mx.int64)).tolist()[self.rank]
+        self.spike.load(*mine)
 
     def broadcast(self, x: mx.array) -> mx.array:
         if self.size == 1:

@@ -17,8 +17,7 @@ import pytest
 
 from helpers import FLEET_SIZE, MLX_TRAIN, REPO, fleet_env, unavailable
 
-sys.path.insert(0, str(REPO / "tools"))
-import fleet as fleet_tools  # noqa: E402  (tools/fleet.py; importing it starts nothing)
+import fleet as fleet_tools  # noqa: E402  (tools/fleet.py, on the path from helpers; importing it starts nothing)
 
 # The real-model fixtures (a tiny llama, chat data; made offline): tests/tiny_llama.py.
 pytest_plugins = ["tiny_llama"]

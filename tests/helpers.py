@@ -3,20 +3,23 @@ facts of the test fleet (its size, its hosts' names, how to reach it)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import Iterator, List, Optional, TypeVar
 
 import pytest
 
 from mlx_train import procs
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+from fleet import wait_for  # noqa: E402,F401  (tools/fleet.py: one bounded wait for tests and tools)
+
+T = TypeVar("T")
 # The console script, as a user runs it (the fleet tests); `cli` below runs the module.
 MLX_TRAIN = str(Path(sys.executable).parent / "mlx-train")
 # A model small enough that a 2-rank step takes a few milliseconds on 2 CPU cores.
@@ -55,18 +58,6 @@ def train_on_fleet(fleet, cluster: Path, corpus: Path, run: Path, *extra: str, p
     if popen:
         return subprocess.Popen(argv, env=fleet_env(fleet), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(argv, env=fleet_env(fleet), capture_output=True, text=True, timeout=240)
-
-
-def wait_for(check: Callable[[], Optional[T]], timeout: float, what: str, every: float = 0.2) -> T:
-    """The first truthy value of check(), polled until `timeout` seconds; fails naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(every)
 
 
 def cli(*args: str, timeout: float = 300, check: bool = False, **kw) -> subprocess.CompletedProcess:
@@ -119,5 +110,20 @@ def assert_ranks_gone(pids: List[int], timeout: float = 15, what: str = "a rank 
     """Every pid in `pids` ends (as a rank) within `timeout` seconds."""
     try:
         wait_for(lambda: not any(is_worker(p) for p in pids), timeout, what)
-    except AssertionError:
+    except TimeoutError:
         raise AssertionError(f"{what}: pids {[p for p in pids if is_worker(p)]} still running") from None
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of `size` (a tmpfs, root only) mounted at `where`: a disk that fills up
+    or can be remounted read-only under a running program."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True,
+                   capture_output=True, timeout=30)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)

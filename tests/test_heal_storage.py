@@ -12,17 +12,13 @@ import pytest
 
 from mlx_train.rank import checkpoint, hf
 
+from helpers import small_disk
+
 
 @pytest.fixture
 def disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "disk"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], check=True, capture_output=True,
-                   timeout=30)
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+    with small_disk(tmp_path / "disk", "1m") as d:
+        yield d
 
 
 def _params(n):
@@ -49,14 +45,8 @@ def test_unwritable_adapters_fail_as_a_checkpoint_does_and_keep_the_old_ones(dis
 
 @pytest.fixture
 def disk8m(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "disk8m"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], check=True, capture_output=True,
-                   timeout=30)
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+    with small_disk(tmp_path / "disk8m", "8m") as d:
+        yield d
 
 
 def _bytes(path):

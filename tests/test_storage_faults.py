@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from helpers import TINY, cli, events, metrics
+from helpers import TINY, cli, events, metrics, small_disk
 from mlx_train.rank import checkpoint
 
 pytestmark = pytest.mark.multiproc
@@ -21,13 +21,8 @@ def _mount(*argv: str) -> None:
 
 @pytest.fixture
 def disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "disk"
-    d.mkdir()
-    _mount("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d))
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+    with small_disk(tmp_path / "disk", "8m") as d:
+        yield d
 
 
 def _fill(disk, leave: int):

@@ -111,6 +111,19 @@ def test_a_checkpoint_on_one_rank_extends_everyone(clock):
     assert dog.timeout() == (A.multiple * (A.checkpoint_s - 1), CHECKPOINT)
 
 
+def test_peers_waiting_on_a_phase_get_a_step_after_it_ends(clock):
+    """Rank 1 blocked in its next all_sum while rank 0 waited for a checkpoint write: it can only
+    report after the write, so its quiet time runs from the write's end, not from its last step."""
+    dog = _running(clock)
+    dog.phase(0, CHECKPOINT, 20, done=False)
+    clock.t += 12
+    dog.phase(0, CHECKPOINT, 20, done=True)
+    assert dog.timeout() == (A.floor_s, STEP) and dog.check() is None  # rank 1 quiet 12 s > 10 s, but waiting
+    clock.t += A.floor_s + 0.1  # ... and still quiet a whole allowance after the write: a stall
+    stall = dog.check()
+    assert stall is not None and stall.rank in (0, 1) and stall.quiet_s > A.floor_s
+
+
 def test_eval_learns_its_duration(clock):
     dog = _running(clock)
     for r in (0, 1):

@@ -17,6 +17,7 @@ the same run without a fault (bitwise, or the largest difference). Needs root an
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -32,6 +33,8 @@ from typing import Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import fleet as fleet_tools  # noqa: E402
+# Finer polling than the tests': the matrix's timings come from these waits.
+wait_for = functools.partial(fleet_tools.wait_for, every=0.05)
 
 MLX_TRAIN = str(Path(sys.executable).parent / "mlx-train")
 TINY = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "64", "--batch-size", "4"]
@@ -53,17 +56,6 @@ def jsonl(path: Path) -> List[dict]:
         except ValueError:
             pass
     return out
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(every)
 
 
 @dataclass

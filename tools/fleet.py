@@ -148,6 +148,19 @@ def _ip_batch(lines: list[str], *, netns: str | None = None, force: bool = False
         raise RuntimeError(f"ip -batch failed: {res.stderr.strip()}")
 
 
+def wait_for(check, timeout: float, what: str, every: float = 0.2):
+    """The first truthy value of check(), polled until `timeout` seconds; TimeoutError naming `what`.
+    Every wait in the fleet's tools and tests is bounded by one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(every)
+
+
 def _is_ours(pid: int, start: str, marker: str) -> bool:
     """True while `pid` is still the sshd we started (pids get reused)."""
     try:

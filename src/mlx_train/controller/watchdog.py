@@ -3,7 +3,9 @@
 Every rank reports each step (`hb`) and announces what takes longer than a step (start-up, the
 first step, evaluation, a checkpoint write). A rank blocked in a collective cannot report either,
 so when one rank freezes its peers go quiet too: the allowance is therefore group-wide, the
-longest that any rank's announced phase earns, and the quietest rank is the suspect.
+longest that any rank's announced phase earns, and the quietest rank is the suspect. For the same
+reason a rank's quiet time counts from the end of the last announced phase at the latest: its
+peers were waiting on that phase in their next collective and report only once it is over.
 
 Allowances adapt: after warm-up a step may take `multiple` x the median step seen, never less than
 `floor_s`; an evaluation or a checkpoint `multiple` x its own last durations once one was seen.
@@ -61,6 +63,7 @@ class Watchdog:
         self.ranks: Dict[int, _Rank] = {r: _Rank(now) for r in ranks}
         self.durations: Dict[str, Deque[float]] = {STEP: deque(maxlen=64), EVAL: deque(maxlen=8),
                                                    CHECKPOINT: deque(maxlen=8)}
+        self.phase_ended = float("-inf")  # when the last announced eval/checkpoint phase ended
 
     # -- what the ranks say ------------------------------------------------------------------------
     def heard(self, rank: int) -> None:
@@ -87,6 +90,7 @@ class Watchdog:
         elif r.phase == name:
             self.durations[name].append(r.last - r.began)
             r.phase = STEP if r.stepped else FIRST_STEP
+            self.phase_ended = r.last
 
     def _touch(self, rank: int) -> _Rank:
         r = self.ranks.setdefault(rank, _Rank(self.clock()))
@@ -119,7 +123,8 @@ class Watchdog:
         """The stall, when some rank has been quiet for longer than the group's allowance."""
         limit, phase = self.timeout()
         now = self.clock()
-        quiet = sorted((r.last, rank) for rank, r in self.ranks.items() if now - r.last > limit)
+        since = {rank: max(r.last, self.phase_ended) for rank, r in self.ranks.items()}
+        quiet = sorted((since[rank], rank) for rank in self.ranks if now - since[rank] > limit)
         if not quiet:
             return None
         last, rank = quiet[0]

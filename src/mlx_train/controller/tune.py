@@ -20,6 +20,7 @@ from rich.table import Table
 from mlx_train.config import RunOptions, TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.errors import UserError
+from mlx_train.fleet import ship
 from mlx_train.planning.optimize import Trial, Tuner
 from mlx_train.rundir import RunDir
 from mlx_train.units import human
@@ -75,6 +76,7 @@ def optimize(a: argparse.Namespace) -> int:
     base = check_inputs(base)
     budget = a.memory_budget or base.memory_budget or budget_for(hosts)
     check_fits(replace(base, memory_budget=budget), hosts)  # nothing to try if not even batch 1 fits
+    hosts, _ = ship.ship(base, hosts)  # the trials read the model and data where `train` would
     console = Console(soft_wrap=True, width=None if Console().is_terminal else 140)
     console.print(f"optimize: {base.dist.num_devices} devices, global batch {base.dist.global_batch_size}, "
                   f"budget {human(budget)} per device, {a.trial_steps} steps per trial")

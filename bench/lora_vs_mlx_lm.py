@@ -6,6 +6,8 @@ length, one process each, the same BLAS environment as a mlx-train rank. Prints 
 trainer and their ratio:
 
     python bench/lora_vs_mlx_lm.py [--fine-tune lora|full] [--steps 60] [--batch 4] [--seq-len 256]
+
+`make bench` (bench/run.py) calls it with one JSON argument instead and reads one JSON line back.
 """
 
 from __future__ import annotations
@@ -90,13 +92,8 @@ def run_mlx_train(model: Path, data: Path, mode: str, steps: int, batch: int, se
     return [r["tokens_per_s"] for r in rows if r["step"] < steps]  # the last window also validates
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--fine-tune", choices=["lora", "full"], default="lora")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    a = p.parse_args()
+def measure(fine_tune: str = "lora", steps: int = 60, batch: int = 4, seq_len: int = 256) -> dict:
+    """Both trainers on the same offline llama and data, one after the other, one process each."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_llama import make_model_dir
 
@@ -106,14 +103,30 @@ def main() -> None:
                                num_attention_heads=4, num_key_value_heads=2)
         data = make_data(tmp / "data")
         (tmp / "a").mkdir(), (tmp / "b").mkdir()
-        ours = run_mlx_train(model, data, a.fine_tune, a.steps, a.batch, a.seq_len, tmp / "a")
-        theirs = run_mlx_lm(model, data, a.fine_tune, a.steps, a.batch, a.seq_len, tmp / "b")
+        ours = run_mlx_train(model, data, fine_tune, steps, batch, seq_len, tmp / "a")
+        theirs = run_mlx_lm(model, data, fine_tune, steps, batch, seq_len, tmp / "b")
     # The first window holds compilation and warm-up: leave it out of both.
     o, t = statistics.median(ours[1:]), statistics.median(theirs[1:])
+    return {"fine_tune": fine_tune, "steps": steps, "batch": batch, "seq_len": seq_len, "mlx_train_windows": ours,
+            "mlx_lm_windows": theirs, "mlx_train_tokens_per_s": o, "mlx_lm_tokens_per_s": t, "ratio": o / t}
+
+
+def main() -> None:
+    if len(sys.argv) == 2 and sys.argv[1].startswith("{"):
+        print(json.dumps(measure(**json.loads(sys.argv[1]))))
+        return
+    p = argparse.ArgumentParser()
+    p.add_argument("--fine-tune", choices=["lora", "full"], default="lora")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    a = p.parse_args()
+    r = measure(a.fine_tune, a.steps, a.batch, a.seq_len)
     print(f"{a.fine_tune}, batch {a.batch} x seq {a.seq_len}, {a.steps} steps, one process each")
-    print(f"  mlx-train          {o:10,.0f} tokens/s  (windows: {', '.join(f'{x:,.0f}' for x in ours)})")
-    print(f"  mlx-lm trainer     {t:10,.0f} tokens/s  (windows: {', '.join(f'{x:,.0f}' for x in theirs)})")
-    print(f"  ratio mlx-train / mlx-lm: {o / t:.2f}")
+    for who, key in (("mlx-train", "mlx_train"), ("mlx-lm trainer", "mlx_lm")):
+        windows = ", ".join(f"{x:,.0f}" for x in r[f"{key}_windows"])
+        print(f"  {who:<18} {r[f'{key}_tokens_per_s']:10,.0f} tokens/s  (windows: {windows})")
+    print(f"  ratio mlx-train / mlx-lm: {r['ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -95,34 +94,14 @@ def run_mlxlm(tokens: Path, ranks: int, steps: int, report_every: int, env: dict
     args = json.dumps({"tokens": str(tokens), "steps": steps, "report_every": report_every,
                        "batch": SHAPE["batch"]})
     cmd = [sys.executable, __file__, "--mlxlm", args]
-    if ranks == 1:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        outs, codes = [out.stdout], [out.returncode]
-    else:
-        hostfile = _ring_hostfile(ranks)
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": hostfile}) for r in range(ranks)]
-        outs = [p.communicate(timeout=900)[0] for p in procs]
-        codes = [p.returncode for p in procs]
-        os.unlink(hostfile)
-    if any(codes):
-        raise SystemExit(f"mlx-lm run failed: {codes}\n{outs}")
-    return json.loads(outs[0].strip().splitlines()[-1])["tokens_per_s"]
+    if ranks > 1:
+        from ring import run_ranks  # bench/ is this script's directory
 
-
-def _ring_hostfile(ranks: int) -> str:
-    socks = []
-    for _ in range(ranks):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    hosts = [[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]
-    for s in socks:
-        s.close()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(hosts, fh)
-    return path
+        return run_ranks(cmd, ranks, env, "mlx-lm run")["tokens_per_s"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if out.returncode:
+        raise SystemExit(f"mlx-lm run failed: {out.returncode}\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
 # -- mlx-train's side -------------------------------------------------------------------------------

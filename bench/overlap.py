@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -90,19 +89,12 @@ def rank_main(width: int, batch: int, rounds: int, bucket_mib: int) -> None:
 
 
 def main(width=256, batch=4, rounds=7, bucket_mib=1) -> dict:
-    from llama_bench import _ring_hostfile
+    from ring import run_ranks
     from mlx_train.rank import blas
 
-    hostfile = _ring_hostfile(2)
     args = json.dumps({"width": width, "batch": batch, "rounds": rounds, "bucket_mib": bucket_mib})
-    env = {**os.environ, **blas.rank_env(ranks_on_host=2), "MLX_HOSTFILE": hostfile}
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", args], stdout=subprocess.PIPE, text=True,
-                              env={**env, "MLX_RANK": str(r)}) for r in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    os.unlink(hostfile)
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"overlap bench failed: {[p.returncode for p in procs]}")
-    return json.loads(outs[0].strip().splitlines()[-1])
+    return run_ranks([sys.executable, __file__, "--rank", args], 2, {**os.environ, **blas.rank_env(ranks_on_host=2)},
+                     "overlap bench")
 
 
 if __name__ == "__main__":

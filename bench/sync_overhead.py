@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 
 
 def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
@@ -49,25 +46,10 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
 
 
 def main(width=128, layers=4, rounds=15, reps=30) -> dict:
-    ports = []
-    for _ in range(2):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        ports.append(s)
-    hosts = [[f"127.0.0.1:{s.getsockname()[1]}"] for s in ports]
-    for s in ports:
-        s.close()
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(hosts, fh)
+    from ring import run_ranks
+
     args = json.dumps({"width": width, "layers": layers, "rounds": rounds, "reps": reps})
-    procs = [subprocess.Popen([sys.executable, __file__, "--rank", args], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": fh.name})
-             for r in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    os.unlink(fh.name)
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"sync bench failed: {[p.returncode for p in procs]}")
-    return json.loads(outs[0].strip().splitlines()[-1])
+    return run_ranks([sys.executable, __file__, "--rank", args], 2, dict(os.environ), "sync bench", timeout=600)
 
 
 if __name__ == "__main__":

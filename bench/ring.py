@@ -1,0 +1,45 @@
+"""Several ranks of one bench script on loopback under MLX's ring backend, as mlx.launch would start
+them: a hostfile of free ports, MLX_RANK per process. Rank 0's last output line is its JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import tempfile
+from typing import List
+
+
+def ring_hostfile(ranks: int) -> str:
+    """A hostfile (JSON) of `ranks` free loopback ports, held open together so they are distinct."""
+    socks = []
+    for _ in range(ranks):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    hosts = [[f"127.0.0.1:{s.getsockname()[1]}"] for s in socks]
+    for s in socks:
+        s.close()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(hosts, fh)
+    return path
+
+
+def run_ranks(cmd: List[str], ranks: int, env: dict, what: str, timeout: float = 900) -> dict:
+    """Start `cmd` as `ranks` ring ranks; rank 0's JSON result. Every wait is bounded by `timeout`."""
+    hostfile = ring_hostfile(ranks)
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": hostfile}) for r in range(ranks)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        os.unlink(hostfile)
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        raise SystemExit(f"{what} failed: exit codes {codes}\n{outs[0][1][-2000:]}")
+    return json.loads(outs[0][0].strip().splitlines()[-1])

@@ -52,6 +52,8 @@ def test_two_rank_lora_learns_and_ranks_agree(lora_run, tiny_model):
     assert ms[-1]["grad_bytes"] == sum(v.nbytes for v in adapters.values())
     base = mx.load(str(tiny_model / "model.safetensors"))
     assert ms[-1]["grad_bytes"] < sum(v.nbytes for v in base.values()) / 5
+    shown = cli("monitor", str(lora_run), "--once", "--performance", env={"COLUMNS": "200"}, check=True).stdout
+    assert f"{sum(v.nbytes for v in adapters.values()):,}" in shown, shown  # what monitor says crosses the network
     opt = mx.load(str(lora_run / "checkpoints" / "step-000040" / "optimizer.safetensors"))
     assert {k.rsplit(".", 1)[0] for k in opt if k.endswith((".m", ".v"))} == set(adapters)
     # tokens/s counts real tokens: with --mask-prompt the questions and the padding are not among them.

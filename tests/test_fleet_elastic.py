@@ -77,10 +77,13 @@ def test_host_back_is_readmitted_at_a_checkpoint(fleet, cluster, corpus, tmp_pat
     assert kinds.index("exclude") < kinds.index("readmit"), kinds
     readmit = events(run, "readmit")[0]
     assert readmit["host"] == "h3"
-    # Re-admitted at a checkpoint and relaunched from it: no step of progress lost.
+    # Re-admitted at a checkpoint and relaunched from it, or from a newer one: rank 0 writes in the
+    # background and finishes the write in progress when stopped, so the checkpoint that triggered
+    # the re-admission may already have a successor. No step of progress is lost either way.
     restart = [e for e in events(run, "restart") if e["time"] <= readmit["time"]][-1]
     at = int(restart["reason"].rsplit("checkpoint of step ", 1)[1])
-    assert [e["step"] for e in events(run, "resume") if e["time"] > readmit["time"]][0] == at
+    resumed = [e["step"] for e in events(run, "resume") if e["time"] > readmit["time"]][0]
+    assert resumed >= at and resumed in {e["step"] for e in events(run, "checkpoint")}, (resumed, at)
     resizes = events(run, "resize")
     assert [r["devices"] for r in resizes] == [2, 3] and resizes[1]["hosts"] == ["h1", "h2", "h3"], resizes
     assert sorted(r["host"] for r in events(run, "launch")[-1]["ranks"]) == ["h1", "h2", "h3"]

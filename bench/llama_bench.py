@@ -4,7 +4,8 @@ tokens, batch and sequence length; plus the model FLOPs utilization of each.
 Both sides run as a new user would: mlx-train through its CLI (`--model llama_bench:build`, the
 factory below), mlx-lm through `mlx_lm.tuner.trainer.train` (its compiled step, the gradient average
 inside). They alternate, round by round, so machine noise hits both alike; each figure is the
-median tokens/s of the logging windows after the first (which holds the compile). Nothing is
+median wall-clock tokens/s of the logging windows after the first (which holds the compile),
+bench/timing.py says why the wall clock; each trainer's own figure is kept beside it. Nothing is
 downloaded: random weights, random tokens.
 """
 
@@ -16,11 +17,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from timing import mlx_lm_windows, mlx_train_windows  # noqa: E402
 SHAPE = {"layers": 4, "width": 256, "heads": 4, "seq": 256, "batch": 8, "vocab": 1024, "ffn": 688}
 
 
@@ -71,11 +75,11 @@ def mlxlm_rank(tokens: str, steps: int, report_every: int, batch: int) -> None:
     ids = np.load(tokens)
     span = SHAPE["seq"] + 1
     data = [(ids[i:i + span].tolist(), 0) for i in range(0, len(ids) - span, span)]
-    rates = []
+    reports = []
 
     class Keep(TrainingCallback):
         def on_train_loss_report(self, info):
-            rates.append(info["tokens_per_second"])
+            reports.append((time.perf_counter(), info))
 
     args = trainer.TrainingArgs(batch_size=batch, iters=steps, steps_per_report=report_every, steps_per_eval=10**9,
                                 steps_per_save=10**9, max_seq_length=span,
@@ -87,25 +91,25 @@ def mlxlm_rank(tokens: str, steps: int, report_every: int, batch: int) -> None:
         finally:
             sys.stdout = old
     if mx.distributed.init().rank() == 0:
-        print(json.dumps({"tokens_per_s": statistics.median(rates[1:])}))
+        print(json.dumps(medians(mlx_lm_windows(reports))))
 
 
-def run_mlxlm(tokens: Path, ranks: int, steps: int, report_every: int, env: dict) -> float:
+def run_mlxlm(tokens: Path, ranks: int, steps: int, report_every: int, env: dict) -> dict:
     args = json.dumps({"tokens": str(tokens), "steps": steps, "report_every": report_every,
                        "batch": SHAPE["batch"]})
     cmd = [sys.executable, __file__, "--mlxlm", args]
     if ranks > 1:
         from ring import run_ranks  # bench/ is this script's directory
 
-        return run_ranks(cmd, ranks, env, "mlx-lm run")["tokens_per_s"]
+        return run_ranks(cmd, ranks, env, "mlx-lm run")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if out.returncode:
         raise SystemExit(f"mlx-lm run failed: {out.returncode}\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # -- mlx-train's side -------------------------------------------------------------------------------
-def run_mlx_train(tokens: Path, ranks: int, steps: int, report_every: int, work: Path) -> float:
+def run_mlx_train(tokens: Path, ranks: int, steps: int, report_every: int, work: Path) -> dict:
     run = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "mlx_train.cli", "train", "--model", "llama_bench:build", "--data", str(tokens),
@@ -117,7 +121,11 @@ def run_mlx_train(tokens: Path, ranks: int, steps: int, report_every: int, work:
     if out.returncode:
         raise SystemExit(f"mlx-train run failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     metrics = [json.loads(line) for line in (run / "r" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return statistics.median(m["tokens_per_s"] for m in metrics[1:])
+    return medians(mlx_train_windows(metrics))
+
+
+def medians(windows: dict) -> dict:
+    return {"tokens_per_s": statistics.median(windows["wall"]), "own_tokens_per_s": statistics.median(windows["own"])}
 
 
 def main(rounds=3, steps=25, report_every=5, ranks=1) -> dict:
@@ -131,9 +139,12 @@ def main(rounds=3, steps=25, report_every=5, ranks=1) -> dict:
         for _ in range(rounds):
             ours.append(run_mlx_train(tokens, ranks, steps, report_every, work))
             theirs.append(run_mlxlm(tokens, ranks, steps, report_every, env))
-    return {"shape": SHAPE, "ranks": ranks, "mlx_train_tokens_per_s": statistics.median(ours),
-            "mlx_lm_tokens_per_s": statistics.median(theirs),
-            "ratio": statistics.median(o / t for o, t in zip(ours, theirs)),
+    wall = lambda side: [r["tokens_per_s"] for r in side]  # noqa: E731
+    return {"shape": SHAPE, "ranks": ranks, "mlx_train_tokens_per_s": statistics.median(wall(ours)),
+            "mlx_lm_tokens_per_s": statistics.median(wall(theirs)),
+            "ratio": statistics.median(o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs)),
+            "own_clock_ratio": statistics.median(o["own_tokens_per_s"] / t["own_tokens_per_s"]
+                                                 for o, t in zip(ours, theirs)),
             "rounds": {"mlx_train": ours, "mlx_lm": theirs}, "flops_per_token": flops_per_token(**SHAPE)}
 
 

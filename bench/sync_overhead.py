@@ -18,7 +18,8 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
 
     from mlx_train.config import ModelConfig
     from mlx_train.rank.model import build_model
-    from mlx_train.rank.step import make_sync
+    from mlx_train.rank import blas
+    from mlx_train.rank.step import all_sum_bytes, make_sync
     from timing import interleaved
 
     group = mx.distributed.init(backend="ring", strict=True)
@@ -30,7 +31,8 @@ def rank_main(width: int, layers: int, rounds: int, reps: int) -> None:
     flat = mx.random.normal((nbytes // 4,))
     mx.eval(flat)
 
-    sync = make_sync(group)  # the trainer's own (compiled) all-reduce
+    # the trainer's own (compiled) all-reduce, with the bucket size a rank of this host gets
+    sync = make_sync(group, all_sum_bytes("ring", group.size(), blas.cores_of_rank(), nbytes))
     loss = mx.array(2.5)
 
     def trainer_sync():

@@ -25,3 +25,25 @@ def interleaved(baseline: Callable[[], None], candidate: Callable[[], None], rou
         ratios.append(b / c)
     return {"baseline_s": statistics.median(base), "candidate_s": statistics.median(cand),
             "ratio": statistics.median(ratios)}
+
+
+# -- trainers' logging windows ----------------------------------------------------------------------
+# Each trainer's own tokens/s leaves something out: mlx-lm's the time it spends batching data and
+# reporting, ours the time logging. The side-by-side benches compare wall-clock windows instead:
+# the tokens between two reports over the time between them. The first report closes the window
+# holding the compile; the last window also validates; both are left out.
+
+def mlx_train_windows(metrics_rows: list) -> dict:
+    """Wall-clock and own tokens/s windows of an mlx-train run (its metrics.jsonl rows)."""
+    rows = metrics_rows[:-1]
+    tokens = lambda r, prev: r["tokens_per_s"] * r["step_time_s"] * (r["step"] - prev["step"])  # noqa: E731
+    return {"own": [r["tokens_per_s"] for r in rows[1:]],
+            "wall": [tokens(b, a) / (b["time"] - a["time"]) for a, b in zip(rows, rows[1:])]}
+
+
+def mlx_lm_windows(reports: list) -> dict:
+    """The same from mlx-lm's loss reports, each (perf_counter at the report, its info dict)."""
+    reports = reports[:-1]
+    return {"own": [info["tokens_per_second"] for _, info in reports[1:]],
+            "wall": [(b["trained_tokens"] - a["trained_tokens"]) / (tb - ta)
+                     for (ta, a), (tb, b) in zip(reports, reports[1:])]}

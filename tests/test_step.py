@@ -79,3 +79,36 @@ def test_update_keeps_containers_that_hold_no_parameters():
     kept = {"layer_types": [], "norm": {"weight": mx.zeros((2,))}}
     _assign(kept, {"norm": {"weight": mx.ones((2,))}})
     assert kept["layer_types"] == [] and kept["norm"]["weight"].tolist() == [1.0, 1.0]
+
+
+def test_buckets_and_pieces_put_every_tensor_back_where_it_was():
+    # Small buckets force everything the sync does: packing several tensors into one all_sum, a
+    # tensor cut into even pieces and put back, and a bucket of mixed dtypes. On a group of one,
+    # all_sum is the identity, so what comes back must be exactly what went in.
+    from mlx_train.rank.step import sum_gradients
+
+    rng = np.random.default_rng(0)
+    tree = {"a": mx.array(rng.normal(size=(3, 5)).astype(np.float32)),
+            "big": mx.array(rng.normal(size=(40, 7)).astype(np.float32)),
+            "b": [mx.array(rng.normal(size=(4,)).astype(np.float32)), mx.array(np.arange(6, dtype=np.float16))]}
+    group = mx.distributed.init()
+    assert group.size() == 1
+    for bucket in (64, 200, 10 ** 6):
+        out = sum_gradients(tree, group, bucket_bytes=bucket)
+        got, want = dict(tree_flatten(out)), dict(tree_flatten(tree))
+        assert list(got) == list(want)
+        for k in want:
+            assert got[k].shape == want[k].shape and got[k].dtype == want[k].dtype
+            np.testing.assert_array_equal(np.array(got[k]), np.array(want[k]), err_msg=f"{k} at bucket {bucket}")
+
+
+def test_all_sum_size_follows_the_ring_backend_and_the_cores():
+    from mlx_train.rank.step import BUCKET_BYTES, all_sum_bytes
+
+    small = 3 * 2 ** 20
+    one_direction = all_sum_bytes("ring", 2, 1, small)
+    assert one_direction < 2 * 2 * 256 * 1024  # under the size MLX's ring sums in both directions
+    assert all_sum_bytes("ring", 4, 1, small) < 2 * 4 * 256 * 1024
+    # Enough cores, another backend, one rank, or a large gradient: the big buckets.
+    for args in (("ring", 2, 8, small), ("mpi", 2, 1, small), ("ring", 1, 1, small), ("ring", 2, 1, 200 * 2 ** 20)):
+        assert all_sum_bytes(*args) == BUCKET_BYTES, args

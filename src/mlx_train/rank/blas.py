@@ -92,3 +92,11 @@ def _openblas_threads() -> str:
         return str(ctypes.CDLL(None).openblas_get_num_threads())
     except (AttributeError, OSError):
         return os.environ.get("OPENBLAS_NUM_THREADS", "auto")
+
+
+def cores_of_rank() -> int:
+    """The cores this rank owns: its OpenBLAS thread share (rank_env), else the whole machine's."""
+    try:
+        return max(1, int(os.environ.get("OPENBLAS_NUM_THREADS", "")))
+    except ValueError:
+        return max(1, os.cpu_count() or 1)

@@ -67,7 +67,8 @@ class Stepper:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: optim.Optimizer, precision: str,
-                 grad_clip: float, group: Optional[mx.distributed.Group] = None, compile: bool = True):
+                 grad_clip: float, group: Optional[mx.distributed.Group] = None, compile: bool = True,
+                 bucket_bytes: int = BUCKET_BYTES):
         self.model = model
         self.optimizer = optimizer
         self.grad_clip = grad_clip
@@ -76,6 +77,7 @@ class Stepper:
         self.loss_fn = loss_fn
         self.grad_fn = make_grad_fn(model, loss_fn, precision)
         self.compiled = compile
+        self.bucket_bytes = bucket_bytes
         self.params = model.trainable_parameters()
         optimizer.init(self.params)
         self._build()
@@ -106,14 +108,14 @@ class Stepper:
 
         if not self.compiled:
             self._first, self._more, self._clip, self._apply = first, more, clip, apply
-            self._sync = make_sync(self.group, compiled=False)
+            self._sync = make_sync(self.group, self.bucket_bytes, compiled=False)
             return
         # The RNG state is captured too, so a model with dropout draws fresh masks every replay.
         reads, rng = [self.params, mx.random.state], [mx.random.state]
         state = [self.params, self.optimizer.state]
         self._first = mx.compile(first, inputs=reads, outputs=rng)
         self._more = mx.compile(more, inputs=reads, outputs=rng)
-        self._sync = make_sync(self.group)
+        self._sync = make_sync(self.group, self.bucket_bytes)
         self._clip = mx.compile(clip)
         self._apply = mx.compile(apply, inputs=state, outputs=state)
 
@@ -195,28 +197,51 @@ def make_sync(group: Optional[mx.distributed.Group], bucket_bytes: int = BUCKET_
 
 
 def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES) -> Any:
-    """All-reduce (sum) a gradient tree with one all_sum per bucket of about `bucket_bytes`.
-
-    Like mlx.nn.average_gradients, minus its division: the trainer's gradients arrive pre-scaled.
-    """
+    """All-reduce (sum) a gradient tree, at most `bucket_bytes` per all_sum: small tensors packed
+    together into one buffer (mlx.nn.average_gradients' idea, minus its division: the trainer's
+    gradients arrive pre-scaled), a larger tensor summed in even pieces (views) and put back together."""
     flat = tree_flatten(grads)
-    buckets, current, size = [], [], 0
-    for key, g in flat:
-        current.append((key, g))
-        size += g.nbytes
-        if size >= bucket_bytes:
-            buckets.append(current)
-            current, size = [], 0
-    if current:
-        buckets.append(current)
-    out = []
-    for bucket in buckets:
+    out: dict = {}
+    bucket: List[Tuple[str, mx.array]] = []
+
+    def flush() -> None:
         if len({g.dtype for _, g in bucket}) > 1:  # mixed dtypes cannot share a buffer
-            out += [(k, mx.distributed.all_sum(g, group=group)) for k, g in bucket]
+            out.update((k, mx.distributed.all_sum(g, group=group)) for k, g in bucket)
+        elif bucket:
+            summed = mx.distributed.all_sum(pack([g for _, g in bucket]), group=group)
+            out.update(zip((k for k, _ in bucket), unpack(summed, [g for _, g in bucket])))
+        bucket.clear()
+
+    for key, g in flat:
+        if g.nbytes > bucket_bytes:
+            whole = g.reshape(-1)
+            n = -(-whole.size // -(-g.nbytes // bucket_bytes))
+            pieces = [mx.distributed.all_sum(whole[i:i + n], group=group) for i in range(0, whole.size, n)]
+            out[key] = mx.concatenate(pieces).reshape(g.shape)
             continue
-        summed = mx.distributed.all_sum(pack([g for _, g in bucket]), group=group)
-        out += list(zip((k for k, _ in bucket), unpack(summed, [g for _, g in bucket])))
-    return tree_unflatten(out)
+        if sum(b.nbytes for _, b in bucket) + g.nbytes > bucket_bytes:
+            flush()
+        bucket.append((key, g))
+    flush()
+    return tree_unflatten([(k, out[k]) for k, _ in flat])
+
+
+def all_sum_bytes(backend: str, world: int, cores: int, grad_bytes: int) -> int:
+    """The most gradient bytes one all_sum carries.
+
+    MLX's ring backend runs an all_sum of at least 2 x world x 256 KiB in both directions of the
+    ring at once: two reducer threads, each with its sockets' busy-polling threads. A rank with
+    fewer cores than those four threads has them fight its peer's for the cores, which costs each
+    such all_sum milliseconds: on 2 cores, 2 ranks, one all_sum of 3.3 MiB took ~10 ms, four of
+    0.8 MiB ~4 ms in all (bench/sync_overhead.py). When the whole gradient fits in four all_sums
+    under that size, such a rank sends those; a larger one goes in 32 MiB buckets, as on other
+    ranks and backends (at 24.7 MiB the copies that cutting needs cost more than it saves: 0.8 of
+    one all_sum's speed at once, 0.55 cut).
+    """
+    one_direction = 2 * world * 256 * 1024 - 4096
+    if backend == "ring" and world > 1 and cores < 4 and grad_bytes <= 4 * one_direction:
+        return one_direction
+    return BUCKET_BYTES
 
 
 def pack(arrays: List[mx.array]) -> mx.array:

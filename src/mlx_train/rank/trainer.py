@@ -20,7 +20,7 @@ from mlx_train.config import TrainConfig, DistributedConfig
 from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
 from mlx_train.rank.model import build_model, count_parameters
-from mlx_train.rank.step import Stepper, current_lr, make_optimizer, pack, unpack
+from mlx_train.rank.step import Stepper, all_sum_bytes, current_lr, make_optimizer, pack, unpack
 
 
 class Trainer:
@@ -49,7 +49,10 @@ class Trainer:
         self.adapter_config = hf.adapter_config(cfg.model.name, cfg.fine_tune, len(model.layers)) \
             if hf.is_pretrained(local.model.name) else None
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group)
+        trainable_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
+                               bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, blas.cores_of_rank(),
+                                                          trainable_bytes))
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
         self.writer = checkpoint.Writer()  # rank 0 writes checkpoints beside the training loop

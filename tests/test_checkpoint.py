@@ -70,6 +70,23 @@ def test_damaged_newest_falls_back_to_the_previous(tmp_path):
     assert result.skipped == [(str(newest), "model.safetensors checksum mismatch")]
 
 
+def test_a_format_1_checkpoint_with_sha256_digests_still_loads_and_is_still_verified(tmp_path):
+    # Checkpoints written before format 2 (CRC32) name sha256 digests: a resume keeps reading them.
+    model, opt = _arrays(0)
+    old = checkpoint.save(tmp_path, 1, model, opt)
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert all(d.startswith("crc32:") for d in manifest["files"].values())
+    manifest["format"] = 1
+    manifest["files"] = {name: checkpoint.sha256_file(old / name) for name in manifest["files"]}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoint.load_latest(tmp_path).checkpoint.step == 1
+    blob = old / "optimizer.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0x01
+    blob.write_bytes(bytes(data))
+    assert checkpoint.verify(old) == "optimizer.safetensors checksum mismatch"
+
+
 def test_missing_manifest_and_half_written_dirs_are_ignored(tmp_path):
     model, opt = _arrays(0)
     checkpoint.save(tmp_path, 1, model, opt)

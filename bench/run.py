@@ -41,14 +41,14 @@ def main() -> None:
     steps = [
         ("step", "step_overhead.py", fast, {"rounds": 15, "steps_per_round": 2}),
         ("step_refblas", "step_overhead.py", ref, {"rounds": 3, "steps_per_round": 1}),
-        ("llama", "llama_bench.py", {}, {"ranks": 1, "rounds": 2, "steps": 25}),
-        ("llama2", "llama_bench.py", {}, {"ranks": 2, "rounds": 1, "steps": 25}),
+        ("llama", "llama_bench.py", {}, {"ranks": 1, "rounds": 3, "steps": 30}),
+        ("llama2", "llama_bench.py", {}, {"ranks": 2, "rounds": 2, "steps": 25}),
         ("peak", "matmul_peak.py", fast, None),
         ("sync", "sync_overhead.py", blas.rank_env(ranks_on_host=2), None),
         ("sync_large", "sync_overhead.py", blas.rank_env(ranks_on_host=2),
          {"width": 256, "layers": 8, "rounds": 9, "reps": 8}),
-        ("lora", "lora_vs_mlx_lm.py", {}, {"fine_tune": "lora", "steps": 40}),
-        ("full", "lora_vs_mlx_lm.py", {}, {"fine_tune": "full", "steps": 40}),
+        ("lora", "lora_vs_mlx_lm.py", {}, {"fine_tune": "lora", "steps": 40, "rounds": 2}),
+        ("full", "lora_vs_mlx_lm.py", {}, {"fine_tune": "full", "steps": 50, "rounds": 3}),
         ("checkpoint", "checkpoint_write.py", {}, {"where": str(HERE.parent), "rounds": 3}),
         ("startup", "startup.py", {}, None),
     ]

@@ -112,3 +112,24 @@ def test_all_sum_size_follows_the_ring_backend_and_the_cores():
     # Enough cores, another backend, one rank, or a large gradient: the big buckets.
     for args in (("ring", 2, 8, small), ("mpi", 2, 1, small), ("ring", 1, 1, small), ("ring", 2, 1, 200 * 2 ** 20)):
         assert all_sum_bytes(*args) == BUCKET_BYTES, args
+
+
+def test_clipping_folded_into_the_update_matches_clipping_first():
+    # The clip is a factor inside each leaf's AdamW update (no clipped copy of the gradients): it
+    # must give what clipping the gradients and then updating gives.
+    import mlx.optimizers as optim
+
+    x, y = _batch(8)
+    mx.random.seed(0)
+    model, loss = build_model(CFG)
+    s = Stepper(model, loss, make_optimizer(OptimConfig(warmup_steps=0), 10), "fp32", 0.05, None)
+    reference = make_optimizer(OptimConfig(warmup_steps=0), 10)
+    reference.init(s.params)
+    _, grads = s.grad_fn(s.params, mx.array(x), mx.array(y), mx.array(1.0))
+    clipped, norm = optim.clip_grad_norm(grads, 0.05)
+    expected = {k: np.array(v) for k, v in tree_flatten(reference.apply_gradients(clipped, s.params))}
+    before = _params(s)
+    stats = s.step([(x, y)])
+    assert stats.grad_norm == pytest.approx(norm.item(), rel=1e-5) and stats.grad_norm > 0.05  # clipping engaged
+    _close(_params(s), expected, atol=1e-6)
+    assert any(not np.array_equal(before[k], expected[k]) for k in expected)

@@ -6,7 +6,7 @@ Three ways to run the same optimizer step (fresh copies of one model, interleave
   overlap   the same graph with each 1 MiB bucket's all_sum on a separate CPU stream (MLX runs each
             stream on its own thread, so a bucket can be summed while the backward goes on).
 Prints rank 0's median milliseconds per step and the phased step's compute and comm times.
-Not part of `make bench` (docs/performance.md has its figures):
+`make bench` runs it (a row of the README table; docs/performance.md has the fleet figures); alone:
     PYTHONPATH=src python bench/overlap.py '{"width": 256}'
 """
 

@@ -129,7 +129,7 @@ def test_every_flag_comes_from_a_field():
                      # experiment tracking (controller/reporting.py)
                      "--report-to",
                      # the model and data copied to the hosts (docs/fleet.md)
-                     "--ship-cache"}
+                     "--ship-cache", "--ship-cache-days"}
 
 
 def test_run_options_from_flags():

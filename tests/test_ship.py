@@ -240,3 +240,45 @@ def sent_placed(argv) -> dict:
     """The --placed a rank is started with (nothing placed: {})."""
     argv = _worker_argv(argv)
     return json.loads(argv[argv.index("--placed") + 1]) if "--placed" in argv else {}
+
+
+def _age(path: Path, days: float) -> None:
+    old = __import__("time").time() - days * 86400
+    os.utime(path, (old, old))
+
+
+@needs_rsync
+def test_copies_unused_for_the_kept_days_are_dropped_the_rest_stay(remote, tmp_path):
+    cache = remote / "cache"
+    fresh, stale, in_use = (item_of(model_dir(tmp_path / name)) for name in ("fresh", "stale", "in-use"))
+    for item in (fresh, stale, in_use):
+        assert not ship.ship_one(H, item, "~/cache").skipped
+    (cache / "partial" / "x").mkdir(parents=True)  # a copy cut short long ago: no marker
+    _age(cache / "partial", 40)
+    (cache / "recent-partial").mkdir()  # one being filled now by another run
+    _age(cache / fresh.digest / ship.MARKER, 29)
+    _age(cache / stale.digest / ship.MARKER, 31)
+    _age(cache / in_use.digest / ship.MARKER, 31)  # old, but the run pruning it reads it
+    pruned = ship.prune(H, "~/cache", [in_use.digest], 30)
+    assert sorted(pruned.removed) == sorted([stale.digest, "partial"]) and pruned.bytes >= stale.size
+    assert sorted(p.name for p in cache.iterdir()) == sorted([fresh.digest, in_use.digest, "recent-partial"])
+    assert pruned.event()["removed"] == [d[:16] for d in pruned.removed]
+
+
+@needs_rsync
+def test_a_use_counts_as_a_use_so_a_copy_in_use_is_kept(remote, tmp_path):
+    item = item_of(model_dir(tmp_path / "m"))
+    ship.ship_one(H, item, "~/cache")
+    marker = remote / "cache" / item.digest / ship.MARKER
+    _age(marker, 100)
+    assert ship.ship_one(H, item, "~/cache").skipped  # found there: its marker is touched
+    assert ship.prune(H, "~/cache", [], 30).removed == ()
+    assert (remote / "cache" / item.digest / ship.MARKER).is_file()
+
+
+def test_pruning_never_stops_a_run(tmp_path, monkeypatch):
+    # The host stopped answering between the copy and the pruning: nothing is removed, nothing raised.
+    (tmp_path / "ssh").write_text("#!/bin/sh\necho 'ssh: connect to host h9 port 22: Connection refused' >&2\nexit 255\n")
+    (tmp_path / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert ship.prune(H, "~/cache", [], 30) is None

@@ -269,6 +269,9 @@ class RunOptions:
     ship_cache: Optional[str] = knob(None, "where each remote host keeps the model and data copied to it, a path on "
                                            "that host (default $MLX_TRAIN_SHIP_CACHE, else ~/.cache/mlx-train/shipped)",
                                      "--ship-cache", metavar="DIR")
+    ship_cache_days: int = knob(30, "a remote host drops the copies in its ship cache that no run has used for this "
+                                    "many days when a run ships there (0: keep everything)", "--ship-cache-days",
+                                metavar="DAYS")
     max_restarts: int = knob(3, "relaunches after a rank failure before giving up", "--max-restarts")
     stall_timeout: Optional[float] = knob(None, "seconds without progress from a rank before a restart (default: "
                                           "adaptive, 5 x the median step, at least 10 s, with allowances for "
@@ -290,6 +293,9 @@ class RunOptions:
     def __post_init__(self) -> None:
         check(isinstance(self.max_restarts, int) and self.max_restarts >= 0,
               f"--max-restarts must be >= 0, got {self.max_restarts}")
+        check(isinstance(self.ship_cache_days, int) and not isinstance(self.ship_cache_days, bool)
+              and self.ship_cache_days >= 0, f"--ship-cache-days must be a whole number of days >= 0 (0 keeps "
+              f"everything), got {self.ship_cache_days}")
         check(self.stall_timeout is None or isinstance(self.stall_timeout, (int, float))
               and math.isfinite(self.stall_timeout) and self.stall_timeout > 0,
               f"--stall-timeout must be a positive number of seconds, got {self.stall_timeout}")

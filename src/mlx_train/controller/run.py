@@ -213,10 +213,10 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     if opts.resume:
         check_resumable(run)
     # The model and data reach every remote host (or one line names the host that cannot take them).
-    hosts, shipped = ship.ship(cfg, hosts, opts.ship_cache)
+    hosts, shipped = ship.ship(cfg, hosts, opts.ship_cache, opts.ship_cache_days)
     run.prepare(cfg, resume=bool(opts.resume))
     for s in shipped:
-        run.event("ship", **s.event())
+        run.event(s.event_name, **s.event())
     return cfg, hosts, run
 
 

@@ -9,6 +9,10 @@ directory first and the marker is written last, so an interrupted copy is resume
 A host that already holds the digest gets nothing; a host that cannot take it stops the run
 before launch with one line naming it. Local ranks read the original path.
 
+Every use of a copy touches its marker; when a run ships to a host, the copies there that no run
+has used for --ship-cache-days days (default 30; 0 keeps everything) are removed, so a host's
+disk does not fill with every version of a model or data set ever trained on.
+
 The hosts come back with `placed` filled (original path as the config names it -> path on that
 host); the rank on that host gets it as `--placed` and reads through TrainConfig.placed_at.
 """
@@ -37,6 +41,7 @@ MARKER = ".complete"
 # rsync gives up after this long without any data moving (a dead link), never mid-transfer.
 RSYNC_IO_TIMEOUT_S = 120
 PROBE_TIMEOUT_S = 30
+DEFAULT_KEEP_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,24 @@ class Shipped:
     seconds: float
     skipped: bool
 
+    event_name = "ship"
+
     def event(self) -> dict:
         return {"host": self.host, "what": self.what, "digest": self.digest[:16], "path": self.path,
                 "bytes": self.bytes, "seconds": round(self.seconds, 3), "skipped": self.skipped}
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Copies removed from one host's cache, unused for too long (recorded as a `ship_pruned` event)."""
+    host: str
+    removed: Tuple[str, ...]  # their digests
+    bytes: int
+
+    event_name = "ship_pruned"
+
+    def event(self) -> dict:
+        return {"host": self.host, "removed": [d[:16] for d in self.removed], "bytes": self.bytes}
 
 
 # ---------------------------------------------------------------- content digests
@@ -177,11 +197,42 @@ def probe_script(cache: str, item: Item) -> str:
     """Run on the host: `present DIR` when the digest is complete there, `absent FREE_KIB USED_KIB
     DIR` when it can take it, else one line saying why not (exit 3). DIR last: it may hold spaces."""
     return f"""C={_shell_path(cache)}/{item.digest}
-if [ -f "$C/{MARKER}" ]; then echo "present $C"; exit 0; fi
+if [ -f "$C/{MARKER}" ]; then touch "$C/{MARKER}"; echo "present $C"; exit 0; fi
 rsync --version >/dev/null 2>&1 || {{ echo "rsync is not installed there (apt-get install rsync; brew install rsync)"; exit 3; }}
 mkdir -p "$C" 2>/dev/null && touch "$C/.probe" 2>/dev/null && rm -f "$C/.probe" || {{ echo "cannot write the cache directory $C (set --ship-cache or ${CACHE_ENV} to a writable path)"; exit 3; }}
 echo "absent $(df -Pk "$C" | awk 'NR==2 {{print $4}}') $(du -sk "$C" | cut -f1) $C"
 """
+
+
+def prune_script(cache: str, keep: List[str], days: int) -> str:
+    """Run on the host: remove the cache's copies whose marker no run has touched for `days` days
+    (or, with no marker, an abandoned partial copy untouched as long), except those in `keep`.
+    Prints `pruned KIB DIGEST...` (find's -mtime +N means at least N+1 whole days)."""
+    return f"""C={_shell_path(cache)}
+freed=0; gone=""
+[ -d "$C" ] && for d in "$C"/*/; do
+  d=${{d%/}}; n=${{d##*/}}
+  case " {' '.join(keep)} " in *" $n "*) continue;; esac
+  m="$d/{MARKER}"; [ -f "$m" ] || m="$d"
+  [ -n "$(find "$m" -prune -mtime +{days - 1} 2>/dev/null)" ] || continue
+  k=$(du -sk "$d" 2>/dev/null | cut -f1)
+  rm -rf "$d" 2>/dev/null && [ ! -e "$d" ] && freed=$((freed + ${{k:-0}})) && gone="$gone $n"
+done
+echo "pruned $freed$gone"
+"""
+
+
+def prune(host: Host, cache: str, keep: List[str], days: int) -> Optional[Pruned]:
+    """Drop `host`'s unused copies (prune_script). Housekeeping: a failure never stops a run, it
+    only leaves the copies where they are (None)."""
+    try:
+        res = ssh.run(host.name, prune_script(cache, keep, days), timeout=PROBE_TIMEOUT_S, fresh=True)
+    except OSError:
+        return None
+    words = _last(res.out).split()
+    if not res.ok or len(words) < 2 or words[0] != "pruned" or not words[1].isdigit():
+        return None
+    return Pruned(host.name, tuple(words[2:]), int(words[1]) * 1024)
 
 
 def rsync_argv(item: Item, dest: str, remote_dir: str) -> List[str]:
@@ -241,10 +292,12 @@ def ship_one(host: Host, item: Item, cache: str) -> Shipped:
 
 # ---------------------------------------------------------------- the fleet
 
-def ship(cfg: TrainConfig, hosts: List[Host], cache: Optional[str] = None) -> Tuple[List[Host], List[Shipped]]:
-    """Every remote host gets what the run reads (hosts in parallel, items in turn on each); the
-    hosts come back with `placed` filled. The first host (in cluster order) that cannot take it
-    stops the run: UserError naming it."""
+def ship(cfg: TrainConfig, hosts: List[Host], cache: Optional[str] = None,
+         keep_days: int = DEFAULT_KEEP_DAYS) -> Tuple[List[Host], list]:
+    """Every remote host gets what the run reads (hosts in parallel, items in turn on each), then
+    drops the copies no run has used for `keep_days` days (0: none); the hosts come back with
+    `placed` filled, with what happened (Shipped and Pruned records, each with its event). The
+    first host (in cluster order) that cannot take it stops the run: UserError naming it."""
     remote = [h for h in hosts if not h.local]
     if not remote:
         return hosts, []
@@ -258,9 +311,11 @@ def ship(cfg: TrainConfig, hosts: List[Host], cache: Optional[str] = None) -> Tu
 
     def one(host: Host):
         try:
-            return [ship_one(host, item, where) for item in wanted]
+            done = [ship_one(host, item, where) for item in wanted]
         except UserError as exc:
             return exc
+        pruned = prune(host, where, [item.digest for item in wanted], keep_days) if keep_days else None
+        return done + ([pruned] if pruned is not None and pruned.removed else [])
 
     results = dict(zip([h.name for h in remote], ssh.parallel(one, remote)))
     for h in remote:

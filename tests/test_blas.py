@@ -1,5 +1,6 @@
 """The OpenBLAS preload and thread split: each rank re-executes itself with Debian's OpenBLAS and
-cores // ranks threads, and says so in its log (read from the library, not from our variable)."""
+cores // ranks threads, and says so in its log (read from the library, not from our variable);
+the same re-exec gives it glibc allocator settings that keep freed memory for the next step."""
 
 import os
 import re
@@ -25,12 +26,12 @@ def test_rank_env_splits_the_cores_among_the_ranks(monkeypatch):
     env = blas.rank_env(ranks_on_host=3, cores=8)
     assert env["OPENBLAS_NUM_THREADS"] == "2" and env["LD_PRELOAD"] == blas.find_openblas()
     assert blas.rank_env(ranks_on_host=4, cores=2)["OPENBLAS_NUM_THREADS"] == "1"  # never 0
-    monkeypatch.setenv("MLX_TRAIN_NO_OPENBLAS", "1")
-    assert blas.rank_env(ranks_on_host=1) == {} and not blas.needs_reexec()
+    assert all(env[k] == v for k, v in blas.ALLOCATOR.items())
+    monkeypatch.setenv("MLX_TRAIN_NO_OPENBLAS", "1")  # no preload, no thread split: the allocator's settings only
+    assert blas.rank_env(ranks_on_host=1) == {**blas.ALLOCATOR, "MLX_TRAIN_BLAS_SET": "1"}
 
 
 def test_needs_reexec_once(monkeypatch):
-    _need_openblas()
     monkeypatch.delenv("MLX_TRAIN_NO_OPENBLAS", raising=False)
     monkeypatch.delenv("MLX_TRAIN_BLAS_SET", raising=False)
     assert blas.needs_reexec()
@@ -46,5 +47,5 @@ def test_two_local_ranks_run_openblas_with_half_the_cores_each(tmp_path):
     threads = max(1, (os.cpu_count() or 1) // 2)
     for rank in (0, 1):
         log = (run / "logs" / f"rank-{rank}.log").read_text()
-        found = re.findall(r"BLAS: (.*)", log)
-        assert found == [f"OpenBLAS ({threads} threads)"], log
+        found = re.findall(r"BLAS: (.*?); allocator: (.*)", log)
+        assert found == [(f"OpenBLAS ({threads} threads)", "glibc, freed memory kept")], log

@@ -64,7 +64,7 @@ class Trainer:
         self.prompt = sample.prompt_from(corpus.val, cfg.model.seq_len) \
             if self.rank == 0 and cfg.model.name == "gpt" and corpus.vocab_size == 256 else None
         self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
-                 f"BLAS: {blas.in_use()}")
+                 f"BLAS: {blas.in_use()}; allocator: {blas.allocator_in_use()}")
 
     def say(self, text: str) -> None:
         print(text, flush=True)

@@ -200,7 +200,7 @@ def test_the_cache_is_a_path_on_every_host(monkeypatch):
 
 def test_nothing_to_ship_for_local_hosts_or_the_builtin_model(tmp_path):
     local = launch.local_hosts(2)
-    assert ship.ship(TrainConfig(data=DataConfig(path=str(tmp_path))), local) == (local, [])
+    assert ship.ship(TrainConfig(data=DataConfig(path=str(tmp_path))), local, None, 30) == (local, [])
     assert ship.items(TrainConfig()) == []  # the built-in GPT on the standard library
 
 

@@ -76,7 +76,8 @@ def optimize(a: argparse.Namespace) -> int:
     base = check_inputs(base)
     budget = a.memory_budget or base.memory_budget or budget_for(hosts)
     check_fits(replace(base, memory_budget=budget), hosts)  # nothing to try if not even batch 1 fits
-    hosts, _ = ship.ship(base, hosts)  # the trials read the model and data where `train` would
+    # The trials read the model and data where `train` would.
+    hosts, _ = ship.ship(base, hosts, opts.ship_cache, opts.ship_cache_days)
     console = Console(soft_wrap=True, width=None if Console().is_terminal else 140)
     console.print(f"optimize: {base.dist.num_devices} devices, global batch {base.dist.global_batch_size}, "
                   f"budget {human(budget)} per device, {a.trial_steps} steps per trial")

@@ -41,7 +41,6 @@ MARKER = ".complete"
 # rsync gives up after this long without any data moving (a dead link), never mid-transfer.
 RSYNC_IO_TIMEOUT_S = 120
 PROBE_TIMEOUT_S = 30
-DEFAULT_KEEP_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -292,8 +291,7 @@ def ship_one(host: Host, item: Item, cache: str) -> Shipped:
 
 # ---------------------------------------------------------------- the fleet
 
-def ship(cfg: TrainConfig, hosts: List[Host], cache: Optional[str] = None,
-         keep_days: int = DEFAULT_KEEP_DAYS) -> Tuple[List[Host], list]:
+def ship(cfg: TrainConfig, hosts: List[Host], cache: Optional[str], keep_days: int) -> Tuple[List[Host], list]:
     """Every remote host gets what the run reads (hosts in parallel, items in turn on each), then
     drops the copies no run has used for `keep_days` days (0: none); the hosts come back with
     `placed` filled, with what happened (Shipped and Pruned records, each with its event). The

@@ -208,6 +208,7 @@ def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = B
     flat = tree_flatten(grads)
     out: dict = {}
     bucket: List[Tuple[str, mx.array]] = []
+    filled = 0
 
     def flush() -> None:
         if len({g.dtype for _, g in bucket}) > 1:  # mixed dtypes cannot share a buffer
@@ -224,9 +225,11 @@ def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = B
             pieces = [mx.distributed.all_sum(whole[i:i + n], group=group) for i in range(0, whole.size, n)]
             out[key] = mx.concatenate(pieces).reshape(g.shape)
             continue
-        if sum(b.nbytes for _, b in bucket) + g.nbytes > bucket_bytes:
+        if filled + g.nbytes > bucket_bytes:
             flush()
+            filled = 0
         bucket.append((key, g))
+        filled += g.nbytes
     flush()
     return tree_unflatten([(k, out[k]) for k, _ in flat])
 

@@ -49,16 +49,16 @@ class Trainer:
         self.adapter_config = hf.adapter_config(cfg.model.name, cfg.fine_tune, len(model.layers)) \
             if hf.is_pretrained(local.model.name) else None
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
-        trainable_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        # The bytes each rank all-reduces per step: the trainable parameters' gradients.
+        self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
                                bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, blas.cores_of_rank(),
-                                                          trainable_bytes))
+                                                          self.grad_bytes))
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
         self.writer = checkpoint.Writer()  # rank 0 writes checkpoints beside the training loop
         self.pending: Optional[dict] = None  # what the write in progress is of
         self.n_params = count_parameters(model)
-        self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(self.stepper.params))
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
         # The embedded byte-level GPT shows a text sample at each evaluation (rank/sample.py).
         self.prompt = sample.prompt_from(corpus.val, cfg.model.seq_len) \

@@ -90,10 +90,16 @@ class DistributedConfig(_Yaml):
     # Recorded with the run: `monitor --performance` shows the sync against this wire's limit.
     link_gbps: float = knob(0.0, "the links' rate between hosts in Gbit/s, if known (monitor --performance "
                             "compares gradient sync with it)", "--link-gbps")
+    # MLX's CPU build runs elementwise ops on one thread per stream (rank/lanes.py).
+    cpu_threads: int = knob(0, "CPU ranks: split each micro-batch across N threads, each with its own MLX stream, "
+                            "so all of the rank's cores do the elementwise work, not only its matmuls (0: one per "
+                            "core the rank owns, up to 8; 1: off). GPU ranks use 1", "--cpu-threads")
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
         check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check(isinstance(self.cpu_threads, int) and not isinstance(self.cpu_threads, bool)
+              and 0 <= self.cpu_threads <= 256, f"cpu_threads must be 0 (automatic) to 256, got {self.cpu_threads!r}")
         check(isinstance(self.link_gbps, (int, float)) and not isinstance(self.link_gbps, bool)
               and 0 <= self.link_gbps < 1e6, f"link_gbps must be a rate in Gbit/s (0: unknown), got {self.link_gbps!r}")
 

@@ -107,6 +107,17 @@ def _openblas_threads() -> str:
         return os.environ.get("OPENBLAS_NUM_THREADS", "auto")
 
 
+def set_threads(n: int) -> bool:
+    """Give OpenBLAS `n` threads from now on, if OpenBLAS serves MLX's matmuls here (rank/lanes.py
+    runs several matmuls at once, one per lane, each on a share of the rank's cores)."""
+    import ctypes
+
+    if _global_provider("cblas_sgemm") is None or "openblas" not in (_global_provider("cblas_sgemm") or ""):
+        return False
+    ctypes.CDLL(None).openblas_set_num_threads(max(1, int(n)))
+    return True
+
+
 def cores_of_rank() -> int:
     """The cores this rank owns: its OpenBLAS thread share (rank_env), else the whole machine's."""
     try:

@@ -7,6 +7,7 @@ in fp32 through the cast.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional, Tuple
@@ -18,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_train.config import OptimConfig
+from mlx_train.rank.lanes import Lanes, shards
 
 # One all_sum per bucket of this many bytes (mlx.nn.average_gradients packs small tensors together).
 BUCKET_BYTES = 32 * 1024 * 1024
@@ -70,7 +72,7 @@ class Stepper:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: optim.Optimizer, precision: str,
                  grad_clip: float, group: Optional[mx.distributed.Group] = None, compile: bool = True,
-                 bucket_bytes: int = BUCKET_BYTES):
+                 bucket_bytes: int = BUCKET_BYTES, lanes: int = 1):
         self.model = model
         self.optimizer = optimizer
         self.grad_clip = grad_clip
@@ -82,6 +84,8 @@ class Stepper:
         self.bucket_bytes = bucket_bytes
         self.params = model.trainable_parameters()
         optimizer.init(self.params)
+        # Lanes replay traced graphs only: an uncompiled step would run the model's Python in two threads.
+        self.lanes = Lanes(lanes) if lanes > 1 and compile else None
         self._build()
 
     def load(self, params: Any, optimizer_state: dict) -> None:
@@ -118,11 +122,75 @@ class Stepper:
         # The RNG state is captured too, so a model with dropout draws fresh masks every replay.
         reads, rng = [self.params, mx.random.state], [mx.random.state]
         state = [self.params, self.optimizer.state]
+        if self.lanes is not None:
+            self._lane_fns = [self._lane_functions() for _ in range(len(self.lanes))]
+            self._traced: set = set()
+            self._merge = mx.compile(lambda trees: functools.reduce(lambda a, b: tree_map(mx.add, a, b), trees))
         self._first = mx.compile(first, inputs=reads, outputs=rng)
         self._more = mx.compile(more, inputs=reads, outputs=rng)
         self._sync = make_sync(self.group, self.bucket_bytes)
         self._norm = mx.compile(norm)
         self._apply = mx.compile(apply, inputs=state, outputs=state)
+
+    def _gradients(self, micro_batches: List[Tuple[Any, Any]], share: float) -> Tuple[Any, mx.array]:
+        """The micro-batches' summed gradients and loss, each scaled by `share`."""
+        scale = mx.array(share)
+        grads, loss = None, mx.array(0.0)
+        for inputs, targets in micro_batches:
+            x, y = mx.array(inputs), mx.array(targets)
+            micro_loss, grads = self._first(x, y, scale) if grads is None else self._more(x, y, scale, grads)
+            loss = loss + micro_loss
+            # Evaluate per micro-batch so accumulation bounds activation memory to one micro-batch.
+            mx.eval(grads, loss)
+        return grads, loss
+
+    def _lane_functions(self) -> Tuple[Callable, Callable]:
+        """One lane's own traced copies of `first` and `more`: a traced graph belongs to the stream,
+        and so the thread, that traced it. MLX's random state is per thread too; each replay reads
+        and advances the lane's own."""
+        reads, rng = [self.params, mx.random.state], [mx.random.state]
+        first = lambda x, y, scale: self.grad_fn(self.params, x, y, scale)  # noqa: E731
+
+        def more(x, y, scale, acc):
+            loss, grads = self.grad_fn(self.params, x, y, scale)
+            return loss, tree_map(mx.add, acc, grads)
+
+        return mx.compile(first, inputs=reads, outputs=rng), mx.compile(more, inputs=reads, outputs=rng)
+
+    def _lane_gradients(self, micro_batches: List[Tuple[Any, Any]], share: float) -> Tuple[Any, mx.array]:
+        """As _gradients, each micro-batch split across the lanes (a lane's share of the scale is its
+        share of the rows, as micro-batches and ranks share it)."""
+        n = len(self.lanes)
+        mx.eval(self.params)  # a new model's, or a set_params's, weights may still be unevaluated here
+        # Each lane's random state is seeded from this thread's (the trainer seeds it every step),
+        # so dropout masks are fresh every step and the same on a replay of that step.
+        seeds = mx.random.randint(0, 2**31 - 1, (len(micro_batches), n)).tolist()
+        accs: List[Any] = [None] * n
+        loss = mx.array(0.0)
+        for m, (inputs, targets) in enumerate(micro_batches):
+            x, y = mx.array(inputs), mx.array(targets)
+            rows = x.shape[0]
+            args = [(x[p], y[p], mx.array(share * (p.stop - p.start) / rows, dtype=mx.float32))
+                    for p in shards(rows, min(n, rows))]
+            mx.eval(args)  # a lane's thread can only run its own stream's work
+            seen = [(i, a[0].shape, a[1].shape, accs[i] is None) for i, a in enumerate(args)]
+            jobs = [functools.partial(self._lane_job, i, seeds[m][i], *a, accs[i]) for i, a in enumerate(args)]
+            # A lane that will trace does so alone: the traced Python (the model) is shared.
+            results = self.lanes.run(jobs, together=all(k in self._traced for k in seen))
+            self._traced.update(seen)
+            for i, (lane_loss, grads) in enumerate(results):
+                accs[i] = grads
+                loss = loss + lane_loss
+        grads = self._merge([a for a in accs if a is not None])
+        mx.eval(grads, loss)
+        return grads, loss
+
+    def _lane_job(self, i: int, seed: int, x, y, scale, acc) -> Tuple[mx.array, Any]:
+        first, more = self._lane_fns[i]
+        mx.random.seed(seed)
+        loss, grads = first(x, y, scale) if acc is None else more(x, y, scale, acc)
+        mx.eval(loss, grads)
+        return loss, grads
 
     def step(self, micro_batches: Iterable[Tuple[Any, Any]], loss_limit: Optional[float] = None) -> StepStats:
         """One optimizer step. A loss above `loss_limit` (--loss-spike) is treated as non-finite: the
@@ -131,14 +199,9 @@ class Stepper:
         micro_batches = list(micro_batches)
         # The mean over micro-batches and ranks is folded into the loss, so the backward pass
         # yields already-averaged gradients and the all-reduce is a bare sum (no extra pass).
-        scale = mx.array(1.0 / (len(micro_batches) * self.world))
-        grads, loss = None, mx.array(0.0)
-        for inputs, targets in micro_batches:
-            x, y = mx.array(inputs), mx.array(targets)
-            micro_loss, grads = self._first(x, y, scale) if grads is None else self._more(x, y, scale, grads)
-            loss = loss + micro_loss
-            # Evaluate per micro-batch so accumulation bounds activation memory to one micro-batch.
-            mx.eval(grads, loss)
+        share = 1.0 / (len(micro_batches) * self.world)
+        gradients = self._lane_gradients if self.lanes is not None else self._gradients
+        grads, loss = gradients(micro_batches, share)
         loss = loss * self.world  # this rank's mean loss
         guard = loss if loss_limit is None else mx.where(loss > loss_limit, float("nan"), loss)
         t1 = time.perf_counter()

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import blas, checkpoint, dataskip, faults, hf, perturb, sample
+from mlx_train.rank import blas, checkpoint, dataskip, faults, hf, lanes, perturb, sample
 from mlx_train.rank.badstep import BadSteps, LossSpike
 
 from mlx_train import protocol
@@ -51,9 +51,14 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         # The bytes each rank all-reduces per step: the trainable parameters' gradients.
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        self.cores = cores = blas.cores_of_rank()
+        self.lanes = lanes.count(cfg.dist.cpu_threads, mx.default_device() == mx.cpu, cores,
+                                 cfg.dist.batch_size_per_device, self.grad_bytes, memory_budget)
+        if self.lanes > 1:
+            blas.set_threads(cores // self.lanes)  # each lane's matmuls on its share of the cores
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
-                               bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, blas.cores_of_rank(),
-                                                          self.grad_bytes))
+                               bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, cores, self.grad_bytes),
+                               lanes=self.lanes)
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
         self.writer = checkpoint.Writer()  # rank 0 writes checkpoints beside the training loop
@@ -64,7 +69,8 @@ class Trainer:
         self.prompt = sample.prompt_from(corpus.val, cfg.model.seq_len) \
             if self.rank == 0 and cfg.model.name == "gpt" and corpus.vocab_size == 256 else None
         self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
-                 f"BLAS: {blas.in_use()}; allocator: {blas.allocator_in_use()}")
+                 f"BLAS: {blas.in_use()}; allocator: {blas.allocator_in_use()}; "
+                 f"{self.lanes} thread{'s' if self.lanes > 1 else ''} per micro-batch (--cpu-threads)")
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -124,8 +130,12 @@ class Trainer:
     def validate(self) -> float:
         batches = (self.val.batch(i, 0, self.rank, self.val_dist) for i in range(self.cfg.eval_batches))
         self.stepper.model.eval()  # no dropout (--lora-dropout) while validating
+        if self.lanes > 1:  # this thread alone: its matmuls get all of the rank's cores back
+            blas.set_threads(self.cores)
         local = self.stepper.evaluate(batches)
         mx.eval(local)
+        if self.lanes > 1:
+            blas.set_threads(self.cores // self.lanes)
         self.stepper.model.train()
         return float(self.all_mean(local).item())
 

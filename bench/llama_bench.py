@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -109,26 +110,27 @@ def run_mlxlm(tokens: Path, ranks: int, steps: int, report_every: int, env: dict
 
 
 # -- mlx-train's side -------------------------------------------------------------------------------
-def run_mlx_train(tokens: Path, ranks: int, steps: int, report_every: int, work: Path) -> dict:
+def run_mlx_train(tokens: Path, ranks: int, steps: int, report_every: int, work: Path, cpu_threads: int) -> dict:
     run = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "mlx_train.cli", "train", "--model", "llama_bench:build", "--data", str(tokens),
            "--layers", str(SHAPE["layers"]), "--width", str(SHAPE["width"]), "--heads", str(SHAPE["heads"]),
            "--seq-len", str(SHAPE["seq"]), "--batch-size", str(SHAPE["batch"] // ranks), "--devices", str(ranks),
            "--steps", str(steps), "--log-every", str(report_every), "--eval-every", str(10**6),
-           "--checkpoint-every", str(10**6), "--run-dir", str(run / "r"), "--no-live"]
+           "--checkpoint-every", str(10**6), "--run-dir", str(run / "r"), "--no-live", "--cpu-threads", str(cpu_threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     if out.returncode:
         raise SystemExit(f"mlx-train run failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     metrics = [json.loads(line) for line in (run / "r" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return medians(mlx_train_windows(metrics))
+    lanes = re.search(r"(\d+) threads? per micro-batch", (run / "r" / "logs" / "rank-0.log").read_text())
+    return {**medians(mlx_train_windows(metrics)), "lanes": int(lanes.group(1)) if lanes else 1}
 
 
 def medians(windows: dict) -> dict:
     return {"tokens_per_s": statistics.median(windows["wall"]), "own_tokens_per_s": statistics.median(windows["own"])}
 
 
-def main(rounds=3, steps=25, report_every=5, ranks=1) -> dict:
+def main(rounds=3, steps=25, report_every=5, ranks=1, cpu_threads=0) -> dict:
     from mlx_train.rank import blas
 
     env = {**os.environ, **blas.rank_env(ranks_on_host=ranks)}
@@ -137,10 +139,10 @@ def main(rounds=3, steps=25, report_every=5, ranks=1) -> dict:
         tokens = tokens_file(work)
         ours, theirs = [], []
         for _ in range(rounds):
-            ours.append(run_mlx_train(tokens, ranks, steps, report_every, work))
+            ours.append(run_mlx_train(tokens, ranks, steps, report_every, work, cpu_threads))
             theirs.append(run_mlxlm(tokens, ranks, steps, report_every, env))
     wall = lambda side: [r["tokens_per_s"] for r in side]  # noqa: E731
-    return {"shape": SHAPE, "ranks": ranks, "mlx_train_tokens_per_s": statistics.median(wall(ours)),
+    return {"shape": SHAPE, "ranks": ranks, "lanes": ours[0]["lanes"], "mlx_train_tokens_per_s": statistics.median(wall(ours)),
             "mlx_lm_tokens_per_s": statistics.median(wall(theirs)),
             "ratio": statistics.median(o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs)),
             "own_clock_ratio": statistics.median(o["own_tokens_per_s"] / t["own_tokens_per_s"]

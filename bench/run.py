@@ -42,6 +42,7 @@ def main() -> None:
         ("step", "step_overhead.py", fast, {"rounds": 15, "steps_per_round": 2}),
         ("step_refblas", "step_overhead.py", ref, {"rounds": 3, "steps_per_round": 1}),
         ("llama", "llama_bench.py", {}, {"ranks": 1, "rounds": 3, "steps": 30}),
+        ("llama1lane", "llama_bench.py", {}, {"ranks": 1, "rounds": 2, "steps": 30, "cpu_threads": 1}),
         ("llama2", "llama_bench.py", {}, {"ranks": 2, "rounds": 2, "steps": 25}),
         ("peak", "matmul_peak.py", fast, None),
         ("sync", "sync_overhead.py", blas.rank_env(ranks_on_host=2), None),
@@ -80,8 +81,15 @@ def table(res: dict) -> str:
          ms(s["trainer_step_s"]), f"**{s['ratio']:.3f}**", ">= 0.97"],
         [f"optimizer step, {s['model']}, 1 process", f"uncompiled bare MLX loop {ms(s['eager_step_s'])}",
          ms(s["trainer_step_s"]), f"**{s['eager_ratio']:.3f}**", "-"],
-        [f"training, {llama}, 1 process", f"mlx-lm's trainer {tok(l1['mlx_lm_tokens_per_s'])}",
-         tok(l1["mlx_train_tokens_per_s"]), f"**{l1['ratio']:.3f}**", ">= 1.0"],
+        *([[f"optimizer step, same model, 1 process, micro-batch split across {s['lanes']} lanes (the default "
+            "--cpu-threads 0; rank/lanes.py)", f"compiled bare MLX loop {ms(s['lanes_bare_step_s'])}",
+            ms(s["lanes_step_s"]), f"**{s['lanes_ratio']:.3f}**", "-"]] if "lanes" in s else []),
+        [f"training, {llama}, 1 process ({l1.get('lanes', 1)} lanes: --cpu-threads 0, the default)",
+         f"mlx-lm's trainer {tok(l1['mlx_lm_tokens_per_s'])}", tok(l1["mlx_train_tokens_per_s"]),
+         f"**{l1['ratio']:.3f}**", ">= 1.0"],
+        *([["training, same llama, 1 process, one thread per micro-batch (--cpu-threads 1)",
+            f"mlx-lm's trainer {tok(o1['mlx_lm_tokens_per_s'])}", tok(o1["mlx_train_tokens_per_s"]),
+            f"**{o1['ratio']:.3f}**", "-"]] if (o1 := res.get("llama1lane")) else []),
         [f"training, same llama, 2 ranks ring/loopback, global batch {l2['shape']['batch']}",
          f"mlx-lm's trainer {tok(l2['mlx_lm_tokens_per_s'])}", tok(l2["mlx_train_tokens_per_s"]),
          f"**{l2['ratio']:.3f}**", ">= 1.0"],
@@ -127,9 +135,13 @@ def table(res: dict) -> str:
         "them, bench/timing.py): each trainer's own figure leaves out different things (mlx-lm's its data "
         "batching and reporting, ours its logging). By each trainer's own clock the ratios were "
         + ", ".join(f"{name} {res[k]['own_clock_ratio']:.3f}" for k, name in
-                    (("llama", "llama 1 process"), ("llama2", "2 ranks"), ("lora", "LoRA"), ("full", "full"))
+                    (("llama", "llama 1 process"), ("llama1lane", "1 process, 1 lane"), ("llama2", "2 ranks"),
+                     ("lora", "LoRA"), ("full", "full"))
                     if "own_clock_ratio" in res.get(k, {}))
-        + ". Utilization: training FLOPs per token (6 x matmul parameters + attention) x tokens/s "
+        + ". mlx-train runs with its default --cpu-threads 0: a rank on a CPU splits each micro-batch across a "
+        "thread (lane) per core it owns (rank/lanes.py), so the 1-process rows use both cores for all of the "
+        "step while mlx-lm's single thread uses them for its matmuls only; 2 ranks on 2 cores have one lane each."
+        " Utilization: training FLOPs per token (6 x matmul parameters + attention) x tokens/s "
         "over the best float32 matmul rate measured in the same run.",
     ])
 

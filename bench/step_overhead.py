@@ -19,6 +19,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mlx_train.config import ModelConfig, OptimConfig
+from mlx_train.rank import blas, lanes
 from mlx_train.rank.model import build_model
 from mlx_train.rank.step import Stepper, make_optimizer
 from timing import interleaved
@@ -62,10 +63,31 @@ def main(width=128, layers=4, seq=128, batch=8, rounds=7, steps_per_round=5) -> 
 
     r = interleaved(compiled, trainer_step, rounds, steps_per_round)
     e = interleaved(eager, trainer_step, max(3, rounds // 2), steps_per_round)
-    return {"model": f"gpt L{layers} D{width} T{seq} B{batch}", "bare_step_s": r["baseline_s"],
-            "trainer_step_s": r["candidate_s"], "ratio": r["ratio"], "tokens_per_s": batch * seq / r["candidate_s"],
-            "eager_step_s": e["baseline_s"], "eager_ratio": e["ratio"],
-            "bare_tokens_per_s": batch * seq / r["baseline_s"]}
+    out = {"model": f"gpt L{layers} D{width} T{seq} B{batch}", "bare_step_s": r["baseline_s"],
+           "trainer_step_s": r["candidate_s"], "ratio": r["ratio"], "tokens_per_s": batch * seq / r["candidate_s"],
+           "eager_step_s": e["baseline_s"], "eager_ratio": e["ratio"],
+           "bare_tokens_per_s": batch * seq / r["baseline_s"]}
+    # The trainer as a rank runs it by default (--cpu-threads 0): the micro-batch split across a lane
+    # per core, BLAS on one core per lane; the bare loop keeps all cores for its matmuls.
+    cores = blas.cores_of_rank()
+    n = lanes.count(0, mx.default_device() == mx.cpu, cores, batch, 0, 1)
+    if n > 1 and blas.set_threads(cores):
+        mx.random.seed(0)
+        model_l, _ = build_model(cfg)
+        laned = Stepper(model_l, loss_fn, make_optimizer(OptimConfig(), 1000), "fp32", 1.0, None, lanes=n)
+
+        def bare_all_cores():
+            blas.set_threads(cores)
+            compiled()
+
+        def lanes_step():
+            blas.set_threads(cores // n)
+            laned.step([(x, y)])
+
+        lr = interleaved(bare_all_cores, lanes_step, rounds, steps_per_round)
+        blas.set_threads(cores)
+        out.update(lanes=n, lanes_bare_step_s=lr["baseline_s"], lanes_step_s=lr["candidate_s"], lanes_ratio=lr["ratio"])
+    return out
 
 
 if __name__ == "__main__":

@@ -129,7 +129,9 @@ def test_every_flag_comes_from_a_field():
                      # experiment tracking (controller/reporting.py)
                      "--report-to",
                      # the model and data copied to the hosts (docs/fleet.md)
-                     "--ship-cache", "--ship-cache-days"}
+                     "--ship-cache", "--ship-cache-days",
+                     # a CPU rank's micro-batch across threads (rank/lanes.py)
+                     "--cpu-threads"}
 
 
 def test_run_options_from_flags():

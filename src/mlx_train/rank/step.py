@@ -67,7 +67,9 @@ class Stepper:
     (in-process, 1 process, a 3.4M-parameter llama: mlx-lm's step / ours 0.997; one graph 0.983),
     and would only pay off with its all-reduce on a communication stream (docs/performance.md). The
     parameters and the optimizer state are the graphs' captured state: they are updated in place,
-    so `load` must be used to replace them.
+    so `load` must be used to replace them. With `lanes` > 1 (a CPU rank, rank/lanes.py) each
+    micro-batch's forward/backward runs as that many shards at once, on threads with their own
+    streams and their own traced copies of the first graph, and their gradients are summed.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: optim.Optimizer, precision: str,

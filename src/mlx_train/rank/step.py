@@ -175,7 +175,7 @@ class Stepper:
             args = [(x[p], y[p], mx.array(share * (p.stop - p.start) / rows, dtype=mx.float32))
                     for p in shards(rows, min(n, rows))]
             mx.eval(args)  # a lane's thread can only run its own stream's work
-            seen = [(i, a[0].shape, a[1].shape, accs[i] is None) for i, a in enumerate(args)]
+            seen = [(i, a[0].shape, a[0].dtype, a[1].shape, a[1].dtype, accs[i] is None) for i, a in enumerate(args)]
             jobs = [functools.partial(self._lane_job, i, seeds[m][i], *a, accs[i]) for i, a in enumerate(args)]
             # A lane that will trace does so alone: the traced Python (the model) is shared.
             results = self.lanes.run(jobs, together=all(k in self._traced for k in seen))

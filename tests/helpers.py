@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, TypeVar
+from typing import Iterator, List, Optional, Tuple, TypeVar
 
 import pytest
 
@@ -67,6 +67,18 @@ def cli(*args: str, timeout: float = 300, check: bool = False, **kw) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"mlx-train {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def straight_and_resumed(tmp_path: Path, args: List[str], stop_after: int) -> Tuple[Path, Path]:
+    """The same training run twice: straight through, and stopped after `stop_after` then resumed.
+    Returns their run directories."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    cli("train", *args, "--run-dir", str(straight), check=True)
+    cli("train", *args, "--run-dir", str(broken), "--stop-after", str(stop_after), check=True)
+    assert events(broken)[-1]["event"] == "stopped" and events(broken)[-1]["step"] == stop_after
+    cli("train", "--resume", str(broken), check=True)
+    assert events(broken, "resume")[-1]["step"] == stop_after
+    return straight, broken
 
 
 def popen(*args: str, **kw) -> subprocess.Popen:

@@ -72,14 +72,10 @@ def test_lanes_keep_bf16_and_gradient_checkpointing(precision, checkpoint):
 
 @pytest.mark.multiproc
 def test_a_rank_with_lanes_resumes_bit_for_bit(tmp_path):
-    from helpers import TINY, cli, metrics
+    from helpers import TINY, metrics, straight_and_resumed
 
-    common = [*TINY, "--cpu-threads", "2", "--steps", "40", "--log-every", "10", "--eval-every", "20",
-              "--checkpoint-every", "10"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    cli("train", *common, "--run-dir", str(straight), check=True)
-    cli("train", *common, "--run-dir", str(broken), "--stop-after", "20", check=True)
-    cli("train", "--resume", str(broken), check=True)
+    straight, broken = straight_and_resumed(tmp_path, [*TINY, "--cpu-threads", "2", "--steps", "40", "--log-every",
+                                                       "10", "--eval-every", "20", "--checkpoint-every", "10"], 20)
     assert "2 threads per micro-batch" in (straight / "logs" / "rank-0.log").read_text()
     assert metrics(straight)[-1]["param_checksum"] == metrics(broken)[-1]["param_checksum"]
 

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import TINY, cli, events, metrics, pid_alive, popen
+from helpers import TINY, cli, events, metrics, pid_alive, popen, straight_and_resumed
 
 pytestmark = pytest.mark.multiproc
 
@@ -109,12 +109,7 @@ def _final_params(run: Path, step: int) -> dict:
 def test_resume_is_bitwise_exact(tmp_path):
     common = [*TINY, "--devices", "2", "--steps", "200", "--log-every", "20", "--eval-every", "100",
               "--checkpoint-every", "50"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    cli("train", *common, "--run-dir", str(straight), check=True)
-    cli("train", *common, "--run-dir", str(broken), "--stop-after", "120", check=True)
-    assert events(broken)[-1]["event"] == "stopped" and events(broken)[-1]["step"] == 120
-    cli("train", "--resume", str(broken), check=True)
-    assert events(broken, "resume")[-1]["step"] == 120
+    straight, broken = straight_and_resumed(tmp_path, common, 120)
     a, b = _final_params(straight, 200), _final_params(broken, 200)
     assert sorted(a) == sorted(b)
     for k in a:

@@ -99,12 +99,24 @@ class Stepper:
         """Overwrite the parameters' values in place (the compiled graphs keep their containers)."""
         _assign(self.params, params)
 
-    def _build(self) -> None:
+    def _grad_graphs(self) -> Tuple[Callable, Callable]:
+        """A micro-batch's forward/backward (`first`), and the same plus adding to the accumulated
+        gradients (`more`). Compiled, with the parameters and MLX's RNG state as captured inputs, so
+        a model with dropout draws fresh masks every replay; each call makes new functions, so a
+        lane's copy is traced apart from the others (rank/lanes.py: a trace belongs to its thread)."""
         first = lambda x, y, scale: self.grad_fn(self.params, x, y, scale)  # noqa: E731
 
         def more(x, y, scale, acc):
             loss, grads = self.grad_fn(self.params, x, y, scale)
             return loss, tree_map(mx.add, acc, grads)
+
+        if not self.compiled:
+            return first, more
+        reads, rng = [self.params, mx.random.state], [mx.random.state]
+        return mx.compile(first, inputs=reads, outputs=rng), mx.compile(more, inputs=reads, outputs=rng)
+
+    def _build(self) -> None:
+        self._first, self._more = self._grad_graphs()
 
         def norm(grads):
             return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)))
@@ -118,18 +130,14 @@ class Stepper:
             _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
 
         if not self.compiled:
-            self._first, self._more, self._norm, self._apply = first, more, norm, apply
+            self._norm, self._apply = norm, apply
             self._sync = make_sync(self.group, self.bucket_bytes, compiled=False)
             return
-        # The RNG state is captured too, so a model with dropout draws fresh masks every replay.
-        reads, rng = [self.params, mx.random.state], [mx.random.state]
         state = [self.params, self.optimizer.state]
         if self.lanes is not None:
-            self._lane_fns = [self._lane_functions() for _ in range(len(self.lanes))]
+            self._lane_fns = [self._grad_graphs() for _ in range(len(self.lanes))]
             self._traced: set = set()
             self._merge = mx.compile(lambda trees: functools.reduce(lambda a, b: tree_map(mx.add, a, b), trees))
-        self._first = mx.compile(first, inputs=reads, outputs=rng)
-        self._more = mx.compile(more, inputs=reads, outputs=rng)
         self._sync = make_sync(self.group, self.bucket_bytes)
         self._norm = mx.compile(norm)
         self._apply = mx.compile(apply, inputs=state, outputs=state)
@@ -145,19 +153,6 @@ class Stepper:
             # Evaluate per micro-batch so accumulation bounds activation memory to one micro-batch.
             mx.eval(grads, loss)
         return grads, loss
-
-    def _lane_functions(self) -> Tuple[Callable, Callable]:
-        """One lane's own traced copies of `first` and `more`: a traced graph belongs to the stream,
-        and so the thread, that traced it. MLX's random state is per thread too; each replay reads
-        and advances the lane's own."""
-        reads, rng = [self.params, mx.random.state], [mx.random.state]
-        first = lambda x, y, scale: self.grad_fn(self.params, x, y, scale)  # noqa: E731
-
-        def more(x, y, scale, acc):
-            loss, grads = self.grad_fn(self.params, x, y, scale)
-            return loss, tree_map(mx.add, acc, grads)
-
-        return mx.compile(first, inputs=reads, outputs=rng), mx.compile(more, inputs=reads, outputs=rng)
 
     def _lane_gradients(self, micro_batches: List[Tuple[Any, Any]], share: float) -> Tuple[Any, mx.array]:
         """As _gradients, each micro-batch split across the lanes (a lane's share of the scale is its
@@ -189,7 +184,7 @@ class Stepper:
 
     def _lane_job(self, i: int, seed: int, x, y, scale, acc) -> Tuple[mx.array, Any]:
         first, more = self._lane_fns[i]
-        mx.random.seed(seed)
+        mx.random.seed(seed)  # MLX's random state is per thread: this lane's, which its graphs capture
         loss, grads = first(x, y, scale) if acc is None else more(x, y, scale, acc)
         mx.eval(loss, grads)
         return loss, grads

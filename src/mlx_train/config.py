@@ -12,6 +12,7 @@ rebuilds the controller's already-checked config with `TrainConfig.trusted`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import shlex
 import shutil
@@ -108,6 +109,33 @@ class DistributedConfig(_Yaml):
         return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
 
 
+class ModelKind(enum.Enum):
+    """What `--model` names; `model_kind` decides it from the name, and every side asks it."""
+
+    GPT = "gpt"                # the built-in byte-level GPT (rank/model.py)
+    FACTORY = "factory"        # package.module:factory, a model of the user's own (rank/model.py)
+    PRETRAINED = "pretrained"  # a model directory or hub id, built by mlx-lm (rank/hf.py)
+
+    @property
+    def knows_shape(self) -> bool:
+        """Can the memory model size it: the GPT from its fields, a pretrained model from its
+        config.json. A factory's shape is the user's own."""
+        return self is not ModelKind.FACTORY
+
+
+def model_kind(name: str) -> ModelKind:
+    """The kind of model `name` names, from the string alone (no model is read or fetched).
+
+    Anything not "gpt" and not `module:factory` is pretrained, even a path that does not exist:
+    rank/hf.py then says what is wrong with it. A name with a colon that exists on disk is that
+    directory, not a factory."""
+    if name == "gpt":
+        return ModelKind.GPT
+    if ":" in name and not Path(name).expanduser().exists():
+        return ModelKind.FACTORY
+    return ModelKind.PRETRAINED
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = knob("gpt", "'gpt' (built in), package.module:factory (docs/model_development.md), or a pretrained "
@@ -125,6 +153,10 @@ class ModelConfig:
               f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         check(isinstance(self.name, str) and self.name.strip() != "",
               "model must be 'gpt', package.module:factory, a model directory or a Hugging Face id")
+
+    @property
+    def kind(self) -> ModelKind:
+        return model_kind(self.name)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
 from mlx_train.fleet import ship
-from mlx_train.config import BACKENDS, RunOptions, TrainConfig, from_dict
+from mlx_train.config import BACKENDS, ModelKind, RunOptions, TrainConfig, from_dict
 from mlx_train.controller import reporting
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import load_corpus
@@ -62,14 +62,14 @@ def check_inputs(cfg: TrainConfig) -> TrainConfig:
     the vocabulary (256 for bytes, max id + 1 for a .npy, the tokenizer's model for a pretrained one)."""
     from mlx_train.rank import hf
 
-    if hf.is_pretrained(cfg.model.name):
+    if cfg.model.kind is ModelKind.PRETRAINED:
         path = hf.check(cfg.model, cfg.fine_tune)
         if Path(cfg.model.name).expanduser().exists():  # a local directory: recorded absolute (resume, export)
             cfg = replace(cfg, model=replace(cfg.model, name=str(path.resolve())))
     elif cfg.fine_tune.mode != "full":
         raise UserError(f"--fine-tune {cfg.fine_tune.mode} needs a pretrained model (--model DIR or a hub id); "
                         f"model {cfg.model.name} trains in full: drop --fine-tune")
-    elif cfg.model.name != "gpt":
+    elif cfg.model.kind is ModelKind.FACTORY:
         from mlx_train.rank.model import load_factory
 
         load_factory(cfg.model.name)
@@ -150,10 +150,8 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
 def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
     """Refuse, before launch, a budget that cannot hold the built-in model even at its smallest step
     (batch 1 per device, checkpointing, bf16), naming the smallest budget that would."""
-    from mlx_train.rank.hf import is_pretrained
-
-    pretrained = is_pretrained(cfg.model.name)  # its shape comes from its config.json (planning/memory.py)
-    if cfg.model.name != "gpt" and not pretrained:
+    kind = cfg.model.kind  # a pretrained model's shape comes from its config.json (planning/memory.py)
+    if not kind.knows_shape:
         return  # a model of your own: the planner does not know its shape
     from mlx_train.planning.memory import step_memory
     from mlx_train.planning.planner import model_shape
@@ -165,7 +163,7 @@ def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
     if least <= budget:
         return
     need = size_at_least(least)
-    smaller = "--fine-tune lora, a quantized model or a shorter --seq-len" if pretrained else \
+    smaller = "--fine-tune lora, a quantized model or a shorter --seq-len" if kind is ModelKind.PRETRAINED else \
         "a smaller model (--layers, --width, --seq-len)"
     if cfg.memory_budget:
         raise UserError(f"--memory-budget {human(budget)} cannot hold this model even at batch 1 with checkpointing "

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from mlx_train.config import TrainConfig
+from mlx_train.config import ModelKind, TrainConfig
 from mlx_train.errors import UserError
 from mlx_train.fleet import ssh
 from mlx_train.fleet.hosts import Host
@@ -160,7 +160,7 @@ def items(cfg: TrainConfig) -> List[Item]:
     from mlx_train.rank import hf
 
     found: List[Tuple[str, str, Path]] = []
-    if hf.is_pretrained(cfg.model.name):
+    if cfg.model.kind is ModelKind.PRETRAINED:
         found.append(("model", cfg.model.name, hf.model_path(cfg.model.name)))
     if cfg.data.path:
         found.append(("data", cfg.data.path, Path(cfg.data.path).expanduser()))

@@ -58,9 +58,9 @@ def _predicted(cfg: TrainConfig) -> int:
     """The planner's peak for `cfg`'s step (the built-in GPT or a pretrained model's config.json), or 0
     for a model whose shape it cannot know, or whose config.json is no longer readable here."""
     from mlx_train.errors import UserError
-    from mlx_train.planning.planner import MemoryOptimizer, knows_shape
+    from mlx_train.planning.planner import MemoryOptimizer
 
-    if not knows_shape(cfg.model):
+    if not cfg.model.kind.knows_shape:
         return 0
     try:
         return MemoryOptimizer.estimate(cfg)

@@ -145,10 +145,10 @@ class Tuner:
 
     def fits(self, t: Trial) -> bool:
         """The planner's verdict; settings it predicts over the budget are listed, never run."""
-        from mlx_train.planning.planner import MemoryOptimizer, knows_shape
+        from mlx_train.planning.planner import MemoryOptimizer
 
         cfg = self.trial_config(t)
-        if not knows_shape(cfg.model) or MemoryOptimizer.estimate(cfg) <= self.budget:
+        if not cfg.model.kind.knows_shape or MemoryOptimizer.estimate(cfg) <= self.budget:
             return True
         t.status = "skipped (predicted over budget)"
         self.trials.append(t)

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mlx_train.config import (PRECISIONS, DistributedConfig, FineTuneConfig, ModelConfig, TrainConfig, check,
-                              positive_int)
+from mlx_train.config import (PRECISIONS, DistributedConfig, FineTuneConfig, ModelConfig, ModelKind, TrainConfig,
+                              check, model_kind, positive_int)
 from mlx_train.planning.memory import (DEFAULT_SEQ_LEN, DEFAULT_VOCAB, MAX_BATCH_PER_DEVICE, OPTIMIZER_STATE_COPIES,
                                        SAFETY_FRACTION, LMShape, MemoryBreakdown, ModelShape, _Record, step_memory)
 from mlx_train.rank.device import device_memory
@@ -59,22 +59,10 @@ class MemoryPlan(_Record):
                                    grad_checkpoint=self.activation_checkpointing)
 
 
-def _pretrained(model) -> bool:
-    from mlx_train.rank.hf import is_pretrained
-
-    return is_pretrained(model.name if isinstance(model, ModelConfig) else model)
-
-
-def knows_shape(model: ModelConfig) -> bool:
-    """Can the memory model size `model`: the built-in GPT, or a pretrained model (its config.json)?
-    A `module:factory` model of the user's own has a shape the planner cannot know."""
-    return model.name == "gpt" or _pretrained(model)
-
-
 def model_shape(model: ModelConfig, fine_tune: Optional[FineTuneConfig] = None):
     """The memory model's shape for `model`: its config.json's for a pretrained model (read from the
     model directory; a hub id is fetched once), else the built-in GPT's."""
-    if not _pretrained(model):
+    if model.kind is not ModelKind.PRETRAINED:
         return ModelShape.from_config(model)
     from mlx_train.rank.hf import model_path
 
@@ -191,7 +179,8 @@ class MemoryOptimizer:
             check(isinstance(model_size, (int, float)) and not isinstance(model_size, bool) and model_size > 0,
                    f"model_size must be a positive parameter count, got {model_size!r}")
         assumptions = []
-        if isinstance(model, (str, ModelConfig)) and _pretrained(model):
+        kind = model.kind if isinstance(model, ModelConfig) else model_kind(model) if isinstance(model, str) else None
+        if kind is ModelKind.PRETRAINED:
             # A model directory or hub id (or a ModelConfig naming one): the shape is its config.json's.
             check(all(v is None for v in (model_size, n_layers, d_model, n_heads, vocab_size)),
                    "a pretrained model gives its own shape: pass only seq_len with it")

@@ -20,6 +20,7 @@ from rich.table import Table
 from mlx_train.config import RunOptions, TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.errors import UserError
+from mlx_train.events import Event
 from mlx_train.fleet import ship
 from mlx_train.planning.optimize import Trial, Tuner
 from mlx_train.rundir import RunDir
@@ -46,7 +47,7 @@ def run_trial(hosts, scratch: Path, console: Console):
         run.prepare(cfg, resume=False)
         code = Supervisor(cfg, run, hosts, max_restarts=0, stall_timeout=120, view=_Quiet(cfg.steps)).supervise()
         ms = [m for m in run.metrics() if m["step"] > 1]  # step 1 pays for start-up
-        oom = any(e["event"] == "oom" for e in run.events())
+        oom = bool(run.events(Event.OOM))
         shutil.rmtree(run.path, ignore_errors=True)  # a trial's checkpoints are worth nothing after it
         if code != 0 or not ms:
             t.status = "over budget" if oom else "failed"

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 from mlx_train.config import ModelKind, TrainConfig
 from mlx_train.errors import UserError
+from mlx_train.events import Event
 from mlx_train.fleet import ssh
 from mlx_train.fleet.hosts import Host
 
@@ -64,7 +65,7 @@ class Shipped:
     seconds: float
     skipped: bool
 
-    event_name = "ship"
+    event_name = Event.SHIP
 
     def event(self) -> dict:
         return {"host": self.host, "what": self.what, "digest": self.digest[:16], "path": self.path,
@@ -78,7 +79,7 @@ class Pruned:
     removed: Tuple[str, ...]  # their digests
     bytes: int
 
-    event_name = "ship_pruned"
+    event_name = Event.SHIP_PRUNED
 
     def event(self) -> dict:
         return {"host": self.host, "removed": [d[:16] for d in self.removed], "bytes": self.bytes}

@@ -2,7 +2,8 @@
 
 `TrainConfig` is the whole resolved configuration written to `config.yaml`; `DistributedConfig`
 is the part the guide shows users (devices, per-device batch, accumulation, backend); `RunOptions`
-says how the controller runs it (restarts, run directory, ...). Every knob is one field: its
+says how the controller runs it (restarts, run directory, ...); `Split` is one way of dividing the
+global batch (devices, micro-batch, accumulation, checkpointing, precision). Every knob is one field: its
 default, help and command-line flag live together (`knob`), and the `train` options are generated
 from them (cli/options.py). The classes are frozen and check their values when built, so a config
 that exists is valid: change one with `dataclasses.replace` (which checks the new one), and a rank
@@ -291,6 +292,51 @@ class TrainConfig(_Yaml):
     def trusted(cls, data: dict) -> "TrainConfig":
         """Rebuild a config that was validated at the edge (a rank's --config-json): no checks run again."""
         return _trusted(cls, data)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one global batch is split: devices x micro-batch x accumulation, and the checkpointing and
+    precision a step runs in. Every change of a run's split (--optimize-memory, an elastic resize,
+    the out-of-memory ladder, `optimize`) is one of these; the global batch is given and checked
+    against the product, so a split that would change the run's data cannot be built."""
+
+    global_batch: int
+    devices: int
+    batch: int             # per device, per micro-batch
+    accumulation: int
+    checkpointing: bool = False
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "global_batch", "devices", "batch", "accumulation")
+        check(isinstance(self.checkpointing, bool), f"checkpointing must be True or False, got {self.checkpointing!r}")
+        check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check(self.devices * self.batch * self.accumulation == self.global_batch,
+              f"{self.devices} devices x {self.batch} per device x {self.accumulation} accumulation is "
+              f"{self.devices * self.batch * self.accumulation}, not the global batch {self.global_batch}")
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig") -> "Split":
+        d = cfg.dist
+        return cls(d.global_batch_size, d.num_devices, d.batch_size_per_device, d.gradient_accumulation,
+                   cfg.grad_checkpoint, cfg.precision)
+
+    def apply(self, cfg: "TrainConfig") -> "TrainConfig":
+        """`cfg` split this way; everything else (backend, ring connections, ...) stays."""
+        dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
+                                   gradient_accumulation=self.accumulation)
+        return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision)
+
+    def event(self) -> dict:
+        """The fields `launch`, `resize` and `reconfigure` record, named as config.yaml names them."""
+        return {"devices": self.devices, "global_batch": self.global_batch, "batch_size_per_device": self.batch,
+                "gradient_accumulation": self.accumulation, "grad_checkpoint": self.checkpointing,
+                "precision": self.precision}
+
+    def __str__(self) -> str:
+        return (f"{self.batch} per device x {self.accumulation} accumulation, "
+                f"checkpointing {'on' if self.checkpointing else 'off'}, {self.precision}")
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,12 @@ conv=fsync` measures). The trainer: `checkpoint.save` of a model's parameters an
 (safetensors, sha256 manifest, fsync, atomic rename). Interleaved rounds; reports the median ratio
 disk_time / checkpoint_time (1.0 = the checkpoint writes at the disk's speed; goal >= 0.7).
 
-The stall: as the trainer saves (rank/trainer.py), a snapshot of the state and a write in a
-background thread (checkpoint.Writer) while a stand-in training loop (matmuls) goes on. `stall_s` is
-how long the loop was held up per save (the snapshot and the hand-over), against `background_write_s`,
-the write itself, done beside the loop (goal: the stall far below the write).
+The stall: a short real run, `mlx-train train --devices 2` with a checkpoint every few steps. Each
+`checkpoint` event in its events.jsonl carries `stall_s` (how long rank 0's training loop was held up:
+every parameter's CRC32, the ranks' all_gather of those checksums, the wait for the previous write
+if it is still going, the snapshot and the hand-over) and `write_s` (the write itself, in the
+background). The last checkpoint is left out: the run waits for its write before it exits, so its
+stall is the write. Reports the medians (goal: the stall far below the write).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,7 +33,7 @@ from mlx_train.rank.model import build_model
 from timing import interleaved
 
 
-def main(layers=8, width=512, rounds=5, where=".") -> dict:
+def main(layers=8, width=512, rounds=5, where=".", run_steps=10, every=2) -> dict:
     mx.random.seed(0)
     model, _ = build_model(ModelConfig(n_layers=layers, d_model=width, n_heads=8, seq_len=256))
     params = dict(tree_flatten(model.trainable_parameters()))
@@ -58,32 +60,37 @@ def main(layers=8, width=512, rounds=5, where=".") -> dict:
 
     try:
         r = interleaved(disk, save, rounds, 1)
-        stalls, writes = background(params, moments, work / "bg", rounds)
+        stall = real_run(layers, width, run_steps, every, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"bytes": nbytes, "disk_s": r["baseline_s"], "checkpoint_s": r["candidate_s"], "ratio": r["ratio"],
             "disk_mib_s": nbytes / r["baseline_s"] / 2**20, "checkpoint_mib_s": nbytes / r["candidate_s"] / 2**20,
-            "stall_s": statistics.median(stalls), "background_write_s": statistics.median(writes)}
+            **stall}
 
 
-def background(params, moments, root: Path, rounds: int):
-    """Per save: (seconds the loop was held up, seconds the background write took)."""
-    a = mx.random.normal((256, 256))
-    writer = checkpoint.Writer()
-    stalls, writes = [], []
-    for step in range(1, rounds + 2):  # the first round warms up
-        t0 = time.perf_counter()
-        snap_p, snap_m = checkpoint.snapshot(params), checkpoint.snapshot(moments)
-        writer.start(lambda: checkpoint.save(root, step, snap_p, snap_m, keep=1))
-        stall = time.perf_counter() - t0
-        while (done := writer.finish(block=False)) is None:  # training goes on beside the write
-            mx.eval(a @ a)
-        if isinstance(done[0], BaseException):
-            raise done[0]
-        if step > 1:
-            stalls.append(stall)
-            writes.append(done[1])
-    return stalls, writes
+def real_run(layers: int, width: int, steps: int, every: int, where: Path) -> dict:
+    """Checkpoint stalls and writes of a real 2-rank `mlx-train train` run (its events.jsonl)."""
+    run = where / "run"
+    argv = [sys.executable, "-m", "mlx_train.cli", "train", "--devices", "2", "--layers", str(layers), "--width",
+            str(width), "--heads", "8", "--seq-len", "64", "--batch-size", "2", "--steps", str(steps),
+            "--checkpoint-every", str(every), "--keep-checkpoints", "1", "--eval-every", "100000",
+            "--log-every", "1", "--run-dir", str(run), "--no-live"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=os.environ)
+    if proc.returncode:
+        raise SystemExit(f"checkpoint run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+    saves = [e for e in events if e["event"] == "checkpoint" and e["step"] < steps]
+    if len(saves) < 2:
+        raise SystemExit(f"checkpoint run: {len(saves)} checkpoint events before the last step")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    newest = max((run / "checkpoints").iterdir())
+    return {"run_stall_s": statistics.median(e["stall_s"] for e in saves),
+            "run_write_s": statistics.median(e["write_s"] for e in saves),
+            "run_stalls_s": [e["stall_s"] for e in saves], "run_writes_s": [e["write_s"] for e in saves],
+            "run_step_s": statistics.median(m["step_time_s"] for m in metrics[1:]),
+            "run_bytes": sum(f.stat().st_size for f in newest.glob("*.safetensors")),
+            "run": f"mlx-train train --devices 2 --layers {layers} --width {width} --seq-len 64 --batch-size 2 "
+                   f"--steps {steps} --checkpoint-every {every}"}
 
 
 if __name__ == "__main__":

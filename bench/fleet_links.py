@@ -11,9 +11,11 @@ And, ring only, bench/overlap.py's three step variants (phased, one fused graph,
 with each bucket's all_sum on a communication stream) with one rank in each host's namespace.
 
 The fleet is machine-global: run it only under the fleet lock, e.g.
-    flock /tmp/fleet.lock timeout 1500 env PYTHONPATH=$PWD/src .venv/bin/python bench/fleet_links.py
+    flock /tmp/mlx-fleet.lock timeout 1500 env PYTHONPATH=$PWD/src .venv/bin/python bench/fleet_links.py
 The rate limits are removed in a finally; the fleet is brought down again unless it was up before.
-Writes build/fleet_links.json and build/fleet_links.md.
+Appends this invocation (its arguments, machine, load and results) to bench/fleet_links.json, which is
+committed, and renders every invocation kept there into bench/fleet_links.md: docs/performance.md
+quotes its figures from those files, never from a run that was not kept.
 """
 
 from __future__ import annotations
@@ -197,6 +199,18 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def render(invocations: list) -> str:
+    """Every kept invocation's tables, newest first, each headed by its arguments, date and load."""
+    parts = ["# bench/fleet_links.py results (rendered from bench/fleet_links.json; newest first)\n"]
+    for res in reversed(invocations):
+        parts.append(f"## {res['date']}: `bench/fleet_links.py {' '.join(res.get('argv', []))}`\n\n"
+                     f"Machine: {res['machine']}; model {res['model']}, {res['devices']} hosts, 1 rank each; "
+                     f"{res['seconds']:.0f} s.\n\n{table(res)}\n")
+        for rate, text in res.get("cli", {}).items():
+            parts.append(f"As printed at {rate}:\n\n" + "\n".join("    " + line for line in text.splitlines()) + "\n")
+    return "\n".join(parts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="unlimited,1gbit,200mbit")
@@ -211,11 +225,12 @@ def main() -> int:
                     help="at each limited rate also run `check-network --link-gbps` and a `train --link-gbps` "
                          "run's `monitor --performance`, as a user would, and keep their output")
     ap.add_argument("--overlap-rounds", type=int, default=5, help="0: skip bench/overlap.py")
-    ap.add_argument("--out", default=str(REPO / "build" / "fleet_links"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "fleet_links"),
+                    help="OUT.json collects every invocation (appended), OUT.md renders them all")
     a = ap.parse_args()
     if os.environ.get("MLX_TRAIN_FLEET_LOCKED") != "1" and subprocess.run(
-            ["flock", "-n", "/tmp/fleet.lock", "true"]).returncode == 0:
-        raise SystemExit("run under the fleet lock: flock /tmp/fleet.lock timeout 1500 ... (see the docstring)")
+            ["flock", "-n", "/tmp/mlx-fleet.lock", "true"]).returncode == 0:
+        raise SystemExit("run under the fleet lock: flock /tmp/mlx-fleet.lock timeout 1500 ... (see the docstring)")
     rates, backends = a.rates.split(","), a.backends.split(",")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +239,7 @@ def main() -> int:
     log(f"fleet up (was up: {was_up})")
     fl = fleet_tools.up(3)
     work = Path(tempfile.mkdtemp(prefix="mlx-train-fleet-links-", dir="/tmp"))
-    res = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load "
+    res = {"argv": sys.argv[1:], "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, load "
                       f"{os.getloadavg()[0]:.1f}", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "model": a.model, "devices": a.devices, "runs": [], "overlap": {},
            "note": "compute, sync, step: means over steps 3..N of the trainer's metrics; (fastest): the least sync"}
@@ -282,10 +297,11 @@ def main() -> int:
             fleet_tools.down()
         shutil.rmtree(work, ignore_errors=True)
         res["seconds"] = time.monotonic() - t0
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = f"Machine: {res['machine']}; {res['date']}; model {res['model']}, {a.devices} hosts, 1 rank each.\n\n{table(res)}\n"
-    out.with_suffix(".md").write_text(md)
-    print(md)
+        kept = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+        kept.setdefault("invocations", []).append(res)
+        out.with_suffix(".json").write_text(json.dumps(kept, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(kept["invocations"]))
+    print(render([res]))
     log(f"done in {res['seconds']:.0f} s")
     return 0
 

@@ -66,7 +66,9 @@ def main(width=128, layers=4, seq=128, batch=8, rounds=7, steps_per_round=5) -> 
     out = {"model": f"gpt L{layers} D{width} T{seq} B{batch}", "bare_step_s": r["baseline_s"],
            "trainer_step_s": r["candidate_s"], "ratio": r["ratio"], "tokens_per_s": batch * seq / r["candidate_s"],
            "eager_step_s": e["baseline_s"], "eager_ratio": e["ratio"],
-           "bare_tokens_per_s": batch * seq / r["baseline_s"]}
+           "bare_tokens_per_s": batch * seq / r["baseline_s"],
+           # what this process ran with, so that run.py can check the BLAS row's two sides differ in the BLAS only
+           "blas_in_use": blas.in_use(), "allocator": blas.allocator_in_use()}
     # The trainer as a rank runs it by default (--cpu-threads 0): the micro-batch split across a lane
     # per core, BLAS on one core per lane; the bare loop keeps all cores for its matmuls.
     cores = blas.cores_of_rank()

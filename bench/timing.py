@@ -27,6 +27,27 @@ def interleaved(baseline: Callable[[], None], candidate: Callable[[], None], rou
             "ratio": statistics.median(ratios)}
 
 
+
+def fastest_baseline(baselines: Dict[str, Callable[[], None]], candidate: Callable[[], None], rounds: int,
+                     reps: int) -> Dict[str, object]:
+    """`interleaved` against the fastest of several baselines (ways to do the same work): all are
+    timed in every round, in an order that rotates so none always follows the same one; the
+    baseline with the least median time is the floor, and the ratio is the median per-round
+    floor_time / candidate_time. Also returns every baseline's median, by name."""
+    fns = {**baselines, None: candidate}
+    names = list(fns)
+    for name in names:
+        timed(fns[name], reps)  # warm up: allocator, kernels, connections
+    times: Dict[object, list] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(fns[name], reps))
+    medians = {name: statistics.median(times[name]) for name in baselines}
+    best = min(medians, key=medians.get)
+    return {"baseline": best, "baseline_s": medians[best], "candidate_s": statistics.median(times[None]),
+            "ratio": statistics.median(b / c for b, c in zip(times[best], times[None])), "baselines_s": medians}
+
+
 # -- trainers' logging windows ----------------------------------------------------------------------
 # Each trainer's own tokens/s leaves something out: mlx-lm's the time it spends batching data and
 # reporting, ours the time logging. The side-by-side benches compare wall-clock windows instead:

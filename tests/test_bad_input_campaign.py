@@ -691,7 +691,8 @@ def test_inventories(world):
 @given(doc=cluster_docs())
 def _cluster_files(world, doc):
     from mlx_train.config import RunOptions, TrainConfig
-    from mlx_train.controller.run import budget_for, hosts_for
+    from mlx_train.controller.run import hosts_for
+    from mlx_train.rank.device import rank_budget_for
 
     TRIED["cluster files"] += 1
     path = world.written("cluster", doc, ".yaml")
@@ -699,7 +700,7 @@ def _cluster_files(world, doc):
     if result is not None:
         hosts, _ = result
         record("cluster files", _hosts_ok(hosts), doc)
-        edge("cluster files", budget_for, hosts)
+        edge("cluster files", rank_budget_for, TrainConfig(), hosts)
     elif refusal is not None and world.n % 4 == 0:
         expect_refused("cluster files", ["train", "--cluster", str(path), "--data", str(world.small), "--run-dir",
                                          str(world.fresh("run"))], world)

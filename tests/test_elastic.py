@@ -1,9 +1,12 @@
 """Elastic membership without a fleet: who is excluded, when an excluded host is probed again
-(a hand clock, a scripted probe), and that a re-split keeps the global batch."""
+(a hand clock, a scripted probe), and that a re-split keeps the global batch and plans the model
+as it trains (a LoRA run as LoRA)."""
 
 from dataclasses import replace
 
-from mlx_train.config import TrainConfig
+import pytest
+
+from mlx_train.config import DistributedConfig, FineTuneConfig, ModelConfig, TrainConfig
 from mlx_train.controller import elastic
 from mlx_train.fleet.hosts import Host
 
@@ -65,3 +68,27 @@ def test_resplit_keeps_the_global_batch():
     new = elastic.resplit(cfg, _hosts()[:2])
     assert new.dist.num_devices == 2 and new.dist.global_batch_size == 12
     assert new.precision == cfg.precision and new.grad_checkpoint == cfg.grad_checkpoint
+
+
+@pytest.mark.parametrize("mode", ["lora", "dora"])
+def test_resplit_plans_an_adapter_run_as_its_adapters_train(tiny_model, mode):
+    """After a host leaves, a LoRA/DoRA run is re-planned with its frozen base and few trainable weights:
+    a budget that holds the adapters' step at 16 per device (but not a full fine-tune's) keeps 16."""
+    from mlx_train.planning.memory import RUNTIME_OVERHEAD
+    from mlx_train.planning.planner import SPLIT_SAFETY, MemoryOptimizer, split_for
+
+    def cfg(fine_tune, devices, batch, budget=None):
+        return TrainConfig(model=ModelConfig(name=str(tiny_model), seq_len=64), fine_tune=FineTuneConfig(fine_tune),
+                           dist=DistributedConfig(devices, batch, 1), memory_budget=budget)
+
+    def need(c):  # the budget at which split_for's plan for `c` just fits
+        return int(MemoryOptimizer.breakdown(c).total / SPLIT_SAFETY) - RUNTIME_OVERHEAD + 1
+
+    budget = need(cfg(mode, 2, 16))
+    assert need(cfg("full", 2, 16)) > budget, "the test needs a budget that only the adapters' step fits"
+    run = cfg(mode, 4, 8, budget)  # global batch 32 over 4 devices, then 2
+    plan = split_for(run, _hosts()[:2], keep_mode=True)
+    assert plan.model.fine_tune == mode and plan.fits
+    new = elastic.resplit(run, _hosts()[:2])
+    assert (new.dist.num_devices, new.dist.batch_size_per_device, new.dist.gradient_accumulation) == (2, 16, 1)
+    assert new.fine_tune.mode == mode and new.dist.global_batch_size == 32

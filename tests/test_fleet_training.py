@@ -45,8 +45,9 @@ def test_distributed_defaults_to_the_provisioned_backend(fleet, cluster, corpus,
 
 
 def test_configure_records_each_hosts_facts(fleet, cluster):
-    from mlx_train.controller.run import budget_for
+    from mlx_train.config import TrainConfig
     from mlx_train.fleet.hosts import load_cluster
+    from mlx_train.rank.device import rank_budget_for
 
     data = yaml.safe_load(cluster.read_text())
     hosts = data["hosts"]
@@ -58,4 +59,4 @@ def test_configure_records_each_hosts_facts(fleet, cluster):
     parsed = load_cluster(str(cluster))
     assert parsed.backend == "ring" and [(h.name, h.iface) for h in parsed.hosts] == [(n, "eth0") for n in FLEET_HOSTS]
     # The memory planner's device memory for remote hosts comes from these facts.
-    assert budget_for(parsed.hosts) == int(min(h["memory"] for h in hosts) * 0.9)
+    assert rank_budget_for(TrainConfig(), parsed.hosts) == int(min(h["memory"] for h in hosts) * 0.9)

@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "src" / "mlx_train"
-CONTRACTS = {"config", "errors", "procs", "protocol", "rundir", "units"}
+CONTRACTS = {"config", "errors", "events", "procs", "protocol", "rundir", "units"}
 # What each side may import from the package (besides itself).
 ALLOWED = {
     "contracts": {"contracts"},

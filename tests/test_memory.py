@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_train.config import DistributedConfig, ModelConfig, TrainConfig
+from mlx_train.config import DistributedConfig, ModelConfig, Split, TrainConfig
 from mlx_train.planning.memory import RUNTIME_OVERHEAD, ModelShape, step_memory
 from mlx_train.planning.planner import MemoryOptimizer
 from mlx_train.rank.device import device_memory
@@ -64,6 +64,7 @@ def test_plan_converts_to_distributed_and_train_config():
     assert dist.global_batch_size == 32
     cfg = plan.apply_to(TrainConfig(model=ModelConfig(**SMALL)))
     assert cfg.dist.global_batch_size == 32 and cfg.precision == plan.precision
+    assert Split.of(cfg) == plan.split and plan.split.global_batch == 32
     assert MemoryOptimizer.estimate(cfg) == plan.breakdown.peak
 
 

@@ -186,16 +186,6 @@ def test_lora_on_the_builtin_gpt(tmp_path):
     assert "needs a pretrained model" in _refused(tmp_path, "--fine-tune", "lora")
 
 
-@pytest.mark.parametrize("name, pretrained", [
-    ("gpt", False), ("mypkg.models:build", False), ("mlx-community/Qwen2.5-0.5B-Instruct-4bit", True),
-    ("./models/x", True), ("models/x", True),
-])
-def test_what_model_names_mean(name, pretrained):
-    from mlx_train.rank.hf import is_pretrained
-
-    assert is_pretrained(name) is pretrained
-
-
 def test_a_missing_directory_is_not_fetched(tmp_path):
     from mlx_train.errors import UserError
     from mlx_train.rank.hf import model_path

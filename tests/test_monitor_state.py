@@ -6,7 +6,8 @@ import pytest
 
 from mlx_train.config import TrainConfig
 from mlx_train.controller.monitor import take_snapshot
-from mlx_train.rundir import ENDED, RunDir
+from mlx_train.events import ENDINGS
+from mlx_train.rundir import RunDir
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def test_a_run_without_records_is_running(run):
     assert (snap.state, snap.total, snap.last, snap.restarts, snap.eta_s) == ("running", 100, None, 0, None)
 
 
-@pytest.mark.parametrize("event, state", sorted(ENDED.items()))
+@pytest.mark.parametrize("event, state", sorted(ENDINGS.items()))
 def test_each_ending_event_sets_the_state(run, event, state):
     write(run, [{"event": "launch", "time": 1.0}, {"event": event, "time": 20.0}], [metric(10, 10.0)])
     assert take_snapshot(run).state == state

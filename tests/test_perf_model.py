@@ -53,8 +53,9 @@ class World:
         self.order = []
 
     def __call__(self, t, cfg):
-        self.order.append((t.batch, t.checkpointing, t.precision))
-        compute = (0.4 + 0.05 * t.accumulation) * (1.5 if t.checkpointing else 1.0) * (0.8 if t.precision == "bf16" else 1.0)
+        s = t.split
+        self.order.append((s.batch, s.checkpointing, s.precision))
+        compute = (0.4 + 0.05 * s.accumulation) * (1.5 if s.checkpointing else 1.0) * (0.8 if s.precision == "bf16" else 1.0)
         t.compute_s, t.comm_s = compute, 0.02
         t.tokens_per_s, t.peak, t.status = 8192 / (compute + 0.02), 1, "ok"
 
@@ -70,9 +71,9 @@ def test_optimize_tries_settings_in_the_models_order_and_skips_predicted_losers(
     # the per-micro-batch cost is known and batches 2 and 1 are predicted slower; checkpointing is
     # predicted 4/3 slower and never run.
     assert world.order == [(8, False, "fp32"), (8, False, "bf16"), (4, False, "bf16")]
-    assert (best.batch, best.precision, best.checkpointing) == (8, "bf16", False)
+    assert (best.split.batch, best.split.precision, best.split.checkpointing) == (8, "bf16", False)
     skipped = [t for t in tuner.trials if t.status == PREDICTED_SLOWER]
-    assert {(t.batch, t.checkpointing, t.precision) for t in skipped} == \
+    assert {(t.split.batch, t.split.checkpointing, t.split.precision) for t in skipped} == \
         {(4, False, "fp32"), (2, False, "fp32"), (1, False, "fp32"), (2, False, "bf16"), (1, False, "bf16"),
          (8, True, "fp32"), (4, True, "fp32"), (2, True, "fp32"), (1, True, "fp32")}
     assert all(t.predicted < best.tokens_per_s * 0.97 for t in skipped)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from helpers import cli, events, metrics
-from mlx_train.config import DistributedConfig, FineTuneConfig, ModelConfig, TrainConfig
+from mlx_train.config import DistributedConfig, FineTuneConfig, ModelConfig, Split, TrainConfig
 from mlx_train.planning.memory import RUNTIME_OVERHEAD
 from mlx_train.planning.oom import CrashFacts, OomPolicy
 from mlx_train.planning.optimize import Trial, Tuner
@@ -80,8 +80,8 @@ def test_the_tuner_skips_pretrained_settings_predicted_over_budget(tiny_model):
     base = _cfg(tiny_model, "lora", batch=4, accumulation=8)
     budget = MemoryOptimizer.estimate(_cfg(tiny_model, "lora", batch=8, accumulation=4)) - 1
     tuner = Tuner(base, budget, 3, False, measure=None)
-    assert tuner.fits(Trial(4, 8, False, "fp32"))
-    assert not tuner.fits(Trial(32, 1, False, "fp32"))
+    assert tuner.fits(Trial(Split(64, 2, 4, 8)))
+    assert not tuner.fits(Trial(Split(64, 2, 32, 1)))
     assert tuner.trials[-1].status == "skipped (predicted over budget)"
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import fleet as fleet_tools  # noqa: E402
+from mlx_train.events import Event  # noqa: E402  (the package whose mlx-train writes the runs)
 # Finer polling than the tests': the matrix's timings come from these waits.
 wait_for = functools.partial(fleet_tools.wait_for, every=0.05)
 
@@ -41,8 +42,8 @@ TINY = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "64", "--
 STEPS = 80
 JOB = [*TINY, "--steps", str(STEPS), "--checkpoint-every", "10", "--log-every", "1", "--eval-every", "1000",
        "--min-devices", "2", "--max-restarts", "6", "--no-live"]
-REACTIONS = {"stall", "rank_exit", "diverged", "bad_step", "checkpoint_failed", "checkpoint_damaged", "exclude",
-             "restart", "rollback"}
+REACTIONS = {Event.STALL, Event.RANK_EXIT, Event.DIVERGED, Event.BAD_STEP, Event.CHECKPOINT_FAILED,
+             Event.CHECKPOINT_DAMAGED, Event.EXCLUDE, Event.RESTART, Event.ROLLBACK}
 INJECT_AFTER_STEP = 15
 
 
@@ -68,14 +69,14 @@ class Ctx:
     proc: Optional[subprocess.Popen] = None
     notes: List[str] = field(default_factory=list)
 
-    def events(self, name: Optional[str] = None) -> List[dict]:
-        return [e for e in jsonl(self.run / "events.jsonl") if name is None or e.get("event") == name]
+    def events(self, kind: Optional[Event] = None) -> List[dict]:
+        return [e for e in jsonl(self.run / "events.jsonl") if kind is None or e.get("event") == kind]
 
     def metrics(self) -> List[dict]:
         return jsonl(self.run / "metrics.jsonl")
 
     def rank(self, r: int) -> dict:
-        return [x for x in self.events("launch")[-1]["ranks"] if x["rank"] == r][0]
+        return [x for x in self.events(Event.LAUNCH)[-1]["ranks"] if x["rank"] == r][0]
 
     def start(self, *extra: str) -> None:
         argv = [MLX_TRAIN, "train", "--cluster", str(self.cluster), "--data", str(self.corpus), *JOB, *extra]
@@ -118,7 +119,7 @@ def _loss(host: str, per_mille: int, seconds: Optional[float]):
 
 
 def _kill_controller(ctx: Ctx) -> None:
-    pids = [(r["host"], r["pid"]) for r in ctx.events("launch")[-1]["ranks"]]
+    pids = [(r["host"], r["pid"]) for r in ctx.events(Event.LAUNCH)[-1]["ranks"]]
     ctx.proc.send_signal(signal.SIGKILL)
     ctx.proc.communicate(timeout=30)
     t0 = time.time()
@@ -152,7 +153,7 @@ def _fill_h1(ctx: Ctx) -> None:
     d = _ckpt_dir(ctx)
     avail = int(ctx.fleet.run_in("h1", ["df", "-B1", "--output=avail", str(d)], check=True).stdout.split()[-1])
     ctx.fleet.run_in("h1", ["fallocate", "-l", str(max(4096, avail - 300 * 1024)), str(d / "filler")], check=True)
-    wait_for(lambda: len(ctx.events("checkpoint_failed")) >= 2, 120, "two failed checkpoints")
+    wait_for(lambda: len(ctx.events(Event.CHECKPOINT_FAILED)) >= 2, 120, "two failed checkpoints")
     ctx.fleet.run_in("h1", ["rm", "-f", str(d / "filler")], check=True)
 
 
@@ -166,7 +167,7 @@ def _unmount_h1(ctx: Ctx) -> None:
 
 def _corrupt_newest(ctx: Ctx) -> None:
     # Past two checkpoints, so that there is an intact one behind the corrupted newest.
-    wait_for(lambda: len(ctx.events("checkpoint")) >= 2, 120, "a second checkpoint")
+    wait_for(lambda: len(ctx.events(Event.CHECKPOINT)) >= 2, 120, "a second checkpoint")
     _signal_rank("KILL")(ctx)  # the group stops: no newer checkpoint can be completed
     time.sleep(1.0)
     newest = sorted(p for p in _ckpt_dir(ctx).iterdir() if p.name.startswith("step-"))[-1]
@@ -237,7 +238,7 @@ def measure(ctx: Ctx, t_inject: float, base: Optional[dict]) -> Row:
     evs = ctx.events()
     after = [e for e in evs if e["time"] >= t_inject]
     # A rank's exit 0 is the run ending well, no reaction to the fault.
-    reaction = next((e for e in after if e["event"] in REACTIONS and not (e["event"] == "rank_exit"
+    reaction = next((e for e in after if e["event"] in REACTIONS and not (e["event"] == Event.RANK_EXIT
                                                                           and e.get("code") == 0)), None)
     detection = None
     if getattr(ctx, "run_gone", None):
@@ -245,7 +246,7 @@ def measure(ctx: Ctx, t_inject: float, base: Optional[dict]) -> Row:
     elif reaction is not None:
         detection = reaction["time"] - t_inject
     ms = ctx.metrics()
-    resume = next((e for e in after if e["event"] == "resume"), None)
+    resume = next((e for e in after if e["event"] == Event.RESUME), None)
     since = resume["time"] if resume else t_inject
     nxt = next((m for m in ms if m.get("time", 0) > since), None)
     next_step = nxt["time"] - t_inject if nxt else None
@@ -257,7 +258,7 @@ def measure(ctx: Ctx, t_inject: float, base: Optional[dict]) -> Row:
     outcome = evs[-1]["event"] if evs else "?"
     kinds = []
     for e in after:
-        if e["event"] not in ("checkpoint", "rank_exit", "launch") and e["event"] not in kinds:
+        if e["event"] not in (Event.CHECKPOINT, Event.RANK_EXIT, Event.LAUNCH) and e["event"] not in kinds:
             kinds.append(e["event"])
     return Row(None, outcome, detection, next_step, lost, params, kinds, ctx.notes)
 
@@ -277,7 +278,7 @@ def run_one(fleet, cluster: Path, corpus: Path, root: Path, fault: Optional[Faul
             if ctx.proc.returncode:
                 raise RuntimeError(f"the baseline run failed:\n{out[-3000:]}")
             return Row(None, ctx.events()[-1]["event"], None, None, 0, "-", [], [])
-        wait_for(lambda: any(m["step"] >= INJECT_AFTER_STEP for m in ctx.metrics()) and ctx.events("checkpoint"),
+        wait_for(lambda: any(m["step"] >= INJECT_AFTER_STEP for m in ctx.metrics()) and ctx.events(Event.CHECKPOINT),
                  180, "step 15")
         if fault.hook:  # the rank injects at step 25: the injection is when step 25 was reported
             m = wait_for(lambda: [m for m in ctx.metrics() if m["step"] == 25], 120, "step 25")
@@ -372,14 +373,14 @@ def soak(fleet, cluster, corpus, root: Path, n: int, seed: int) -> str:
         for h in ("h1", "h2", "h3"):
             fleet_tools.clear_faults(h)
     # Afterwards, per fault: the first step after the last relaunch it caused (or after it, if none).
-    lines, ms, resumes = [], ctx.metrics(), [e["time"] for e in ctx.events("resume")]
+    lines, ms, resumes = [], ctx.metrics(), [e["time"] for e in ctx.events(Event.RESUME)]
     for i, (name, t) in enumerate(done):
         end = done[i + 1][1] if i + 1 < len(done) else float("inf")
         since = max([r for r in resumes if t <= r < end] or [t])
         nxt = [m["time"] for m in ms if since < m.get("time", 0) < end]
         lines.append(f"{i + 1:2d}. {name}: " + (f"training again after {min(nxt) - t:.1f} s" if nxt else "NOT recovered"))
     survived = sum("NOT" not in line for line in lines)
-    restarts = len(ctx.events("restart"))
+    restarts = len(ctx.events(Event.RESTART))
     return (f"Soak: {survived}/{n} faults survived in one run ({time.time() - t0:.0f} s, {restarts} restarts, "
             f"last step {max(m['step'] for m in ctx.metrics())}):\n\n" + "\n".join(lines) + "\n")
 
@@ -447,7 +448,7 @@ def main(argv=None) -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
         print("\n" + text)
-        return 0 if "| finish |" in text and "error" not in text else 1
+        return 0 if f"| {Event.FINISH} |" in text and "error" not in text else 1
     fleet, cluster, corpus = setup(root)
     if args.soak:
         text = soak(fleet, cluster, corpus, root, args.soak, args.seed)
@@ -471,7 +472,7 @@ def main(argv=None) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print("\n" + text)
-    return 0 if all(r.outcome == "finish" for r in rows) else 1
+    return 0 if all(r.outcome == Event.FINISH for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 `TrainConfig` is the whole resolved configuration written to `config.yaml`; `DistributedConfig`
 is the part the guide shows users (devices, per-device batch, accumulation, backend); `RunOptions`
-says how the controller runs it (restarts, run directory, ...). Every knob is one field: its
+says how the controller runs it (restarts, run directory, ...); `Split` is one way of dividing the
+global batch (devices, micro-batch, accumulation, checkpointing, precision). Every knob is one field: its
 default, help and command-line flag live together (`knob`), and the `train` options are generated
 from them (cli/options.py). The classes are frozen and check their values when built, so a config
 that exists is valid: change one with `dataclasses.replace` (which checks the new one), and a rank
@@ -12,6 +13,7 @@ rebuilds the controller's already-checked config with `TrainConfig.trusted`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import shlex
 import shutil
@@ -108,6 +110,33 @@ class DistributedConfig(_Yaml):
         return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
 
 
+class ModelKind(enum.Enum):
+    """What `--model` names; `model_kind` decides it from the name, and every side asks it."""
+
+    GPT = "gpt"                # the built-in byte-level GPT (rank/model.py)
+    FACTORY = "factory"        # package.module:factory, a model of the user's own (rank/model.py)
+    PRETRAINED = "pretrained"  # a model directory or hub id, built by mlx-lm (rank/hf.py)
+
+    @property
+    def knows_shape(self) -> bool:
+        """Can the memory model size it: the GPT from its fields, a pretrained model from its
+        config.json. A factory's shape is the user's own."""
+        return self is not ModelKind.FACTORY
+
+
+def model_kind(name: str) -> ModelKind:
+    """The kind of model `name` names, from the string alone (no model is read or fetched).
+
+    Anything not "gpt" and not `module:factory` is pretrained, even a path that does not exist:
+    rank/hf.py then says what is wrong with it. A name with a colon that exists on disk is that
+    directory, not a factory."""
+    if name == "gpt":
+        return ModelKind.GPT
+    if ":" in name and not Path(name).expanduser().exists():
+        return ModelKind.FACTORY
+    return ModelKind.PRETRAINED
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = knob("gpt", "'gpt' (built in), package.module:factory (docs/model_development.md), or a pretrained "
@@ -125,6 +154,10 @@ class ModelConfig:
               f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         check(isinstance(self.name, str) and self.name.strip() != "",
               "model must be 'gpt', package.module:factory, a model directory or a Hugging Face id")
+
+    @property
+    def kind(self) -> ModelKind:
+        return model_kind(self.name)
 
 
 @dataclass(frozen=True)
@@ -259,6 +292,51 @@ class TrainConfig(_Yaml):
     def trusted(cls, data: dict) -> "TrainConfig":
         """Rebuild a config that was validated at the edge (a rank's --config-json): no checks run again."""
         return _trusted(cls, data)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one global batch is split: devices x micro-batch x accumulation, and the checkpointing and
+    precision a step runs in. Every change of a run's split (--optimize-memory, an elastic resize,
+    the out-of-memory ladder, `optimize`) is one of these; the global batch is given and checked
+    against the product, so a split that would change the run's data cannot be built."""
+
+    global_batch: int
+    devices: int
+    batch: int             # per device, per micro-batch
+    accumulation: int
+    checkpointing: bool = False
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "global_batch", "devices", "batch", "accumulation")
+        check(isinstance(self.checkpointing, bool), f"checkpointing must be True or False, got {self.checkpointing!r}")
+        check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check(self.devices * self.batch * self.accumulation == self.global_batch,
+              f"{self.devices} devices x {self.batch} per device x {self.accumulation} accumulation is "
+              f"{self.devices * self.batch * self.accumulation}, not the global batch {self.global_batch}")
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig") -> "Split":
+        d = cfg.dist
+        return cls(d.global_batch_size, d.num_devices, d.batch_size_per_device, d.gradient_accumulation,
+                   cfg.grad_checkpoint, cfg.precision)
+
+    def apply(self, cfg: "TrainConfig") -> "TrainConfig":
+        """`cfg` split this way; everything else (backend, ring connections, ...) stays."""
+        dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
+                                   gradient_accumulation=self.accumulation)
+        return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision)
+
+    def event(self) -> dict:
+        """The fields `launch`, `resize` and `reconfigure` record, named as config.yaml names them."""
+        return {"devices": self.devices, "global_batch": self.global_batch, "batch_size_per_device": self.batch,
+                "gradient_accumulation": self.accumulation, "grad_checkpoint": self.checkpointing,
+                "precision": self.precision}
+
+    def __str__(self) -> str:
+        return (f"{self.batch} per device x {self.accumulation} accumulation, "
+                f"checkpointing {'on' if self.checkpointing else 'off'}, {self.precision}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Type, Union
 
+from mlx_train.events import RANK_WARNINGS
+
 PREFIX = "@mlx-train "
 
 # Exit codes a rank uses to tell the supervisor why it stopped.
@@ -41,6 +43,11 @@ class Message:
     def fields(self) -> dict:
         """The message's fields without the unset optional ones (what goes into event records)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def invalid(cls, body: dict) -> Optional[str]:
+        """Why a body whose fields have the right types is still no valid message of this kind, or None."""
+        return None
 
 
 KINDS: Dict[str, Type[Message]] = {}
@@ -104,21 +111,23 @@ class Phase(Message):
 @_kind("metrics")
 @dataclass(frozen=True)
 class Metrics(Message):
-    """One logged step (rank 0, for the whole group): a line of metrics.jsonl."""
-    step: int
-    loss: float
-    lr: float
-    tokens_per_s: float
-    step_time_s: float
-    comm_time_s: float
-    compute_time_s: float
-    grad_norm: float
-    devices: int
-    grad_bytes: int
-    global_batch: int
-    peak_memory: list
-    param_checksum: list
-    val_loss: Optional[float] = None
+    """One logged step (rank 0, for the whole group). This is the description of a metrics.jsonl
+    line: the supervisor writes these fields and adds `time` (unix seconds) and `attempt` (the
+    launch it came from); rundir.py, monitor and the README point here."""
+    step: int                     # optimizer steps done
+    loss: float                   # the last step's training loss, averaged over the ranks
+    lr: float                     # learning rate used by the step
+    tokens_per_s: float           # the group's real target tokens per second, over the steps since the last report
+    step_time_s: float            # rank 0's mean wall time of those steps
+    comm_time_s: float            # of which in the gradient all_sum (mean)
+    compute_time_s: float         # of which in the forward and backward pass (mean)
+    grad_norm: float              # the last step's gradient norm (before clipping)
+    devices: int                  # ranks in the group
+    grad_bytes: int               # bytes of gradients each rank reduces per step (its trainable parameters)
+    global_batch: int             # sequences per optimizer step, over every rank and micro-batch
+    peak_memory: list             # each rank's peak memory in bytes, by rank
+    param_checksum: list          # each rank's parameter checksum, by rank (equal when the ranks agree)
+    val_loss: Optional[float] = None  # validation loss, at an evaluation
     sample: Optional[str] = None  # the embedded GPT's text after a fixed prompt, at an evaluation (rank/sample.py)
 
 
@@ -152,9 +161,22 @@ class Checksum(Message):
 @_kind("warning")
 @dataclass(frozen=True)
 class RankWarning(Message):
-    """Something the user should know that does not stop the rank (e.g. checkpoint_damaged)."""
+    """Something the user should know that does not stop the rank; the supervisor records it as
+    the event it names: one of events.RANK_WARNINGS, so no rank can write, say, the end of the run."""
     event: str
     details: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        why = self.invalid({"event": self.event})
+        if why:
+            raise ValueError(why)
+
+    @classmethod
+    def invalid(cls, body: dict) -> Optional[str]:
+        if body["event"] not in RANK_WARNINGS:
+            return f"{cls.kind}: event {body['event']!r} is not one a rank warns of " \
+                   f"({', '.join(sorted(RANK_WARNINGS))})"
+        return None
 
 
 @_kind("bad_step")
@@ -241,7 +263,7 @@ def parse(line: str) -> Union[Message, Malformed, None]:
     cls = KINDS.get(body["kind"])
     if cls is None:
         return Malformed(text, f"unknown kind {body['kind']!r}")
-    why = _check(cls, body)
+    why = _check(cls, body) or cls.invalid(body)
     if why:
         return Malformed(text, why)
     return cls(**{f.name: body[f.name] for f in dataclasses.fields(cls) if f.name in body})

@@ -1,8 +1,8 @@
 """The run directory: a contract that the supervisor writes and monitor, status and tests read.
 
     config.yaml      resolved TrainConfig
-    metrics.jsonl    one object per logged step
-    events.jsonl     supervisor events (launch, rank_exit, restart, resume, finish, failed, ...)
+    metrics.jsonl    one object per logged step: protocol.Metrics's fields, the time and the attempt
+    events.jsonl     one object per event: its name (events.Event), the time and its fields
     checkpoints/     see checkpoint.py
     logs/rank-N.log  each rank's output
     .lock            held by the supervisor that owns the run (its pid and start time inside)
@@ -25,10 +25,9 @@ from typing import Iterator, List, Optional
 from mlx_train import procs
 from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
+from mlx_train.events import ENDINGS, Event, event as as_event
 
 RUNS_ROOT = Path("runs")
-# The events that end a run, and the state each leaves it in (monitor, status).
-ENDED = {"finish": "finished", "failed": "failed", "interrupted": "interrupted", "stopped": "stopped"}
 
 
 def new_run_id() -> str:
@@ -102,16 +101,19 @@ class RunDir:
             print(f"warning: cannot record in {path} ({exc.strerror}): {json.dumps(record)[:300]}", file=sys.stderr,
                   flush=True)
 
-    def event(self, event: str, **fields) -> dict:
-        record = {"event": event, "time": time.time(), **fields}
+    def event(self, kind: Event | str, **fields) -> dict:
+        """Record one event; `kind` must be in the vocabulary (events.py): an unknown name raises ValueError."""
+        record = {"event": as_event(kind).value, "time": time.time(), **fields}
         self.append(self.events_path, record)
         return record
 
     def metrics(self) -> List[dict]:
         return [r for r in read_jsonl(self.metrics_path) if _is_metric(r)]
 
-    def events(self) -> List[dict]:
-        return [r for r in read_jsonl(self.events_path) if _is_event(r)]
+    def events(self, kind: Optional[Event] = None) -> List[dict]:
+        """The run's events (of one kind, if given). A name this version does not know (a newer
+        writer) is kept: readers compare against Event members and pass it by."""
+        return [r for r in read_jsonl(self.events_path) if _is_event(r) and (kind is None or r["event"] == kind)]
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -152,7 +154,7 @@ class RunDir:
     def ended(self) -> bool:
         """Did the run end (finished, failed, interrupted, stopped), by its events?"""
         evs = self.events()
-        return bool(evs) and evs[-1].get("event") in ENDED
+        return bool(evs) and evs[-1]["event"] in ENDINGS
 
 
 def _number(v) -> bool:
@@ -160,7 +162,8 @@ def _number(v) -> bool:
 
 
 def _is_metric(r) -> bool:
-    """A record as the trainer writes it (what monitor and status read); anything else is skipped."""
+    """A record as the supervisor writes it from protocol.Metrics (which says what each field means), with
+    the fields monitor and status read checked; anything else is skipped."""
     return (isinstance(r, dict) and isinstance(r.get("step"), int) and all(_number(r.get(k)) for k in (
         "loss", "tokens_per_s")) and isinstance(r.get("devices"), int) and r["devices"] > 0
         and isinstance(r.get("global_batch"), int)

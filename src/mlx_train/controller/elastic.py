@@ -15,11 +15,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from mlx_train.config import TrainConfig
-from mlx_train.errors import UserError
 from mlx_train.fleet.hosts import Host
 
 FAIL_LIMIT = 2          # attempts in a row ended by the same host before it is excluded
@@ -143,23 +142,8 @@ class Membership:
 
 
 def resplit(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
-    """`cfg` for the devices of `hosts` with the same global batch, split by the memory planner."""
-    from mlx_train.planning.memory import RUNTIME_OVERHEAD
-    from mlx_train.planning.planner import MemoryOptimizer
-    from mlx_train.rank.device import device_memory, rank_budget
+    """`cfg` for the devices of `hosts` with the same global batch, split by the memory planner (the
+    run's own precision and checkpointing first); a UserError when no split fits."""
+    from mlx_train.planning.planner import split_for
 
-    n, g = sum(h.slots for h in hosts), cfg.dist.global_batch_size
-    if g % n:
-        raise UserError(f"the global batch {g} cannot be split evenly over {n} devices")
-    budget = cfg.memory_budget or min(rank_budget(h.memory or device_memory()[0], h.slots) for h in hosts)
-    common = dict(model=cfg.model, num_devices=n, global_batch_size=g, memory_per_device=budget + RUNTIME_OVERHEAD,
-                  safety_fraction=0.95)
-    # The run's own precision and checkpointing first (its numbers stay comparable), else whatever fits.
-    plan = MemoryOptimizer.suggest_config(**common, precision=cfg.precision,
-                                          activation_checkpointing=cfg.grad_checkpoint)
-    if not plan.fits:
-        plan = MemoryOptimizer.suggest_config(**common)
-    if not plan.fits:
-        raise UserError(f"no split of the global batch {g} over {n} devices fits {budget / 2**20:.0f} MiB per device")
-    new = plan.apply_to(cfg)
-    return replace(new, dist=replace(new.dist, backend=cfg.dist.backend, ring_connections=cfg.dist.ring_connections))
+    return split_for(cfg, hosts, keep_mode=True).split.apply(cfg)

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Tuple
 
+from mlx_train.config import ModelKind
 from mlx_train.errors import UserError
 from mlx_train.rank import hf
 from mlx_train.rundir import RunDir
@@ -24,7 +25,7 @@ def run_model(run_dir: str) -> Tuple[str, Path]:
     if not run.exists():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass runs/<id>")
     cfg = run.load_config()
-    if not hf.is_pretrained(cfg.model.name):
+    if cfg.model.kind is not ModelKind.PRETRAINED:
         raise UserError(f"run {run_dir} trained model {cfg.model.name!r}, not a pretrained model: export and "
                         "generate work on fine-tuning runs (--model DIR or a hub id)")
     adapters = run.path / "adapters"

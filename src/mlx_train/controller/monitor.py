@@ -18,7 +18,8 @@ from rich.text import Text
 from mlx_train.controller.console import fmt_duration
 from mlx_train.errors import UserError
 from mlx_train.units import human
-from mlx_train.rundir import ENDED, RunDir, newest_run
+from mlx_train.events import ENDINGS, Event
+from mlx_train.rundir import RunDir, newest_run
 
 _BARS = "▁▂▃▄▅▆▇█"
 
@@ -64,11 +65,11 @@ def take_snapshot(run: RunDir) -> Snapshot:
     metrics = [by_step[s] for s in sorted(by_step)]
     events = run.events()
     snap = Snapshot(run, cfg.steps, metrics, events)
-    snap.restarts = sum(e["event"] == "restart" for e in events)
-    ended = [e for e in events if e["event"] in ENDED]
+    snap.restarts = sum(e["event"] == Event.RESTART for e in events)
+    ended = [e for e in events if e["event"] in ENDINGS]
     if ended and (not metrics or ended[-1]["time"] >= metrics[-1].get("time", 0)) and \
-            not any(e["event"] == "launch" and e["time"] > ended[-1]["time"] for e in events):
-        snap.state = ENDED[ended[-1]["event"]]
+            not any(e["event"] == Event.LAUNCH and e["time"] > ended[-1]["time"] for e in events):
+        snap.state = ENDINGS[Event(ended[-1]["event"])]
     snap.val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     samples = [(m["step"], m["sample"]) for m in metrics if isinstance(m.get("sample"), str)]
     snap.sample = samples[-1] if samples else None

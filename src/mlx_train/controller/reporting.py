@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 
 from mlx_train.config import REPORT_TO, TrainConfig
 from mlx_train.errors import UserError
+from mlx_train.events import Event
 from mlx_train.rundir import RunDir
 
 # Record fields that are not curves: bookkeeping, or one value per rank.
@@ -171,7 +172,7 @@ class Reporters:
 
     def _failed(self, backend: Reporter, during: str, exc: Exception) -> None:
         reason = f"{type(exc).__name__}: {exc}"[:300]
-        self.run.event("report_failed", backend=backend.name, during=during, reason=reason)
+        self.run.event(Event.REPORT_FAILED, backend=backend.name, during=during, reason=reason)
         print(f"warning: --report-to {backend.name} stopped reporting ({during}: {reason}); training goes on, "
               "metrics.jsonl has every step", file=sys.stderr, flush=True)
 

@@ -11,7 +11,7 @@ from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
 from mlx_train.fleet import ship
-from mlx_train.config import BACKENDS, RunOptions, TrainConfig, from_dict
+from mlx_train.config import BACKENDS, ModelKind, RunOptions, Split, TrainConfig, from_dict
 from mlx_train.controller import reporting
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import load_corpus
@@ -22,6 +22,7 @@ from mlx_train.fleet.hosts import Host
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
 from mlx_train.controller.supervisor import Supervisor
 from mlx_train.planning.oom import OomPolicy
+from mlx_train.rank.device import rank_budget_for
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -62,14 +63,14 @@ def check_inputs(cfg: TrainConfig) -> TrainConfig:
     the vocabulary (256 for bytes, max id + 1 for a .npy, the tokenizer's model for a pretrained one)."""
     from mlx_train.rank import hf
 
-    if hf.is_pretrained(cfg.model.name):
+    if cfg.model.kind is ModelKind.PRETRAINED:
         path = hf.check(cfg.model, cfg.fine_tune)
         if Path(cfg.model.name).expanduser().exists():  # a local directory: recorded absolute (resume, export)
             cfg = replace(cfg, model=replace(cfg.model, name=str(path.resolve())))
     elif cfg.fine_tune.mode != "full":
         raise UserError(f"--fine-tune {cfg.fine_tune.mode} needs a pretrained model (--model DIR or a hub id); "
                         f"model {cfg.model.name} trains in full: drop --fine-tune")
-    elif cfg.model.name != "gpt":
+    elif cfg.model.kind is ModelKind.FACTORY:
         from mlx_train.rank.model import load_factory
 
         load_factory(cfg.model.name)
@@ -119,53 +120,33 @@ def _check_hosts(hosts: List[Host], where: str) -> None:
         addrs[h.addr] = h.name
 
 
-def budget_for(hosts: List[Host]) -> int:
-    """The tightest per-rank budget among the hosts: their recorded memory (the cluster file's facts),
-    or this machine's for local ranks, shared among the ranks on each host."""
-    from mlx_train.rank.device import device_memory, rank_budget
-
-    return min(rank_budget(h.memory or device_memory()[0], h.slots) for h in hosts)
-
-
 def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     """--optimize-memory: the planner's split of the requested global batch for this budget."""
-    from mlx_train.planning.memory import RUNTIME_OVERHEAD
-    from mlx_train.planning.planner import MemoryOptimizer
+    from mlx_train.planning.planner import split_for
 
-    budget = cfg.memory_budget or budget_for(hosts)
-    # The budget bounds MLX's peak (what a rank checks); the planner also adds the runtime's overhead.
-    plan = MemoryOptimizer.suggest_config(model=cfg.model, fine_tune=cfg.fine_tune, num_devices=cfg.dist.num_devices,
-                                          global_batch_size=cfg.dist.global_batch_size,
-                                          memory_per_device=budget + RUNTIME_OVERHEAD, safety_fraction=0.95)
-    if not plan.fits:
-        raise UserError(f"no split of the global batch {cfg.dist.global_batch_size} fits {budget / 2**20:.0f} MiB per "
-                        "device: use more devices, a smaller model or --seq-len, or a larger --memory-budget")
-    new = plan.apply_to(cfg)
-    print(f"--optimize-memory: {new.dist.batch_size_per_device} per device x {new.dist.gradient_accumulation} "
-          f"accumulation, checkpointing {'on' if new.grad_checkpoint else 'off'}, {new.precision} "
-          f"(predicted peak {plan.breakdown['peak'] / 2**20:.0f} MiB of {budget / 2**20:.0f} MiB)", flush=True)
-    return new
+    plan = split_for(cfg, hosts)
+    print(f"--optimize-memory: {plan.split} (predicted peak {plan.breakdown.peak / 2**20:.0f} MiB of "
+          f"{rank_budget_for(cfg, hosts) / 2**20:.0f} MiB)", flush=True)
+    return plan.split.apply(cfg)
 
 
 def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
     """Refuse, before launch, a budget that cannot hold the built-in model even at its smallest step
     (batch 1 per device, checkpointing, bf16), naming the smallest budget that would."""
-    from mlx_train.rank.hf import is_pretrained
-
-    pretrained = is_pretrained(cfg.model.name)  # its shape comes from its config.json (planning/memory.py)
-    if cfg.model.name != "gpt" and not pretrained:
+    kind = cfg.model.kind  # a pretrained model's shape comes from its config.json (planning/memory.py)
+    if not kind.knows_shape:
         return  # a model of your own: the planner does not know its shape
     from mlx_train.planning.memory import step_memory
     from mlx_train.planning.planner import model_shape
 
-    budget = cfg.memory_budget or budget_for(hosts)
+    budget = rank_budget_for(cfg, hosts)
     accumulation = 2 if cfg.dist.global_batch_size > cfg.dist.num_devices else 1  # only > 1 matters
     least = step_memory(model_shape(cfg.model, cfg.fine_tune), 1, accumulation, True, "bf16",
                         num_devices=cfg.dist.num_devices).peak
     if least <= budget:
         return
     need = size_at_least(least)
-    smaller = "--fine-tune lora, a quantized model or a shorter --seq-len" if pretrained else \
+    smaller = "--fine-tune lora, a quantized model or a shorter --seq-len" if kind is ModelKind.PRETRAINED else \
         "a smaller model (--layers, --width, --seq-len)"
     if cfg.memory_budget:
         raise UserError(f"--memory-budget {human(budget)} cannot hold this model even at batch 1 with checkpointing "
@@ -222,11 +203,10 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
 
 def start(flags: dict, opts: RunOptions) -> int:
     cfg, hosts, run = prepare_run(flags, opts)
-    d = cfg.dist
+    split = Split.of(cfg)
     where = ", ".join(f"{h.name} x{h.slots}" for h in hosts)
-    print(f"run {run.path}: {d.num_devices} ranks ({where}), backend {d.backend}; global batch {d.global_batch_size} "
-          f"= {d.num_devices} devices x {d.batch_size_per_device} per device x {d.gradient_accumulation} "
-          f"accumulation; {cfg.steps} steps", flush=True)
+    print(f"run {run.path}: {split.devices} ranks ({where}), backend {cfg.dist.backend}; global batch "
+          f"{split.global_batch} = {split.devices} devices x {split}; {cfg.steps} steps", flush=True)
     start_step = 0
     if opts.resume:
         from mlx_train.rank.checkpoint import list_steps

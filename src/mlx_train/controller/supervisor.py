@@ -31,12 +31,12 @@ from typing import Dict, List, Optional
 from mlx_train.controller import divergence, elastic, launch
 
 from mlx_train import protocol
-from mlx_train.config import TrainConfig
+from mlx_train.config import Split, TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.controller.launch import Host, RankProc
 from mlx_train.controller.watchdog import CHECKPOINT, Allowances, Stall, Watchdog
 from mlx_train.errors import UserError
-from mlx_train.planning.oom import CrashFacts, OomPolicy, settings
+from mlx_train.planning.oom import CrashFacts, OomPolicy
 from mlx_train.rank import dataskip
 from mlx_train.rundir import RunDir
 
@@ -405,13 +405,10 @@ class Supervisor:
         except UserError as exc:
             self.view.note(f"[yellow]cannot resize:[/] {exc}")
             return
-        d = new.dist
-        self.run.event("resize", hosts=[h.name for h in m.active], devices=d.num_devices,
-                       global_batch=d.global_batch_size, batch_size_per_device=d.batch_size_per_device,
-                       gradient_accumulation=d.gradient_accumulation)
-        self.view.note(f"[yellow]resize:[/] {d.num_devices} devices ({', '.join(h.name for h in m.active)}), "
-                       f"{d.batch_size_per_device} per device x {d.gradient_accumulation} accumulation, global batch "
-                       f"{d.global_batch_size}")
+        split = Split.of(new)
+        self.run.event("resize", hosts=[h.name for h in m.active], **split.event())
+        self.view.note(f"[yellow]resize:[/] {split.devices} devices ({', '.join(h.name for h in m.active)}), "
+                       f"{split}, global batch {split.global_batch}")
         new.to_yaml(self.run.config_path)
         self.cfg, self.hosts = new, list(m.active)
 
@@ -421,13 +418,11 @@ class Supervisor:
         new = self.oom.next_config(self.cfg)
         if new is None:
             return False
-        self.run.event("reconfigure", old=settings(self.cfg), new=settings(new), global_batch=new.dist.global_batch_size)
+        old, split = Split.of(self.cfg), Split.of(new)
+        self.run.event("reconfigure", old=old.event(), new=split.event(), global_batch=split.global_batch)
         new.to_yaml(self.run.config_path)
         self.cfg = new
-        d = new.dist
-        self.view.note(f"[yellow]out of memory:[/] {out.reason}; relaunching with {d.batch_size_per_device} "
-                       f"per device x {d.gradient_accumulation} accumulation, checkpointing "
-                       f"{'on' if new.grad_checkpoint else 'off'}, {new.precision}")
+        self.view.note(f"[yellow]out of memory:[/] {out.reason}; relaunching with {split}")
         return True
 
     def _attempt(self, attempt: int, resume: bool) -> Outcome:
@@ -543,11 +538,9 @@ class Supervisor:
         s.group.hello[rank] = msg
         if len(s.group.hello) == self.cfg.dist.num_devices and not s.launched:
             s.launched = True
-            d = self.cfg.dist
             ranks = [{"rank": r, "host": h.host, "pid": h.pid} for r, h in sorted(s.group.hello.items())]
-            self.run.event("launch", attempt=s.group.number, backend=d.backend, ranks=ranks, devices=d.num_devices,
-                           global_batch=d.global_batch_size, batch_size_per_device=d.batch_size_per_device,
-                           gradient_accumulation=d.gradient_accumulation)
+            self.run.event("launch", attempt=s.group.number, backend=self.cfg.dist.backend, ranks=ranks,
+                           **Split.of(self.cfg).event())
 
     def _on_budget(self, s: _State, rank: int, msg: protocol.Budget) -> None:
         s.group.budgets[rank] = msg.budget

@@ -19,6 +19,7 @@ from rich.table import Table
 from mlx_train.config import RunOptions, TrainConfig
 from mlx_train.controller.console import ProgressView
 from mlx_train.errors import UserError
+from mlx_train.events import Event
 from mlx_train.fleet import ship
 from mlx_train.planning.optimize import Trial, Tuner
 from mlx_train.rundir import RunDir
@@ -45,7 +46,7 @@ def run_trial(hosts, scratch: Path, console: Console):
         run.prepare(cfg, resume=False)
         code = Supervisor(cfg, run, hosts, max_restarts=0, stall_timeout=120, view=_Quiet(cfg.steps)).supervise()
         ms = [m for m in run.metrics() if m["step"] > 1]  # step 1 pays for start-up
-        oom = any(e["event"] == "oom" for e in run.events())
+        oom = bool(run.events(Event.OOM))
         shutil.rmtree(run.path, ignore_errors=True)  # a trial's checkpoints are worth nothing after it
         if code != 0 or not ms:
             t.status = "over budget" if oom else "failed"
@@ -56,8 +57,7 @@ def run_trial(hosts, scratch: Path, console: Console):
         t.comm_s = statistics.median(m["comm_time_s"] for m in ms)
         t.peak = max(max(m["peak_memory"]) for m in ms)
         t.status = "ok"
-        console.print(f"  batch {t.batch:>3} x acc {t.accumulation:>3}  ckpt {'on ' if t.checkpointing else 'off'} "
-                      f"{t.precision}  conn {t.connections}: {t.tokens_per_s:,.0f} tok/s"
+        console.print(f"  {t.split}, {t.connections} ring connection(s): {t.tokens_per_s:,.0f} tok/s"
                       + (f" (predicted {t.predicted:,.0f})" if t.predicted else "") + f", peak {human(t.peak)}")
 
     return measure
@@ -66,14 +66,15 @@ def run_trial(hosts, scratch: Path, console: Console):
 def optimize(flags: dict, opts: RunOptions, trial_steps: int, output: str) -> int:
     """Tune the run that `flags` (the knobs given, nested like TrainConfig.to_dict()) and `opts`
     resolve to, as `train` would; write the best settings to `output`."""
-    from mlx_train.controller.run import budget_for, check_fits, check_inputs, hosts_for, resolve_config
+    from mlx_train.controller.run import check_fits, check_inputs, hosts_for, resolve_config
+    from mlx_train.rank.device import rank_budget_for
 
     if trial_steps < 3:
         raise UserError("--trial-steps must be at least 3 (the first step pays for start-up)")
     # Without --devices, a cluster keeps all of its hosts (and a local run one device).
     hosts, base = hosts_for(opts, resolve_config(flags, opts), flags)
     base = check_inputs(base)
-    budget = base.memory_budget or budget_for(hosts)
+    budget = rank_budget_for(base, hosts)
     check_fits(replace(base, memory_budget=budget), hosts)  # nothing to try if not even batch 1 fits
     # The trials read the model and data where `train` would.
     hosts, _ = ship.ship(base, hosts, opts.ship_cache, opts.ship_cache_days)
@@ -96,9 +97,8 @@ def optimize(flags: dict, opts: RunOptions, trial_steps: int, output: str) -> in
         from mlx_train.planning.perf import record_baseline
 
         record_baseline(out, best.tokens_per_s)
-    console.print(f"best: {best.batch} per device x {best.accumulation} accumulation, checkpointing "
-                  f"{'on' if best.checkpointing else 'off'}, {best.precision}, {best.connections} ring connection(s): "
-                  f"{best.tokens_per_s:,.0f} tok/s; wrote {output} (use: mlx-train train --config {output})")
+    console.print(f"best: {best.split}, {best.connections} ring connection(s): {best.tokens_per_s:,.0f} tok/s; "
+                  f"wrote {output} (use: mlx-train train --config {output})")
     return 0
 
 
@@ -110,7 +110,7 @@ def _table(trials: List[Trial]) -> Table:
     t.add_column("status", no_wrap=True)  # one line: tests and users grep it
     ranked = sorted(trials, key=lambda x: -x.tokens_per_s)
     for i, x in enumerate(ranked, 1):
-        t.add_row(str(i) if x.status == "ok" else "-", str(x.batch), str(x.accumulation),
-                  "on" if x.checkpointing else "off", x.precision, str(x.connections),
+        t.add_row(str(i) if x.status == "ok" else "-", str(x.split.batch), str(x.split.accumulation),
+                  "on" if x.split.checkpointing else "off", x.split.precision, str(x.connections),
                   f"{x.predicted:,.0f}" if x.predicted else "-", f"{x.tokens_per_s:,.0f}" if x.status == "ok" else "-", human(x.peak) if x.peak else "-", x.status)
     return t

@@ -30,8 +30,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from mlx_train.config import TrainConfig
+from mlx_train.config import ModelKind, TrainConfig
 from mlx_train.errors import UserError
+from mlx_train.events import Event
 from mlx_train.fleet import ssh
 from mlx_train.fleet.hosts import Host
 
@@ -64,7 +65,7 @@ class Shipped:
     seconds: float
     skipped: bool
 
-    event_name = "ship"
+    event_name = Event.SHIP
 
     def event(self) -> dict:
         return {"host": self.host, "what": self.what, "digest": self.digest[:16], "path": self.path,
@@ -78,7 +79,7 @@ class Pruned:
     removed: Tuple[str, ...]  # their digests
     bytes: int
 
-    event_name = "ship_pruned"
+    event_name = Event.SHIP_PRUNED
 
     def event(self) -> dict:
         return {"host": self.host, "removed": [d[:16] for d in self.removed], "bytes": self.bytes}
@@ -160,7 +161,7 @@ def items(cfg: TrainConfig) -> List[Item]:
     from mlx_train.rank import hf
 
     found: List[Tuple[str, str, Path]] = []
-    if hf.is_pretrained(cfg.model.name):
+    if cfg.model.kind is ModelKind.PRETRAINED:
         found.append(("model", cfg.model.name, hf.model_path(cfg.model.name)))
     if cfg.data.path:
         found.append(("data", cfg.data.path, Path(cfg.data.path).expanduser()))

@@ -47,20 +47,13 @@ def signal_of(code: int) -> int:
     return -code if code < 0 else code - 128 if code > 128 else 0
 
 
-def settings(cfg: TrainConfig) -> dict:
-    """The knobs the recovery ladder turns, for the `reconfigure` event."""
-    return {"batch_size_per_device": cfg.dist.batch_size_per_device,
-            "gradient_accumulation": cfg.dist.gradient_accumulation,
-            "grad_checkpoint": cfg.grad_checkpoint, "precision": cfg.precision}
-
-
 def _predicted(cfg: TrainConfig) -> int:
     """The planner's peak for `cfg`'s step (the built-in GPT or a pretrained model's config.json), or 0
     for a model whose shape it cannot know, or whose config.json is no longer readable here."""
     from mlx_train.errors import UserError
-    from mlx_train.planning.planner import MemoryOptimizer, knows_shape
+    from mlx_train.planning.planner import MemoryOptimizer
 
-    if not knows_shape(cfg.model):
+    if not cfg.model.kind.knows_shape:
         return 0
     try:
         return MemoryOptimizer.estimate(cfg)

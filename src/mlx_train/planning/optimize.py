@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from mlx_train.config import TrainConfig
+from mlx_train.config import Split, TrainConfig
 from mlx_train.planning import perf
 
 EARLY_STOP_GAIN = 0.03
@@ -31,10 +31,7 @@ PREDICTED_SLOWER = "skipped (predicted slower)"
 
 @dataclass
 class Trial:
-    batch: int
-    accumulation: int
-    checkpointing: bool
-    precision: str
+    split: Split
     connections: int = 1
     tokens_per_s: float = 0.0
     peak: int = 0
@@ -44,9 +41,8 @@ class Trial:
     comm_s: float = 0.0       # measured gradient sync per step (comm_time_s)
 
     def apply(self, cfg: TrainConfig) -> TrainConfig:
-        dist = dataclasses.replace(cfg.dist, batch_size_per_device=self.batch, gradient_accumulation=self.accumulation,
-                                   ring_connections=self.connections)
-        return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision)
+        cfg = self.split.apply(cfg)
+        return dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, ring_connections=self.connections))
 
 
 class StepModel:
@@ -63,8 +59,9 @@ class StepModel:
         self.tokens_per_step: Optional[float] = None
 
     def compute_s(self, t: Trial) -> float:
-        c = self.fixed + t.accumulation * self.per_micro
-        return c * (self.factor["ckpt"] if t.checkpointing else 1.0) * (self.factor["bf16"] if t.precision == "bf16" else 1.0)
+        s = t.split
+        c = self.fixed + s.accumulation * self.per_micro
+        return c * (self.factor["ckpt"] if s.checkpointing else 1.0) * (self.factor["bf16"] if s.precision == "bf16" else 1.0)
 
     def step_s(self, t: Trial) -> float:
         # The trainer's phased step: nothing hides the sync (perf.MLX_OVERLAPS is False).
@@ -83,16 +80,17 @@ class StepModel:
             groups.setdefault(_direction(t), []).append(t)
         # The line's shape (cost per micro-batch against the rest) from the direction that has
         # tried the most accumulations; its scale from fp32 without checkpointing when measured.
-        shape = max(groups, key=lambda d: (len({t.accumulation for t in groups[d]}), d == "plain"))
-        intercept, slope = _line([t.accumulation for t in groups[shape]], [t.compute_s for t in groups[shape]])
+        shape = max(groups, key=lambda d: (len({t.split.accumulation for t in groups[d]}), d == "plain"))
+        intercept, slope = _line([t.split.accumulation for t in groups[shape]], [t.compute_s for t in groups[shape]])
         ratio = slope / intercept if intercept > 0 else 0.0
         scale = "plain" if "plain" in groups else shape
         prior = 1.0 if scale == "plain" else self.factor[scale]
-        self.fixed = statistics.median(t.compute_s / (prior * (1 + t.accumulation * ratio)) for t in groups[scale])
+        self.fixed = statistics.median(t.compute_s / (prior * (1 + t.split.accumulation * ratio))
+                                       for t in groups[scale])
         self.per_micro = ratio * self.fixed
         for d, seen in groups.items():
             if d != "plain" and (d != scale or scale == "plain"):
-                self.factor[d] = statistics.median(t.compute_s / (self.fixed + t.accumulation * self.per_micro)
+                self.factor[d] = statistics.median(t.compute_s / (self.fixed + t.split.accumulation * self.per_micro)
                                                    for t in seen)
         self.tokens_per_step = statistics.median(t.tokens_per_s * (t.compute_s + t.comm_s) for t in ok)
 
@@ -100,13 +98,14 @@ class StepModel:
         """Fastest predicted first; ties: bigger batches, no checkpointing, fp32."""
         for t in candidates:
             t.predicted = self.tokens_per_s(t)
-        return sorted(candidates, key=lambda t: (self.step_s(t), -t.batch, t.checkpointing, t.precision != "fp32"))
+        return sorted(candidates, key=lambda t: (self.step_s(t), -t.split.batch, t.split.checkpointing,
+                                                 t.split.precision != "fp32"))
 
 
 def _direction(t: Trial) -> str:
     """Which factor of the model a trial measures: plain (fp32), ckpt (fp32) or bf16; mixed: other."""
     return {(False, "fp32"): "plain", (True, "fp32"): "ckpt", (False, "bf16"): "bf16"}.get(
-        (t.checkpointing, t.precision), "other")
+        (t.split.checkpointing, t.split.precision), "other")
 
 
 def _line(xs: List[int], ys: List[float]) -> tuple:
@@ -145,10 +144,10 @@ class Tuner:
 
     def fits(self, t: Trial) -> bool:
         """The planner's verdict; settings it predicts over the budget are listed, never run."""
-        from mlx_train.planning.planner import MemoryOptimizer, knows_shape
+        from mlx_train.planning.planner import MemoryOptimizer
 
         cfg = self.trial_config(t)
-        if not knows_shape(cfg.model) or MemoryOptimizer.estimate(cfg) <= self.budget:
+        if not cfg.model.kind.knows_shape or MemoryOptimizer.estimate(cfg) <= self.budget:
             return True
         t.status = "skipped (predicted over budget)"
         self.trials.append(t)
@@ -164,9 +163,10 @@ class Tuner:
         return max(ok, key=lambda t: t.tokens_per_s, default=None)
 
     def candidates(self) -> List[Trial]:
-        d = self.base.dist
-        per_device_total = d.batch_size_per_device * d.gradient_accumulation
-        return [Trial(b, per_device_total // b, ckpt, precision, d.ring_connections)
+        split = Split.of(self.base)
+        per_device_total = split.batch * split.accumulation
+        return [Trial(dataclasses.replace(split, batch=b, accumulation=per_device_total // b, checkpointing=ckpt,
+                                          precision=precision), self.base.dist.ring_connections)
                 for ckpt, precision in ((False, "fp32"), (True, "fp32"), (False, "bf16"))
                 for b in _batches(per_device_total)]
 
@@ -184,8 +184,8 @@ class Tuner:
             pending.pop(0)
             self.measure(top)
             if top.status == "over budget":  # bigger batches of the same direction will not fit either
-                same = [t for t in pending if (t.checkpointing, t.precision) == (top.checkpointing, top.precision)
-                        and t.batch >= top.batch]
+                same = [t for t in pending if (t.split.checkpointing, t.split.precision)
+                        == (top.split.checkpointing, top.split.precision) and t.split.batch >= top.split.batch]
                 for t in same:
                     t.status = "skipped (a smaller batch ran out of memory)"
                     pending.remove(t)

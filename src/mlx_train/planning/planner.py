@@ -1,7 +1,9 @@
 """The planner: which per-device batch, accumulation, checkpointing and precision fit a device.
 
 `MemoryOptimizer.suggest_config` searches the settings with the memory model (memory.py);
-`suggest_recovery_config` is the out-of-memory ladder (one step smaller, same global batch).
+`split_for` is the one way a run's global batch is split over its hosts (--optimize-memory,
+elastic resizes); `suggest_recovery_config` is the out-of-memory ladder (one step smaller, same
+global batch). Each answer is a `Split` (config.py), which keeps the global batch.
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-from mlx_train.config import (PRECISIONS, DistributedConfig, FineTuneConfig, ModelConfig, TrainConfig, check,
-                              positive_int)
+from mlx_train.config import (PRECISIONS, DistributedConfig, FineTuneConfig, ModelConfig, ModelKind, Split,
+                              TrainConfig, check, model_kind, positive_int)
+from mlx_train.errors import UserError
 from mlx_train.planning.memory import (DEFAULT_SEQ_LEN, DEFAULT_VOCAB, MAX_BATCH_PER_DEVICE, OPTIMIZER_STATE_COPIES,
-                                       SAFETY_FRACTION, LMShape, MemoryBreakdown, ModelShape, _Record, step_memory)
-from mlx_train.rank.device import device_memory
+                                       RUNTIME_OVERHEAD, SAFETY_FRACTION, LMShape, MemoryBreakdown, ModelShape,
+                                       _Record, step_memory)
+from mlx_train.rank.device import Shared, device_memory, rank_budget_for
+
+# split_for's safety fraction: the rank budget already leaves the device its margin (BUDGET_FRACTION).
+SPLIT_SAFETY = 0.95
 
 
 @dataclass(frozen=True)
@@ -45,40 +52,54 @@ class MemoryPlan(_Record):
     n_params: int
     assumptions: tuple = ()
 
+    @property
+    def split(self) -> Split:
+        return Split(self.global_batch_size, self.num_devices, self.suggested_batch_size, self.gradient_accumulation,
+                     self.activation_checkpointing, self.precision)
+
     def to_distributed_config(self, backend: str = "ring") -> DistributedConfig:
         return DistributedConfig(num_devices=self.num_devices, batch_size_per_device=self.suggested_batch_size,
                                  gradient_accumulation=self.gradient_accumulation, backend=backend)
 
     def apply_to(self, cfg: TrainConfig) -> TrainConfig:
-        """`cfg` with this plan's batch split, precision and checkpointing (same global batch
-        only if the plan was made for it)."""
-        dist = dataclasses.replace(cfg.dist, num_devices=self.num_devices,
-                                   batch_size_per_device=self.suggested_batch_size,
-                                   gradient_accumulation=self.gradient_accumulation)
-        return dataclasses.replace(cfg, dist=dist, precision=self.precision,
-                                   grad_checkpoint=self.activation_checkpointing)
-
-
-def _pretrained(model) -> bool:
-    from mlx_train.rank.hf import is_pretrained
-
-    return is_pretrained(model.name if isinstance(model, ModelConfig) else model)
-
-
-def knows_shape(model: ModelConfig) -> bool:
-    """Can the memory model size `model`: the built-in GPT, or a pretrained model (its config.json)?
-    A `module:factory` model of the user's own has a shape the planner cannot know."""
-    return model.name == "gpt" or _pretrained(model)
+        """`cfg` with this plan's split (the same global batch only if the plan was made for `cfg`'s)."""
+        return self.split.apply(cfg)
 
 
 def model_shape(model: ModelConfig, fine_tune: Optional[FineTuneConfig] = None):
     """The memory model's shape for `model`: its config.json's for a pretrained model (read from the
     model directory; a hub id is fetched once), else the built-in GPT's."""
-    if not _pretrained(model):
+    if model.kind is not ModelKind.PRETRAINED:
         return ModelShape.from_config(model)
     from mlx_train.rank.hf import model_path
 
     return LMShape.from_model_dir(model_path(model.name), model.seq_len, fine_tune)
+
+
+def split_for(cfg: TrainConfig, hosts: Iterable[Shared], keep_mode: bool = False) -> MemoryPlan:
+    """The planner's split of `cfg`'s global batch over the devices of `hosts`, within the budget every
+    rank gets there (rank_budget_for), for `cfg`'s model as it trains (full, LoRA or DoRA). With
+    `keep_mode` the run's own precision and checkpointing are tried first (a resized run's numbers stay
+    comparable), else the planner's order. A UserError when no split fits."""
+    hosts = list(hosts)
+    n, g = sum(h.slots for h in hosts), cfg.dist.global_batch_size
+    if g % n:
+        raise UserError(f"the global batch {g} cannot be split evenly over {n} devices: use a global batch "
+                        f"(devices x --batch-size x --accumulation) that {n} divides")
+    budget = rank_budget_for(cfg, hosts)
+    # The budget bounds MLX's peak (what a rank checks); the planner also adds the runtime's overhead.
+    common = dict(model=cfg.model, fine_tune=cfg.fine_tune, num_devices=n, global_batch_size=g,
+                  memory_per_device=budget + RUNTIME_OVERHEAD, safety_fraction=SPLIT_SAFETY)
+    plan = None
+    if keep_mode:
+        plan = MemoryOptimizer.suggest_config(**common, precision=cfg.precision,
+                                              activation_checkpointing=cfg.grad_checkpoint)
+    if plan is None or not plan.fits:
+        plan = MemoryOptimizer.suggest_config(**common)
+    if not plan.fits:
+        raise UserError(f"no split of the global batch {g} over {n} devices fits {budget / 2**20:.0f} MiB per "
+                        "device: use more devices, a smaller model or --seq-len, or a larger --memory-budget")
+    return plan
 
 
 def _divisors_desc(n: int) -> list:
@@ -191,7 +212,8 @@ class MemoryOptimizer:
             check(isinstance(model_size, (int, float)) and not isinstance(model_size, bool) and model_size > 0,
                    f"model_size must be a positive parameter count, got {model_size!r}")
         assumptions = []
-        if isinstance(model, (str, ModelConfig)) and _pretrained(model):
+        kind = model.kind if isinstance(model, ModelConfig) else model_kind(model) if isinstance(model, str) else None
+        if kind is ModelKind.PRETRAINED:
             # A model directory or hub id (or a ModelConfig naming one): the shape is its config.json's.
             check(all(v is None for v in (model_size, n_layers, d_model, n_heads, vocab_size)),
                    "a pretrained model gives its own shape: pass only seq_len with it")
@@ -258,15 +280,12 @@ _CKPT_KEYS = ("grad_checkpoint", "activation_checkpointing")
 
 def _recovery(current: Any) -> Any:
     if isinstance(current, TrainConfig):
-        nxt = _recovery({"batch_size_per_device": current.dist.batch_size_per_device,
-                         "gradient_accumulation": current.dist.gradient_accumulation,
-                         "grad_checkpoint": current.grad_checkpoint, "precision": current.precision})
+        split = Split.of(current)
+        nxt = _recovery(split.event())  # named as the ladder's keys
         if nxt is None:
             return None
-        dist = dataclasses.replace(current.dist, batch_size_per_device=nxt["batch_size_per_device"],
-                                   gradient_accumulation=nxt["gradient_accumulation"])
-        return dataclasses.replace(current, dist=dist, grad_checkpoint=nxt["grad_checkpoint"],
-                                   precision=nxt["precision"])
+        return dataclasses.replace(split, batch=nxt["batch_size_per_device"], accumulation=nxt["gradient_accumulation"],
+                                   checkpointing=nxt["grad_checkpoint"], precision=nxt["precision"]).apply(current)
     if isinstance(current, Mapping):
         values = dict(current)
     elif dataclasses.is_dataclass(current) and not isinstance(current, type):

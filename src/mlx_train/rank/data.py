@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from mlx_train.config import DataConfig, ModelConfig
+from mlx_train.config import DataConfig, ModelConfig, ModelKind
 from mlx_train.errors import UserError
 from mlx_train.rank.batcher import Batcher
 
@@ -39,9 +39,9 @@ def load_corpus(cfg: DataConfig, model: Optional[ModelConfig] = None):
     """The corpus for `cfg`: bytes for the built-in GPT and factories, the model's own tokens (and
     JSONL formats, see token_data.py) for a pretrained model."""
     if model is not None:
-        from mlx_train.rank.hf import is_pretrained, model_path
+        from mlx_train.rank.hf import model_path
 
-        if is_pretrained(model.name):
+        if model.kind is ModelKind.PRETRAINED:
             from mlx_train.rank.token_data import load_token_corpus
 
             return load_token_corpus(cfg, model_path(model.name))

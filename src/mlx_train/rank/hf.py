@@ -1,7 +1,7 @@
 """Pretrained language models in the Hugging Face / mlx-lm layout, loaded and adapted through mlx-lm.
 
-`--model` names one of three things: "gpt" (built in), `package.module:factory`, or a pretrained
-model: a local directory (config.json, *.safetensors, tokenizer files) or a hub id. Everything
+`--model` names one of three things (config.py `ModelKind`): "gpt" (built in), `package.module:factory`,
+or a pretrained model: a local directory (config.json, *.safetensors, tokenizer files) or a hub id. Everything
 about architectures, quantized bases and LoRA/DoRA layers is mlx-lm's; this module only checks
 the input once (one-line errors), freezes what must not train, and writes adapters in mlx-lm's
 own layout so `mlx_lm.load(model, adapter_path=...)` opens them.
@@ -27,15 +27,6 @@ from mlx_train.errors import UserError  # noqa: E402
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_pretrained(name: str) -> bool:
-    """True when `name` is a model directory or hub id rather than "gpt" or package.module:factory."""
-    if name == "gpt":
-        return False
-    if ":" in name and not Path(name).expanduser().exists():
-        return False
-    return True
 
 
 def _looks_like_path(name: str) -> bool:

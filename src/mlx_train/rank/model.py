@@ -9,7 +9,7 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_train.config import FineTuneConfig, ModelConfig
+from mlx_train.config import FineTuneConfig, ModelConfig, ModelKind
 from mlx_train.errors import UserError
 
 LossFn = Callable[[nn.Module, mx.array, mx.array], mx.array]
@@ -82,12 +82,12 @@ def build_model(cfg: ModelConfig, grad_checkpoint: bool = False,
     """Return `(model, loss_fn)`; `loss_fn(model, inputs, targets)` gives a scalar mean loss."""
     from mlx_train.rank import hf
 
-    if hf.is_pretrained(cfg.name):  # a model directory or hub id: mlx-lm builds it (rank/hf.py)
+    if cfg.kind is ModelKind.PRETRAINED:  # a model directory or hub id: mlx-lm builds it (rank/hf.py)
         return hf.build(cfg, fine_tune or FineTuneConfig(), grad_checkpoint)
     if fine_tune is not None and fine_tune.mode != "full":
         raise UserError(f"--fine-tune {fine_tune.mode} needs a pretrained model (--model DIR or a hub id); "
                         f"model {cfg.name} trains in full: drop --fine-tune")
-    if cfg.name == "gpt":
+    if cfg.kind is ModelKind.GPT:
         model, loss = GPT(cfg), lm_loss
     else:
         model, loss = load_factory(cfg.name)(cfg)

@@ -16,7 +16,7 @@ from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
 from mlx_train.rank.badstep import BadSteps, LossSpike
 
 from mlx_train import protocol
-from mlx_train.config import TrainConfig, DistributedConfig
+from mlx_train.config import DistributedConfig, ModelKind, TrainConfig
 from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
 from mlx_train.rank.model import build_model, count_parameters
@@ -47,7 +47,7 @@ class Trainer:
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)
         self.adapter_config = hf.adapter_config(cfg.model.name, cfg.fine_tune, len(model.layers)) \
-            if hf.is_pretrained(local.model.name) else None
+            if local.model.kind is ModelKind.PRETRAINED else None
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         # The bytes each rank all-reduces per step: the trainable parameters' gradients.
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
@@ -68,7 +68,7 @@ class Trainer:
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
         # The embedded byte-level GPT shows a text sample at each evaluation (rank/sample.py).
         self.prompt = sample.prompt_from(corpus.val, cfg.model.seq_len) \
-            if self.rank == 0 and cfg.model.name == "gpt" and corpus.vocab_size == 256 else None
+            if self.rank == 0 and cfg.model.kind is ModelKind.GPT and corpus.vocab_size == 256 else None
         self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
                  f"BLAS: {blas.in_use()}; allocator: {blas.allocator_in_use()}; "
                  f"{self.lanes} thread{'s' if self.lanes > 1 else ''} per micro-batch (--cpu-threads)")

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from mlx_train import protocol
     from mlx_train.config import TrainConfig
     from mlx_train.errors import UserError
-    from mlx_train.rank.device import device_memory, rank_budget
+    from mlx_train.rank.device import ThisHost, rank_budget_for
     from mlx_train.rank.trainer import Trainer
 
     cfg = TrainConfig.trusted(json.loads(args.config_json))  # checked once, by the controller
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     try:
         protocol.emit(protocol.Hello(rank=rank, size=group.size(), host=socket.gethostname(), pid=os.getpid(),
                                      python=sys.executable))
-        budget = cfg.memory_budget or rank_budget(device_memory()[0], args.ranks_on_host)
+        budget = rank_budget_for(cfg, [ThisHost(args.ranks_on_host)])  # memory as measured here, where the rank runs
         protocol.emit(protocol.Budget(rank=rank, budget=budget))
         trainer = Trainer(cfg, group, args.run_dir, budget, placed=json.loads(args.placed))
         trainer.run(resume=args.resume, stop_after=args.stop_after)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mlx_train.config import DataConfig, DistributedConfig
-from mlx_train.rank.data import Batcher, load_corpus
+from mlx_train.rank.batcher import Batcher
+from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
 
 

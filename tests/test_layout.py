@@ -67,3 +67,37 @@ def test_each_side_opens_with_what_it_owns_and_may_import():
         doc = ast.get_docstring(ast.parse((PKG / sub / "__init__.py").read_text())) or ""
         assert "Owns" in doc or "owns" in doc, f"{sub}/__init__.py says what it owns"
         assert "import" in doc, f"{sub}/__init__.py says what it may import"
+
+
+def module_imports(path: Path, modules: set):
+    """The package's modules that `path` imports, at the top or inside a function: `from pkg import
+    mod` names `mod`, not `pkg`'s __init__ (which holds no code of its own to wait on)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlx_train"):
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                yield name if name in modules else node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names if a.name.startswith("mlx_train"))
+
+
+def test_no_import_cycle():
+    # A cycle dodged with a function-level import is still a cycle: the shared piece belongs in a
+    # module both can import (as rank/batcher.py is for rank/data.py and rank/token_data.py).
+    paths = {module_of(p).removesuffix(".__init__"): p for p in PKG.rglob("*.py")}
+    graph = {m: set(module_imports(p, set(paths))) & set(paths) - {m} for m, p in paths.items()}
+    cycles, state = [], {}
+
+    def visit(module: str, path: list) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join(path[path.index(target):] + [module, target]))
+            elif target not in state:
+                visit(target, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

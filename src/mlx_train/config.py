@@ -91,7 +91,7 @@ class DistributedConfig(_Yaml):
     ring_connections: int = knob(1, "ring backend: TCP connections per rank and address")
     # Recorded with the run: `monitor --performance` shows the sync against this wire's limit.
     link_gbps: float = knob(0.0, "the links' rate between hosts in Gbit/s, if known (monitor --performance "
-                            "compares gradient sync with it)", "--link-gbps")
+                            "and check-network show bandwidths against it)", "--link-gbps")
     # MLX's CPU build runs elementwise ops on one thread per stream (rank/lanes.py).
     cpu_threads: int = knob(0, "CPU ranks: split each micro-batch across N threads, each with its own MLX stream, "
                             "so all of the rank's cores do the elementwise work, not only its matmuls (0: one per "

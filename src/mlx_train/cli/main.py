@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
 
     p = sub.add_parser("monitor", help="live view of a run (default: the newest under runs/)")
-    p.add_argument("run_dir", nargs="?")
+    p.add_argument("run_dir", nargs="?", help="the run directory (default: the newest under runs/)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
     p.add_argument("--plot", metavar="FILE.png", type=options.output_file(".png", ".pdf", ".svg"),
                    help="write loss and throughput curves")

@@ -62,7 +62,10 @@ def _help(f: dataclasses.Field) -> str:
 
 def add_options(parser: argparse.ArgumentParser, cls, title: Optional[str] = None,
                 only: Optional[set] = None) -> None:
-    """Add `cls`'s flagged fields to `parser` (one group per nested section), or only those in `only`."""
+    """Add `cls`'s flagged fields to `parser` (one group per nested section), or only those whose flag
+    is in `only` (a command that takes a few of the knobs, as check-network takes --backend)."""
+    unknown = (only or set()) - {f.metadata["flag"] for _, f, _ in flagged_fields(cls)}
+    assert not unknown, f"{cls.__name__} has no knob for {sorted(unknown)}"
     groups: Dict[str, Any] = {}
     sections = {f.name: f.metadata.get("help") or f.name for f in dataclasses.fields(cls)}
     for path, f, base in flagged_fields(cls):
@@ -82,6 +85,14 @@ def add_options(parser: argparse.ArgumentParser, cls, title: Optional[str] = Non
             metavar = f.metadata.get("metavar") or (None if choices else flag.lstrip("-").upper().replace("-", "_"))
             kw.update(type=_type(f, base), choices=choices, metavar=metavar)
         groups[section].add_argument(flag, **kw)
+
+
+def helps(parser: argparse.ArgumentParser, command: str) -> Dict[str, str]:
+    """What `command --help` says of each of its options, by name (--batch-size as batch_size): for
+    wrappers over the command line (tasks.py) that must not write the help again."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {(action.option_strings[0] if action.option_strings else action.dest).lstrip("-").replace("-", "_"):
+            action.help for action in commands[command]._actions if action.help != argparse.SUPPRESS}
 
 
 def given(a: argparse.Namespace, cls) -> dict:
@@ -116,15 +127,6 @@ def positive_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
-
-
-def size(text: str) -> int:
-    from mlx_train.units import parse_bytes
-
-    try:
-        return parse_bytes(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def output_file(*suffixes: str):

@@ -6,7 +6,6 @@ when the command ends, whatever the outcome.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
@@ -64,28 +63,27 @@ def run_trial(hosts, scratch: Path, console: Console):
     return measure
 
 
-def optimize(a: argparse.Namespace) -> int:
+def optimize(flags: dict, opts: RunOptions, trial_steps: int, output: str) -> int:
+    """Tune the run that `flags` (the knobs given, nested like TrainConfig.to_dict()) and `opts`
+    resolve to, as `train` would; write the best settings to `output`."""
     from mlx_train.controller.run import check_fits, check_inputs, hosts_for, resolve_config
     from mlx_train.rank.device import rank_budget_for
 
-    if a.trial_steps < 3:
+    if trial_steps < 3:
         raise UserError("--trial-steps must be at least 3 (the first step pays for start-up)")
     # Without --devices, a cluster keeps all of its hosts (and a local run one device).
-    flags = {"dist": {"num_devices": a.devices}} if a.devices is not None else {}
-    opts = RunOptions(config=a.config, distributed=a.distributed, cluster=a.cluster)
     hosts, base = hosts_for(opts, resolve_config(flags, opts), flags)
     base = check_inputs(base)
-    budget = rank_budget_for(replace(base, memory_budget=a.memory_budget or base.memory_budget), hosts)
+    budget = rank_budget_for(base, hosts)
     check_fits(replace(base, memory_budget=budget), hosts)  # nothing to try if not even batch 1 fits
     # The trials read the model and data where `train` would.
     hosts, _ = ship.ship(base, hosts, opts.ship_cache, opts.ship_cache_days)
     console = Console(soft_wrap=True, width=None if Console().is_terminal else 140)
     console.print(f"optimize: {base.dist.num_devices} devices, global batch {base.dist.global_batch_size}, "
-                  f"budget {human(budget)} per device, {a.trial_steps} steps per trial")
-    output = Path(a.output)
-    scratch = Path(tempfile.mkdtemp(prefix=".mlx-train-optimize-", dir=output.parent.resolve()))
+                  f"budget {human(budget)} per device, {trial_steps} steps per trial")
+    scratch = Path(tempfile.mkdtemp(prefix=".mlx-train-optimize-", dir=Path(output).parent.resolve()))
     try:
-        tuner = Tuner(base, budget, a.trial_steps, len({h.name for h in hosts}) > 1,
+        tuner = Tuner(base, budget, trial_steps, len({h.name for h in hosts}) > 1,
                       run_trial(hosts, scratch, console))
         best = tuner.run()
     finally:
@@ -100,7 +98,7 @@ def optimize(a: argparse.Namespace) -> int:
 
         record_baseline(out, best.tokens_per_s)
     console.print(f"best: {best.split}, {best.connections} ring connection(s): {best.tokens_per_s:,.0f} tok/s; "
-                  f"wrote {a.output} (use: mlx-train train --config {a.output})")
+                  f"wrote {output} (use: mlx-train train --config {output})")
     return 0
 
 

@@ -73,10 +73,6 @@ class Link:
     efficiency: float
     latency_s: float
 
-    @property
-    def bytes_per_s(self) -> float:
-        return self.gbps * 1e9 / 8 * self.efficiency
-
 
 # Published line rates; the efficiencies are stated assumptions (see docs/performance.md).
 LINKS = {

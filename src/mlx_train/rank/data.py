@@ -1,4 +1,4 @@
-"""Corpora and deterministic sharded batching.
+"""Corpora: the bytes or token ids a run trains on (their batching is rank/batcher.py's).
 
 The default corpus is the running Python's standard library source: every machine that can run
 the trainer has it, so the main job needs no download. Tokens are bytes (vocabulary 256) unless a
@@ -12,12 +12,13 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
-from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, ModelKind
+from mlx_train.config import DataConfig, ModelConfig, ModelKind
 from mlx_train.errors import UserError
+from mlx_train.rank.batcher import Batcher
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
@@ -110,7 +111,7 @@ def _load_jsonl(path: Path) -> np.ndarray:
 def _jsonl_dir_bytes(path: Path, val_fraction: float) -> Corpus:
     """A train.jsonl / valid.jsonl folder (token_data.py's formats) as bytes for the byte-level GPT:
     chat messages as "role: content" lines, prompt and completion end to end."""
-    from mlx_train.rank.token_data import read_records
+    from mlx_train.rank.token_data import read_records  # here: token_data loads MLX, which the controller does not
 
     def render(obj: dict, fmt: str) -> bytes:
         if fmt == "messages":
@@ -139,54 +140,3 @@ def _load_text(path: Path) -> np.ndarray:
         raise UserError(f"{path} holds no text files: pass a text file or a folder of them, a .jsonl with a "
                         "'text' field, or a .npy of token ids")
     return np.frombuffer(b"\n".join(parts), dtype=np.uint8)
-
-
-class Batcher:
-    """Maps (step, micro-batch, rank) to a disjoint slice of a per-epoch permutation of windows.
-
-    Global batch `step` covers positions [step*G, (step+1)*G) of an endless sequence of epochs;
-    micro-batch m of rank r takes positions m*N*B + r*B ... + B - 1 of it. The same positions are
-    covered whatever N, B and accumulation are, so the data depends on the step alone: that is the
-    whole "data position" a checkpoint needs, and it survives a change of the batch split.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, split: str = "train"):
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.seed = seed
-        self.n_windows = (len(tokens) - 1) // seq_len
-        self.split = split
-        self._perm_epoch, self._perm = -1, None
-
-    def require(self, n: int, what: str) -> None:
-        if self.n_windows < n:
-            raise UserError(
-                f"the {self.split} data has {self.n_windows} sequences of {self.seq_len} tokens, fewer than "
-                f"{what} ({n}): lower --batch-size, --accumulation or --seq-len, or use more data")
-
-    def _perm_for(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def window_ids(self, step: int, micro: int, rank: int, dist: DistributedConfig) -> np.ndarray:
-        B, N = dist.batch_size_per_device, dist.num_devices
-        start = step * dist.global_batch_size + micro * N * B + rank * B
-        positions = np.arange(start, start + B)
-        epochs, offsets = positions // self.n_windows, positions % self.n_windows
-        return np.array([self._perm_for(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
-
-    def batch(self, step: int, micro: int, rank: int, dist: DistributedConfig) -> Tuple[np.ndarray, np.ndarray]:
-        ids = self.window_ids(step, micro, rank, dist)
-        idx = ids[:, None] * self.seq_len + np.arange(self.seq_len + 1)[None, :]
-        chunk = self.tokens[idx].astype(np.int32)
-        return chunk[:, :-1], chunk[:, 1:]
-
-    def tokens_in_step(self, step: int, dist: DistributedConfig) -> int:
-        """Target tokens in global step `step` (every one is real in a byte corpus)."""
-        return dist.global_batch_size * self.seq_len
-
-    def micro_batches(self, step: int, rank: int, dist: DistributedConfig) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        for m in range(dist.gradient_accumulation):
-            yield self.batch(step, m, rank, dist)

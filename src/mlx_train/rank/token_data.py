@@ -8,7 +8,7 @@ tokenizer's chat template applied; mlx-lm's own dataset classes do the encoding)
 Each example becomes tokens plus a mask of which tokens are learned (padding never is; with
 --mask-prompt the prompt is not either). 'pack' lays examples end to end and cuts rows of
 seq_len + 1 tokens; 'pad' puts one example in each row. Rows then go through the same
-(seed, step) -> rows mapping as the byte corpus (data.Batcher), so order, disjoint rank shards and
+(seed, step) -> rows mapping as the byte corpus (batcher.Batcher), so order, disjoint rank shards and
 exact resumption carry over. Targets that must not count are -1 (see hf.masked_lm_loss).
 
 Tokenizing is done once per (data, tokenizer, options) and cached on disk under
@@ -29,7 +29,7 @@ import numpy as np
 
 from mlx_train.config import DataConfig, DistributedConfig
 from mlx_train.errors import UserError
-from mlx_train.rank.data import Batcher
+from mlx_train.rank.batcher import Batcher
 from mlx_train.rank.checkpoint import sha256_file
 
 CACHE_FORMAT = 1
@@ -188,7 +188,7 @@ def to_rows(ex: Examples, seq_len: int, packing: str, pad_id: int) -> Tuple[np.n
 
 
 class RowBatcher(Batcher):
-    """data.Batcher's (seed, step, micro, rank) -> rows mapping over fixed rows with a loss mask."""
+    """batcher.Batcher's (seed, step, micro, rank) -> rows mapping over fixed rows with a loss mask."""
 
     def __init__(self, rows: np.ndarray, learn: np.ndarray, seed: int, split: str = "train"):
         self.rows, self.learn = rows, learn

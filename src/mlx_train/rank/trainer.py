@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_train.rank import blas, checkpoint, dataskip, faults, hf, lanes, perturb, sample
+from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
 from mlx_train.rank.badstep import BadSteps, LossSpike
 
 from mlx_train import protocol
@@ -59,6 +59,7 @@ class Trainer:
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
                                bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, cores, self.grad_bytes),
                                lanes=self.lanes)
+        self.faults = inject.Faults.from_env(self.stepper, self.rank)  # the tests' faults, off unless set
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
         self.writer = checkpoint.Writer()  # rank 0 writes checkpoints beside the training loop
@@ -87,13 +88,9 @@ class Trainer:
             # rank): a resumed run then draws exactly what the uninterrupted one would have.
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
             data = dataskip.data_step(cfg.skip_data, step)  # past the data of earlier bad-step rollbacks
-            # Testing hooks, off unless set.
-            real = faults.poison_if_due(self.stepper, step, self.rank, resume, data_step=data)
-            perturb.perturb_if_due(self.stepper, step, self.rank, resume)
             limit = self.spike.limit()
-            stats = self.stepper.step(self.train.micro_batches(data, self.rank, cfg.dist), loss_limit=limit)
-            if real is not None and stats.skipped:
-                self.stepper.set_params(real)
+            batches = self.train.micro_batches(data, self.rank, cfg.dist)
+            stats = self.faults.around_step(step, data, resume, lambda: self.stepper.step(batches, loss_limit=limit))
             self.spike.observe(stats.loss, stats.skipped)
             step += 1
             self.bad_steps.after(step, stats, self.rank, data_step=data, loss_limit=limit)
@@ -216,7 +213,7 @@ class Trainer:
     def _write(self, step: int, params: dict, state: dict, meta: dict) -> tuple:
         """The writer thread's job: the checkpoint, then the adapters (pretrained models). Returns
         (the checkpoint's path, why the adapters could not be written or None)."""
-        faults.delay_write()  # a testing hook, off unless set
+        self.faults.before_write()
         path = checkpoint.save(self.ckpt_root, step, params, state, meta=meta, keep=self.cfg.keep_checkpoints)
         if self.adapter_config is None:  # results in mlx-lm's layout (hf.py) for pretrained models only
             return path, None

@@ -37,6 +37,7 @@ def assert_fresh_ssh(argv, dest):
     assert argv[0] == "ssh" and "-T" in argv and argv[-2] == dest
     opts = [argv[i + 1] for i, a in enumerate(argv[:-2]) if a == "-o"]
     assert "BatchMode=yes" in opts and f"ConnectTimeout={ssh.CONNECT_TIMEOUT_S}" in opts
+    assert f"ServerAliveInterval={ssh.ALIVE_INTERVAL_S}" in opts and f"ServerAliveCountMax={ssh.ALIVE_COUNT_MAX}" in opts
     assert "ControlMaster=no" in opts and "ControlPath=none" in opts
 
 

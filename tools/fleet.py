@@ -266,6 +266,9 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 
 def _sshd_config(ip: str, name: str) -> str:
     return f"""# sshd for fleet host {name}; /etc/ssh here is .fleet/hosts/{name}/etc-ssh.
+# Provisioning's drop-ins (ansible ssh_mesh), and a pid file of this host's own for its reload.
+Include /etc/ssh/sshd_config.d/*.conf
+PidFile /etc/ssh/sshd.pid
 ListenAddress {ip}
 HostKey /etc/ssh/ssh_host_ed25519_key
 PasswordAuthentication no
@@ -316,6 +319,7 @@ def _inventory(hosts: list[Host], python: str) -> dict:
             "ansible_ssh_common_args": f"-F {d}/ssh_config",
             "ansible_control_path_dir": f"{d}/ansible/cp",
             "ssh_mesh_key_path": f"{d}/fleet_key",
+            "ssh_mesh_sshd_pid_file": "/etc/ssh/sshd.pid",
             "mlx_backend": "ring",
         },
     }}

@@ -120,3 +120,10 @@ def test_every_node_has_the_same_venv_as_the_controller(fleet):
     source = namespace["package_hash"](REPO / "src" / "mlx_train")
     controller = ["/opt/mlx-train/venv", importlib.metadata.version("mlx"), source, 2.0]
     assert all(v == controller for v in seen.values()), (controller, seen)
+
+
+def test_sshd_ends_sessions_whose_client_went_silent(node):
+    """ClientAliveInterval from the ssh_mesh role: over a link down for good, sshd ends the session
+    and the rank it carries sees its stdin end (rank/lifeline.py)."""
+    settings = dict(line.split(" ", 1) for line in node.check_output("/usr/sbin/sshd -T").splitlines() if " " in line)
+    assert settings["clientaliveinterval"] == "5" and settings["clientalivecountmax"] == "3", settings

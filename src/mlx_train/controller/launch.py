@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from mlx_train.config import TrainConfig
+from mlx_train.controller import keepalive
 from mlx_train.errors import UserError
 from mlx_train.fleet import mpi, ssh
 from mlx_train.fleet.hosts import LOCAL, Host
@@ -50,7 +51,8 @@ def worker_args(cfg: TrainConfig, run_dir: str, run_id: str, resume: bool, stop_
     # The rank gets the user's config and, apart, where its host holds the model and data: the run's
     # identity (checked on resume) and the adapters' "model" must not depend on which host rank 0 is on.
     args = ["-m", "mlx_train.rank.worker", "--config-json", json.dumps(cfg.to_dict(), separators=(",", ":")),
-            "--run-dir", run_dir, "--run-id", run_id, "--lifeline"]
+            "--run-dir", run_dir, "--run-id", run_id,
+            "--lifeline", "--lifeline-timeout", f"{keepalive.TIMEOUT_S:g}"]  # the supervisor beats (keepalive.py)
     if placed:
         args += ["--placed", json.dumps(placed, separators=(",", ":"))]
     if resume:

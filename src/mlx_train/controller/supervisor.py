@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from mlx_train.controller import divergence, elastic, launch
+from mlx_train.controller import divergence, elastic, keepalive, launch
 
 from mlx_train import protocol
 from mlx_train.config import Split, TrainConfig
@@ -132,12 +132,13 @@ class Attempt:
         self.peaks: Dict[int, int] = {}
         self.budgets: Dict[int, int] = {}
         self.procs: List[_Proc] = []
+        self.keepalive = keepalive.Keepalive()  # the ranks' stdin also carries a beat (keepalive.py)
         for spec in specs:
             for r in spec.ranks:
                 self.logs[r] = run.log_path(r).open("a", buffering=1)
                 self.logs[r].write(f"==== attempt {number} on {spec.host} ====\n")
             try:
-                # stdin: a pipe kept open and never written, the rank's lifeline (rank/lifeline.py).
+                # stdin: a pipe kept open that carries only the beat, the rank's lifeline (rank/lifeline.py).
                 popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
                                          preexec_fn=_die_with_parent)
@@ -147,6 +148,7 @@ class Attempt:
                 raise UserError(f"cannot start ranks {spec.ranks} on {spec.host} ({spec.argv[0]}: {exc.strerror}): "
                                 "check --rank-wrapper and the interpreter path") from None
             proc = _Proc(spec, popen)
+            self.keepalive.add(popen.stdin)
             threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
             threading.Thread(target=self._wait, args=(len(self.procs), proc), daemon=True).start()
             self.procs.append(proc)
@@ -263,6 +265,7 @@ class Attempt:
         return "?"
 
     def close(self) -> None:
+        self.keepalive.stop()
         for f in self.logs.values():
             f.close()
         for p in self.procs:

@@ -18,6 +18,12 @@ from typing import Callable, Iterable, List, Optional, Tuple, TypeVar
 from mlx_train.fleet.hosts import LOCAL
 
 CONNECT_TIMEOUT_S = 4
+# The client gives up on a server silent for ALIVE_INTERVAL_S * ALIVE_COUNT_MAX seconds (a partition):
+# the supervisor then sees a remote rank's ssh exit instead of waiting on it. The far side never
+# learns from this; it has sshd's ClientAliveInterval (ansible ssh_mesh) and the supervisor's
+# keepalive (controller/keepalive.py).
+ALIVE_INTERVAL_S = 5
+ALIVE_COUNT_MAX = 3
 T = TypeVar("T")
 
 
@@ -49,7 +55,8 @@ class Result:
 
 
 def options(*, fresh: bool = False, connect_timeout: float = CONNECT_TIMEOUT_S) -> List[str]:
-    """The ssh options every fleet command takes: never prompt, give up connecting in seconds.
+    """The ssh options every fleet command takes: never prompt, give up connecting in seconds, and
+    give up on a connected server that stops answering in seconds too.
 
     `fresh` keeps ssh away from ControlMaster multiplexing, both ways: it neither joins a master
     nor becomes one. Over a dead link a multiplexed session hangs instead of failing within
@@ -58,7 +65,8 @@ def options(*, fresh: bool = False, connect_timeout: float = CONNECT_TIMEOUT_S) 
     downed link: for good), so whoever waits for that pipe's EOF never learns the client ended.
     Ranks, the remote kill, status, reset and the reachability probes use it.
     """
-    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout:g}"]
+    opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout:g}",
+            "-o", f"ServerAliveInterval={ALIVE_INTERVAL_S}", "-o", f"ServerAliveCountMax={ALIVE_COUNT_MAX}"]
     if fresh:
         opts += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
     return opts

@@ -1,10 +1,16 @@
-"""A rank ends when its supervisor is gone, wherever it runs and whatever it is doing.
+"""A rank ends when its supervisor is gone or out of reach, wherever it runs and whatever it is doing.
 
-The supervisor keeps each rank's stdin open as a pipe and never writes to it. That pipe crosses
-ssh (the remote command's stdin closes when the ssh session ends) and mpirun (which forwards its
-stdin to rank 0 only; when rank 0 dies, mpirun takes the job down). So end of file on stdin means
-"nobody supervises you any more". The rank's launcher dying (the sshd session, mpirun, orted) means
-the same, and covers the MPI ranks that have no stdin.
+The supervisor keeps each rank's stdin open as a pipe. That pipe crosses ssh (the remote command's
+stdin closes when the ssh session ends) and mpirun (which forwards its stdin to rank 0 only; when
+rank 0 dies, mpirun takes the job down). So end of file on stdin means "nobody supervises you any
+more". The rank's launcher dying (the sshd session, mpirun, orted) means the same, and covers the
+MPI ranks that have no stdin.
+
+A partition (the host's link down for good) brings neither: no packet arrives, so the ssh session
+never ends. So the supervisor also writes a byte on that pipe every few seconds
+(controller/keepalive.py), and a rank started with a timeout (`--lifeline-timeout`) that hears
+nothing on its stdin for that long ends as well. Without a timeout (a rank started by hand, or a
+stdin that is not a pipe, as MPI ranks other than 0 have) silence means nothing.
 
 The watching is done by a small forked guardian process, not a thread: a rank blocked in an
 all_sum may hold the interpreter lock inside MLX, and a frozen one (SIGSTOP) runs nothing at all;
@@ -18,6 +24,7 @@ import os
 import select
 import signal
 import stat
+import time
 from typing import Optional
 
 # How often the guardian looks whether the rank's launcher is still there.
@@ -48,8 +55,9 @@ def _launcher_gone(rank: int, launcher: int) -> bool:
     return False
 
 
-def start() -> Optional[int]:
-    """Fork the guardian of this process; its pid. Call before MLX starts threads (fork is then safe)."""
+def start(timeout: Optional[float] = None) -> Optional[int]:
+    """Fork the guardian of this process; its pid. Call before MLX starts threads (fork is then safe).
+    `timeout`: seconds of silence on stdin after which the supervisor counts as unreachable."""
     rank, launcher = os.getpid(), os.getppid()
     watch_stdin = _is_pipe(0)  # under mpirun, ranks other than 0 have /dev/null: nothing to watch there
     rank_end, keep = os.pipe()  # `keep` stays open in the rank; its end of file tells the guardian
@@ -66,11 +74,17 @@ def start() -> Optional[int]:
         os.closerange(rank_end + 1, 1 << 16)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         watched = [rank_end] + ([0] if watch_stdin else [])
+        heard = time.monotonic()
         while True:
             ready, _, _ = select.select(watched, [], [], POLL_S)
             if rank_end in ready:
                 os._exit(0)  # the rank ended on its own
-            gone = 0 in ready and not os.read(0, 1 << 12)
+            gone = False
+            if 0 in ready:
+                gone = not os.read(0, 1 << 12)
+                heard = time.monotonic()
+            if watch_stdin and timeout is not None and time.monotonic() - heard > timeout:
+                gone = True  # no beat: the supervisor is out of reach (a partition ends no session)
             if gone or _launcher_gone(rank, launcher) or os.getppid() != rank:
                 os.kill(rank, signal.SIGKILL)
                 os._exit(0)

@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, help="checkpoint and exit cleanly after this step")
     p.add_argument("--lifeline", action="store_true",
                    help="end when stdin reaches its end or the launcher exits (the supervisor is gone: lifeline.py)")
+    p.add_argument("--lifeline-timeout", type=float, metavar="S",
+                   help="with --lifeline: also end after S seconds without a byte on stdin (the supervisor's "
+                        "keepalive stopped arriving: out of reach)")
     return p.parse_args(argv)
 
 
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     from mlx_train.rank import lifeline, pidrecords
 
     if args.lifeline:
-        lifeline.start()  # before MLX starts any thread
+        lifeline.start(args.lifeline_timeout)  # before MLX starts any thread
 
     from mlx_train import protocol
     from mlx_train.config import TrainConfig

@@ -3,8 +3,8 @@ r + 1 / recv from r - 1) against "all_sum" (one all-reduce, keep one's slice), e
 
 For each world size (2, 3), backend and buffer size (1, 4, 16 MiB of float32), interleaved rounds
 time three things on rank 0: one all_sum of the buffer (the yardstick), and reduce_scatter with
-each strategy. Reported per strategy: ms per call; wire GB/s, the (N - 1)/N x size bytes a rank
-must move at the least over that time; and x all_sum, its time over the all_sum's in the same run.
+each strategy. Reported per strategy: ms per call; wire Gbit/s, the (N - 1)/N x size bytes a
+rank must move at the least over that time (against a link's rate: how much of the wire it uses); and x all_sum, its time over the all_sum's in the same run.
 
 Places: the ring backend on loopback (ranks started directly, as bench/ring.py), MPI on loopback
 over TCP (OMPI_MCA_btl=self,tcp: the wire, not shared memory) when mpirun is here, and with
@@ -161,7 +161,7 @@ def on_fleet(rates, sizes, rounds: int, reps: int, timeout: float) -> list:
 
 
 def table(rows: list) -> str:
-    lines = ["| place | ranks | MiB | what | ms | wire GB/s | x all_sum |", "|---|---|---|---|---|---|---|"]
+    lines = ["| place | ranks | MiB | what | ms | wire Gbit/s | x all_sum |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['place']} | {r['ranks']} | {r['mib']} | {r['what']} | {r['ms']:.1f} | "
                      f"{r['wire_gbps']:.2f} | {r['x_all_sum']:.2f} |")
@@ -199,7 +199,7 @@ def main() -> int:
     print(table(rows))
     Path(a.out).write_text(json.dumps({
         "runs": runs,
-        "note": "medians of interleaved rounds on rank 0; wire GB/s: (N-1)/N x size over the time; "
+        "note": "medians of interleaved rounds on rank 0; wire_gbps: Gbit/s of (N-1)/N x size over the time; "
                 "x all_sum: the time over one all_sum of the whole buffer in the same run",
         "rows": rows}, indent=1) + "\n")
     return 0

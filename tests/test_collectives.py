@@ -46,7 +46,7 @@ def test_pad_flat_appends_zeros_to_a_multiple():
 
 def test_auto_uses_sum_scatter_only_where_the_backend_has_it():
     assert c.choose("nccl") == c.choose("jaccl") == "native"
-    assert c.choose("ring") == c.choose("mpi") == c.choose(None) != "native"
+    assert c.choose("ring") == c.choose("mpi") == c.choose(None) == "ring"  # measured: half all_sum's time
 
 
 def test_native_is_refused_without_trying_it_where_the_backend_lacks_it():

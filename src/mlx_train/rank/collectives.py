@@ -15,8 +15,14 @@ from what the backend has:
 - "all_sum": one all_sum of the whole buffer, then this rank's slice: 2 (N - 1)/N of the buffer
   on the wire, twice the ring's, in one call to the backend's own pipelined all-reduce.
 
-Which is faster is measured by bench/reduce_scatter.py (docs/sharding.md); until then "auto"
-takes the backend's own all_sum wherever sum_scatter is missing.
+"auto" takes sum_scatter where the backend has it, else "ring", which bench/reduce_scatter.py
+found the faster everywhere it ran (docs/sharding.md; 2 and 3 ranks, 1, 4 and 16 MiB of float32,
+time over one all_sum of the same buffer, medians):
+- the 3-host test fleet, ring backend, each host's link limited by tc tbf: ring 0.34-0.51 at
+  1 Gbit/s, 0.41-0.54 at 200 Mbit/s, moving (N - 1)/N of the buffer at 0.56-0.85 and 0.16-0.20
+  Gbit/s (the wire, less TCP's and the rounds' overhead); "all_sum" 0.91-1.03 of one all_sum.
+- loopback, ranks sharing 2 busy cores (load 8), ring backend: ring 0.06-0.59; MPI over TCP:
+  ring 0.19-0.76 except 1 MiB on 3 ranks (ring 1.10, "all_sum" 0.67: 2.7 against 1.7 ms).
 
 A collective cannot be bounded from inside: an evaluation here waits as long as the backend does.
 The bound is outside the rank (the supervisor's progress watchdog kills a rank that stops moving),
@@ -59,7 +65,7 @@ def shard_bounds(length: int, parts: int, rank: int) -> Tuple[int, int]:
 
 def choose(backend: Optional[str]) -> str:
     """The strategy "auto" runs on `backend` (measured: see the module's docstring)."""
-    return "native" if has_sum_scatter(backend) else "all_sum"
+    return "native" if has_sum_scatter(backend) else "ring"
 
 
 def reduce_scatter(x: mx.array, group: mx.distributed.Group, how: str = "auto", *,

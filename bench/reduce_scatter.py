@@ -4,7 +4,8 @@ r + 1 / recv from r - 1) against "all_sum" (one all-reduce, keep one's slice), e
 For each world size (2, 3), backend and buffer size (1, 4, 16 MiB of float32), interleaved rounds
 time three things on rank 0: one all_sum of the buffer (the yardstick), and reduce_scatter with
 each strategy. Reported per strategy: ms per call; wire Gbit/s, the (N - 1)/N x size bytes a
-rank must move at the least over that time (against a link's rate: how much of the wire it uses); and x all_sum, its time over the all_sum's in the same run.
+rank must move at the least over that time (against a link's rate: how much of the wire it
+uses); and x all_sum, its time over the all_sum's in the same run.
 
 Places: the ring backend on loopback (ranks started directly, as bench/ring.py), MPI on loopback
 over TCP (OMPI_MCA_btl=self,tcp: the wire, not shared memory) when mpirun is here, and with

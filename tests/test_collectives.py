@@ -52,7 +52,7 @@ def test_auto_uses_sum_scatter_only_where_the_backend_has_it():
 def test_native_is_refused_without_trying_it_where_the_backend_lacks_it():
     import mlx.core as mx
 
-    group = mx.distributed.init()  # size 1: the refusal comes before any collective
+    group = mx.distributed.init(backend="ring")  # no peers: size 1; the refusal comes first
     for backend in ("ring", "mpi", None):
         with pytest.raises(ValueError, match="sum_scatter is not available"):
             c.reduce_scatter(mx.zeros((4,)), group, "native", backend=backend)
@@ -140,8 +140,9 @@ def _reports(out_dir: Path) -> list:
 def _run_ring(n: int, tmp_path: Path) -> list:
     hostfile = tmp_path / "hostfile.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    procs = [subprocess.Popen(_rank_argv("ring", tmp_path), env={**_env(), "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    env = {**_env(), "MLX_HOSTFILE": str(hostfile)}
+    procs = [subprocess.Popen(_rank_argv("ring", tmp_path), env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(n)]
     try:
         outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     finally:

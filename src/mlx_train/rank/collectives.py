@@ -16,7 +16,7 @@ from what the backend has:
   on the wire, twice the ring's, in one call to the backend's own pipelined all-reduce.
 
 "auto" takes sum_scatter where the backend has it, else "ring", which bench/reduce_scatter.py
-found the faster everywhere it ran (docs/sharding.md; 2 and 3 ranks, 1, 4 and 16 MiB of float32,
+found the faster in all but one case (docs/sharding.md; 2 and 3 ranks, 1, 4 and 16 MiB of float32,
 time over one all_sum of the same buffer, medians):
 - the 3-host test fleet, ring backend, each host's link limited by tc tbf: ring 0.34-0.51 at
   1 Gbit/s, 0.41-0.54 at 200 Mbit/s, moving (N - 1)/N of the buffer at 0.56-0.85 and 0.16-0.20

@@ -166,7 +166,7 @@ class RankGroup:
             p.spec.sweep(p.popen.pid)
 
     def _signal(self, proc: _Proc, sig: int) -> None:
-        proc.spec.signal(proc.popen.pid, sig, {r: h.pid for r, h in self.hello.items()})
+        proc.spec.send_signal(proc.popen.pid, sig, {r: h.pid for r, h in self.hello.items()})
 
     def host_of(self, rank: int) -> str:
         for p in self.procs:

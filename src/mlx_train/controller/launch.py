@@ -68,7 +68,7 @@ class RankProc:
                 return int(m.group(1)), m.group(2)
         return self.ranks[0], line
 
-    def signal(self, pgid: int, sig: int, pids: Dict[int, int]) -> None:
+    def send_signal(self, pgid: int, sig: int, pids: Dict[int, int]) -> None:
         """Send `sig` to this process's group here (`pgid`) and, when it was started through ssh, to
         each of its ranks by the pid the rank reported (`pids`), on the rank's own host: the ssh
         client dying does not reliably end the remote rank."""
@@ -79,18 +79,18 @@ class RankProc:
                 t.start()
             for t in threads:
                 t.join(timeout=20)
-        killpg(pgid, sig)
+        _killpg(pgid, sig)
         if sig == signal.SIGTERM:
-            killpg(pgid, signal.SIGCONT)  # a stopped rank handles SIGTERM only once continued
+            _killpg(pgid, signal.SIGCONT)  # a stopped rank handles SIGTERM only once continued
 
     def sweep(self, pgid: int) -> None:
         """SIGKILL what a local launch left in its process group (e.g. a child holding the pipe). A
         remote launch's group holds only ssh, whose ControlMaster may serve other sessions."""
         if not self.remote:
-            killpg(pgid, signal.SIGKILL)
+            _killpg(pgid, signal.SIGKILL)
 
 
-def killpg(pgid: int, sig: int) -> None:
+def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

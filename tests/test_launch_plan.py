@@ -44,6 +44,7 @@ def assert_fresh_ssh(argv, dest):
 def test_local_ring_one_process_per_rank_on_loopback():
     procs = plan(cfg(3, connections=2), launch.local_hosts(3), wrapper=["taskset", "-c", "0"])
     assert [p.ranks for p in procs] == [[0], [1], [2]] and all(p.host == LOCAL and not p.tagged for p in procs)
+    assert not any(p.remote for p in procs)  # stopped by their process groups here
     peers = json.loads(flag(procs[0].argv, "--ring-hosts"))
     assert all(flag(p.argv, "--ring-hosts") == flag(procs[0].argv, "--ring-hosts") for p in procs)
     assert [len(p) for p in peers] == [2, 2, 2] and all(a.startswith("127.0.0.1:") for p in peers for a in p)
@@ -63,7 +64,7 @@ def test_one_local_rank_waits_for_no_peer():
 
 def test_ring_over_ssh_one_fresh_bounded_ssh_per_rank_on_the_pinned_addresses():
     procs = plan(cfg(3), REMOTE)
-    assert [p.host for p in procs] == ["h1", "h2", "h3"]
+    assert [p.host for p in procs] == ["h1", "h2", "h3"] and all(p.remote for p in procs)
     peers = json.loads(flag(shlex.split(procs[0].argv[-1]), "--ring-hosts"))
     assert [a.rsplit(":", 1)[0] for (a,) in peers] == ["10.77.0.11", "10.77.0.12", "10.77.0.13"]
     for rank, p in enumerate(procs):
@@ -79,7 +80,8 @@ def test_ring_over_ssh_one_fresh_bounded_ssh_per_rank_on_the_pinned_addresses():
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun on PATH (Open MPI)")
 def test_local_mpi_one_mpirun_with_tagged_output_and_the_mpi_environment():
     (p,) = plan(cfg(2, "mpi"), launch.local_hosts(2))
-    assert p.tagged and p.ranks == [0, 1] and p.host == LOCAL
+    assert p.tagged and p.ranks == [0, 1] and p.host == LOCAL and not p.remote
+    assert p.split("[1,1]<stderr>: a line") == (1, "a line") and p.split("[1,1] untagged") == (0, "[1,1] untagged")
     assert p.argv[0].endswith("mpirun") and flag(p.argv, "-np") == "2" and "--tag-output" in p.argv
     forwarded = {p.argv[i + 1] for i, a in enumerate(p.argv) if a == "-x"}
     assert "PYTHONUNBUFFERED" in forwarded and forwarded <= set(p.env)
@@ -90,6 +92,7 @@ def test_remote_mpi_runs_mpirun_on_the_first_host_over_a_fresh_ssh():
     (p,) = plan(cfg(3, "mpi"), REMOTE)
     assert_fresh_ssh(p.argv, "h1")
     assert p.tagged and p.ranks == [0, 1, 2] and p.rank_hosts == ["h1", "h2", "h3"]
+    assert p.remote and p.host_of(2) == "h3" and p.split("[7,2]<stdout>:x") == (2, "x")  # each rank killed on its host
     command = p.argv[-1]
     assert "$lib" in command and "libmpi.so.40" in command  # the node probes its own libmpi
     mpirun = shlex.split(command.split("exec env ", 1)[1])

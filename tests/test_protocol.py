@@ -9,7 +9,7 @@ import pytest
 
 from mlx_train import protocol
 from mlx_train.config import TrainConfig
-from mlx_train.controller.supervisor import Supervisor
+from mlx_train.controller.supervisor import Supervision, Supervisor
 from mlx_train.rundir import RunDir
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "mlx_train"
@@ -96,7 +96,7 @@ def test_an_int_is_a_valid_float():
 
 
 def test_the_supervisor_handles_every_kind(tmp_path):
-    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [], max_restarts=3, stall_timeout=None)
+    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [], Supervision(max_restarts=3))
     assert set(sup.handlers) == set(protocol.KINDS.values())
 
 
@@ -125,10 +125,10 @@ def test_the_pump_logs_bad_lines_and_forwards_messages(tmp_path):
     import queue
 
     from mlx_train.controller.launch import RankProc
-    from mlx_train.controller.supervisor import Attempt, _Proc
+    from mlx_train.controller.group import RankGroup, _Proc
 
     inbox = queue.Queue()
-    group = Attempt([], RunDir(tmp_path), inbox, number=3)
+    group = RankGroup([], RunDir(tmp_path), inbox, number=3)
     group.logs[0] = io.StringIO()
     proc = _Proc(RankProc([], {}, "localhost", [0]), popen=None)
     for line in ("plain log text", protocol.PREFIX + '{"kind": "hb", "step": "x", "peak": 1}',
@@ -148,11 +148,12 @@ def test_the_pump_logs_bad_lines_and_forwards_messages(tmp_path):
 def test_a_handler_that_fails_does_not_bring_the_supervisor_down(tmp_path):
     import io
 
-    from mlx_train.controller.supervisor import Attempt, _State
+    from mlx_train.controller.group import RankGroup
+    from mlx_train.controller.supervisor import _State
     from mlx_train.controller.watchdog import Watchdog
 
-    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [], max_restarts=3, stall_timeout=None)
-    group = Attempt([], RunDir(tmp_path), sup.inbox, number=0)
+    sup = Supervisor(TrainConfig(), RunDir(tmp_path), [], Supervision(max_restarts=3))
+    group = RankGroup([], RunDir(tmp_path), sup.inbox, number=0)
     group.logs[0] = io.StringIO()
     state = _State(group, Watchdog([0]))
     sup.handlers[protocol.Done] = lambda *_: 1 / 0

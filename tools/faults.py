@@ -131,10 +131,12 @@ def _kill_controller(ctx: Ctx) -> None:
 
 def _is_worker(pid: int) -> bool:
     try:
-        return b"mlx_train.rank.worker" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
-            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        if b"mlx_train.rank.worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
     except OSError:
         return False
+    st = fleet_tools.procs.stat(pid)
+    return st is not None and st.state != "Z"
 
 
 def _ckpt_dir(ctx: Ctx) -> Path:

@@ -82,14 +82,20 @@ class RunDir:
                 if not d.is_dir():
                     d.mkdir(parents=True)
                     made.append(d)
-            tmp = self.config_path.with_suffix(".yaml.tmp")
-            cfg.to_yaml(tmp)
-            tmp.replace(self.config_path)
+            self.save_config(cfg)
         except OSError as exc:
             for d in reversed(made):  # leave nothing behind that we made
                 shutil.rmtree(d, ignore_errors=True)
             raise UserError(f"cannot create the run directory {self.path} ({exc.strerror or exc}): choose another "
                             "--run-dir") from None
+
+    def save_config(self, cfg: TrainConfig) -> None:
+        """Write config.yaml, the one place it is written: at prepare, and when the supervisor changes the
+        run's config (a re-split, the OOM ladder, data to skip) so that --resume continues with it.
+        Whole or not at all: a crash mid-write leaves the old file."""
+        tmp = self.config_path.with_suffix(".yaml.tmp")
+        cfg.to_yaml(tmp)
+        tmp.replace(self.config_path)
 
     def append(self, path: Path, record: dict) -> None:
         try:

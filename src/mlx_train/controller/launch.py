@@ -4,8 +4,10 @@ Three shapes, all running the same `python -m mlx_train.rank.worker`:
 - ring, local ranks: one child per rank with the ring's peer list on loopback;
 - ring over ssh: one `ssh host ... worker` per rank with the hosts' pinned addresses;
 - mpi: one `mpirun --tag-output` carrying every rank (local or `--host` list).
-The supervisor (supervisor.py) owns the processes these describe. A rank on a remote host reads
-the model and data where ship.py put them on that host (`--placed`, TrainConfig.placed_at).
+Each shape also says how its process is stopped and how its output is read (RankProc): the rank
+group (group.py) starts and stops what these describe without knowing which shape it holds. A rank
+on a remote host reads the model and data where ship.py put them on that host (`--placed`,
+TrainConfig.placed_at).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from mlx_train.config import TrainConfig
 from mlx_train.controller import keepalive
@@ -27,14 +33,78 @@ from mlx_train.fleet import mpi, ssh
 from mlx_train.fleet.hosts import LOCAL, Host
 
 
-@dataclass
+# mpirun --tag-output: "[job,rank]<stdout>: line".
+_TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
+
+
+@dataclass(frozen=True)
 class RankProc:
+    """One process to start, carrying one rank (ring) or all of them (mpirun), and how to stop it."""
     argv: List[str]
     env: Dict[str, str]
     host: str
     ranks: List[int]
     tagged: bool = False         # lines arrive as mpirun's "[job,rank]<stdout>:" tags
     rank_hosts: Optional[List[str]] = None  # mpirun across hosts: the ssh destination of each rank
+    remote: bool = False         # started through ssh: the process here is only the ssh client
+
+    @property
+    def what(self) -> str:
+        """How a message names this process."""
+        return f"rank {self.ranks[0]}" if len(self.ranks) == 1 else "mpirun"
+
+    @property
+    def exit_ranks(self) -> List[Optional[int]]:
+        """The ranks its exit is recorded for: mpirun's one exit stands for all of them (None)."""
+        return [None] if self.tagged else list(self.ranks)
+
+    def host_of(self, rank: int) -> str:
+        return (self.rank_hosts or [self.host] * len(self.ranks))[self.ranks.index(rank)]
+
+    def split(self, line: str) -> Tuple[int, str]:
+        """Which of its ranks wrote `line`, and the line as that rank wrote it."""
+        if self.tagged:
+            m = _TAGGED.match(line)
+            if m:
+                return int(m.group(1)), m.group(2)
+        return self.ranks[0], line
+
+    def send_signal(self, pgid: int, sig: int, pids: Dict[int, int]) -> None:
+        """Send `sig` to this process's group here (`pgid`) and, when it was started through ssh, to
+        each of its ranks by the pid the rank reported (`pids`), on the rank's own host: the ssh
+        client dying does not reliably end the remote rank."""
+        if self.remote:
+            kills = [(self.host_of(r), pids[r]) for r in self.ranks if r in pids]
+            threads = [threading.Thread(target=_remote_kill, args=(h, pid, sig), daemon=True) for h, pid in kills]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=20)
+        _killpg(pgid, sig)
+        if sig == signal.SIGTERM:
+            _killpg(pgid, signal.SIGCONT)  # a stopped rank handles SIGTERM only once continued
+
+    def sweep(self, pgid: int) -> None:
+        """SIGKILL what a local launch left in its process group (e.g. a child holding the pipe). A
+        remote launch's group holds only ssh, whose ControlMaster may serve other sessions."""
+        if not self.remote:
+            _killpg(pgid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _remote_kill(host: str, pid: int, sig: int) -> None:
+    # Fresh (no ControlMaster): over a dead link a multiplexed session hangs past ConnectTimeout.
+    try:
+        subprocess.run(ssh.argv(host, f"kill -{int(sig)} {int(pid)}", fresh=True),
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        pass  # an unreachable host: its rank fails on its own once the ring is gone
 
 
 def local_hosts(n: int) -> List[Host]:
@@ -117,7 +187,8 @@ def plan_ring(cfg: TrainConfig, hosts: List[Host], args_for: Callable[[Host], Li
         if host.local:
             procs.append(RankProc([*wrapper, *argv], {**os.environ, **env}, host.name, [rank]))
         else:
-            procs.append(RankProc(_ssh(host.name, _remote_command(env, argv)), dict(os.environ), host.name, [rank]))
+            procs.append(RankProc(_ssh(host.name, _remote_command(env, argv)), dict(os.environ), host.name, [rank],
+                                  remote=True))
     return procs
 
 
@@ -144,7 +215,7 @@ def plan_mpi_remote(hosts: List[Host], base_args: List[str]) -> List[RankProc]:
     program = [hosts[0].python, *base_args, "--ranks-on-host", str(max(h.slots for h in hosts))]
     command = mpi.on_node([(h.name, h.slots) for h in hosts], program, ["--tag-output"], {"PYTHONUNBUFFERED": "1"})
     return [RankProc(_ssh(hosts[0].name, command), dict(os.environ), hosts[0].name,
-                     list(range(len(per_rank))), tagged=True, rank_hosts=[h.name for h in per_rank])]
+                     list(range(len(per_rank))), tagged=True, rank_hosts=[h.name for h in per_rank], remote=True)]
 
 
 def plan(cfg: TrainConfig, hosts: List[Host], run_dir: str, run_id: str, resume: bool,

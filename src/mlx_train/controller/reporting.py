@@ -1,10 +1,12 @@
-"""`--report-to tensorboard,wandb`: the run's logged steps, also sent to experiment trackers.
+"""Where the run's logged steps go: metrics.jsonl and, with `--report-to tensorboard,wandb`, trackers.
 
-Fed from the one place metrics.jsonl is appended (the supervisor's metrics handler), so a tracker
-sees exactly the records monitor reads. Each backend is one class with the same three calls
-(open, log, close); `Reporters` fans a record out to them and shields the run from them: a backend
-that raises is dropped with one `report_failed` event and training goes on. The packages are
-optional (`pip install 'mlx-train[tracking]'`); a missing one stops the run before launch.
+The supervisor hands each logged step to a list of sinks (mlx-lm's trainer callbacks): a callable
+`(step, record)` or an object with `.log(step, record)`. metrics.jsonl is one (MetricsFile), the
+experiment trackers another (Reporters), so a tracker sees exactly the records monitor reads. Each
+backend is one class with the same three calls (open, log, close); `Reporters` fans a record out to
+them and shields the run from them: a backend that raises is dropped with one `report_failed` event
+and training goes on. The packages are optional (`pip install 'mlx-train[tracking]'`); a missing one
+stops the run before launch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Protocol, Union
 
 from mlx_train.config import REPORT_TO, TrainConfig
 from mlx_train.errors import UserError
@@ -27,6 +29,27 @@ from mlx_train.rundir import RunDir
 _NOT_SCALARS = {"step", "time", "attempt", "devices", "param_checksum", "peak_memory", "sample"}
 # Curves grouped the way TensorBoard and W&B fold tags at the first "/".
 _SECTION = {"loss": "train", "val_loss": "eval", "lr": "train", "grad_norm": "train"}
+
+
+class Sink(Protocol):
+    def log(self, step: int, record: dict) -> None: ...
+
+
+SinkLike = Union[Sink, Callable[[int, dict], None]]
+
+
+def as_callback(sink: SinkLike) -> Callable[[int, dict], None]:
+    return sink.log if hasattr(sink, "log") else sink
+
+
+class MetricsFile:
+    """metrics.jsonl: the record monitor, status, optimize and a resumed run's trackers read."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def log(self, step: int, record: dict) -> None:
+        self.run.append(self.run.metrics_path, record)
 
 
 def scalars(record: dict) -> Dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Tuple
@@ -20,7 +19,7 @@ from mlx_train.units import MAX_BYTES, human
 from mlx_train.controller.launch import local_hosts
 from mlx_train.fleet.hosts import Host
 from mlx_train.rundir import RUNS_ROOT, RunDir, new_run_id
-from mlx_train.controller.supervisor import Supervisor
+from mlx_train.controller.supervisor import Supervision, Supervisor
 from mlx_train.planning.oom import OomPolicy
 from mlx_train.rank.device import rank_budget_for
 
@@ -214,13 +213,10 @@ def start(flags: dict, opts: RunOptions) -> int:
         steps = list_steps(run.checkpoints)
         start_step = int(steps[-1].name.split("-")[1]) if steps else 0
     view = ProgressView(cfg.steps, start_step, live=opts.live)
-    sup = Supervisor(cfg, run, hosts, max_restarts=opts.max_restarts, stall_timeout=opts.stall_timeout,
-                     min_devices=opts.min_devices, max_devices=opts.max_devices,
-                     resume=bool(opts.resume), stop_after=opts.stop_after, view=view, oom=OomPolicy(),
-                     rank_wrapper=shlex.split(opts.rank_wrapper) if opts.rank_wrapper else None)
-    sup.report = reporting.open_reporters(run, opts.trackers, cfg)
+    trackers = reporting.open_reporters(run, opts.trackers, cfg)
+    sinks = [reporting.MetricsFile(run), *([trackers] if trackers else []), lambda _, record: view.metrics(record)]
     try:
-        return sup.supervise()
+        return Supervisor(cfg, run, hosts, Supervision.of(opts), view=view, oom=OomPolicy(), sinks=sinks).supervise()
     finally:
-        if sup.report is not None:
-            sup.report.close()
+        if trackers is not None:
+            trackers.close()

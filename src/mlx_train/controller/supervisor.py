@@ -1,54 +1,55 @@
-"""The supervisor: owns the rank processes of a run, restarts them from the last checkpoint.
+"""The supervisor: keeps a run's rank group going, from launch to its end, restarting from the last checkpoint.
 
-It knows each rank's exit as it happens (one waiter thread per process, blocked in wait()), reads
-every rank's output through a pipe (one pump thread per process), and sleeps on a queue in
-between. A rank that dies takes its peers down with it (they would hang or fail in the next
-all_sum anyway); the whole group is then relaunched with --resume, up to --max-restarts. A rank
-that goes quiet is found by the watchdog (watchdog.py), which the queue's one-second timeout
-consults. What a rank says is typed in protocol.py; each kind has one handler below.
-
-Nothing here waits without a bound: an exit is learnt from wait(), never from the pipe's end (a
-process the rank spawned, e.g. an ssh ControlMaster, can hold the pipe open forever).
+It launches a rank group (group.py) and sleeps on one queue, where the group's pumps and waiters put
+what the ranks say and how they exit; a rank that goes quiet is found by the watchdog (watchdog.py),
+which the queue's one-second timeout consults. What a rank says is typed in protocol.py; each kind
+has one handler below. A rank that dies takes its peers down with it (they would hang or fail in the
+next all_sum anyway): the attempt ends with a Status, and the run loop (`_loop`) decides from it
+whether the run ends or the whole group is relaunched with --resume (the transitions are beside
+Status). Logged steps go to the sinks (reporting.py); config.yaml changes go through RunDir.save_config.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import enum
-import os
 import queue
-import re
-import select
+import shlex
 import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import List, Optional, Sequence, Tuple
 
-from mlx_train.controller import divergence, elastic, keepalive, launch
+from mlx_train.controller import divergence, elastic, launch, reporting
 
 from mlx_train import protocol
-from mlx_train.config import Split, TrainConfig
+from mlx_train.config import RunOptions, Split, TrainConfig
 from mlx_train.controller.console import ProgressView
-from mlx_train.controller.launch import Host, RankProc
+from mlx_train.controller.group import DRAIN_S, RankGroup, _Proc
+from mlx_train.controller.launch import Host
 from mlx_train.controller.watchdog import CHECKPOINT, Allowances, Stall, Watchdog
 from mlx_train.errors import UserError
 from mlx_train.planning.oom import CrashFacts, OomPolicy
 from mlx_train.rank import dataskip
 from mlx_train.rundir import RunDir
 
-_TAGGED = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:\s?(.*)$")
-STOP_GRACE_S = 5.0
-# After a process exits, how long its pipe may still deliver what it wrote before it died.
-DRAIN_S = 2.0
 # Skipped (non-finite) steps in a row after which the group restarts from its last checkpoint.
 ROLLBACK_AFTER_BAD_STEPS = protocol.ROLLBACK_AFTER_BAD_STEPS
 
 
 class Status(enum.Enum):
+    """How an attempt ended, and what the run loop (Supervisor._loop) does next:
+
+        DONE, STOPPED  the run ends: exit 0 ("finish", "stopped")
+        INTERRUPTED    the run ends: exit 130 (SIGINT or SIGTERM; every rank stopped, --resume continues)
+        USER_ERROR     the run ends: exit 2 (a rank rejected its input; a relaunch would too)
+        OOM            relaunch with the OOM policy's next, smaller split, using no restart (a finite
+                       ladder); the run ends, exit 1, when nothing smaller is left
+        RESIZE         relaunch with the re-admitted hosts, using no restart
+        FAILED         relaunch while restarts are left (--max-restarts); else the run ends, exit 1
+
+    Every relaunch resumes from the newest checkpoint, and in an elastic run (--min-devices) first
+    decides which hosts take part (_membership)."""
     DONE = "done"
     STOPPED = "stopped"            # --stop-after reached, checkpointed
     FAILED = "failed"
@@ -58,6 +59,10 @@ class Status(enum.Enum):
     RESIZE = "resize"              # an excluded host is back: relaunch from the checkpoint just written
 
 
+# Relaunches that use up no restart.
+_FREE = (Status.OOM, Status.RESIZE)
+
+
 @dataclass
 class Outcome:
     status: Status
@@ -65,31 +70,6 @@ class Outcome:
     reason: str = ""
     oom: Optional[dict] = None
     host: Optional[str] = None     # the host that ended the attempt, when one did (elastic.py)
-
-
-def _die_with_parent() -> None:
-    # Linux: a rank gets SIGKILL if the supervisor dies, so no orphan outlives a killed supervisor.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _remote_kill(host: str, pid: int, sig: int) -> None:
-    # Fresh (no ControlMaster): over a dead link a multiplexed session hangs past ConnectTimeout.
-    from mlx_train.fleet import ssh
-
-    try:
-        subprocess.run(ssh.argv(host, f"kill -{int(sig)} {int(pid)}", fresh=True),
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        pass  # an unreachable host: its rank fails on its own once the ring is gone
-
-
-def _stopped_locally(pid: int) -> bool:
-    """Is this local process stopped (SIGSTOP, a debugger)? False where /proc cannot tell."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
 
 
 def classify_exit(cfg: TrainConfig, oom: OomPolicy, facts: CrashFacts, where: str, step: int,
@@ -110,186 +90,29 @@ def classify_exit(cfg: TrainConfig, oom: OomPolicy, facts: CrashFacts, where: st
     return Outcome(Status.FAILED, step, f"{where} {what}")
 
 
-@dataclass
-class _Proc:
-    spec: RankProc
-    popen: subprocess.Popen
-    drained: threading.Event = field(default_factory=threading.Event)
-    wake: tuple = field(default_factory=os.pipe)  # _wait writes here so the pump starts its bounded drain
+@dataclass(frozen=True)
+class Supervision:
+    """How a run is launched and kept going: the options of `train` that shape supervision, not training."""
+    max_restarts: int                        # relaunches after a failure before giving up
+    stall_timeout: Optional[float] = None    # None: the watchdog adapts to the run's pace (watchdog.py)
+    resume: bool = False                     # the first launch resumes from the run's checkpoint too
+    stop_after: Optional[int] = None         # checkpoint and stop after this step
+    rank_wrapper: Tuple[str, ...] = ()       # prefixes each local rank's command (taskset, prlimit)
+    min_devices: Optional[int] = None        # elastic (elastic.py): set, a failing host may be excluded
+    max_devices: Optional[int] = None
+    allowances: Allowances = Allowances()
 
-
-class Attempt:
-    """One launch of every rank: the processes, their pumps and waiters.
-
-    Everything it puts in the inbox carries its number, so a straggler of an earlier attempt
-    (a pump still draining) is never mistaken for the current one."""
-
-    def __init__(self, specs: List[RankProc], run: RunDir, inbox: "queue.Queue", number: int):
-        self.run, self.inbox, self.number = run, inbox, number
-        self.logs = {}
-        self.hello: Dict[int, protocol.Hello] = {}
-        self.oom: Optional[dict] = None
-        self.peaks: Dict[int, int] = {}
-        self.budgets: Dict[int, int] = {}
-        self.procs: List[_Proc] = []
-        self.keepalive = keepalive.Keepalive()  # the ranks' stdin also carries a beat (keepalive.py)
-        for spec in specs:
-            for r in spec.ranks:
-                self.logs[r] = run.log_path(r).open("a", buffering=1)
-                self.logs[r].write(f"==== attempt {number} on {spec.host} ====\n")
-            try:
-                # stdin: a pipe kept open that carries only the beat, the rank's lifeline (rank/lifeline.py).
-                popen = subprocess.Popen(spec.argv, env=spec.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, bufsize=0, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-            except OSError as exc:
-                self.stop()
-                self.close()
-                raise UserError(f"cannot start ranks {spec.ranks} on {spec.host} ({spec.argv[0]}: {exc.strerror}): "
-                                "check --rank-wrapper and the interpreter path") from None
-            proc = _Proc(spec, popen)
-            self.keepalive.add(popen.stdin)
-            threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
-            threading.Thread(target=self._wait, args=(len(self.procs), proc), daemon=True).start()
-            self.procs.append(proc)
-
-    @property
-    def ranks(self) -> List[int]:
-        return [r for p in self.procs for r in p.spec.ranks]
-
-    def _pump(self, proc: _Proc) -> None:
-        out, wake = proc.popen.stdout.fileno(), proc.wake[0]
-        buf, deadline = b"", None
-        try:
-            while True:
-                wait = None if deadline is None else deadline - time.monotonic()
-                if wait is not None and wait <= 0:
-                    break  # someone else holds the pipe open: what the rank wrote is in by now
-                ready, _, _ = select.select([out, wake], [], [], wait)
-                if wake in ready and deadline is None:
-                    deadline = time.monotonic() + DRAIN_S
-                if out not in ready:
-                    continue
-                chunk = os.read(out, 1 << 16)
-                if not chunk:
-                    break
-                *lines, buf = (buf + chunk).split(b"\n")
-                for line in lines:
-                    self._line(proc, line.decode(errors="replace").rstrip("\r"))
-            if buf:
-                self._line(proc, buf.decode(errors="replace"))
-        finally:
-            proc.drained.set()
-            proc.popen.stdout.close()
-            os.close(wake)  # the write end is _wait's
-
-    def _line(self, proc: _Proc, line: str) -> None:
-        rank = proc.spec.ranks[0]
-        if proc.spec.tagged:
-            m = _TAGGED.match(line)
-            if m:
-                rank, line = int(m.group(1)), m.group(2)
-        log = self.logs.get(rank, self.logs[proc.spec.ranks[0]])
-        if log.closed:
-            return  # a straggler of an attempt that is over
-        msg = protocol.parse(line)
-        if msg is None:
-            _append(log, line + "\n")
-            return
-        if isinstance(msg, protocol.Malformed):
-            _append(log, f"[supervisor] ignored a malformed protocol line ({msg.why}): {line}\n")
-            return
-        if not isinstance(msg, protocol.Heartbeat):
-            _append(log, line + "\n")
-        self.inbox.put(("msg", self.number, rank, msg))
-
-    def _wait(self, index: int, proc: _Proc) -> None:
-        code = proc.popen.wait()
-        try:
-            os.write(proc.wake[1], b"x")
-        except OSError:
-            pass  # the pump already met the pipe's end and is gone
-        finally:
-            os.close(proc.wake[1])
-        # Every line the process wrote is in before its exit is reported, within a bound.
-        proc.drained.wait(DRAIN_S + 1.0)
-        self.inbox.put(("exit", self.number, index, code))
-
-    def running(self) -> List[_Proc]:
-        return [p for p in self.procs if p.popen.poll() is None]
-
-    def stop(self) -> None:
-        """SIGTERM every rank still running, then SIGKILL whatever is left after a grace period,
-        and finally whatever an exited rank left behind in its process group (a child of it
-        can hold the rank's output pipe open)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            alive = self.running()
-            if not alive:
-                break
-            for p in alive:
-                self._signal(p, sig)
-            deadline = time.monotonic() + STOP_GRACE_S
-            for p in alive:
-                try:
-                    p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-        self.sweep()
-
-    def sweep(self) -> None:
-        """SIGKILL what local ranks left in their process groups (e.g. a child holding the pipe).
-        Remote ranks' groups hold only ssh, whose ControlMaster may serve other sessions."""
-        for p in self.procs:
-            if p.spec.host == launch.LOCAL:
-                _killpg(p.popen.pid, signal.SIGKILL)
-
-    def _signal(self, proc: _Proc, sig: int) -> None:
-        if proc.spec.host not in (launch.LOCAL, "mpirun"):
-            # A remote rank: the ssh client dying does not reliably end it, so signal it by the
-            # pid it reported, on its own host (under a remote mpirun, each rank's own host).
-            hosts = proc.spec.rank_hosts or [proc.spec.host] * len(proc.spec.ranks)
-            kills = [(h, self.hello[r].pid) for r, h in zip(proc.spec.ranks, hosts) if r in self.hello]
-            threads = [threading.Thread(target=_remote_kill, args=(h, pid, sig), daemon=True) for h, pid in kills]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=20)
-        _killpg(proc.popen.pid, sig)
-        if sig == signal.SIGTERM:
-            _killpg(proc.popen.pid, signal.SIGCONT)  # a stopped rank handles SIGTERM only once continued
-
-    def host_of(self, rank: int) -> str:
-        for p in self.procs:
-            if rank in p.spec.ranks:
-                return (p.spec.rank_hosts or [p.spec.host] * len(p.spec.ranks))[p.spec.ranks.index(rank)]
-        return "?"
-
-    def close(self) -> None:
-        self.keepalive.stop()
-        for f in self.logs.values():
-            f.close()
-        for p in self.procs:
-            p.popen.stdin.close()  # the lifeline: a rank still running anywhere ends now
-
-
-def _append(log, text: str) -> None:
-    try:
-        log.write(text)
-    except OSError:
-        pass  # a full disk loses log text, never a message (the pump must go on reading)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    @classmethod
+    def of(cls, opts: RunOptions) -> "Supervision":
+        return cls(opts.max_restarts, opts.stall_timeout, bool(opts.resume), opts.stop_after,
+                   tuple(shlex.split(opts.rank_wrapper)) if opts.rank_wrapper else (), opts.min_devices,
+                   opts.max_devices)
 
 
 @dataclass
 class _State:
     """What the supervisor knows of the current attempt."""
-    group: Attempt
+    group: RankGroup
     dog: Watchdog
     step: int = 0
     finished: set = field(default_factory=set)
@@ -299,23 +122,20 @@ class _State:
 
 
 class Supervisor:
-    def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], *, max_restarts: int,
-                 stall_timeout: Optional[float], resume: bool = False, stop_after: Optional[int] = None,
-                 view: Optional[ProgressView] = None, rank_wrapper: Optional[List[str]] = None,
-                 oom: Optional[OomPolicy] = None, allowances: Allowances = Allowances(),
-                 min_devices: Optional[int] = None, max_devices: Optional[int] = None):
-        self.cfg, self.run, self.hosts = cfg, run, hosts
-        self.members = elastic.Membership(hosts, min_devices, max_devices)
-        # stall_timeout None: the watchdog adapts to the run's pace (watchdog.py).
-        self.max_restarts, self.stall_timeout, self.allowances = max_restarts, stall_timeout, allowances
-        self.resume, self.stop_after = resume, stop_after
+    """One run: launches its rank group, handles what the ranks say, and ends the run or relaunches."""
+
+    def __init__(self, cfg: TrainConfig, run: RunDir, hosts: List[Host], opts: Supervision, *,
+                 view: Optional[ProgressView] = None, oom: Optional[OomPolicy] = None,
+                 sinks: Sequence[reporting.SinkLike] = ()):
+        """`sinks` get every logged step, in order (reporting.py): give reporting.MetricsFile for metrics.jsonl."""
+        self.cfg, self.run, self.hosts, self.opts = cfg, run, hosts, opts
+        self.members = elastic.Membership(hosts, opts.min_devices, opts.max_devices)
         self.view = view or ProgressView(cfg.steps, live=False)
         # Without a policy (the tuner's trials) out-of-memory is recognised but never reconfigured.
         self.oom = oom or OomPolicy(recover=False)
+        self.sinks = [reporting.as_callback(sink) for sink in sinks]
         self.inbox: "queue.Queue" = queue.Queue()
         self.agreement = divergence.Agreement()
-        self.rank_wrapper = rank_wrapper or []
-        self.report = None  # experiment trackers (reporting.Reporters), fed what metrics.jsonl gets
         self.handlers = {
             protocol.Hello: self._on_hello, protocol.Budget: self._on_budget, protocol.Start: self._on_start,
             protocol.Heartbeat: self._on_heartbeat, protocol.Phase: self._on_phase,
@@ -345,37 +165,43 @@ class Supervisor:
         return code
 
     def _loop(self) -> int:
-        attempt, resume, oom_steps = 0, self.resume, 0
+        """Attempt after attempt, until one ends the run (the transitions are beside Status)."""
+        attempt, resume, free = 0, self.opts.resume, 0  # free: relaunches that used up no restart
         while True:
             out = self._attempt(attempt, resume)
-            if out.status in (Status.DONE, Status.STOPPED):
-                done = out.status is Status.DONE
-                return self._finish("finish" if done else "stopped",
-                                    f"[green]{'finished' if done else 'stopped'} at step {out.step}[/]", 0, step=out.step)
-            if out.status is Status.INTERRUPTED:
-                return self._finish("interrupted", "interrupted: every rank stopped; continue with --resume "
-                                    f"{self.run.path}", 130, step=out.step)
-            if out.status is Status.USER_ERROR:
-                return self._finish("failed", f"[red]error:[/] {out.reason}", 2, reason=out.reason)
-            if out.status is Status.RESIZE:
-                oom_steps += 1  # taking a host back is no failure: it uses up no restart
-            elif out.status is Status.OOM:
-                if not self._reconfigure(out):
-                    reason = (f"out of memory ({out.reason}) and nothing smaller is left to try: use more devices, "
-                              "a smaller model or --seq-len, or a larger --memory-budget")
-                    return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
-                # Memory recovery walks a finite ladder, so it does not use up --max-restarts.
-                oom_steps += 1
-            elif attempt - oom_steps >= self.max_restarts:
-                reason = f"{out.reason}; gave up after {self.max_restarts} restarts"
-                return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
+            code = self._end(out, attempt - free)
+            if code is not None:
+                return code
+            if out.status in _FREE:
+                free += 1
             attempt += 1
             resume = True
             self.run.event("restart", attempt=attempt, reason=out.reason)
-            if out.status not in (Status.OOM, Status.RESIZE):
-                self.view.note(f"[yellow]restart {attempt - oom_steps}/{self.max_restarts}:[/] {out.reason}")
+            if out.status not in _FREE:
+                self.view.note(f"[yellow]restart {attempt - free}/{self.opts.max_restarts}:[/] {out.reason}")
             if self.members.enabled:
                 self._membership(out)
+
+    def _end(self, out: Outcome, restarts: int) -> Optional[int]:
+        """The exit code when `out` ends the run, `restarts` restarts in; None: relaunch (after out of
+        memory, with the policy's next config: _reconfigure)."""
+        if out.status in (Status.DONE, Status.STOPPED):
+            done = out.status is Status.DONE
+            return self._finish("finish" if done else "stopped",
+                                f"[green]{'finished' if done else 'stopped'} at step {out.step}[/]", 0, step=out.step)
+        if out.status is Status.INTERRUPTED:
+            return self._finish("interrupted", "interrupted: every rank stopped; continue with --resume "
+                                f"{self.run.path}", 130, step=out.step)
+        if out.status is Status.USER_ERROR:
+            return self._finish("failed", f"[red]error:[/] {out.reason}", 2, reason=out.reason)
+        if out.status is Status.OOM and not self._reconfigure(out):
+            reason = (f"out of memory ({out.reason}) and nothing smaller is left to try: use more devices, "
+                      "a smaller model or --seq-len, or a larger --memory-budget")
+            return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
+        if out.status is Status.FAILED and restarts >= self.opts.max_restarts:
+            reason = f"{out.reason}; gave up after {self.opts.max_restarts} restarts"
+            return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
+        return None
 
     def _membership(self, out: Outcome) -> None:
         """Elastic runs (--min-devices): exclude or re-admit hosts before the relaunch, and re-split
@@ -412,7 +238,7 @@ class Supervisor:
         self.run.event("resize", hosts=[h.name for h in m.active], **split.event())
         self.view.note(f"[yellow]resize:[/] {split.devices} devices ({', '.join(h.name for h in m.active)}), "
                        f"{split}, global batch {split.global_batch}")
-        new.to_yaml(self.run.config_path)
+        self.run.save_config(new)
         self.cfg, self.hosts = new, list(m.active)
 
     def _reconfigure(self, out: Outcome) -> bool:
@@ -423,21 +249,21 @@ class Supervisor:
             return False
         old, split = Split.of(self.cfg), Split.of(new)
         self.run.event("reconfigure", old=old.event(), new=split.event(), global_batch=split.global_batch)
-        new.to_yaml(self.run.config_path)
+        self.run.save_config(new)
         self.cfg = new
         self.view.note(f"[yellow]out of memory:[/] {out.reason}; relaunching with {split}")
         return True
 
     def _attempt(self, attempt: int, resume: bool) -> Outcome:
         specs = launch.plan(self.cfg, self.hosts, str(self.run.path.resolve()), self.run.run_id, resume,
-                            self.stop_after, self.rank_wrapper)
+                            self.opts.stop_after, list(self.opts.rank_wrapper))
         try:
-            group = Attempt(specs, self.run, self.inbox, attempt)
+            group = RankGroup(specs, self.run, self.inbox, attempt)
         except UserError as exc:
             self.run.event("failed", reason=str(exc))
             raise
         try:
-            return self._watch(_State(group, Watchdog(group.ranks, self.stall_timeout, self.allowances)))
+            return self._watch(_State(group, Watchdog(group.ranks, self.opts.stall_timeout, self.opts.allowances)))
         finally:
             group.sweep()
             group.close()
@@ -483,7 +309,7 @@ class Supervisor:
             elif item[0] == "exit":
                 reported.add(item[2])
                 proc, code = group.procs[item[2]], item[3]
-                for r in proc.spec.ranks if not proc.spec.tagged else [None]:
+                for r in proc.spec.exit_ranks:
                     self.run.event("rank_exit", rank=r, host=proc.spec.host,
                                    **({"signal": -code} if code < 0 else {"code": code}))
                 verdict = self._exit_outcome(s, proc, code) if failure is None else None
@@ -510,8 +336,7 @@ class Supervisor:
             return None
 
     def _exit_outcome(self, s: _State, proc: _Proc, code: int) -> Optional[Outcome]:
-        rank = proc.spec.ranks[0]
-        where = f"rank {rank}" if len(proc.spec.ranks) == 1 else "mpirun"
+        rank, where = proc.spec.ranks[0], proc.spec.what
         facts = CrashFacts(rank, code, self._attempt_log(rank), s.group.peaks.get(rank, 0),
                            s.group.budgets.get(rank, 0), s.group.oom)
         out = classify_exit(self.cfg, self.oom, facts, where, s.step, set(proc.spec.ranks) <= s.finished,
@@ -523,12 +348,7 @@ class Supervisor:
     def _stalled(self, s: _State, stall: Stall) -> Outcome:
         # Peers of a frozen rank wait in its collective and go quiet too; a local process that the
         # OS shows stopped is the certain culprit, otherwise the one quiet the longest.
-        suspect = stall.rank
-        for r in stall.quiet:
-            hello = s.group.hello.get(r)
-            if hello and s.group.host_of(r) == launch.LOCAL and _stopped_locally(hello.pid):
-                suspect = r
-                break
+        suspect = next((r for r in stall.quiet if s.group.stopped(r)), stall.rank)
         host = s.group.host_of(suspect)
         step = s.dog.ranks[suspect].step
         self.run.event("stall", rank=suspect, host=host, step=step, phase=stall.phase,
@@ -562,10 +382,8 @@ class Supervisor:
 
     def _on_metrics(self, s: _State, rank: int, msg: protocol.Metrics) -> None:
         record = {**msg.fields(), "time": time.time(), "attempt": s.group.number}
-        self.run.append(self.run.metrics_path, record)
-        if self.report is not None:
-            self.report.log(msg.step, record)
-        self.view.metrics(record)
+        for sink in self.sinks:
+            sink(msg.step, record)
 
     def _on_checksum(self, s: _State, rank: int, msg: protocol.Checksum) -> Optional[Outcome]:
         # Judged only on one step's complete set of the ranks' own reports, never on the lists
@@ -631,7 +449,7 @@ class Supervisor:
         old = self.cfg.skip_data
         window = dataskip.window_for(first, last)
         self.cfg = dataclasses.replace(self.cfg, skip_data=[*old, window])
-        self.cfg.to_yaml(self.run.config_path)  # a later --resume steps past it too
+        self.run.save_config(self.cfg)  # a later --resume steps past it too
         data = [dataskip.data_step(old, first), dataskip.data_step(old, last)]
         self.run.event("rollback", step=msg.step, bad_steps=msg.in_a_row, data_steps=data, skip=window)
         return Outcome(Status.FAILED, s.step, f"{msg.in_a_row} steps in a row with a non-finite loss or gradient "

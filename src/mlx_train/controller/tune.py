@@ -30,21 +30,20 @@ class _Quiet(ProgressView):
     def __init__(self, total: int):
         super().__init__(total, live=False)
 
-    def metrics(self, rec: dict) -> None:
-        pass
-
     def note(self, text: str) -> None:
         pass
 
 
 def run_trial(hosts, scratch: Path, console: Console):
     """The tuner's `measure`: a short supervised run of `cfg` on `hosts`, timed from step 2 on."""
-    from mlx_train.controller.supervisor import Supervisor
+    from mlx_train.controller.reporting import MetricsFile
+    from mlx_train.controller.supervisor import Supervision, Supervisor
 
     def measure(t: Trial, cfg: TrainConfig) -> None:
         run = RunDir(scratch / f"trial-{len(list(scratch.iterdir())) + 1:02d}")
         run.prepare(cfg, resume=False)
-        code = Supervisor(cfg, run, hosts, max_restarts=0, stall_timeout=120, view=_Quiet(cfg.steps)).supervise()
+        code = Supervisor(cfg, run, hosts, Supervision(max_restarts=0, stall_timeout=120), view=_Quiet(cfg.steps),
+                          sinks=[MetricsFile(run)]).supervise()
         ms = [m for m in run.metrics() if m["step"] > 1]  # step 1 pays for start-up
         oom = bool(run.events(Event.OOM))
         shutil.rmtree(run.path, ignore_errors=True)  # a trial's checkpoints are worth nothing after it

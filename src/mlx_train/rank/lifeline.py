@@ -27,6 +27,8 @@ import stat
 import time
 from typing import Optional
 
+from mlx_train import procs
+
 # How often the guardian looks whether the rank's launcher is still there.
 POLL_S = 1.0
 
@@ -42,10 +44,9 @@ def _is_pipe(fd: int) -> bool:
 def _launcher_gone(rank: int, launcher: int) -> bool:
     """Has the process that started `rank` exited? (Linux: the rank was re-parented, which happens
     at the launcher's exit even while it is an unreaped zombie; elsewhere: its pid is gone.)"""
-    try:
-        return int(open(f"/proc/{rank}/stat").read().rsplit(")", 1)[1].split()[1]) != launcher
-    except OSError:
-        pass
+    st = procs.stat(rank)
+    if st is not None:
+        return st.ppid != launcher
     try:
         os.kill(launcher, 0)
     except ProcessLookupError:

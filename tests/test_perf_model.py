@@ -10,7 +10,7 @@ from mlx_train.config import DistributedConfig, ModelConfig, TrainConfig
 from mlx_train.controller.monitor import performance_table, take_snapshot
 from mlx_train.fleet.network import _figures
 from mlx_train.planning import perf
-from mlx_train.planning.optimize import CHECKPOINT_COST, PREDICTED_SLOWER, Tuner
+from mlx_train.planning.tuner import CHECKPOINT_COST, PREDICTED_SLOWER, Tuner
 from mlx_train.rundir import RunDir
 
 

@@ -11,7 +11,7 @@ from helpers import cli, events, metrics
 from mlx_train.config import DistributedConfig, FineTuneConfig, ModelConfig, Split, TrainConfig
 from mlx_train.planning.memory import RUNTIME_OVERHEAD
 from mlx_train.planning.oom import CrashFacts, OomPolicy
-from mlx_train.planning.optimize import Trial, Tuner
+from mlx_train.planning.tuner import Trial, Tuner
 from mlx_train.planning.planner import MemoryOptimizer
 
 MiB = 2**20

@@ -8,7 +8,7 @@ import pytest
 from mlx_train.config import DistributedConfig, Split, TrainConfig
 from mlx_train.controller.launch import local_hosts
 from mlx_train.fleet.hosts import Host
-from mlx_train.planning.optimize import Tuner
+from mlx_train.planning.tuner import Tuner
 from mlx_train.rank.device import BUDGET_FRACTION, ThisHost, device_memory, rank_budget_for
 
 GiB = 2**30

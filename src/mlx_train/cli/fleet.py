@@ -34,7 +34,7 @@ def cmd_reset(a: argparse.Namespace) -> int:
 
 
 def cmd_optimize(a: argparse.Namespace) -> int:
-    from mlx_train.controller.tune import optimize
+    from mlx_train.controller.optimize import optimize
 
     return optimize(options.given(a, TrainConfig), options.build(a, RunOptions), a.trial_steps, a.output)
 

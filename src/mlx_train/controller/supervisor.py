@@ -29,6 +29,7 @@ from mlx_train.controller.group import DRAIN_S, RankGroup, _Proc
 from mlx_train.controller.launch import Host
 from mlx_train.controller.watchdog import CHECKPOINT, Allowances, Stall, Watchdog
 from mlx_train.errors import UserError
+from mlx_train.events import Event
 from mlx_train.planning.oom import CrashFacts, OomPolicy
 from mlx_train.rank import dataskip
 from mlx_train.rundir import RunDir
@@ -159,7 +160,7 @@ class Supervisor:
                     signal.signal(s, h)
                 self.view.close()
 
-    def _finish(self, event: str, note: str, code: int, **fields) -> int:
+    def _finish(self, event: Event, note: str, code: int, **fields) -> int:
         self.run.event(event, **fields)
         self.view.note(note)
         return code
@@ -176,7 +177,7 @@ class Supervisor:
                 free += 1
             attempt += 1
             resume = True
-            self.run.event("restart", attempt=attempt, reason=out.reason)
+            self.run.event(Event.RESTART, attempt=attempt, reason=out.reason)
             if out.status not in _FREE:
                 self.view.note(f"[yellow]restart {attempt - free}/{self.opts.max_restarts}:[/] {out.reason}")
             if self.members.enabled:
@@ -187,20 +188,20 @@ class Supervisor:
         memory, with the policy's next config: _reconfigure)."""
         if out.status in (Status.DONE, Status.STOPPED):
             done = out.status is Status.DONE
-            return self._finish("finish" if done else "stopped",
+            return self._finish(Event.FINISH if done else Event.STOPPED,
                                 f"[green]{'finished' if done else 'stopped'} at step {out.step}[/]", 0, step=out.step)
         if out.status is Status.INTERRUPTED:
-            return self._finish("interrupted", "interrupted: every rank stopped; continue with --resume "
+            return self._finish(Event.INTERRUPTED, "interrupted: every rank stopped; continue with --resume "
                                 f"{self.run.path}", 130, step=out.step)
         if out.status is Status.USER_ERROR:
-            return self._finish("failed", f"[red]error:[/] {out.reason}", 2, reason=out.reason)
+            return self._finish(Event.FAILED, f"[red]error:[/] {out.reason}", 2, reason=out.reason)
         if out.status is Status.OOM and not self._reconfigure(out):
             reason = (f"out of memory ({out.reason}) and nothing smaller is left to try: use more devices, "
                       "a smaller model or --seq-len, or a larger --memory-budget")
-            return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
+            return self._finish(Event.FAILED, f"[red]failed:[/] {reason}", 1, reason=reason)
         if out.status is Status.FAILED and restarts >= self.opts.max_restarts:
             reason = f"{out.reason}; gave up after {self.opts.max_restarts} restarts"
-            return self._finish("failed", f"[red]failed:[/] {reason}", 1, reason=reason)
+            return self._finish(Event.FAILED, f"[red]failed:[/] {reason}", 1, reason=reason)
         return None
 
     def _membership(self, out: Outcome) -> None:
@@ -211,7 +212,7 @@ class Supervisor:
         if out.status is Status.RESIZE:
             for h in m.readmittable():
                 m.readmit(h)
-                self.run.event("readmit", host=h.name)
+                self.run.event(Event.READMIT, host=h.name)
                 self.view.note(f"[green]readmit {h.name}:[/] it answers again")
         else:
             suspects = []
@@ -225,7 +226,7 @@ class Supervisor:
                                    f"{m.min_devices} remain[/]")
                     continue
                 m.exclude(h, why)
-                self.run.event("exclude", host=h.name, reason=why)
+                self.run.event(Event.EXCLUDE, host=h.name, reason=why)
                 self.view.note(f"[yellow]exclude {h.name}:[/] {why}")
         if [h.name for h in m.active] == before:
             return
@@ -235,7 +236,7 @@ class Supervisor:
             self.view.note(f"[yellow]cannot resize:[/] {exc}")
             return
         split = Split.of(new)
-        self.run.event("resize", hosts=[h.name for h in m.active], **split.event())
+        self.run.event(Event.RESIZE, hosts=[h.name for h in m.active], **split.event())
         self.view.note(f"[yellow]resize:[/] {split.devices} devices ({', '.join(h.name for h in m.active)}), "
                        f"{split}, global batch {split.global_batch}")
         self.run.save_config(new)
@@ -243,12 +244,12 @@ class Supervisor:
 
     def _reconfigure(self, out: Outcome) -> bool:
         """After out-of-memory: record it, take the policy's next configuration; False when none is left."""
-        self.run.event("oom", **{"step": out.step, "reason": out.reason, **(out.oom or {})})
+        self.run.event(Event.OOM, **{"step": out.step, "reason": out.reason, **(out.oom or {})})
         new = self.oom.next_config(self.cfg)
         if new is None:
             return False
         old, split = Split.of(self.cfg), Split.of(new)
-        self.run.event("reconfigure", old=old.event(), new=split.event(), global_batch=split.global_batch)
+        self.run.event(Event.RECONFIGURE, old=old.event(), new=split.event(), global_batch=split.global_batch)
         self.run.save_config(new)
         self.cfg = new
         self.view.note(f"[yellow]out of memory:[/] {out.reason}; relaunching with {split}")
@@ -260,7 +261,7 @@ class Supervisor:
         try:
             group = RankGroup(specs, self.run, self.inbox, attempt)
         except UserError as exc:
-            self.run.event("failed", reason=str(exc))
+            self.run.event(Event.FAILED, reason=str(exc))
             raise
         try:
             return self._watch(_State(group, Watchdog(group.ranks, self.opts.stall_timeout, self.opts.allowances)))
@@ -296,7 +297,7 @@ class Supervisor:
                 elif give_up is not None and now > give_up:
                     # stop() has SIGKILLed every process and waited; an exit still unreported
                     # would wait on something outside our control: do not wait for it.
-                    self.run.event("unaccounted", ranks=[r for i, p in enumerate(group.procs) if i not in reported
+                    self.run.event(Event.UNACCOUNTED, ranks=[r for i, p in enumerate(group.procs) if i not in reported
                                                          for r in p.spec.ranks])
                     break
             if item is None:
@@ -310,7 +311,7 @@ class Supervisor:
                 reported.add(item[2])
                 proc, code = group.procs[item[2]], item[3]
                 for r in proc.spec.exit_ranks:
-                    self.run.event("rank_exit", rank=r, host=proc.spec.host,
+                    self.run.event(Event.RANK_EXIT, rank=r, host=proc.spec.host,
                                    **({"signal": -code} if code < 0 else {"code": code}))
                 verdict = self._exit_outcome(s, proc, code) if failure is None else None
                 if verdict is not None:
@@ -351,7 +352,7 @@ class Supervisor:
         suspect = next((r for r in stall.quiet if s.group.stopped(r)), stall.rank)
         host = s.group.host_of(suspect)
         step = s.dog.ranks[suspect].step
-        self.run.event("stall", rank=suspect, host=host, step=step, phase=stall.phase,
+        self.run.event(Event.STALL, rank=suspect, host=host, step=step, phase=stall.phase,
                        quiet_s=round(stall.quiet_s, 1), timeout_s=stall.timeout_s, quiet=stall.quiet)
         return Outcome(Status.FAILED, s.step, f"no progress from rank {suspect} on {host} for {stall.quiet_s:.0f} s "
                                               f"(allowed {stall.timeout_s:.0f} s after its {stall.phase})", host=host)
@@ -362,7 +363,7 @@ class Supervisor:
         if len(s.group.hello) == self.cfg.dist.num_devices and not s.launched:
             s.launched = True
             ranks = [{"rank": r, "host": h.host, "pid": h.pid} for r, h in sorted(s.group.hello.items())]
-            self.run.event("launch", attempt=s.group.number, backend=self.cfg.dist.backend, ranks=ranks,
+            self.run.event(Event.LAUNCH, attempt=s.group.number, backend=self.cfg.dist.backend, ranks=ranks,
                            **Split.of(self.cfg).event())
 
     def _on_budget(self, s: _State, rank: int, msg: protocol.Budget) -> None:
@@ -399,7 +400,7 @@ class Supervisor:
             return None
         back = self.agreement.rollback_step()
         hosts = [s.group.host_of(r) for r in odd]
-        self.run.event("diverged", rank=odd[0], ranks=odd, hosts=hosts, step=step, param_checksum=checksums,
+        self.run.event(Event.DIVERGED, rank=odd[0], ranks=odd, hosts=hosts, step=step, param_checksum=checksums,
                        rollback_to=back)
         where = ", ".join(f"rank {r} on {h}" for r, h in zip(odd, hosts))
         return Outcome(Status.FAILED, s.step, f"{where} diverged from the others' parameters at step {step}: rolling "
@@ -408,15 +409,15 @@ class Supervisor:
 
     def _on_resumed(self, s: _State, rank: int, msg: protocol.Resumed) -> None:
         if msg.checkpoint is None:
-            self.run.event("resume", step=0, note="no checkpoint yet: starting from scratch")
+            self.run.event(Event.RESUME, step=0, note="no checkpoint yet: starting from scratch")
         else:
-            self.run.event("resume", step=msg.step, checkpoint=msg.checkpoint)
+            self.run.event(Event.RESUME, step=msg.step, checkpoint=msg.checkpoint)
         s.step = msg.step
 
     def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> Optional[Outcome]:
         extra = {k: v for k, v in (("agreed", msg.agreed), ("stall_s", msg.stall_s), ("write_s", msg.write_s))
                  if v is not None}
-        self.run.event("checkpoint", step=msg.step, **extra)
+        self.run.event(Event.CHECKPOINT, step=msg.step, **extra)
         if msg.write_s is not None:
             # Written in the background: the rank's checkpoint phases are only its waits for a write,
             # which last up to a whole write. Its allowance learns from the writes themselves.
@@ -436,7 +437,7 @@ class Supervisor:
         self.view.note(f"[yellow]warning:[/] {msg.event}: {msg.details.get('reason') or msg.details}")
 
     def _on_bad_step(self, s: _State, rank: int, msg: protocol.BadStep) -> Optional[Outcome]:
-        self.run.event("bad_step", **msg.fields())
+        self.run.event(Event.BAD_STEP, **msg.fields())
         spiked = msg.loss_limit is not None and msg.loss > msg.loss_limit
         self.view.note(f"[yellow]skipped step {msg.step}:[/] loss {msg.loss}"
                        + (f" above the --loss-spike limit {msg.loss_limit:.4g}" if spiked else "")
@@ -451,7 +452,7 @@ class Supervisor:
         self.cfg = dataclasses.replace(self.cfg, skip_data=[*old, window])
         self.run.save_config(self.cfg)  # a later --resume steps past it too
         data = [dataskip.data_step(old, first), dataskip.data_step(old, last)]
-        self.run.event("rollback", step=msg.step, bad_steps=msg.in_a_row, data_steps=data, skip=window)
+        self.run.event(Event.ROLLBACK, step=msg.step, bad_steps=msg.in_a_row, data_steps=data, skip=window)
         return Outcome(Status.FAILED, s.step, f"{msg.in_a_row} steps in a row with a non-finite loss or gradient "
                                               f"norm (or a loss spike): rolling back to the last checkpoint, past "
                                               f"the data of steps {first + 1}-{last + 1} (data steps {data[0]}-{data[1]})")

@@ -16,6 +16,7 @@ from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
 from mlx_train.rank.badstep import BadSteps, LossSpike
 
 from mlx_train import protocol
+from mlx_train.events import Event
 from mlx_train.config import DistributedConfig, ModelKind, TrainConfig
 from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
@@ -254,13 +255,13 @@ class Trainer:
         protocol.emit(protocol.Checkpoint(step=p["step"], path=str(path), agreed=p["agreed"], param_checksum=p["sums"],
                                           stall_s=round(stall_s, 4), write_s=round(write_s, 4)))
         if adapters_failed:
-            protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": p["step"], "reason": (
+            protocol.emit(protocol.RankWarning(Event.CHECKPOINT_FAILED, {"step": p["step"], "reason": (
                 f"adapters not written: {adapters_failed}; the checkpoint {path.name} itself is intact, training goes "
                 "on and the next checkpoint interval tries again")}))
 
     def _write_failed(self, step: int, exc: Exception) -> None:
         kept = checkpoint.list_steps(self.ckpt_root)
-        protocol.emit(protocol.RankWarning("checkpoint_failed", {"step": step, "reason": (
+        protocol.emit(protocol.RankWarning(Event.CHECKPOINT_FAILED, {"step": step, "reason": (
             f"{exc}; {'the newest checkpoint is still ' + kept[-1].name if kept else 'no checkpoint yet'}, "
             "training goes on and the next checkpoint interval tries again")}))
 
@@ -275,7 +276,7 @@ class Trainer:
             checkpoint.remove_temporaries(self.ckpt_root)  # writes in the background may have been cut short
             result = checkpoint.load_latest(self.ckpt_root)
             for path, reason in result.skipped:
-                protocol.emit(protocol.RankWarning("checkpoint_damaged", {"path": path, "reason": reason}))
+                protocol.emit(protocol.RankWarning(Event.CHECKPOINT_DAMAGED, {"path": path, "reason": reason}))
             found = result.checkpoint
             if found is not None:
                 mismatch = checkpoint.identity_mismatch(found.meta, self.cfg.identity())

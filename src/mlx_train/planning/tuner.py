@@ -9,7 +9,7 @@ calibrated on what was measured (compute and sync time per step), and the search
 next candidate is predicted slower than the best measured by EARLY_STOP_GAIN. On several hosts
 the ring's connections per address are tried last, on the best setting.
 
-Running a trial is the controller's job (controller/tune.py hands the tuner a `measure`).
+Running a trial is the controller's job (controller/optimize.py hands the tuner a `measure`).
 """
 
 from __future__ import annotations

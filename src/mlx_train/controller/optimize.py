@@ -21,7 +21,7 @@ from mlx_train.controller.console import ProgressView
 from mlx_train.errors import UserError
 from mlx_train.events import Event
 from mlx_train.fleet import ship
-from mlx_train.planning.optimize import Trial, Tuner
+from mlx_train.planning.tuner import Trial, Tuner
 from mlx_train.rundir import RunDir
 from mlx_train.units import human
 
@@ -51,7 +51,7 @@ def run_trial(hosts, scratch: Path, console: Console):
             t.status = "over budget" if oom else "failed"
             return
         t.tokens_per_s = statistics.median(m["tokens_per_s"] for m in ms)
-        # What the tuner's scaling model calibrates on (planning/optimize.StepModel).
+        # What the tuner's scaling model calibrates on (planning/tuner.StepModel).
         t.compute_s = statistics.median(m["compute_time_s"] for m in ms)
         t.comm_s = statistics.median(m["comm_time_s"] for m in ms)
         t.peak = max(max(m["peak_memory"]) for m in ms)

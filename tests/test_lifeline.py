@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import TINY, assert_ranks_gone, cli, events, is_worker, pid_alive, popen, rank_pids, wait_for
+from helpers import TINY, assert_ranks_gone, cli, events, is_worker, needs, pid_alive, popen, rank_pids, wait_for
 
 pytestmark = pytest.mark.multiproc
 
@@ -44,7 +44,7 @@ def test_no_pipe_on_stdin_is_not_an_end():
         proc.wait(timeout=10)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+@needs("mpirun", "OpenMPI's mpirun is not installed")
 def test_mpi_ranks_end_with_a_killed_supervisor(tmp_path):
     """mpirun forwards stdin to rank 0 alone; the others see their launcher (mpirun) exit."""
     run = tmp_path / "mpi"

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import TINY, cli, events, metrics, pid_alive, popen, straight_and_resumed
+from helpers import TINY, cli, events, metrics, needs, pid_alive, popen, straight_and_resumed
 
 pytestmark = pytest.mark.multiproc
 
@@ -146,7 +145,7 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     assert events(run)[-1]["event"] == "interrupted"
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+@needs("mpirun", "OpenMPI's mpirun is not installed")
 def test_mpi_backend_runs_two_ranks(tmp_path):
     run = tmp_path / "mpi"
     cli("train", *TINY, "--devices", "2", "--backend", "mpi", "--steps", "20", "--log-every", "10",

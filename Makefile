@@ -21,11 +21,14 @@ train: install
 	$(BIN)/invoke train --devices 4
 
 # -rs: every skip says why. A test that cannot run under CI (no fleet, no guide) is an error there.
+# --durations: the slowest tests of every run, to keep `make test` under its time.
+PYTEST := $(BIN)/python -m pytest -q -rs --durations=25
+
 test: install
-	$(BIN)/python -m pytest -q -rs tests
+	$(PYTEST) tests
 
 test-unit: install
-	$(BIN)/python -m pytest -q -rs tests -m "not multiproc and not fleet"
+	$(PYTEST) tests -m "not multiproc and not fleet"
 
 bench: install
 	$(BIN)/python bench/run.py

@@ -4,12 +4,14 @@ facts of the test fleet (its size, its hosts' names, how to reach it)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import pytest
 
@@ -43,6 +45,21 @@ def unavailable(reason: str) -> None:
     if required():
         pytest.fail(f"{reason} (required here: CI or MLX_TRAIN_REQUIRE_FLEET=1 is set)", pytrace=False)
     pytest.skip(reason)
+
+
+def needs(what: Union[str, Callable[[], bool]], reason: str):
+    """Decorate a test that needs a program on PATH (`what` a name) or a condition (`what` a
+    callable): without it the test goes through unavailable(), so under CI it fails, not skips."""
+    present = (lambda: shutil.which(what) is not None) if isinstance(what, str) else what
+
+    def wrap(test):
+        @functools.wraps(test)  # pytest reads the fixtures from the wrapped signature
+        def checked(*args, **kw):
+            if not present():
+                unavailable(reason)
+            return test(*args, **kw)
+        return checked
+    return wrap
 
 
 def fleet_env(fleet, **extra: str) -> dict:
@@ -131,7 +148,7 @@ def small_disk(where: Path, size: str) -> Iterator[Path]:
     """A real filesystem of `size` (a tmpfs, root only) mounted at `where`: a disk that fills up
     or can be remounted read-only under a running program."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        unavailable("mounting a tmpfs needs root")
     where.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True,
                    capture_output=True, timeout=30)

@@ -5,13 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from helpers import needs
 
 ANSIBLE = Path(__file__).resolve().parents[1] / "ansible"
 LINT = Path(sys.executable).parent / "ansible-lint"
 
 
-@pytest.mark.skipif(not LINT.exists(), reason="ansible-lint is not installed next to this Python (make install)")
+@needs(LINT.exists, "ansible-lint is not installed next to this Python (make install)")
 def test_ansible_lint_passes(tmp_path):
     env = {**os.environ, "PATH": f"{LINT.parent}{os.pathsep}{os.environ['PATH']}", "ANSIBLE_HOME": str(tmp_path)}
     proc = subprocess.run([str(LINT), "--nocolor"], cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=600)

@@ -7,16 +7,13 @@ import re
 
 import pytest
 
-from helpers import TINY, cli
+from helpers import TINY, cli, unavailable
 from mlx_train.rank import blas
 
 
 def _need_openblas():
     if blas.find_openblas() is None:
-        why = "libopenblas0-pthread is not installed (apt-get install libopenblas0-pthread)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}: CI must have it")
-        pytest.skip(why)
+        unavailable("libopenblas0-pthread is not installed (apt-get install libopenblas0-pthread)")
 
 
 def test_rank_env_splits_the_cores_among_the_ranks(monkeypatch):

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from helpers import wait_for
 from mlx_train.config import DistributedConfig, FineTuneConfig, ModelConfig, TrainConfig
 from mlx_train.controller import elastic
 from mlx_train.fleet.hosts import Host
@@ -45,11 +46,7 @@ def test_excluded_host_is_probed_with_a_growing_cooldown_and_readmitted_in_order
         clock.t += wait
         answers.append(answer)
         m.tick()
-        for _ in range(100):  # the probe runs in a thread
-            if not m.out["h1"].probing:
-                break
-            import time
-            time.sleep(0.01)
+        wait_for(lambda: not m.out["h1"].probing, 10, "the probe's thread", every=0.01)
     assert [h.name for h in m.readmittable()] == ["h1"]
     m.readmit(m.readmittable()[0])
     assert [h.name for h in m.active] == ["h1", "h2", "h3"] and not m.out

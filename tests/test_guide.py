@@ -8,6 +8,7 @@ progress (the defaults train for minutes); every other command runs to completio
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -15,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from helpers import MLX_TRAIN, fleet_env, unavailable
+from helpers import MLX_TRAIN, fleet_env, metrics, unavailable
 
 GUIDE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "distributed_training_guide.md"
 
@@ -85,10 +87,57 @@ def test_local_commands_work_as_shown(tmp_path):
     # Without the fleet, the local training commands stand in for `train --distributed`: run them first
     # so that `monitor` has a run to show, as it would after the guide's Quick Start.
     local = [c for c in guide_commands() if c not in FLEET_COMMANDS]
+    checked = set()
     for cmd in sorted(local, key=lambda c: not LONG_RUNNING.match(c)):
         proc = mlx_train(cmd, tmp_path, env)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout}\n{proc.stderr}"
         assert "Traceback" not in proc.stdout + proc.stderr, cmd
+        if cmd in SAYS:
+            SAYS[cmd](proc.stdout, tmp_path)
+            checked.add(cmd)
+    assert checked == set(SAYS), f"the guide no longer shows {set(SAYS) - checked}"
+
+
+def _newest_run(cwd: Path) -> Path:
+    return max((cwd / "runs").iterdir(), key=lambda p: p.name)  # run ids begin with their start time
+
+
+def _says_the_runs_progress(out: str, cwd: Path) -> None:
+    """monitor (piped: one line a logged step) shows the newest run's steps and losses."""
+    last = metrics(_newest_run(cwd))[-1]
+    assert f"step {last['step']}/" in out and f"loss {last['loss']:.4f}" in out, out
+
+
+def _says_the_device(out: str, cwd: Path) -> None:
+    import mlx.core as mx
+
+    rows = {cells[0]: cells[1] for cells in ([c.strip() for c in line.strip().strip("│").split("│")]
+                                             for line in out.splitlines()) if len(cells) == 2}
+    assert rows.get("device") == str(mx.device_info().get("device_name", "?")), out
+    assert rows.get("host") == platform.node(), out
+
+
+def _says_the_breakdown(out: str, cwd: Path) -> None:
+    _says_the_runs_progress(out, cwd)
+    header = next((line for line in out.splitlines() if "compute s" in line), "")
+    for col in ("step", "compute s", "comm s", "algbw GB/s", "busbw GB/s", "tok/s/device", "scaling eff."):
+        assert col in header, f"no {col!r} column in the --performance breakdown:\n{out}"
+    last = metrics(_newest_run(cwd))[-1]
+    assert any(line.strip("│ ").startswith(f"{last['step']} ") for line in out.splitlines()), out
+
+
+def _writes_the_best_config(out: str, cwd: Path) -> None:
+    best = re.search(r"best: (\d+) per device x (\d+) accumulation, checkpointing (on|off), (\w+),.*"
+                     r"wrote (\S+) ", out)
+    assert best, out
+    cfg = yaml.safe_load((cwd / best.group(5)).read_text())
+    assert (cfg["dist"]["batch_size_per_device"], cfg["dist"]["gradient_accumulation"], cfg["grad_checkpoint"],
+            cfg["precision"]) == (int(best.group(1)), int(best.group(2)), best.group(3) == "on", best.group(4))
+
+
+# What each local command of the guide must print (beyond exit 0 and no traceback).
+SAYS = {"mlx-train monitor": _says_the_runs_progress, "mlx-train status": _says_the_device,
+        "mlx-train monitor --performance": _says_the_breakdown, "mlx-train optimize": _writes_the_best_config}
 
 
 @pytest.mark.fleet

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 
 import pytest
 
+from helpers import needs
 from mlx_train.config import DistributedConfig, TrainConfig
 from mlx_train.controller import launch
 from mlx_train.errors import UserError
@@ -77,7 +77,7 @@ def test_ring_over_ssh_one_fresh_bounded_ssh_per_rank_on_the_pinned_addresses():
         json.loads(flag(remote, "--config-json"))  # survives the quoting intact
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun on PATH (Open MPI)")
+@needs("mpirun", "no mpirun on PATH (Open MPI)")
 def test_local_mpi_one_mpirun_with_tagged_output_and_the_mpi_environment():
     (p,) = plan(cfg(2, "mpi"), launch.local_hosts(2))
     assert p.tagged and p.ranks == [0, 1] and p.host == LOCAL and not p.remote

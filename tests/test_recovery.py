@@ -1,11 +1,10 @@
 """Out-of-memory recovery with real ranks: a budget that is too small, and a real crash under prlimit."""
 
-import shutil
 import signal
 
 import pytest
 
-from helpers import cli, events, metrics
+from helpers import cli, events, metrics, needs
 
 pytestmark = pytest.mark.multiproc
 
@@ -39,7 +38,7 @@ def test_budget_too_small_recovers_with_the_same_global_batch(tmp_path):
     _assert_recovered(run, 128)
 
 
-@pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit is not installed")
+@needs("prlimit", "util-linux prlimit is not installed")
 def test_gives_up_after_max_restarts(tmp_path):
     """A rank that dies every time (a CPU-time limit: SIGXCPU) is restarted --max-restarts times, then
     the run fails with the reason, exit 1."""
@@ -55,7 +54,7 @@ def test_gives_up_after_max_restarts(tmp_path):
     assert "gave up after 2 restarts" in proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("prlimit") is None, reason="util-linux prlimit is not installed")
+@needs("prlimit", "util-linux prlimit is not installed")
 def test_rank_crashing_under_prlimit_is_recovered(tmp_path):
     """MLX's CPU build segfaults when an address-space limit stops an allocation (engine facts)."""
     run = tmp_path / "prlimit"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import needs
 from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, TrainConfig
 from mlx_train.controller import launch
 from mlx_train.errors import UserError
@@ -30,7 +31,7 @@ exec sh -c "$*"
 """
 H = Host("h9", "10.0.0.9", python="/usr/bin/python3")
 
-needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed (make install)")
+needs_rsync = needs("rsync", "rsync is not installed (make install)")
 
 
 @pytest.fixture

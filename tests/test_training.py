@@ -2,7 +2,7 @@
 
 import json
 import os
-import shutil
+import re
 import signal
 import time
 from pathlib import Path
@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import TINY, cli, events, metrics, pid_alive, popen, straight_and_resumed
+from helpers import TINY, cli, events, metrics, needs, pid_alive, popen, straight_and_resumed
 
 pytestmark = pytest.mark.multiproc
 
@@ -145,7 +145,7 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     assert events(run)[-1]["event"] == "interrupted"
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+@needs("mpirun", "OpenMPI's mpirun is not installed")
 def test_mpi_backend_runs_two_ranks(tmp_path):
     run = tmp_path / "mpi"
     cli("train", *TINY, "--devices", "2", "--backend", "mpi", "--steps", "20", "--log-every", "10",
@@ -181,14 +181,40 @@ def test_monitor_follows_a_live_run_until_it_ends(tmp_path):
     assert lines[-1].startswith("finished at step 80") and any(l.startswith("step 80/80") for l in lines)
 
 
+def _status_row(out: str, run_id: str) -> dict:
+    """The row of `status`'s "runs in progress here" table whose run column is `run_id`."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells[0] == run_id:
+            return dict(zip(("run", "live ranks", "last step", "supervisor", "run dir"), cells))
+    raise AssertionError(f"no row for {run_id} in:\n{out}")
+
+
+def _status_fact(out: str, key: str) -> str:
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells[0] == key:
+            return cells[1]
+    raise AssertionError(f"no {key!r} line in:\n{out}")
+
+
 def test_status_lists_a_run_in_progress(tmp_path):
-    run = tmp_path / "st"
+    # A name that no other word of the output contains, so only the run's own row can match it.
+    run = tmp_path / "status-probe-run-q7"
     trainer = popen("train", *TINY, "--devices", "2", "--steps", "100000", "--run-dir", str(run), "--no-live")
     try:
-        _wait_for(lambda: (run / "metrics.jsonl").exists(), what="first metrics")
-        out = cli("status", "--local", check=True).stdout
-        assert run.name in out or str(run) in out.replace("\n", "")
-        assert "BLAS" in out
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run), what="first metrics")
+        before = metrics(run)[-1]["step"]
+        out = cli("status", "--local", check=True, env={"COLUMNS": "250"}).stdout
+        after = metrics(run)[-1]["step"]
+        row = _status_row(out, run.name)
+        assert row["live ranks"] == "0,1" and row["run dir"] == str(run), row
+        assert before <= int(row["last step"]) <= after, (before, row, after)
+        assert row["supervisor"] == f"pid {trainer.pid}", row
+        # The BLAS line names the library the run's own ranks reported using (not "unknown").
+        blas = _status_fact(out, "BLAS (ranks)")
+        reported = re.search(r"BLAS: (.+?)(?: \(|;)", (run / "logs" / "rank-0.log").read_text()).group(1)
+        assert blas.split(" (")[0] == reported and not blas.startswith("unknown"), (blas, reported)
     finally:
         trainer.send_signal(signal.SIGINT)
         trainer.communicate(timeout=60)

@@ -148,7 +148,7 @@ class RunDir:
         """The pid of the supervisor that last held the run's lock (see lock()), or None."""
         try:
             words = (self.path / ".lock").read_text().split()
-        except OSError:
+        except (OSError, UnicodeDecodeError):  # a damaged lock file names no supervisor
             return None
         return int(words[1]) if len(words) > 1 and words[0] == "pid" and words[1].isdigit() else None
 

@@ -178,7 +178,7 @@ def monitor(run_dir: Optional[str] = None, once: bool = False, plot: Optional[st
         console.print(render(take_snapshot(run), performance))
         return 0
     if not console.is_terminal:
-        return _follow(run, refresh_s)
+        return _follow(run, refresh_s, performance)
     with Live(render(take_snapshot(run), performance), console=console, refresh_per_second=4) as live:
         while True:
             snap = take_snapshot(run)
@@ -189,7 +189,7 @@ def monitor(run_dir: Optional[str] = None, once: bool = False, plot: Optional[st
     return 0
 
 
-def _follow(run: RunDir, refresh_s: float) -> int:
+def _follow(run: RunDir, refresh_s: float, performance: bool = False) -> int:
     """Not a terminal: one line per logged step until the run ends (for logs and pipes)."""
     shown = 0
     while True:
@@ -204,5 +204,7 @@ def _follow(run: RunDir, refresh_s: float) -> int:
                 shown = m["step"]
         if snap.state != "running":
             print(f"{snap.state} at step {shown} ({snap.restarts} restarts)", flush=True)
+            if performance and snap.metrics:  # piped, --performance printed nothing more (the guide's command)
+                Console(width=200).print(performance_table(snap))
             return 0
         time.sleep(refresh_s)

@@ -75,7 +75,7 @@ def load_cluster(path: Optional[str] = None) -> Cluster:
                       memory=int(h["memory"]) if h.get("memory") is not None else None)
                  for h in data["hosts"]]
         backend = data.get("backend")
-    except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise UserError(f"{p} is not a valid cluster file ({exc.__class__.__name__}: {exc}): "
                         "regenerate it with `mlx-train configure --distributed`") from None
     if not hosts:

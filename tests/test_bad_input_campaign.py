@@ -224,7 +224,10 @@ def config_keys(cls=None) -> Set[str]:
 def names_a_fix(message: str, argv: List[str]) -> bool:
     """The refusal names what to change: a flag (one the user gave or one to pass), an argument in
     argparse's words, a config key, a file or folder the user gave (or one inside it), or a command
-    to run (in backquotes). "see --help" alone names nothing."""
+    to run (in backquotes). "see --help" alone names nothing, and a config key the user set with a
+    flag must come with that flag ("(from flags)" leaves them to guess which one)."""
+    if "(from flags)" in message:
+        return False
     if any(f != "--help" for f in _FLAG.findall(message)) or _COMMAND.search(message) or _ARGUMENT.search(message):
         return True
     key = _KEY.match(message)

@@ -20,7 +20,7 @@ import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import yaml
 
@@ -77,6 +77,34 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", flag: Optional[str]
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def flagged_fields(cls, prefix: Tuple[str, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], dataclasses.Field, Any]]:
+    """Every field with a flag, nested dataclasses included, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from flagged_fields(hint, prefix + (f.name,))
+        elif "flag" in f.metadata:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            yield prefix + (f.name,), f, (args[0] if args else hint)
+
+
+def flag_of(key: str, given: dict, cls=None) -> Optional[str]:
+    """The flag of the knob `key` (a field name, as validation messages start) when the user typed it:
+    `given` holds what was typed, nested like `to_dict()`. None when the value came from elsewhere."""
+    for path, f, _ in flagged_fields(cls or TrainConfig):
+        if path[-1] != key:
+            continue
+        node = given
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return f.metadata["flag"]
+    return None
 
 
 @dataclass(frozen=True)

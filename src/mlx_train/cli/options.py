@@ -14,21 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
+from mlx_train.config import flagged_fields
 from mlx_train.errors import UserError
 
-Field = Tuple[Tuple[str, ...], dataclasses.Field, Any]  # (path, field, base type)
-
-
-def flagged_fields(cls, prefix: Tuple[str, ...] = ()) -> Iterator[Field]:
-    """Every field with a flag, nested dataclasses included, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            yield from flagged_fields(hint, prefix + (f.name,))
-        elif "flag" in f.metadata:
-            args = [a for a in typing.get_args(hint) if a is not type(None)]
-            yield prefix + (f.name,), f, (args[0] if args else hint)
 
 
 def _dest(path: Tuple[str, ...]) -> str:

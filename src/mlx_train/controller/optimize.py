@@ -46,6 +46,9 @@ def run_trial(hosts, scratch: Path, console: Console):
                           sinks=[MetricsFile(run)]).supervise()
         ms = [m for m in run.metrics() if m["step"] > 1]  # step 1 pays for start-up
         oom = bool(run.events(Event.OOM))
+        launched = run.events(Event.LAUNCH)
+        # Where the trial's ranks ran, as the launch recorded them: a cluster's trials use every host.
+        where = ", ".join(f"{r['rank']}@{r['host']}" for r in launched[0]["ranks"]) if launched else "not launched"
         shutil.rmtree(run.path, ignore_errors=True)  # a trial's checkpoints are worth nothing after it
         if code != 0 or not ms:
             t.status = "over budget" if oom else "failed"
@@ -57,7 +60,8 @@ def run_trial(hosts, scratch: Path, console: Console):
         t.peak = max(max(m["peak_memory"]) for m in ms)
         t.status = "ok"
         console.print(f"  {t.split}, {t.connections} ring connection(s): {t.tokens_per_s:,.0f} tok/s"
-                      + (f" (predicted {t.predicted:,.0f})" if t.predicted else "") + f", peak {human(t.peak)}")
+                      + (f" (predicted {t.predicted:,.0f})" if t.predicted else "") + f", peak {human(t.peak)}"
+                      + f"; ranks {where}")
 
     return measure
 

@@ -10,7 +10,7 @@ from typing import List, Tuple
 
 from mlx_train.fleet import hosts as cluster
 from mlx_train.fleet import ship
-from mlx_train.config import BACKENDS, ModelKind, RunOptions, Split, TrainConfig, from_dict
+from mlx_train.config import BACKENDS, ModelKind, RunOptions, Split, TrainConfig, flag_of, from_dict
 from mlx_train.controller import reporting
 from mlx_train.controller.console import ProgressView
 from mlx_train.rank.data import load_corpus
@@ -54,7 +54,9 @@ def resolve_config(flags: dict, opts: RunOptions) -> TrainConfig:
     try:
         return from_dict(TrainConfig, _merge(base, flags))
     except ValueError as exc:
-        raise UserError(f"{exc} (from {source}): fix the value and run again") from None
+        # Name what the user typed: the flag when the bad value came from one, else the file.
+        flag = flag_of(str(exc).split(" ", 1)[0].rsplit(".", 1)[-1], flags)
+        raise UserError(f"{exc} (from {flag or source}): fix the value and run again") from None
 
 
 def check_inputs(cfg: TrainConfig) -> TrainConfig:

@@ -269,9 +269,9 @@ class TrainConfig(_Yaml):
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
         check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
         check(self.shard in SHARD_CHOICES, f"shard must be one of {', '.join(SHARD_CHOICES)}, got {self.shard!r}")
-        check(self.shard_level is None or self.shard_level in SHARD_LEVELS and self.shard in ("auto", self.shard_level),
-              f"shard_level must be {self.shard!r} (the shard asked for) or unset, got {self.shard_level!r}"
-              if self.shard != "auto" else f"shard_level must be one of {', '.join(SHARD_LEVELS)}, got {self.shard_level!r}")
+        # A level chosen with --shard wins over a shard_level left from before (a resume with --shard).
+        check(self.shard_level is None or self.shard_level in SHARD_LEVELS,
+              f"shard_level must be one of {', '.join(SHARD_LEVELS)}, got {self.shard_level!r}")
         check(self.loss_spike is None or self.loss_spike > 1, f"loss_spike must be > 1 (a multiple of the running "
               f"mean loss), got {self.loss_spike}")
         check(isinstance(self.skip_data, list) and all(
@@ -346,6 +346,8 @@ class Split:
     def apply(self, cfg: "TrainConfig") -> "TrainConfig":
         """`cfg` split this way; everything else (backend, ring connections, ...) stays. A level other than
         the one the user chose with --shard is refused (ValueError)."""
+        check(cfg.shard in ("auto", self.shard), f"--shard {cfg.shard} was chosen: a split at level {self.shard} "
+              "would override it")
         dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
                                    gradient_accumulation=self.accumulation)
         level = {} if self.shard == shard_level_of(cfg) else {"shard_level": self.shard}
@@ -366,9 +368,9 @@ class Split:
 
 
 def shard_level_of(cfg: "TrainConfig") -> str:
-    """The level `cfg` runs at: the one resolved before launch, else the one asked for (`auto` not yet
-    resolved: none)."""
-    return cfg.shard_level or (cfg.shard if cfg.shard != "auto" else "none")
+    """The level `cfg` runs at: the one chosen with --shard, else the one `auto` resolved to before launch
+    (none until then)."""
+    return cfg.shard if cfg.shard != "auto" else cfg.shard_level or "none"
 
 
 @dataclass(frozen=True)

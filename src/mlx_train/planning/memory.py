@@ -467,12 +467,14 @@ def _sharded_step_memory(shape, batch: int, accumulation: int, checkpointing: bo
 
     # Static state: the level's 1/n of weights, gradients and moments (in this model's own roles).
     weights = int(per * P * p_share)
-    frozen = shape.frozen_bytes
+    frozen = shape.frozen_bytes  # a LoRA run's base: whole below `full`, else a slice and one layer gathered
     gathered = 0
     if shard_p:
         frozen = int(frozen / n) + shape.frozen_layer_bytes if frozen else 0
         gathered = (per + cast) * layer + shape.frozen_layer_bytes
-    parameters = weights + (cast * P if not shard_p else 0) + frozen + (gathered - shape.frozen_layer_bytes)
+    # The bf16 compute copy: of every weight, or of the gathered layer only (counted in `gathered`).
+    trainable_gathered = gathered - shape.frozen_layer_bytes if shard_p else 0
+    parameters = weights + (0 if shard_p else cast * P) + frozen + trainable_gathered
     optimizer_state = int(k * per * P / n)
     accumulator = int(per * P * g_share) if accumulation > 1 else 0
     bucket = per * layer if shard_g else 0  # one layer's gradient before its reduce-scatter

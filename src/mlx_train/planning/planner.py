@@ -131,22 +131,26 @@ def levels_allowed(shard: str, num_devices: int) -> tuple:
 def resolve_shard(cfg: TrainConfig, hosts: Iterable[Shared]) -> str:
     """The shard level `cfg` runs at on `hosts`, decided before launch and recorded in config.yaml
     (TrainConfig.shard_level): the level chosen with --shard, or for `auto` the least level at which the
-    run's own split fits the budget every rank gets there (`none` for a model of unknown shape, or when
-    no level fits: check_fits refuses that run first)."""
+    run's own split fits the budget every rank gets there, judged as split_for judges it (so a split it
+    planned keeps its level). `none` on one device or for a model of unknown shape. When no level fits
+    the split (the out-of-memory ladder will cut it), the least level within MIN_LEVEL_SAVING of the
+    smallest need."""
     hosts = list(hosts)
     n = sum(h.slots for h in hosts)
     if cfg.shard != "auto":
         return cfg.shard
     if n == 1 or not cfg.model.kind.knows_shape:
         return "none"
-    budget = rank_budget_for(cfg, hosts)
+    usable = (rank_budget_for(cfg, hosts) + RUNTIME_OVERHEAD) * SPLIT_SAFETY
     shape = model_shape(cfg.model, cfg.fine_tune)
-    for level in SHARD_LEVELS:
-        peak = step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation, cfg.grad_checkpoint,
-                           cfg.precision, num_devices=n, shard=level).peak
-        if peak <= budget:
-            return level
-    return "none"
+    need = {level: step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation,
+                               cfg.grad_checkpoint, cfg.precision, num_devices=n, shard=level).total
+            for level in SHARD_LEVELS}
+    fits = [level for level in SHARD_LEVELS if need[level] <= usable]
+    if fits:
+        return fits[0]
+    least = min(need.values())
+    return next(level for level in SHARD_LEVELS if need[level] - least <= MIN_LEVEL_SAVING * need[level])
 
 
 def _divisors_desc(n: int) -> list:

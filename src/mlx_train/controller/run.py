@@ -132,7 +132,7 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
 
 def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
     """Refuse, before launch, a budget that cannot hold the model even at its smallest step (batch 1 per
-    device, checkpointing, bf16) at any shard level --shard allows, naming the smallest budget that would
+    device, checkpointing, fp32 or bf16) at any shard level --shard allows, naming the smallest budget that would
     and what else would fit: a shard level the user ruled out, more devices, a smaller model."""
     kind = cfg.model.kind  # a pretrained model's shape comes from its config.json (planning/memory.py)
     if not kind.knows_shape:
@@ -147,7 +147,9 @@ def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
     shape = model_shape(cfg.model, cfg.fine_tune)
 
     def least(level: str, devices: int = n) -> int:
-        return step_memory(shape, 1, accumulation, True, "bf16", num_devices=devices, shard=level).peak
+        # bf16 keeps a bf16 copy of the weights and, over several devices, one of the gradients more.
+        return min(step_memory(shape, 1, accumulation, True, precision, num_devices=devices, shard=level).peak
+                   for precision in ("fp32", "bf16"))
 
     allowed = levels_allowed(cfg.shard, n)
     lowest = min(least(level) for level in allowed)
@@ -169,9 +171,9 @@ def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
     at = f" with --shard {cfg.shard}" if cfg.shard != "auto" else " at any shard level" if n > 1 else ""
     if cfg.memory_budget:
         raise UserError(f"--memory-budget {human(budget)} cannot hold this model even at batch 1 with checkpointing "
-                        f"in bf16{at}: raise it to at least {need}, or use {use}")
-    raise UserError(f"this model needs at least {need} per device even at batch 1 with checkpointing in bf16{at}, "
-                    f"more than the {human(budget)} a rank has here: use {use}")
+                        f"in either precision{at}: raise it to at least {need}, or use {use}")
+    raise UserError(f"this model needs at least {need} per device even at batch 1 with checkpointing in either "
+                    f"precision{at}, more than the {human(budget)} a rank has here: use {use}")
 
 
 def size_at_least(n: float) -> str:

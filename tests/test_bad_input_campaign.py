@@ -880,14 +880,14 @@ def test_budgets_and_durations_before_launch(world, budget, stall, layers, width
     if not LAUNCHED:
         expect_refused("sizes & durations", argv, world)
         return
-    # Launched: then the budget holds the model at batch 1 with checkpointing in bf16 (the planner's
-    # smallest step), and the stall timeout is a real duration.
+    # Launched: then the budget holds the model at batch 1 with checkpointing in fp32 or bf16 (the
+    # planner's smallest step), and the stall timeout is a real duration.
     import math
 
     from mlx_train.planning.memory import ModelShape, step_memory
 
     cfg = LAUNCHED[0]
-    least = step_memory(ModelShape.from_config(cfg.model), 1, 1, True, "bf16").peak
+    least = min(step_memory(ModelShape.from_config(cfg.model), 1, 1, True, p).peak for p in ("fp32", "bf16"))
     why = None
     if cfg.memory_budget is None or cfg.memory_budget < least:
         why = f"launched with a budget below the smallest step ({cfg.memory_budget} < {least})"

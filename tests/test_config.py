@@ -131,7 +131,9 @@ def test_every_flag_comes_from_a_field():
                      # the model and data copied to the hosts (docs/fleet.md)
                      "--ship-cache", "--ship-cache-days",
                      # a CPU rank's micro-batch across threads (rank/lanes.py)
-                     "--cpu-threads"}
+                     "--cpu-threads",
+                     # the training state split over the ranks (docs/sharding.md)
+                     "--shard"}
 
 
 def test_run_options_from_flags():

@@ -30,6 +30,9 @@ BACKENDS = ("ring", "mpi", "any")
 FINE_TUNE_MODES = ("full", "lora", "dora")
 PACKINGS = ("pack", "pad")
 PRECISIONS = ("fp32", "bf16")
+# How much of the training state each rank holds a slice of, least first (ZeRO stages 0-3).
+SHARD_LEVELS = ("none", "optimizer", "gradients", "full")
+SHARD_CHOICES = (*SHARD_LEVELS, "auto")
 REPORT_TO = ("tensorboard", "wandb")  # experiment trackers (controller/reporting.py)
 
 
@@ -279,12 +282,24 @@ class TrainConfig(_Yaml):
     # None: derive from the device (planning's per-rank share of its memory).
     memory_budget: Optional[int] = knob(None, "per-device memory budget, bytes or e.g. 8GiB (default: from the "
                                               "device)", "--memory-budget", parse=parse_bytes, max=MAX_BYTES)
+    shard: str = knob("auto", "split the training state over the ranks: none (each holds everything: data parallel, "
+                              "ZeRO stage 0, FSDP NO_SHARD), optimizer (a slice of AdamW's state each: ZeRO-1), "
+                              "gradients (and of the gradients: ZeRO-2, FSDP SHARD_GRAD_OP), full (and of the weights, "
+                              "gathered a layer at a time: ZeRO-3, FSDP FULL_SHARD), or auto: the least sharding the "
+                              "memory planner finds fits (docs/sharding.md)", "--shard", choices=SHARD_CHOICES)
+    # The level `shard` resolved to for this run's hosts (planning.planner.resolve_shard, before launch), kept
+    # apart from `shard` so that a re-plan can tell `auto` (may be raised) from a level the user chose (never).
+    shard_level: Optional[str] = knob(None, "the sharding level this run uses (resolved from shard before launch)")
 
     def __post_init__(self) -> None:
         check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _positive_int(self, "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
         check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
+        check(self.shard in SHARD_CHOICES, f"shard must be one of {', '.join(SHARD_CHOICES)}, got {self.shard!r}")
+        # A level chosen with --shard wins over a shard_level left from before (a resume with --shard).
+        check(self.shard_level is None or self.shard_level in SHARD_LEVELS,
+              f"shard_level must be one of {', '.join(SHARD_LEVELS)}, got {self.shard_level!r}")
         check(self.loss_spike is None or self.loss_spike > 1, f"loss_spike must be > 1 (a multiple of the running "
               f"mean loss), got {self.loss_spike}")
         check(isinstance(self.skip_data, list) and all(
@@ -327,7 +342,11 @@ class Split:
     """How one global batch is split: devices x micro-batch x accumulation, and the checkpointing and
     precision a step runs in. Every change of a run's split (--optimize-memory, an elastic resize,
     the out-of-memory ladder, `optimize`) is one of these; the global batch is given and checked
-    against the product, so a split that would change the run's data cannot be built."""
+    against the product, so a split that would change the run's data cannot be built.
+
+    The shard level is here for the reason checkpointing is: it trades memory for time without changing
+    the run's mathematics, and the same re-plans choose it (the planner raises it before it cuts the
+    micro-batch), so a re-split cannot drop it on the way to the config."""
 
     global_batch: int
     devices: int
@@ -335,11 +354,13 @@ class Split:
     accumulation: int
     checkpointing: bool = False
     precision: str = "fp32"
+    shard: str = "none"    # a resolved level (SHARD_LEVELS), never "auto"
 
     def __post_init__(self) -> None:
         _positive_int(self, "global_batch", "devices", "batch", "accumulation")
         check(isinstance(self.checkpointing, bool), f"checkpointing must be True or False, got {self.checkpointing!r}")
         check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check(self.shard in SHARD_LEVELS, f"shard must be one of {', '.join(SHARD_LEVELS)}, got {self.shard!r}")
         check(self.devices * self.batch * self.accumulation == self.global_batch,
               f"{self.devices} devices x {self.batch} per device x {self.accumulation} accumulation is "
               f"{self.devices * self.batch * self.accumulation}, not the global batch {self.global_batch}")
@@ -348,23 +369,36 @@ class Split:
     def of(cls, cfg: "TrainConfig") -> "Split":
         d = cfg.dist
         return cls(d.global_batch_size, d.num_devices, d.batch_size_per_device, d.gradient_accumulation,
-                   cfg.grad_checkpoint, cfg.precision)
+                   cfg.grad_checkpoint, cfg.precision, shard_level_of(cfg))
 
     def apply(self, cfg: "TrainConfig") -> "TrainConfig":
-        """`cfg` split this way; everything else (backend, ring connections, ...) stays."""
+        """`cfg` split this way; everything else (backend, ring connections, ...) stays. A level other than
+        the one the user chose with --shard is refused (ValueError)."""
+        check(cfg.shard in ("auto", self.shard), f"--shard {cfg.shard} was chosen: a split at level {self.shard} "
+              "would override it")
         dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
                                    gradient_accumulation=self.accumulation)
-        return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision)
+        level = {} if self.shard == shard_level_of(cfg) else {"shard_level": self.shard}
+        return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision,
+                                   **level)
 
     def event(self) -> dict:
         """The fields `launch`, `resize` and `reconfigure` record, named as config.yaml names them."""
+        # An unsharded split records what it always did.
         return {"devices": self.devices, "global_batch": self.global_batch, "batch_size_per_device": self.batch,
                 "gradient_accumulation": self.accumulation, "grad_checkpoint": self.checkpointing,
-                "precision": self.precision}
+                "precision": self.precision, **({"shard": self.shard} if self.shard != "none" else {})}
 
     def __str__(self) -> str:
         return (f"{self.batch} per device x {self.accumulation} accumulation, "
-                f"checkpointing {'on' if self.checkpointing else 'off'}, {self.precision}")
+                f"checkpointing {'on' if self.checkpointing else 'off'}, {self.precision}"
+                + (f", shard {self.shard}" if self.shard != "none" else ""))
+
+
+def shard_level_of(cfg: "TrainConfig") -> str:
+    """The level `cfg` runs at: the one chosen with --shard, else the one `auto` resolved to before launch
+    (none until then)."""
+    return cfg.shard if cfg.shard != "auto" else cfg.shard_level or "none"
 
 
 @dataclass(frozen=True)

@@ -132,28 +132,49 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
 
 
 def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
-    """Refuse, before launch, a budget that cannot hold the built-in model even at its smallest step
-    (batch 1 per device, checkpointing, bf16), naming the smallest budget that would."""
+    """Refuse, before launch, a budget that cannot hold the model even at its smallest step (batch 1 per
+    device, checkpointing, fp32 or bf16) at any shard level --shard allows, naming the smallest budget that would
+    and what else would fit: a shard level the user ruled out, more devices, a smaller model."""
     kind = cfg.model.kind  # a pretrained model's shape comes from its config.json (planning/memory.py)
     if not kind.knows_shape:
         return  # a model of your own: the planner does not know its shape
+    from mlx_train.config import SHARD_LEVELS
     from mlx_train.planning.memory import step_memory
-    from mlx_train.planning.planner import model_shape
+    from mlx_train.planning.planner import levels_allowed, model_shape
 
     budget = rank_budget_for(cfg, hosts)
-    accumulation = 2 if cfg.dist.global_batch_size > cfg.dist.num_devices else 1  # only > 1 matters
-    least = step_memory(model_shape(cfg.model, cfg.fine_tune), 1, accumulation, True, "bf16",
-                        num_devices=cfg.dist.num_devices).peak
-    if least <= budget:
+    n = cfg.dist.num_devices
+    accumulation = 2 if cfg.dist.global_batch_size > n else 1  # only > 1 matters
+    shape = model_shape(cfg.model, cfg.fine_tune)
+
+    def least(level: str, devices: int = n) -> int:
+        # bf16 keeps a bf16 copy of the weights and, over several devices, one of the gradients more.
+        return min(step_memory(shape, 1, accumulation, True, precision, num_devices=devices, shard=level).peak
+                   for precision in ("fp32", "bf16"))
+
+    allowed = levels_allowed(cfg.shard, n)
+    lowest = min(least(level) for level in allowed)
+    if lowest <= budget:
         return
-    need = size_at_least(least)
-    smaller = "--fine-tune lora, a quantized model or a shorter --seq-len" if kind is ModelKind.PRETRAINED else \
-        "a smaller model (--layers, --width, --seq-len)"
+    need = size_at_least(lowest)
+    ways = []
+    if n > 1:
+        other = next((level for level in SHARD_LEVELS if level not in allowed and least(level) <= budget), None)
+        if other:
+            ways.append(f"--shard {other}")
+    if not ways:  # more devices: the fewest at which a fully sharded step fits this budget
+        more = next((m for m in (2 ** i for i in range(1, 11)) if m > n and least("full", m) <= budget), None)
+        if more:
+            ways.append(f"{more} devices or more with --shard full")
+    ways.append("--fine-tune lora, a quantized model or a shorter --seq-len" if kind is ModelKind.PRETRAINED else
+                "a smaller model (--layers, --width, --seq-len)")
+    use = ", ".join(ways[:-1]) + f" or {ways[-1]}" if len(ways) > 1 else ways[0]
+    at = f" with --shard {cfg.shard}" if cfg.shard != "auto" else " at any shard level" if n > 1 else ""
     if cfg.memory_budget:
         raise UserError(f"--memory-budget {human(budget)} cannot hold this model even at batch 1 with checkpointing "
-                        f"in bf16: raise it to at least {need}, or use {smaller}")
-    raise UserError(f"this model needs at least {need} per device even at batch 1 with checkpointing in bf16, more "
-                    f"than the {human(budget)} a rank has here: use {smaller}")
+                        f"in either precision{at}: raise it to at least {need}, or use {use}")
+    raise UserError(f"this model needs at least {need} per device even at batch 1 with checkpointing in either "
+                    f"precision{at}, more than the {human(budget)} a rank has here: use {use}")
 
 
 def size_at_least(n: float) -> str:
@@ -191,6 +212,10 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     check_fits(cfg, hosts)
     if opts.optimize_memory:
         cfg = plan_for_budget(cfg, hosts)
+    from mlx_train.planning.planner import resolve_shard
+
+    # Recorded in config.yaml, so the ranks run at the level planned for (TrainConfig.shard_level).
+    cfg = replace(cfg, shard_level=resolve_shard(cfg, hosts))
     run = RunDir(opts.resume or opts.run_dir or RUNS_ROOT / new_run_id())
     if opts.resume:
         check_resumable(run)

@@ -9,8 +9,10 @@ derivation and the accuracy grid). A step has two peaks that never overlap:
 * update: clipping and AdamW write new gradients, weights and moments while the old ones are
   still referenced, so about six parameter-sized copies exist at once.
 
-Parallelism here is pure data parallel: every device holds a full replica, so more devices only
-lower the per-device need through a smaller share of the global batch.
+At shard level `none` (data parallel) every device holds a full replica, so more devices only lower
+the per-device need through a smaller share of the global batch. The other levels (ZeRO stages 1-3)
+give each of N ranks 1/N of the optimizer state, then of the gradients, then of the weights
+(`bytes_per_param`); `full` gathers one layer's weights at a time on top.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Tuple
 
-from mlx_train.config import PRECISIONS, FineTuneConfig, ModelConfig, check, positive_int
+from mlx_train.config import PRECISIONS, SHARD_LEVELS, FineTuneConfig, ModelConfig, check, positive_int
 
 MiB = 1024 ** 2
 
@@ -121,6 +123,24 @@ class ModelShape(_Record):
     def largest_tensor(self) -> int:
         return max(self.vocab_size * self.d_model, 4 * self.d_model * self.d_model)
 
+    @property
+    def largest_layer(self) -> int:
+        """Parameters of the largest unit `full` gathers at once: a block, the embeddings or the head."""
+        d = self.d_model
+        return max(12 * d * d + 9 * d, (self.vocab_size + self.seq_len) * d, self.vocab_size * d + 2 * d)
+
+    @property
+    def trainable_bytes(self) -> int:
+        return 4  # fp32 master weights
+
+    @property
+    def frozen_bytes(self) -> int:
+        return 0
+
+    @property
+    def frozen_layer_bytes(self) -> int:
+        return 0
+
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "ModelShape":
         return cls(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.seq_len, cfg.vocab_size)
@@ -205,6 +225,30 @@ class LMShape(_Record):
         return int(sum(size * (packed if self.quant_bits and last % self.quant_group_size == 0 else n)
                        for last, size in matrices)) + norms
 
+    def _held(self, matrices) -> float:
+        """Bytes of (last dim, size) matrices as held: packed where mlx-lm quantizes them."""
+        packed = self.quant_bits / 8 + 2 * self.dtype_bytes / self.quant_group_size
+        return sum(size * (packed if self.quant_bits and last % self.quant_group_size == 0 else self.dtype_bytes)
+                   for last, size in matrices)
+
+    @property
+    def frozen_layer_bytes(self) -> int:
+        """The largest unit of a frozen base that `full` gathers at once: a block or the embeddings."""
+        if self.fine_tune == "full":
+            return 0
+        d = self.d_model
+        block = self._held([(i, i * o) for i, o in self._linears().values()]) + 2 * d * self.dtype_bytes
+        return int(max(block, self._held([(d, self.vocab_size * d)])))
+
+    @property
+    def largest_layer(self) -> int:
+        """Trainable parameters of the largest unit `full` gathers at once (a block, or the embeddings)."""
+        if self.fine_tune == "full":
+            return max(sum(i * o for i, o in self._linears().values()) + 2 * self.d_model,
+                       self.vocab_size * self.d_model)
+        blocks = self.n_layers if self.lora_layers == -1 else min(self.lora_layers, self.n_layers)
+        return -(-self.trainable // max(1, blocks))
+
     @property
     def adapted(self) -> list:
         """(in, out) of every adapted linear layer."""
@@ -286,12 +330,39 @@ class MemoryBreakdown(_Record):
     peak: int
     total: int
     peak_phase: str        # "backward" or "update"
+    shard: str = "none"    # the level: which of the terms above are this rank's 1/N slice
+    gathered: int = 0      # `full`: one layer's weights (and its gradient) gathered, already in the terms above
+
+    def __str__(self) -> str:
+        return (f"peak {self.peak / MiB:.0f} MiB at {self.peak_phase}: parameters {self.parameters / MiB:.0f}, "
+                f"gradients {self.gradients / MiB:.0f}, optimizer state {self.optimizer_state / MiB:.0f}, "
+                f"activations {self.activations / MiB:.0f} MiB")
+
+
+# Which of the training state's roles a level splits over the ranks: (parameters, gradients, optimizer).
+SHARDED = {"none": (False, False, False), "optimizer": (False, False, True),
+           "gradients": (False, True, True), "full": (True, True, True)}
+
+
+def bytes_per_param(level: str, n: int, params: float = 2, grads: float = 2, optimizer: float = 12) -> float:
+    """Bytes one of `n` ranks holds per trainable parameter at `level` (ZeRO, arXiv 1910.02054, section 5):
+    with the defaults (mixed-precision AdamW: bf16 weights and gradients, fp32 master and moments) data
+    parallel's 16, ZeRO-1's 4 + 12/n, ZeRO-2's 2 + 14/n and ZeRO-3's 16/n. step_memory passes its own
+    roles: the fp32 masters are the model's weights here (4, 4, 8 in fp32)."""
+    check(level in SHARDED, f"shard level must be one of {', '.join(SHARD_LEVELS)}, got {level!r}")
+    positive_int("num_devices", n)
+    return sum(b / n if sharded else b for b, sharded in zip((params, grads, optimizer), SHARDED[level]))
 
 
 def step_memory(shape: ModelShape, batch: int, accumulation: int = 1, checkpointing: bool = False,
                 precision: str = "fp32", optimizer: str = "adamw", n_params: Optional[int] = None,
-                num_devices: int = 1) -> MemoryBreakdown:
-    """Predicted memory on one device of one `Stepper.step` with `batch` sequences per micro-batch."""
+                num_devices: int = 1, shard: str = "none") -> MemoryBreakdown:
+    """Predicted memory on one device of one `Stepper.step` with `batch` sequences per micro-batch, at
+    shard level `shard` over `num_devices` ranks."""
+    check(shard in SHARD_LEVELS, f"shard level must be one of {', '.join(SHARD_LEVELS)}, got {shard!r}")
+    if shard != "none":
+        return _sharded_step_memory(shape, batch, accumulation, checkpointing, precision, optimizer, n_params,
+                                    num_devices, shard)
     positive_int("batch size", batch)
     positive_int("num_devices", num_devices)
     positive_int("gradient_accumulation", accumulation)
@@ -362,3 +433,62 @@ def lm_activation_bytes(shape: LMShape, batch: int, checkpointing: bool, precisi
         layers = (shape.n_layers + 1) * layer
     logits = tokens * shape.vocab_size
     return int(e * layers + 4 * LOGITS_FP32_COPIES[checkpointing] * logits + dora)
+
+
+def _sharded_step_memory(shape, batch: int, accumulation: int, checkpointing: bool, precision: str, optimizer: str,
+                         n_params: Optional[int], n: int, level: str) -> MemoryBreakdown:
+    """step_memory at a ZeRO level: the same two peaks as data parallel's, with each role the level
+    shards counted at 1/n (bytes_per_param) and what a sharded step holds on top.
+
+    * The optimizer runs on the rank's slice only: its state, its raw and clipped gradients (below
+      `full` the all-reduced whole at `optimizer`) and AdamW's temporaries are 1/n; below `full` the
+      new weights are all-gathered back whole, so old and new weights stay two full copies.
+    * Sharded gradients are reduce-scattered a layer at a time as the backward makes them: one layer's
+      full gradient is live on top of the shards (the accumulator is a shard too).
+    * `full` keeps 1/n of the weights (and of a frozen base under LoRA) and gathers one layer's at a
+      time, for the forward and again for the backward: one layer's weights (and bf16 copy) are live.
+    """
+    positive_int("batch size", batch)
+    positive_int("num_devices", n)
+    positive_int("gradient_accumulation", accumulation)
+    check(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check(optimizer in OPTIMIZER_STATE_COPIES,
+          f"optimizer must be one of {', '.join(OPTIMIZER_STATE_COPIES)}, got {optimizer!r}")
+    lm = isinstance(shape, LMShape)
+    P = (shape.trainable if lm else shape.n_params) if n_params is None else int(n_params)
+    check(P > 0, f"the parameter count must be positive, got {P}")
+    per = shape.trainable_bytes
+    cast = 2 if precision == "bf16" and per == 4 else 0  # the bf16 compute copy of fp32 weights
+    k = OPTIMIZER_STATE_COPIES[optimizer]
+    shard_p, shard_g, _ = SHARDED[level]
+    p_share = 1 / n if shard_p else 1
+    g_share = 1 / n if shard_g else 1
+    layer = min(shape.largest_layer, P)
+
+    # Static state: the level's 1/n of weights, gradients and moments (in this model's own roles).
+    weights = int(per * P * p_share)
+    frozen = shape.frozen_bytes  # a LoRA run's base: whole below `full`, else a slice and one layer gathered
+    gathered = 0
+    if shard_p:
+        frozen = int(frozen / n) + shape.frozen_layer_bytes if frozen else 0
+        gathered = (per + cast) * layer + shape.frozen_layer_bytes
+    # The bf16 compute copy: of every weight, or of the gathered layer only (counted in `gathered`).
+    trainable_gathered = gathered - shape.frozen_layer_bytes if shard_p else 0
+    parameters = weights + (0 if shard_p else cast * P) + frozen + trainable_gathered
+    optimizer_state = int(k * per * P / n)
+    accumulator = int(per * P * g_share) if accumulation > 1 else 0
+    bucket = per * layer if shard_g else 0  # one layer's gradient before its reduce-scatter
+    activations = activation_bytes(shape, batch, bool(checkpointing), precision)
+
+    backward_peak = parameters + optimizer_state + accumulator + bucket + activations
+    relayed = 1 if precision == "bf16" and n > 1 else 0  # as data parallel: bf16 keeps the reduced copy apart
+    update_peak = int(2 * per * P * p_share + (2 + relayed) * per * P * g_share + optimizer_state + frozen
+                      + UPDATE_TEMPORARIES * per * shape.largest_tensor / n)
+    peak = max(backward_peak, update_peak)
+    gradients = int(per * P * g_share) + accumulator
+    return MemoryBreakdown(
+        parameters=parameters, gradients=gradients, optimizer_state=optimizer_state, activations=activations,
+        optimizer_step=max(0, update_peak - (parameters + gradients + optimizer_state)),
+        runtime_overhead=RUNTIME_OVERHEAD, backward_peak=backward_peak, update_peak=update_peak,
+        peak=peak, total=peak + RUNTIME_OVERHEAD,
+        peak_phase="backward" if backward_peak >= update_peak else "update", shard=level, gathered=gathered)

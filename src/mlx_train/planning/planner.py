@@ -14,14 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from mlx_train.config import (PRECISIONS, DistributedConfig, FineTuneConfig, ModelConfig, ModelKind, Split,
-                              TrainConfig, check, model_kind, positive_int)
+from mlx_train.config import (PRECISIONS, SHARD_CHOICES, SHARD_LEVELS, DistributedConfig, FineTuneConfig,
+                              ModelConfig, ModelKind, Split, TrainConfig, check, model_kind, positive_int,
+                              shard_level_of)
 from mlx_train.errors import UserError
 from mlx_train.planning.memory import (DEFAULT_SEQ_LEN, DEFAULT_VOCAB, MAX_BATCH_PER_DEVICE, OPTIMIZER_STATE_COPIES,
                                        RUNTIME_OVERHEAD, SAFETY_FRACTION, LMShape, MemoryBreakdown, ModelShape,
                                        _Record, step_memory)
 from mlx_train.rank.device import Shared, device_memory, rank_budget_for
 
+# The out-of-memory ladder raises the shard level only when that saves at least this share of the
+# predicted total: a rung that barely helps costs a relaunch and (at `full`) more traffic for nothing.
+MIN_LEVEL_SAVING = 0.05
 # split_for's safety fraction: the rank budget already leaves the device its margin (BUDGET_FRACTION).
 SPLIT_SAFETY = 0.95
 
@@ -51,11 +55,16 @@ class MemoryPlan(_Record):
     model: Any                      # ModelShape, or LMShape for a pretrained model
     n_params: int
     assumptions: tuple = ()
+    shard: str = "none"             # the level: what of the training state each device holds 1/N of
 
     @property
     def split(self) -> Split:
         return Split(self.global_batch_size, self.num_devices, self.suggested_batch_size, self.gradient_accumulation,
-                     self.activation_checkpointing, self.precision)
+                     self.activation_checkpointing, self.precision, self.shard)
+
+    def __str__(self) -> str:
+        return (f"{'fits' if self.fits else 'does not fit'}: {self.num_devices} devices x {self.split}; "
+                f"{self.breakdown} of {self.hardware.usable_memory / 2**20:.0f} MiB usable")
 
     def to_distributed_config(self, backend: str = "ring") -> DistributedConfig:
         return DistributedConfig(num_devices=self.num_devices, batch_size_per_device=self.suggested_batch_size,
@@ -88,8 +97,10 @@ def split_for(cfg: TrainConfig, hosts: Iterable[Shared], keep_mode: bool = False
                         f"(devices x --batch-size x --accumulation) that {n} divides")
     budget = rank_budget_for(cfg, hosts)
     # The budget bounds MLX's peak (what a rank checks); the planner also adds the runtime's overhead.
+    # A level the user chose is the only one tried; `auto` raises the level before it cuts the micro-batch.
     common = dict(model=cfg.model, fine_tune=cfg.fine_tune, num_devices=n, global_batch_size=g,
-                  memory_per_device=budget + RUNTIME_OVERHEAD, safety_fraction=SPLIT_SAFETY)
+                  memory_per_device=budget + RUNTIME_OVERHEAD, safety_fraction=SPLIT_SAFETY, shard=cfg.shard,
+                  level_before_batch=True)
     plan = None
     if keep_mode:
         plan = MemoryOptimizer.suggest_config(**common, precision=cfg.precision,
@@ -97,9 +108,49 @@ def split_for(cfg: TrainConfig, hosts: Iterable[Shared], keep_mode: bool = False
     if plan is None or not plan.fits:
         plan = MemoryOptimizer.suggest_config(**common)
     if not plan.fits:
+        full = "" if cfg.shard in ("auto", "full") or n == 1 else "--shard full or auto, "
         raise UserError(f"no split of the global batch {g} over {n} devices fits {budget / 2**20:.0f} MiB per "
-                        "device: use more devices, a smaller model or --seq-len, or a larger --memory-budget")
+                        f"device{_at(cfg.shard)}: use {full}more devices, a smaller model or --seq-len, or a larger "
+                        "--memory-budget")
     return plan
+
+
+def _at(shard: str) -> str:
+    return " at any shard level" if shard == "auto" else f" with --shard {shard}"
+
+
+def levels_allowed(shard: str, num_devices: int) -> tuple:
+    """The levels a plan may use, least first: the one chosen, or with `auto` every level (only `none`
+    on one device, where there is nothing to shard over)."""
+    check(shard in SHARD_CHOICES, f"shard must be one of {', '.join(SHARD_CHOICES)}, got {shard!r}")
+    if shard != "auto":
+        return (shard,)
+    return SHARD_LEVELS if num_devices > 1 else ("none",)
+
+
+def resolve_shard(cfg: TrainConfig, hosts: Iterable[Shared]) -> str:
+    """The shard level `cfg` runs at on `hosts`, decided before launch and recorded in config.yaml
+    (TrainConfig.shard_level): the level chosen with --shard, or for `auto` the least level at which the
+    run's own split fits the budget every rank gets there, judged as split_for judges it (so a split it
+    planned keeps its level). `none` on one device or for a model of unknown shape. When no level fits
+    the split (the out-of-memory ladder will cut it), the least level within MIN_LEVEL_SAVING of the
+    smallest need."""
+    hosts = list(hosts)
+    n = sum(h.slots for h in hosts)
+    if cfg.shard != "auto":
+        return cfg.shard
+    if n == 1 or not cfg.model.kind.knows_shape:
+        return "none"
+    usable = (rank_budget_for(cfg, hosts) + RUNTIME_OVERHEAD) * SPLIT_SAFETY
+    shape = model_shape(cfg.model, cfg.fine_tune)
+    need = {level: step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation,
+                               cfg.grad_checkpoint, cfg.precision, num_devices=n, shard=level).total
+            for level in SHARD_LEVELS}
+    fits = [level for level in SHARD_LEVELS if need[level] <= usable]
+    if fits:
+        return fits[0]
+    least = min(need.values())
+    return next(level for level in SHARD_LEVELS if need[level] - least <= MIN_LEVEL_SAVING * need[level])
 
 
 def _divisors_desc(n: int) -> list:
@@ -128,13 +179,22 @@ class MemoryOptimizer:
         global_batch_size: Optional[int] = None,
         memory_per_device: Optional[float] = None,
         safety_fraction: float = SAFETY_FRACTION,
+        shard: str = "auto",
+        level_before_batch: bool = False,
     ) -> MemoryPlan:
         """The largest per-device batch that fits, trying in order: fp32 without checkpointing,
         fp32 with it, then bf16 without and with (`precision`/`activation_checkpointing` force a
         setting). Accumulation makes up `global_batch_size`; without one, per-device batches are
         powers of two up to MAX_BATCH_PER_DEVICE with no accumulation. When nothing fits, the
-        smallest-memory attempt comes back with `fits=False`."""
+        smallest-memory attempt comes back with `fits=False`.
+
+        `shard` ("none", "optimizer", "gradients", "full", or "auto": the least that fits) is the level
+        of the training state each device holds a 1/num_devices slice of; with `auto` each level is
+        searched in full before the next is tried, so a model that fits unsharded is planned as before.
+        `level_before_batch` (split_for) instead tries every level at a per-device batch before a smaller
+        batch: the micro-batch is cut only when no level holds it."""
         positive_int("num_devices", num_devices)
+        levels = levels_allowed(shard, num_devices)
         check(precision is None or precision in PRECISIONS,
                f"precision must be one of {', '.join(PRECISIONS)} or None (let the planner choose), got {precision!r}")
         check(optimizer in OPTIMIZER_STATE_COPIES,
@@ -165,22 +225,30 @@ class MemoryOptimizer:
 
         modes = [(p, c) for p in (PRECISIONS if precision is None else (precision,))
                  for c in ((False, True) if activation_checkpointing is None else (activation_checkpointing,))]
+        if levels != ("none",):
+            assumptions = [a for a in assumptions if not a.startswith("pure data parallel")]
+            assumptions.append(f"shard levels tried: {', '.join(levels)} (optimizer state, then gradients, then "
+                               "weights split over the devices; full gathers one layer's weights at a time)")
+        if level_before_batch:
+            order = [(lv, p, c, b) for p, c in modes for b in batches for lv in levels]
+        else:
+            order = [(lv, p, c, b) for lv in levels for p, c in modes for b in batches]
         closest = None
-        for prec, ckpt in modes:
-            for batch in batches:
-                accumulation = 1 if per_device is None else per_device // batch
-                mem = step_memory(shape, batch, accumulation, ckpt, prec, optimizer, n_params, num_devices)
-                plan = MemoryPlan(
-                    suggested_batch_size=batch, gradient_accumulation=accumulation,
-                    global_batch_size=batch * accumulation * num_devices, num_devices=num_devices,
-                    activation_checkpointing=ckpt, precision=prec, optimizer=optimizer,
-                    fits=mem.total <= hardware.usable_memory, hardware=hardware, breakdown=mem,
-                    model=shape, n_params=n_params, assumptions=tuple(assumptions))
-                if plan.fits:
-                    return plan
-                # Ties go to the smaller batch of the earlier mode: no change that does not help.
-                if closest is None or (mem.total, batch) < (closest.breakdown.total, closest.suggested_batch_size):
-                    closest = plan
+        for level, prec, ckpt, batch in order:
+            accumulation = 1 if per_device is None else per_device // batch
+            mem = step_memory(shape, batch, accumulation, ckpt, prec, optimizer, n_params, num_devices, level)
+            plan = MemoryPlan(
+                suggested_batch_size=batch, gradient_accumulation=accumulation,
+                global_batch_size=batch * accumulation * num_devices, num_devices=num_devices,
+                activation_checkpointing=ckpt, precision=prec, optimizer=optimizer,
+                fits=mem.total <= hardware.usable_memory, hardware=hardware, breakdown=mem,
+                model=shape, n_params=n_params, assumptions=tuple(assumptions), shard=level)
+            if plan.fits:
+                return plan
+            # Ties go to the smaller batch of the earlier mode (and the lesser level): no change that
+            # does not help.
+            if closest is None or (mem.total, batch) < (closest.breakdown.total, closest.suggested_batch_size):
+                closest = plan
         return closest
 
     @classmethod
@@ -194,14 +262,16 @@ class MemoryOptimizer:
         check(isinstance(cfg, TrainConfig), f"expected a TrainConfig, got {type(cfg).__name__}")
         return step_memory(model_shape(cfg.model, cfg.fine_tune), cfg.dist.batch_size_per_device,
                            cfg.dist.gradient_accumulation, cfg.grad_checkpoint, cfg.precision, optimizer,
-                           num_devices=cfg.dist.num_devices)
+                           num_devices=cfg.dist.num_devices, shard=shard_level_of(cfg))
 
     @staticmethod
     def suggest_recovery_config(current: Any) -> Any:
         """The next configuration to try after an out-of-memory failure, or None when nothing
         smaller is left. Steps: halve the per-device batch (the next smaller divisor if it is odd)
         with accumulation scaled up so the global batch is unchanged; at batch 1 turn on
-        checkpointing; then switch to bf16. Takes and returns a TrainConfig, a dict, or any
+        checkpointing; then switch to bf16. A TrainConfig with `shard: auto` on several devices first
+        takes the next shard level wherever the memory model says it lowers the total at least as much
+        as that step would (and once the steps run out), and by MIN_LEVEL_SAVING at least. Takes and returns a TrainConfig, a dict, or any
         dataclass with those fields; the input is not modified."""
         return _recovery(current)
 
@@ -278,14 +348,40 @@ _BATCH_KEYS = ("batch_size_per_device", "suggested_batch_size", "batch_size")
 _CKPT_KEYS = ("grad_checkpoint", "activation_checkpointing")
 
 
+def _raised_level(cfg: TrainConfig, split: Split, step: Optional[Split]) -> Optional[Split]:
+    """`split` at the next shard level, when the ladder may raise it (`auto`, several devices, a model whose
+    shape the planner knows) and that lowers the predicted peak at least as much as `step` (the ladder's
+    own next rung, None when none is left); else None. A small model's activations outweigh its state,
+    so it keeps cutting its batch as before."""
+    if cfg.shard != "auto" or split.devices == 1 or split.shard == SHARD_LEVELS[-1]:
+        return None
+    raised = dataclasses.replace(split, shard=SHARD_LEVELS[SHARD_LEVELS.index(split.shard) + 1])
+    if not cfg.model.kind.knows_shape:
+        return raised if step is None else None  # nothing to weigh it with: only when the ladder is spent
+    try:
+        shape = model_shape(cfg.model, cfg.fine_tune)
+    except (UserError, OSError, ValueError):
+        return None
+
+    def total(s: Split) -> int:
+        return step_memory(shape, s.batch, s.accumulation, s.checkpointing, s.precision, num_devices=s.devices,
+                           shard=s.shard).total
+
+    now, after = total(split), total(raised)
+    if now - after < MIN_LEVEL_SAVING * now:
+        return None
+    return raised if step is None or after <= total(step) else None
+
+
 def _recovery(current: Any) -> Any:
     if isinstance(current, TrainConfig):
         split = Split.of(current)
         nxt = _recovery(split.event())  # named as the ladder's keys
-        if nxt is None:
-            return None
-        return dataclasses.replace(split, batch=nxt["batch_size_per_device"], accumulation=nxt["gradient_accumulation"],
-                                   checkpointing=nxt["grad_checkpoint"], precision=nxt["precision"]).apply(current)
+        step = None if nxt is None else dataclasses.replace(
+            split, batch=nxt["batch_size_per_device"], accumulation=nxt["gradient_accumulation"],
+            checkpointing=nxt["grad_checkpoint"], precision=nxt["precision"])
+        raised = _raised_level(current, split, step)
+        return (raised or step).apply(current) if (raised or step) else None
     if isinstance(current, Mapping):
         values = dict(current)
     elif dataclasses.is_dataclass(current) and not isinstance(current, type):

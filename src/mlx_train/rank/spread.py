@@ -215,6 +215,7 @@ class Sharded(Spread):
             whole = collectives.all_gather_flat(self.optimizer.state[_KEY][name], self.group) \
                 if self.group is not None else self.optimizer.state[_KEY][name]
             flat += [(f"{k}.{name}", v) for k, v in zip(self.keys, self._whole(whole))]
+        mx.eval([v for _, v in flat])  # here, on every rank: a gather left lazy would wait for peers forever
         return {**tree_unflatten(flat), **rest}
 
     def layout(self) -> dict:

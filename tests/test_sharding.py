@@ -73,6 +73,29 @@ def _trajectory(level, precision, clip, accumulation, group):
             "param_bytes": sum(v.nbytes for v in params.values())}
 
 
+def _skip(level: str, group) -> dict:
+    """One rank's loss over its limit (--loss-spike): is the update skipped on every rank alike?"""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import ModelConfig, OptimConfig
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.step import Stepper, make_optimizer
+
+    mx.random.seed(0)
+    model, loss_fn = build_model(ModelConfig(**MODEL))
+    stepper = Stepper(model, loss_fn, make_optimizer(OptimConfig(warmup_steps=0), 4), "fp32", 1.0, group,
+                      shard=level, backend="ring")
+    tokens = np.random.default_rng(group.rank()).integers(0, 256, (ROWS, MODEL["seq_len"] + 1)).astype(np.int32)
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    stepper.step(batch)
+    before = {k: np.array(v) for k, v in tree_flatten(stepper.params)}
+    stats = stepper.step(batch, loss_limit=0.0 if group.rank() == group.size() - 1 else None)
+    return {"skipped": stats.skipped, "unchanged": all(np.array_equal(before[k], np.array(v))
+                                                       for k, v in tree_flatten(stepper.params)),
+            "step": int(stepper.optimizer.step.item())}
+
+
 def _crc(params: dict) -> int:
     import zlib
 
@@ -135,7 +158,8 @@ def rank_main(out_dir: str, corpus: str) -> None:
         base = _trajectory("none", precision, clip, accumulation, group)
         for level in ("optimizer", "gradients"):
             results.append({"case": name, **_compare(base, _trajectory(level, precision, clip, accumulation, group))})
-    report = {"rank": r, "size": n, "results": results}
+    report = {"rank": r, "size": n, "results": results, "skips": {level: _skip(level, group) for level in
+                                                                   ("none", "optimizer", "gradients")}}
     if n == 2:  # the straight run, and a sharded one stopped half-way, both checkpointing at STOP_AT
         report["straight"] = _train(group, corpus, str(out / "straight"), "none", resume=False)
         report["sharded"] = _train(group, corpus, str(out / "sharded"), "gradients", resume=False, stop_after=STOP_AT)
@@ -185,6 +209,8 @@ def _launch(n: int, out_dir: Path, corpus: Path) -> list:
 def _check_levels(reports: list, n: int) -> None:
     assert [rep["rank"] for rep in reports] == list(range(n))
     for rep in reports:
+        for level, skip in rep["skips"].items():  # the last rank's loss alone was over its limit
+            assert skip == {"skipped": True, "unchanged": True, "step": 2}, f"rank {rep['rank']} of {n}, {level}"
         for res in rep["results"]:
             where = f"rank {rep['rank']} of {n}, {res['case']}, {res['level']}"
             assert res["agreed"], f"{where}: the ranks' parameters differ"

@@ -119,7 +119,7 @@ class Metrics(Message):
     lr: float                     # learning rate used by the step
     tokens_per_s: float           # the group's real target tokens per second, over the steps since the last report
     step_time_s: float            # rank 0's mean wall time of those steps
-    comm_time_s: float            # of which in the gradient all_sum (mean)
+    comm_time_s: float            # of which in the gradient all_sum, or sharded its reduce-scatter and gather (mean)
     compute_time_s: float         # of which in the forward and backward pass (mean)
     grad_norm: float              # the last step's gradient norm (before clipping)
     devices: int                  # ranks in the group
@@ -127,6 +127,10 @@ class Metrics(Message):
     global_batch: int             # sequences per optimizer step, over every rank and micro-batch
     peak_memory: list             # each rank's peak memory in bytes, by rank
     param_checksum: list          # each rank's parameter checksum, by rank (equal when the ranks agree)
+    # Sharded (rank/spread.py): the flat buffers each rank reduce-scatters and all-gathers per
+    # step, in bytes (it sends (N-1)/N of each); 0 when it does not.
+    scattered_bytes: int = 0
+    gathered_bytes: int = 0
     val_loss: Optional[float] = None  # validation loss, at an evaluation
     sample: Optional[str] = None  # the embedded GPT's text after a fixed prompt, at an evaluation (rank/sample.py)
 

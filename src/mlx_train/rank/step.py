@@ -1,4 +1,5 @@
-"""One optimizer step: micro-batch gradients, bucketed all-reduce, clipping, AdamW update.
+"""One optimizer step: micro-batch gradients, then the step spread over the ranks (rank/spread.py:
+the all-reduce or reduce-scatter, the global norm, AdamW with clipping folded in, the gather).
 
 Parameters live outside the model as an fp32 tree (the master weights); the model is only the
 function. With bf16 the forward and backward run on a down-cast copy, and the gradients come back
@@ -15,14 +16,13 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map
 
 from mlx_train.config import OptimConfig
+from mlx_train.rank import spread
 from mlx_train.rank.lanes import Lanes, shards
-
-# One all_sum per bucket of this many bytes (mlx.nn.average_gradients packs small tensors together).
-BUCKET_BYTES = 32 * 1024 * 1024
+# Where they lived before the step's spreading over the ranks had its own module (rank/spread.py).
+from mlx_train.rank.spread import BUCKET_BYTES, _assign, make_sync, pack, sum_gradients, unpack  # noqa: F401
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optim.Optimizer:
@@ -70,11 +70,15 @@ class Stepper:
     so `load` must be used to replace them. With `lanes` > 1 (a CPU rank, rank/lanes.py) each
     micro-batch's forward/backward runs as that many shards at once, on threads with their own
     streams and their own traced copies of the first graph, and their gradients are summed.
+    What follows the gradients (their sum over the ranks, the norm, the update) is the strategy
+    `shard` names (rank/spread.py: "none" is data parallel, "optimizer" and "gradients" ZeRO-1/2);
+    `backend` is the group's backend name, which decides how a reduce-scatter is built.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: optim.Optimizer, precision: str,
                  grad_clip: float, group: Optional[mx.distributed.Group] = None, compile: bool = True,
-                 bucket_bytes: int = BUCKET_BYTES, lanes: int = 1):
+                 bucket_bytes: int = BUCKET_BYTES, lanes: int = 1, shard: str = "none",
+                 backend: Optional[str] = None):
         self.model = model
         self.optimizer = optimizer
         self.grad_clip = grad_clip
@@ -84,16 +88,29 @@ class Stepper:
         self.grad_fn = make_grad_fn(model, loss_fn, precision)
         self.compiled = compile
         self.bucket_bytes = bucket_bytes
+        # How the step is spread over the ranks (data parallel, sharded: rank/spread.py), chosen once.
+        self.spread = spread.choose(shard, optimizer, grad_clip, group, bucket_bytes, backend)
         self.params = model.trainable_parameters()
-        optimizer.init(self.params)
+        self.spread.init(self.params)
         # Lanes replay traced graphs only: an uncompiled step would run the model's Python in two threads.
         self.lanes = Lanes(lanes) if lanes > 1 and compile else None
         self._build()
 
     def load(self, params: Any, optimizer_state: dict) -> None:
-        """Replace the parameters and optimizer state (a restore) and retrace around them."""
-        self.params, self.optimizer.state = params, optimizer_state
+        """Replace the parameters and optimizer state (a restore) and retrace around them. The state
+        is in the unsharded layout (optimizer_state()'s); a sharded step keeps its slice of it."""
+        self.params = params
+        self.spread.load(params, optimizer_state)
         self._build()
+
+    def optimizer_state(self) -> dict:
+        """The optimizer state in the unsharded layout, as a checkpoint holds it. Sharded, it is
+        gathered from every rank: every rank must call it."""
+        return self.spread.full_state()
+
+    def optimizer_layout(self) -> dict:
+        """A tree shaped like optimizer_state(), with no collective (its arrays may be unevaluated)."""
+        return self.spread.layout()
 
     def set_params(self, params: Any) -> None:
         """Overwrite the parameters' values in place (the compiled graphs keep their containers)."""
@@ -117,30 +134,11 @@ class Stepper:
 
     def _build(self) -> None:
         self._first, self._more = self._grad_graphs()
-
-        def norm(grads):
-            return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)))
-
-        def apply(grads, norm):
-            # Clipping is a factor inside each leaf's update (fused into AdamW's elementwise
-            # kernel), not a clipped copy of every gradient first: one pass over them fewer.
-            if self.grad_clip > 0:
-                factor = mx.minimum(self.grad_clip / (norm + 1e-6), 1.0)
-                grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
-            _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
-
-        if not self.compiled:
-            self._norm, self._apply = norm, apply
-            self._sync = make_sync(self.group, self.bucket_bytes, compiled=False)
-            return
-        state = [self.params, self.optimizer.state]
-        if self.lanes is not None:
+        self.spread.build(self.compiled)
+        if self.compiled and self.lanes is not None:
             self._lane_fns = [self._grad_graphs() for _ in range(len(self.lanes))]
             self._traced: set = set()
             self._merge = mx.compile(lambda trees: functools.reduce(lambda a, b: tree_map(mx.add, a, b), trees))
-        self._sync = make_sync(self.group, self.bucket_bytes)
-        self._norm = mx.compile(norm)
-        self._apply = mx.compile(apply, inputs=state, outputs=state)
 
     def _gradients(self, micro_batches: List[Tuple[Any, Any]], share: float) -> Tuple[Any, mx.array]:
         """The micro-batches' summed gradients and loss, each scaled by `share`."""
@@ -202,13 +200,11 @@ class Stepper:
         loss = loss * self.world  # this rank's mean loss
         guard = loss if loss_limit is None else mx.where(loss > loss_limit, float("nan"), loss)
         t1 = time.perf_counter()
-        if self.world > 1:
-            grads = self._sync(grads, guard)
-            mx.eval(grads)
+        held = self.spread.reduce(grads, guard)  # what this rank keeps of the summed gradients
         t2 = time.perf_counter()
-        norm = self._norm(grads)
+        norm = self.spread.norm(held)
         # A non-finite update is skipped on every rank alike: one rank's non-finite loss made its
-        # gradients non-finite before the sum (sync), so the summed norm says so on every rank,
+        # gradients non-finite before the sum (reduce), so the summed norm says so on every rank,
         # with no extra collective. The step count still advances, so the schedule and a resume
         # stay in step.
         finite = mx.isfinite(norm) if self.world > 1 else mx.logical_and(mx.isfinite(norm), mx.isfinite(guard))
@@ -216,82 +212,20 @@ class Stepper:
         if skipped:
             self.optimizer.state["step"] = self.optimizer.step + 1
         else:
-            self._apply(grads, norm)
+            self.spread.update(held, norm)
         mx.eval(self.params, self.optimizer.state, norm)
         t3 = time.perf_counter()
-        return StepStats(float(loss.item()), float(norm.item()), (t1 - t0) + (t3 - t2), t2 - t1, skipped)
+        if not skipped:
+            self.spread.publish()  # sharded: the updated slices gathered into every rank's parameters
+        t4 = time.perf_counter()
+        return StepStats(float(loss.item()), float(norm.item()), (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3),
+                         skipped)
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]]) -> mx.array:
         """Mean loss over `batches` with the current fp32 weights, as a lazy scalar."""
         self.model.update(self.params)
         losses = [self.loss_fn(self.model, mx.array(x), mx.array(y)) for x, y in batches]
         return mx.mean(mx.stack(losses))
-
-
-def _assign(dst: Any, src: Any) -> None:
-    """Copy the leaves of tree `src` into the same places of tree `dst`, in place (a compiled
-    graph's captured state is its containers, so they must be kept, not replaced)."""
-    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
-    for key, value in list(items):
-        if isinstance(value, mx.array):
-            dst[key] = src[key]
-        elif isinstance(value, (dict, list)) and _has(src, key):  # an empty container has no leaves to send
-            _assign(value, src[key])
-
-
-def _has(tree: Any, key: Any) -> bool:
-    return key in tree if isinstance(tree, dict) else key < len(tree)
-
-
-def make_sync(group: Optional[mx.distributed.Group], bucket_bytes: int = BUCKET_BYTES,
-              compiled: bool = True) -> Callable[[Any, mx.array], Any]:
-    """The gradient all-reduce as one function of (gradient tree, this rank's loss); compiled, its
-    packing, all_sums and unpacking replay from C++ without rebuilding the graph in Python every step.
-
-    A rank whose loss is not finite multiplies its smallest gradient by NaN before the sum, so every
-    rank's summed gradient norm is non-finite and all skip that update together (Stepper.step).
-    """
-    def sync(grads, loss):
-        flat = tree_flatten(grads)
-        i = min(range(len(flat)), key=lambda j: flat[j][1].size)
-        key, g = flat[i]
-        flat[i] = (key, g * mx.where(mx.isfinite(loss), 1.0, float("nan")).astype(g.dtype))
-        return sum_gradients(tree_unflatten(flat), group, bucket_bytes)
-
-    return mx.compile(sync) if compiled else sync
-
-
-def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES) -> Any:
-    """All-reduce (sum) a gradient tree, at most `bucket_bytes` per all_sum: small tensors packed
-    together into one buffer (mlx.nn.average_gradients' idea, minus its division: the trainer's
-    gradients arrive pre-scaled), a larger tensor summed in even pieces (views) and put back together."""
-    flat = tree_flatten(grads)
-    out: dict = {}
-    bucket: List[Tuple[str, mx.array]] = []
-    filled = 0
-
-    def flush() -> None:
-        if len({g.dtype for _, g in bucket}) > 1:  # mixed dtypes cannot share a buffer
-            out.update((k, mx.distributed.all_sum(g, group=group)) for k, g in bucket)
-        elif bucket:
-            summed = mx.distributed.all_sum(pack([g for _, g in bucket]), group=group)
-            out.update(zip((k for k, _ in bucket), unpack(summed, [g for _, g in bucket])))
-        bucket.clear()
-
-    for key, g in flat:
-        if g.nbytes > bucket_bytes:
-            whole = g.reshape(-1)
-            n = -(-whole.size // -(-g.nbytes // bucket_bytes))
-            pieces = [mx.distributed.all_sum(whole[i:i + n], group=group) for i in range(0, whole.size, n)]
-            out[key] = mx.concatenate(pieces).reshape(g.shape)
-            continue
-        if filled + g.nbytes > bucket_bytes:
-            flush()
-            filled = 0
-        bucket.append((key, g))
-        filled += g.nbytes
-    flush()
-    return tree_unflatten([(k, out[k]) for k, _ in flat])
 
 
 def all_sum_bytes(backend: str, world: int, cores: int, grad_bytes: int) -> int:
@@ -312,21 +246,7 @@ def all_sum_bytes(backend: str, world: int, cores: int, grad_bytes: int) -> int:
     return BUCKET_BYTES
 
 
-def pack(arrays: List[mx.array]) -> mx.array:
-    """One flat buffer holding `arrays` in order (one collective instead of one per array)."""
-    return mx.concatenate([a.reshape(-1) for a in arrays])
-
-
-def unpack(flat: mx.array, like: List[mx.array]) -> List[mx.array]:
-    """The pieces of `flat` shaped like `like` (views, no copies)."""
-    offsets = np.cumsum([a.size for a in like])[:-1].tolist()
-    return [part.reshape(a.shape) for a, part in zip(like, mx.split(flat, offsets))]
-
-
 def current_lr(optimizer: optim.Optimizer) -> float:
     lr = optimizer.learning_rate
     return float(lr.item()) if isinstance(lr, mx.array) else float(lr)
 
-
-def _leaves(tree) -> list:
-    return [v for _, v in tree_flatten(tree)]

@@ -57,9 +57,10 @@ class Trainer:
                                  cfg.dist.batch_size_per_device, self.grad_bytes, memory_budget)
         if self.lanes > 1:
             blas.set_threads(cores // self.lanes)  # each lane's matmuls on its share of the cores
+        shard = getattr(cfg, "shard", "none")  # shard level: wired by the lead
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
                                bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, cores, self.grad_bytes),
-                               lanes=self.lanes)
+                               lanes=self.lanes, shard=shard, backend=cfg.dist.backend)
         self.faults = inject.Faults.from_env(self.stepper, self.rank)  # the tests' faults, off unless set
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
@@ -155,6 +156,7 @@ class Trainer:
             "comm_time_s": sum(w[1].comm_s for w in window) / len(window),
             "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
             "grad_norm": window[-1][1].grad_norm, "devices": self.size, "grad_bytes": self.grad_bytes,
+            "scattered_bytes": self.stepper.spread.scattered_bytes, "gathered_bytes": self.stepper.spread.gathered_bytes,
             "global_batch": self.cfg.dist.global_batch_size,
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],
@@ -191,6 +193,7 @@ class Trainer:
         protocol.emit(protocol.Checksum(step=step, value=checksum))
         mine = mx.array([checksum, *self.spike.state()], dtype=mx.int64)
         everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 3)
+        full_state = self.stepper.optimizer_state()  # sharded: gathered from every rank, so every rank asks
         if self.rank != 0:
             return
         sums = [int(v) for v in everyone[:, 0]]
@@ -202,7 +205,7 @@ class Trainer:
         self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
         t0 += time.perf_counter() - t_wait
         params = checkpoint.snapshot(dict(tree_flatten(self.stepper.params)))
-        state = checkpoint.snapshot(dict(tree_flatten(self.optimizer.state)))
+        state = checkpoint.snapshot(dict(tree_flatten(full_state)))  # the unsharded layout, whatever the level
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
                 "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]]}
         self.writer.start(lambda: self._write(step, params, state, meta))
@@ -295,7 +298,8 @@ class Trainer:
         # Keep the model's own key order: gradient clipping sums the leaves in tree order, and a
         # different order rounds the norm differently, which would break exact resumption.
         params = dict(tree_flatten(self.stepper.params))
-        state = {k: v for k, v in tree_flatten(self.optimizer.state) if k not in ("step", "learning_rate")}
+        # The unsharded layout (a sharded step slices its part out of it in load).
+        state = {k: v for k, v in tree_flatten(self.stepper.optimizer_layout()) if k not in ("step", "learning_rate")}
         if found is not None:
             params = {k: found.model[k] for k in params}
             state = {k: found.optimizer[k] for k in state}

@@ -1,0 +1,376 @@
+"""How one optimizer step is spread over the ranks: the one seam between this rank's gradients and
+its updated parameters.
+
+The Stepper computes this rank's gradients (micro-batches, accumulation, lanes) and hands them to
+its Spread, chosen once when it is built (`choose`), in the same four calls whatever the strategy:
+
+    held = spread.reduce(grads, loss)   communication: what this rank keeps of the summed gradients
+    norm = spread.norm(held)            the global gradient norm (clipping; a non-finite step's skip)
+    spread.update(held, norm)           AdamW on what this rank owns, the clipping factor folded in
+    spread.publish()                    communication: every rank's parameters whole again
+
+and, for checkpoints, the optimizer state in the unsharded layout (`full_state`, `layout`) and back
+(`load`), so a checkpoint is the same files whatever wrote it and resumes under any strategy.
+
+- DataParallel: today's step, bit for bit: the bucketed all_sum (`make_sync`), the norm over the
+  gradient tree and AdamW per tensor; `publish` has nothing to do.
+- Sharded("optimizer") (ZeRO-1) and Sharded("gradients") (ZeRO-2): the trainable parameters are
+  seen as one flat buffer padded to a multiple of N; rank r owns the contiguous slice
+  collectives.shard_bounds gives it and keeps AdamW's state only for that slice.
+
+Pipeline stages and unequal shares of the batch are further strategies at this same place: the
+trainer's loop and the Stepper do not branch on the strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_train.errors import UserError
+from mlx_train.rank import collectives
+
+# One all_sum per bucket of this many bytes (mlx.nn.average_gradients packs small tensors together).
+BUCKET_BYTES = 32 * 1024 * 1024
+LEVELS = ("none", "optimizer", "gradients")
+_KEY = "shard"  # the sharded optimizer's one state entry: its slice of the flat buffer
+
+
+class Spread:
+    """The strategy's calls (see the module docstring). `scattered_bytes` and `gathered_bytes`: the
+    flat buffers this rank reduce-scatters and all-gathers per step (it sends (N-1)/N of each)."""
+
+    scattered_bytes = 0
+    gathered_bytes = 0
+
+    def __init__(self, level: str, optimizer: optim.Optimizer, grad_clip: float,
+                 group: Optional[mx.distributed.Group], bucket_bytes: int = BUCKET_BYTES,
+                 backend: Optional[str] = None):
+        self.level, self.optimizer, self.grad_clip, self.group = level, optimizer, grad_clip, group
+        self.world = group.size() if group is not None else 1
+        self.bucket_bytes, self.backend = bucket_bytes, backend
+        self.params: Any = None
+
+    def init(self, params: Any) -> None:
+        """A fresh optimizer state for `params`, the Stepper's tree (kept: updated in place)."""
+        raise NotImplementedError
+
+    def load(self, params: Any, full_state: dict) -> None:
+        """Take `params` and an optimizer state in the unsharded layout (a restore)."""
+        raise NotImplementedError
+
+    def build(self, compiled: bool) -> None:
+        """(Re)trace the graphs around the current parameters and state."""
+        raise NotImplementedError
+
+    def full_state(self) -> dict:
+        """The optimizer state as the unsharded optimizer holds it (a collective when sharded:
+        every rank calls it)."""
+        raise NotImplementedError
+
+    def layout(self) -> dict:
+        """A tree shaped like full_state(), its arrays possibly unevaluated (no collective)."""
+        raise NotImplementedError
+
+    def reduce(self, grads: Any, loss: mx.array) -> Any:
+        raise NotImplementedError
+
+    def norm(self, held: Any) -> mx.array:
+        return self._norm(held)
+
+    def update(self, held: Any, norm: mx.array) -> None:
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        """Nothing to do unless parameters were updated in slices."""
+
+    def _factor(self, norm: mx.array) -> Optional[mx.array]:
+        """Clipping's factor on every gradient, or None without clipping (the same in every strategy)."""
+        return mx.minimum(self.grad_clip / (norm + 1e-6), 1.0) if self.grad_clip > 0 else None
+
+
+def choose(shard: str, optimizer: optim.Optimizer, grad_clip: float, group: Optional[mx.distributed.Group],
+           bucket_bytes: int = BUCKET_BYTES, backend: Optional[str] = None) -> Spread:
+    if shard == "full":
+        raise UserError("--shard full (ZeRO-3: parameters sharded and gathered layer by layer) is not built yet: "
+                        f"use one of {', '.join(LEVELS)}")
+    if shard not in LEVELS:
+        raise UserError(f"unknown shard level {shard!r}: one of {', '.join(LEVELS)}")
+    kind = DataParallel if shard == "none" else Sharded
+    return kind(shard, optimizer, grad_clip, group, bucket_bytes, backend)
+
+
+class DataParallel(Spread):
+    """Every rank holds everything: the gradients all-reduced, AdamW per tensor on every rank."""
+
+    def init(self, params: Any) -> None:
+        self.params = params
+        self.optimizer.init(params)
+
+    def load(self, params: Any, full_state: dict) -> None:
+        self.params, self.optimizer.state = params, full_state
+
+    def full_state(self) -> dict:
+        return self.optimizer.state
+
+    def layout(self) -> dict:
+        return self.optimizer.state
+
+    def build(self, compiled: bool) -> None:
+        def norm(grads):
+            return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)))
+
+        def apply(grads, norm):
+            # Clipping is a factor inside each leaf's update (fused into AdamW's elementwise
+            # kernel), not a clipped copy of every gradient first: one pass over them fewer.
+            factor = self._factor(norm)
+            if factor is not None:
+                grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
+            _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
+
+        self._sync = make_sync(self.group, self.bucket_bytes, compiled=compiled)
+        if not compiled:
+            self._norm, self._apply = norm, apply
+            return
+        state = [self.params, self.optimizer.state]
+        self._norm = mx.compile(norm)
+        self._apply = mx.compile(apply, inputs=state, outputs=state)
+
+    def reduce(self, grads: Any, loss: mx.array) -> Any:
+        if self.world == 1:
+            return grads
+        grads = self._sync(grads, loss)
+        mx.eval(grads)
+        return grads
+
+    def update(self, held: Any, norm: mx.array) -> None:
+        self._apply(held, norm)
+
+
+class Sharded(Spread):
+    """ZeRO-1 ("optimizer") and ZeRO-2 ("gradients") over the flat buffer of the trainable parameters.
+
+    optimizer: the gradients are all-reduced as in data parallel (the same graph, so the same norm,
+    bit for bit); each rank updates its slice with AdamW's state for that slice only, and the
+    parameters are rebuilt whole with all_gather_flat. gradients: the gradients are reduce-scattered
+    (collectives.reduce_scatter), so a rank holds only its slice of their sum, and the norm is
+    sqrt(all_sum of each slice's sum of squares); then as optimizer. AdamW is elementwise, so its
+    update of a slice is the per-tensor update of those elements; the schedule and bias correction
+    read the optimizer's one step count, as unsharded. The parameters stay whole (fp32 master
+    weights on every rank, as ZeRO-1/2 keep them); what is spread is m and v, 8 of AdamW's
+    16 bytes per parameter, and at "gradients" the summed gradients' buffer.
+    """
+
+    def init(self, params: Any) -> None:
+        self._shape(params)
+        self.optimizer.init({_KEY: mx.zeros((self.hi - self.lo,), self.dtype)})
+
+    def _shape(self, params: Any) -> None:
+        self.params = params
+        flat = tree_flatten(params)
+        dtypes = {v.dtype for _, v in flat}
+        if len(dtypes) != 1:
+            raise UserError(f"--shard needs the trainable parameters in one dtype, not {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop()
+        self.keys = [k for k, _ in flat]
+        self.shapes = [v.shape for _, v in flat]
+        self.sizes = [v.size for _, v in flat]
+        self.total = sum(self.sizes)
+        self.padded = collectives.padded_length(self.total, self.world)
+        rank = self.group.rank() if self.group is not None else 0
+        self.lo, self.hi = collectives.shard_bounds(self.padded, self.world, rank)
+        # The pieces of the leaves that fall in [lo, hi): (leaf index, start, stop) within the leaf.
+        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self.pieces = [(i, max(self.lo - a, 0), min(self.hi, b) - a) for i, (a, b) in
+                       enumerate(zip(offsets[:-1], offsets[1:])) if a < self.hi and b > self.lo]
+        self.pad = self.hi - max(self.lo, min(self.hi, self.total))  # zeros past the last parameter
+        itemsize = mx.zeros((1,), self.dtype).itemsize
+        many = self.world > 1
+        self.gathered_bytes = self.padded * itemsize if many else 0
+        self.scattered_bytes = self.padded * itemsize if many and self.level == "gradients" else 0
+
+    def _slice(self, leaves: List[mx.array]) -> mx.array:
+        """This rank's slice of the flat buffer of `leaves` (in the parameters' order)."""
+        parts = [leaves[i].reshape(-1)[a:b] for i, a, b in self.pieces]
+        if self.pad:
+            parts.append(mx.zeros((self.pad,), leaves[0].dtype if leaves else self.dtype))
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _whole(self, flat: mx.array) -> List[mx.array]:
+        """The leaves of a whole (gathered, padded) flat buffer, shaped as the parameters (views)."""
+        offsets = np.cumsum(self.sizes)[:-1].tolist()
+        return [p.reshape(s) for p, s in zip(mx.split(flat[:self.total], offsets), self.shapes)]
+
+    def _names(self) -> List[str]:
+        return sorted(self.optimizer.state[_KEY])
+
+    def full_state(self) -> dict:
+        rest = {k: v for k, v in self.optimizer.state.items() if k != _KEY}
+        flat = []
+        for name in self._names():
+            whole = collectives.all_gather_flat(self.optimizer.state[_KEY][name], self.group) \
+                if self.group is not None else self.optimizer.state[_KEY][name]
+            flat += [(f"{k}.{name}", v) for k, v in zip(self.keys, self._whole(whole))]
+        mx.eval([v for _, v in flat])  # here, on every rank: a gather left lazy would wait for peers forever
+        return {**tree_unflatten(flat), **rest}
+
+    def layout(self) -> dict:
+        rest = {k: v for k, v in self.optimizer.state.items() if k != _KEY}
+        flat = [(f"{k}.{name}", mx.zeros(s, self.dtype)) for name in self._names()
+                for k, s in zip(self.keys, self.shapes)]  # never evaluated: no memory
+        return {**tree_unflatten(flat), **rest}
+
+    def load(self, params: Any, full_state: dict) -> None:
+        self._shape(params)
+        names = self._names()
+        flat = dict(tree_flatten(full_state))
+        mine = {name: mx.contiguous(self._slice([flat[f"{k}.{name}"] for k in self.keys])) for name in names}
+        mx.eval(mine)  # the slice alone stays: the whole state it came from is freed
+        rest = {k: v for k, v in full_state.items() if k in ("step", "learning_rate")}
+        self.optimizer.state = {**rest, _KEY: mine}
+
+    def build(self, compiled: bool) -> None:
+        group, gradients_level = self.group, self.level == "gradients"
+
+        def flatten(grads, loss):
+            # A rank whose loss is not finite poisons its smallest gradient, as make_sync does: the
+            # all_sum of the slices' squares then makes the norm non-finite on every rank, and all
+            # skip the step alike. The padding goes into the same copy.
+            leaves = _leaves(grads)
+            i = min(range(len(leaves)), key=lambda j: leaves[j].size)
+            leaves[i] = leaves[i] * mx.where(mx.isfinite(loss), 1.0, float("nan")).astype(leaves[i].dtype)
+            extra = self.padded - self.total
+            return pack(leaves + ([mx.zeros((extra,), self.dtype)] if extra else []))
+
+        def tree_norm(grads):
+            return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)))
+
+        def shard_norm(shard):
+            squares = mx.sum(mx.square(shard.astype(mx.float32)))
+            return mx.sqrt(mx.distributed.all_sum(squares, group=group) if self.world > 1 else squares)
+
+        def apply(held, norm):
+            grad = held if gradients_level else self._slice(_leaves(held))
+            factor = self._factor(norm)
+            if factor is not None:
+                grad = grad * factor.astype(grad.dtype)
+            mine = self._slice(_leaves(self.params))
+            return self.optimizer.apply_gradients({_KEY: grad}, {_KEY: mine})[_KEY]
+
+        def gather(mine):
+            whole = collectives.all_gather_flat(mine, group) if self.world > 1 else mine
+            return tree_unflatten(list(zip(self.keys, self._whole(whole))))
+
+        self._sync = make_sync(group, self.bucket_bytes, compiled=compiled)
+        norm = shard_norm if gradients_level else tree_norm
+        if not compiled:
+            self._flatten, self._norm, self._apply, self._gather = flatten, norm, apply, gather
+            return
+        state = [self.params, self.optimizer.state]
+        self._flatten, self._norm, self._gather = mx.compile(flatten), mx.compile(norm), mx.compile(gather)
+        self._apply = mx.compile(apply, inputs=state, outputs=[self.optimizer.state])
+
+    def reduce(self, grads: Any, loss: mx.array) -> Any:
+        if self.level != "gradients":
+            return DataParallel.reduce(self, grads, loss)
+        flat = self._flatten(grads, loss)
+        if self.world == 1:
+            return flat
+        backend = None if self.backend == "any" else self.backend
+        mine = collectives.reduce_scatter(flat, self.group, backend=backend)
+        mx.eval(mine)
+        return mine
+
+    def update(self, held: Any, norm: mx.array) -> None:
+        self._mine = self._apply(held, norm)
+
+    def publish(self) -> None:
+        mine, self._mine = self._mine, None
+        if mine is not None:
+            _assign(self.params, self._gather(mine))
+            mx.eval(self.params)
+
+
+def _assign(dst: Any, src: Any) -> None:
+    """Copy the leaves of tree `src` into the same places of tree `dst`, in place (a compiled
+    graph's captured state is its containers, so they must be kept, not replaced)."""
+    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
+    for key, value in list(items):
+        if isinstance(value, mx.array):
+            dst[key] = src[key]
+        elif isinstance(value, (dict, list)) and _has(src, key):  # an empty container has no leaves to send
+            _assign(value, src[key])
+
+
+def _has(tree: Any, key: Any) -> bool:
+    return key in tree if isinstance(tree, dict) else key < len(tree)
+
+
+def make_sync(group: Optional[mx.distributed.Group], bucket_bytes: int = BUCKET_BYTES,
+              compiled: bool = True) -> Callable[[Any, mx.array], Any]:
+    """The gradient all-reduce as one function of (gradient tree, this rank's loss); compiled, its
+    packing, all_sums and unpacking replay from C++ without rebuilding the graph in Python every step.
+
+    A rank whose loss is not finite multiplies its smallest gradient by NaN before the sum, so every
+    rank's summed gradient norm is non-finite and all skip that update together (Stepper.step).
+    """
+    def sync(grads, loss):
+        flat = tree_flatten(grads)
+        i = min(range(len(flat)), key=lambda j: flat[j][1].size)
+        key, g = flat[i]
+        flat[i] = (key, g * mx.where(mx.isfinite(loss), 1.0, float("nan")).astype(g.dtype))
+        return sum_gradients(tree_unflatten(flat), group, bucket_bytes)
+
+    return mx.compile(sync) if compiled else sync
+
+
+def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = BUCKET_BYTES) -> Any:
+    """All-reduce (sum) a gradient tree, at most `bucket_bytes` per all_sum: small tensors packed
+    together into one buffer (mlx.nn.average_gradients' idea, minus its division: the trainer's
+    gradients arrive pre-scaled), a larger tensor summed in even pieces (views) and put back together."""
+    flat = tree_flatten(grads)
+    out: dict = {}
+    bucket: List[Tuple[str, mx.array]] = []
+    filled = 0
+
+    def flush() -> None:
+        if len({g.dtype for _, g in bucket}) > 1:  # mixed dtypes cannot share a buffer
+            out.update((k, mx.distributed.all_sum(g, group=group)) for k, g in bucket)
+        elif bucket:
+            summed = mx.distributed.all_sum(pack([g for _, g in bucket]), group=group)
+            out.update(zip((k for k, _ in bucket), unpack(summed, [g for _, g in bucket])))
+        bucket.clear()
+
+    for key, g in flat:
+        if g.nbytes > bucket_bytes:
+            whole = g.reshape(-1)
+            n = -(-whole.size // -(-g.nbytes // bucket_bytes))
+            pieces = [mx.distributed.all_sum(whole[i:i + n], group=group) for i in range(0, whole.size, n)]
+            out[key] = mx.concatenate(pieces).reshape(g.shape)
+            continue
+        if filled + g.nbytes > bucket_bytes:
+            flush()
+            filled = 0
+        bucket.append((key, g))
+        filled += g.nbytes
+    flush()
+    return tree_unflatten([(k, out[k]) for k, _ in flat])
+
+
+def pack(arrays: List[mx.array]) -> mx.array:
+    """One flat buffer holding `arrays` in order (one collective instead of one per array)."""
+    return mx.concatenate([a.reshape(-1) for a in arrays])
+
+
+def unpack(flat: mx.array, like: List[mx.array]) -> List[mx.array]:
+    """The pieces of `flat` shaped like `like` (views, no copies)."""
+    offsets = np.cumsum([a.size for a in like])[:-1].tolist()
+    return [part.reshape(a.shape) for a, part in zip(like, mx.split(flat, offsets))]
+
+
+def _leaves(tree) -> list:
+    return [v for _, v in tree_flatten(tree)]

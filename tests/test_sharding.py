@@ -1,0 +1,276 @@
+"""Sharded optimizer state and gradients (rank/spread.py, ZeRO-1 and -2) train as data parallel does.
+
+One launch per world size (ring backend, loopback), every case inside it. Each rank runs the same
+seeded model and data at every level and reports its losses, norms and final parameters' agreement
+with data parallel's as one JSON file; the test asserts on them:
+- the `optimizer` level all-reduces as data parallel does and applies AdamW's elementwise update
+  to a slice: the same arithmetic, so the same bits, at any number of ranks and with clipping;
+- the `gradients` level sums by reduce-scatter: with 2 ranks a sum of two terms is the same in any
+  order, so the same bits unless clipping is active (its norm is summed slice by slice, not tensor
+  by tensor, which rounds differently); with 3 ranks the sums' order differs: within 1e-5 relative.
+Then the trainer itself: a sharded run's checkpoint has the files and keys of an unsharded one, and
+resumes on 3 ranks (sharded at another level, and unsharded) on the straight run's loss trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import REPO
+
+TESTS = Path(__file__).resolve().parent
+TIMEOUT = 420  # seconds for a whole launch: a hung collective fails the test, never waits forever
+STEPS = 30
+MODEL = {"n_layers": 2, "d_model": 64, "n_heads": 2, "seq_len": 32}
+ROWS = 4  # sequences per rank per step
+# (name, precision, gradient clip, accumulation): clipping is off but in the clipping case, where
+# a small max norm makes it act on every step.
+CASES = [("plain", "fp32", 0.0, 1), ("clipped", "fp32", 0.05, 1), ("accumulation", "fp32", 0.0, 2),
+         ("bf16", "bf16", 0.0, 1)]
+TRAIN_STEPS, STOP_AT = 12, 6
+
+
+# -- what each rank runs -------------------------------------------------------------------------
+
+def _trajectory(level, precision, clip, accumulation, group):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import ModelConfig, OptimConfig
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.step import Stepper, make_optimizer
+
+    n, r = group.size(), group.rank()
+    mx.random.seed(0)
+    model, loss_fn = build_model(ModelConfig(**MODEL))
+    stepper = Stepper(model, loss_fn, make_optimizer(OptimConfig(warmup_steps=5), STEPS), precision, clip, group,
+                      shard=level, backend="ring")
+    state_bytes = sum(v.nbytes for _, v in tree_flatten(stepper.optimizer.state))
+    losses, norms = [], []
+    for step in range(STEPS):
+        tokens = np.random.default_rng(step).integers(0, 256, (n * ROWS, MODEL["seq_len"] + 1)).astype(np.int32)
+        mine = tokens[r * ROWS:(r + 1) * ROWS]
+        per = ROWS // accumulation
+        stats = stepper.step([(mine[i:i + per, :-1], mine[i:i + per, 1:]) for i in range(0, ROWS, per)])
+        losses.append(stats.loss)
+        norms.append(stats.grad_norm)
+    params = {k: np.array(v) for k, v in tree_flatten(stepper.params)}
+    state = {k: np.array(v) for k, v in tree_flatten(stepper.optimizer_state())}
+    sums = mx.distributed.all_gather(mx.array([_crc(params)], dtype=mx.int64), group=group)
+    return {"losses": losses, "norms": norms, "params": params, "state": state, "state_bytes": state_bytes,
+            "agreed": len(set(np.array(sums).tolist())) == 1, "level": stepper.spread.level,
+            "scattered": stepper.spread.scattered_bytes, "gathered": stepper.spread.gathered_bytes,
+            "param_bytes": sum(v.nbytes for v in params.values())}
+
+
+def _skip(level: str, group) -> dict:
+    """One rank's loss over its limit (--loss-spike): is the update skipped on every rank alike?"""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import ModelConfig, OptimConfig
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.step import Stepper, make_optimizer
+
+    mx.random.seed(0)
+    model, loss_fn = build_model(ModelConfig(**MODEL))
+    stepper = Stepper(model, loss_fn, make_optimizer(OptimConfig(warmup_steps=0), 4), "fp32", 1.0, group,
+                      shard=level, backend="ring")
+    tokens = np.random.default_rng(group.rank()).integers(0, 256, (ROWS, MODEL["seq_len"] + 1)).astype(np.int32)
+    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    stepper.step(batch)
+    before = {k: np.array(v) for k, v in tree_flatten(stepper.params)}
+    stats = stepper.step(batch, loss_limit=0.0 if group.rank() == group.size() - 1 else None)
+    return {"skipped": stats.skipped, "unchanged": all(np.array_equal(before[k], np.array(v))
+                                                       for k, v in tree_flatten(stepper.params)),
+            "step": int(stepper.optimizer.step.item())}
+
+
+def _crc(params: dict) -> int:
+    import zlib
+
+    crc = 0
+    for k in sorted(params):
+        crc = zlib.crc32(params[k].tobytes(), crc)
+    return crc
+
+
+def _compare(base: dict, got: dict) -> dict:
+    rel = max(abs(a - b) / abs(a) for a, b in zip(base["losses"], got["losses"]))
+    return {"loss_rel": rel, "losses_exact": base["losses"] == got["losses"],
+            "params_exact": all(np.array_equal(base["params"][k], got["params"][k]) for k in base["params"]),
+            "param_diff": max(float(np.max(np.abs(base["params"][k] - got["params"][k]))) for k in base["params"]),
+            "state_keys_same": sorted(base["state"]) == sorted(got["state"])
+            and all(base["state"][k].shape == got["state"][k].shape for k in base["state"]),
+            "state_exact": sorted(base["state"]) == sorted(got["state"])
+            and all(np.array_equal(base["state"][k], got["state"][k]) for k in base["state"]),
+            "agreed": got["agreed"], "clipping": min(got["norms"]) > 0.05,
+            "state_share": got["state_bytes"] / base["state_bytes"], "level": got["level"],
+            "scattered": got["scattered"], "gathered": got["gathered"], "param_bytes": got["param_bytes"]}
+
+
+def _with_shard(cfg, level: str):
+    """`cfg` with its shard level (the trainer reads getattr(cfg, "shard", "none"))."""
+    if "shard" in {f.name for f in dataclasses.fields(cfg)}:
+        return dataclasses.replace(cfg, shard=level)
+    object.__setattr__(cfg, "shard", level)  # until TrainConfig has the field (the lead wires it)
+    return cfg
+
+
+def _train(group, corpus: str, run_dir: str, level: str, resume: bool, stop_after=None) -> list:
+    """The rank's Trainer on `run_dir`; rank 0's Metrics as dicts."""
+    from mlx_train import protocol
+    from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
+    from mlx_train.rank.trainer import Trainer
+
+    n = group.size()
+    cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=2),
+                      dist=DistributedConfig(num_devices=n, batch_size_per_device=12 // n, backend="ring"),
+                      steps=TRAIN_STEPS, log_every=1, eval_every=100, checkpoint_every=STOP_AT)
+    seen: list = []
+    real = protocol.emit
+    protocol.emit = seen.append
+    try:
+        Trainer(_with_shard(cfg, level), group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
+    finally:
+        protocol.emit = real
+    return [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)]
+
+
+def rank_main(out_dir: str, corpus: str) -> None:
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    n, r = group.size(), group.rank()
+    out = Path(out_dir)
+    results = []
+    for name, precision, clip, accumulation in CASES:
+        base = _trajectory("none", precision, clip, accumulation, group)
+        for level in ("optimizer", "gradients"):
+            results.append({"case": name, **_compare(base, _trajectory(level, precision, clip, accumulation, group))})
+    report = {"rank": r, "size": n, "results": results, "skips": {level: _skip(level, group) for level in
+                                                                   ("none", "optimizer", "gradients")}}
+    if n == 2:  # the straight run, and a sharded one stopped half-way, both checkpointing at STOP_AT
+        report["straight"] = _train(group, corpus, str(out / "straight"), "none", resume=False)
+        report["sharded"] = _train(group, corpus, str(out / "sharded"), "gradients", resume=False, stop_after=STOP_AT)
+    else:  # the sharded run's checkpoint (copied twice by the test) resumed on this other world size
+        report["resumed_sharded"] = _train(group, corpus, str(out / "resume-sharded"), "optimizer", resume=True)
+        report["resumed_unsharded"] = _train(group, corpus, str(out / "resume-unsharded"), "none", resume=True)
+    (out / f"report-{r}.json").write_text(json.dumps(report))
+
+
+# -- the launches --------------------------------------------------------------------------------
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _free_ports(n: int) -> list:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _launch(n: int, out_dir: Path, corpus: Path) -> list:
+    hostfile = out_dir / "hostfile.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_sharding as t; "
+            f"t.rank_main({str(out_dir)!r}, {str(corpus)!r})")
+    env = {**_env(), "MLX_HOSTFILE": str(hostfile)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=10)
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return sorted((json.loads(p.read_text()) for p in out_dir.glob("report-*.json")), key=lambda rep: rep["rank"])
+
+
+def _check_levels(reports: list, n: int) -> None:
+    assert [rep["rank"] for rep in reports] == list(range(n))
+    for rep in reports:
+        for level, skip in rep["skips"].items():  # the last rank's loss alone was over its limit
+            assert skip == {"skipped": True, "unchanged": True, "step": 2}, f"rank {rep['rank']} of {n}, {level}"
+        for res in rep["results"]:
+            where = f"rank {rep['rank']} of {n}, {res['case']}, {res['level']}"
+            assert res["agreed"], f"{where}: the ranks' parameters differ"
+            assert res["state_keys_same"], f"{where}: the gathered optimizer state is not the unsharded layout"
+            assert res["loss_rel"] <= 1e-5, f"{where}: loss off data parallel's by {res['loss_rel']:.3g} relative"
+            assert res["param_diff"] <= 1e-5, f"{where}: parameters off by {res['param_diff']:.3g}"
+            assert res["clipping"] or res["case"] != "clipped", f"{where}: the clipping case never clipped"
+            # m and v are held in N slices (plus at most N - 1 padding elements).
+            assert res["state_share"] <= 1 / n + 1e-3, f"{where}: optimizer state {res['state_share']:.3f} of unsharded"
+            padded = res["param_bytes"] + 4 * (-res["param_bytes"] // 4 % n)
+            assert res["gathered"] == padded, where
+            assert res["scattered"] == (padded if res["level"] == "gradients" else 0), where
+            same_bits = res["level"] == "optimizer" or (n == 2 and res["case"] != "clipped")
+            if same_bits:
+                assert res["losses_exact"] and res["params_exact"] and res["state_exact"], \
+                    f"{where}: the same arithmetic as data parallel but not the same bits"
+
+
+def _losses(metrics: list) -> dict:
+    return {m["step"]: m["loss"] for m in metrics}
+
+
+@pytest.mark.multiproc
+def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_world_sizes(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in sorted((REPO / "src" / "mlx_train" / "rank").glob("*.py")):
+        shutil.copy(f, corpus / f.name)
+    two = tmp_path / "two"
+    two.mkdir()
+    reports = _launch(2, two, corpus)
+    _check_levels(reports, 2)
+
+    straight, sharded = reports[0]["straight"], reports[0]["sharded"]
+    assert [m["step"] for m in sharded] == list(range(1, STOP_AT + 1))
+    assert sharded[-1]["scattered_bytes"] > 0 and sharded[-1]["gathered_bytes"] > 0
+    assert straight[-1]["scattered_bytes"] == straight[-1]["gathered_bytes"] == 0
+    for step, loss in _losses(sharded).items():
+        assert loss == pytest.approx(_losses(straight)[step], rel=1e-5), step
+    # The same checkpoint files and keys as an unsharded run's, and the gathered state's values.
+    mine, theirs = (two / run / "checkpoints" / f"step-{STOP_AT:06d}" for run in ("sharded", "straight"))
+    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    import mlx.core as mx
+
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = mx.load(str(mine / name)), mx.load(str(theirs / name))
+        assert sorted(a) == sorted(b), name
+        for k in a:
+            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
+            assert np.allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-7), f"{name} {k}"
+
+    three = tmp_path / "three"
+    three.mkdir()
+    for run in ("resume-sharded", "resume-unsharded"):
+        shutil.copytree(two / "sharded", three / run)
+    reports = _launch(3, three, corpus)
+    _check_levels(reports, 3)
+    want = _losses(straight)
+    for run in ("resumed_sharded", "resumed_unsharded"):
+        got = _losses(reports[0][run])
+        assert sorted(got) == list(range(STOP_AT + 1, TRAIN_STEPS + 1)), run
+        for step, loss in got.items():
+            assert loss == pytest.approx(want[step], rel=1e-5), f"{run} step {step}"

@@ -120,11 +120,8 @@ def _compare(base: dict, got: dict) -> dict:
 
 
 def _with_shard(cfg, level: str):
-    """`cfg` with its shard level (the trainer reads getattr(cfg, "shard", "none"))."""
-    if "shard" in {f.name for f in dataclasses.fields(cfg)}:
-        return dataclasses.replace(cfg, shard=level)
-    object.__setattr__(cfg, "shard", level)  # until TrainConfig has the field (the lead wires it)
-    return cfg
+    """`cfg` at shard level `level`, as --shard LEVEL records it."""
+    return dataclasses.replace(cfg, shard=level)
 
 
 def _train(group, corpus: str, run_dir: str, level: str, resume: bool, stop_after=None) -> list:

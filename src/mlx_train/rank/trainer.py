@@ -17,7 +17,7 @@ from mlx_train.rank.badstep import BadSteps, LossSpike
 
 from mlx_train import protocol
 from mlx_train.events import Event
-from mlx_train.config import DistributedConfig, ModelKind, TrainConfig
+from mlx_train.config import DistributedConfig, ModelKind, TrainConfig, shard_level_of
 from mlx_train.rank.data import load_corpus
 from mlx_train.errors import UserError
 from mlx_train.rank.model import build_model, count_parameters
@@ -57,7 +57,7 @@ class Trainer:
                                  cfg.dist.batch_size_per_device, self.grad_bytes, memory_budget)
         if self.lanes > 1:
             blas.set_threads(cores // self.lanes)  # each lane's matmuls on its share of the cores
-        shard = getattr(cfg, "shard", "none")  # shard level: wired by the lead
+        shard = shard_level_of(cfg)  # planned before launch (planning/planner.resolve_shard)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
                                bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, cores, self.grad_bytes),
                                lanes=self.lanes, shard=shard, backend=cfg.dist.backend)

@@ -19,7 +19,7 @@ import yaml
 import fleet as fleet_tools  # tools/fleet.py, on sys.path from helpers
 import fleet_limits
 from fleet_limits import Limits, parse_limits
-from helpers import MLX_TRAIN, fleet_env, unavailable
+from helpers import MLX_TRAIN, REPO, fleet_env, unavailable
 from mlx_train.errors import UserError
 from mlx_train.fleet.configure import cgroup_limits
 from mlx_train.fleet.hosts import Host, load_cluster, write_cluster
@@ -150,14 +150,16 @@ BUSY = ("import time; t0 = time.monotonic(); c0 = time.process_time()\n"
 
 
 @pytest.fixture(scope="module")
-def limited(bare_fleet):
-    """The session fleet with h3 at 1/8 of a core and 256 MiB; limits lifted after the module."""
+def limited(fleet):
+    """The session fleet with h3 at 1/8 of a core and 256 MiB; limits lifted after the module.
+    The provisioned fleet, so that provisioning (when this module starts the session's) never
+    runs on the limited host."""
     try:
         fleet_tools.limit("h3", H3_CPU, H3_MEMORY)
     except fleet_limits.LimitsUnavailable as e:
         unavailable(str(e))
     try:
-        yield bare_fleet
+        yield fleet
     finally:
         fleet_tools.limit("h3")
 
@@ -231,14 +233,30 @@ def _oom_kills(host: str) -> int:
 
 
 @pytest.mark.fleet
-def test_configure_records_what_the_limited_host_has(limited, fleet, tmp_path):
+def test_configure_records_what_the_limited_host_has(limited, tmp_path):
     out = tmp_path / "cluster.yaml"
-    res = subprocess.run([MLX_TRAIN, "configure", "--distributed", "--inventory", str(fleet.inventory_path),
+    res = subprocess.run([MLX_TRAIN, "configure", "--distributed", "--inventory", str(limited.inventory_path),
                           "--output", str(out), "--hostfile", str(tmp_path / "hostfile.json")],
-                         env=fleet_env(fleet), capture_output=True, text=True, timeout=60)
+                         env=fleet_env(limited), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     hosts = {h.name: h for h in load_cluster(str(out)).hosts}
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert hosts["h3"].memory == H3_MEMORY and hosts["h3"].cpus == H3_CPU
     assert math.isclose(hosts["h1"].memory, physical, rel_tol=0.01) and hosts["h1"].cpus == os.cpu_count()
     assert "h3: 10.77.0.13 on eth0, %d cores (a quota of 0.125), 0.25 GiB" % os.cpu_count() in res.stdout
+
+
+@pytest.mark.fleet
+def test_the_testinfra_check_sees_h3s_limits(limited):
+    # tests/infra's check, here on the limited h3 (the infra run itself sees the unlimited fleet).
+    import importlib.util
+
+    import testinfra
+
+    spec = importlib.util.spec_from_file_location("infra_nodes", REPO / "tests" / "infra" / "test_nodes.py")
+    nodes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nodes)
+    inventory = yaml.safe_load(limited.inventory_path.read_text())["fleet"]["hosts"]
+    for name in ("h1", "h3"):
+        node = testinfra.get_host(f"ssh://{name}", ssh_config=str(limited.ssh_config))
+        nodes.test_a_nodes_cgroup_limits_are_the_inventorys(node, inventory)

@@ -501,9 +501,7 @@ def limit(host: Host | str, cpu: float | None = None, memory: int | None = None)
     h = fleet.host(host)
     state = json.loads(STATE.read_text())
     wanted = Limits(cpu, memory)
-    if wanted.unlimited and not state.get("cgroup"):
-        cgroups = None  # never limited: nothing to lift, and no cgroups needed to say so
-    else:
+    if not (wanted.unlimited and h.limits.unlimited):  # else nothing to lift: no cgroups needed
         cgroups = fleet_limits.detect()
         cgroups.apply(h.name, wanted, lambda: _netns_members(h.netns))
         state["cgroup"] = cgroups.version

@@ -114,6 +114,26 @@ def test_a_machine_without_cpu_and_memory_controllers_cannot_limit(tmp_path):
         fleet_limits.detect(tmp_path)
 
 
+def test_a_host_mounts_the_machines_cgroup_hierarchies_again():
+    # `ip netns exec` hides them under a fresh sysfs; the host's sshd script mounts them back.
+    mountinfo = """23 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+"""
+    assert fleet_limits.mount_commands(mountinfo, {"cpu": "cpu,cpuacct"}) == [
+        "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup",
+        "mkdir -p /sys/fs/cgroup/cpu,cpuacct && mount -t cgroup -o cpu,cpuacct cgroup /sys/fs/cgroup/cpu,cpuacct",
+        "mkdir -p /sys/fs/cgroup/memory && mount -t cgroup -o memory cgroup /sys/fs/cgroup/memory",
+        "mkdir -p /sys/fs/cgroup/systemd && mount -t cgroup -o xattr,name=systemd cgroup /sys/fs/cgroup/systemd",
+        "mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified",
+        "ln -sfn cpu,cpuacct /sys/fs/cgroup/cpu"]
+    v2 = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n"
+    assert fleet_limits.mount_commands(v2) == ["mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup"]
+
+
 # ---------------------------------------------------------------- what configure makes of a host's groups
 
 def test_the_tightest_limit_of_the_group_and_its_ancestors():
@@ -260,3 +280,22 @@ def test_the_testinfra_check_sees_h3s_limits(limited):
     for name in ("h1", "h3"):
         node = testinfra.get_host(f"ssh://{name}", ssh_config=str(limited.ssh_config))
         nodes.test_a_nodes_cgroup_limits_are_the_inventorys(node, inventory)
+
+
+@pytest.mark.fleet
+def test_lifting_the_limits_puts_the_host_back(limited):
+    def groups(host: str) -> dict:
+        res = limited.ssh(host, "cat /proc/self/cgroup")
+        assert res.returncode == 0, res.stderr
+        return fleet_limits.groups_in(res.stdout)
+
+    before = groups("h2")
+    fleet_tools.limit("h2", cpu=0.5)
+    try:
+        assert "/mlxfleet/h2" in groups("h2").values()
+    finally:
+        fleet_tools.limit("h2")
+    assert groups("h2") == before
+    assert not any(d.exists() for d in fleet_limits.detect().dirs("h2"))
+    inventory = yaml.safe_load(limited.inventory_path.read_text())["fleet"]["hosts"]
+    assert (inventory["h2"]["fleet_cpu_quota"], inventory["h2"]["fleet_memory_limit"]) == (None, None)

@@ -363,6 +363,11 @@ def _sshd_script(h: Host) -> str:
     mounts.append((hd / "hosts", "/etc/hosts"))
     lines = [f"hostname {h.name}"]
     lines += [f"mount --bind {shlex.quote(str(src))} {dst}" for src, dst in mounts]
+    cgroups = fleet_limits.machine_mount_commands()
+    if cgroups:
+        # Each on its own and never fatal: a host that cannot see its cgroups still comes up;
+        # the limit tests (and configure's numbers) show it.
+        lines.append("{ " + "".join(f"( {c} ) ; " for c in cgroups) + "true ; } 2>/dev/null")
     lines.append(f"exec /usr/sbin/sshd -D -f {shlex.quote(str(_sshd_config_path(h.name)))} "
                  f"-E {shlex.quote(str(hd / 'sshd.log'))}")
     return " && ".join(lines)
@@ -490,19 +495,26 @@ def _write_inventory(hosts: list[Host], python: str) -> None:
 
 
 def limit(host: Host | str, cpu: float | None = None, memory: int | None = None) -> Host:
-    """Set the running host's CPU quota (cores) and memory limit (bytes); None lifts that limit.
+    """Set the running host's CPU quota (cores) and memory limit (bytes); None: no such limit.
 
     Its sshd and every process in its namespace move into its group `mlxfleet/<host>`; what
-    they start later stays there. Recorded in state.json and in the inventory's host vars.
-    LimitsUnavailable when this machine cannot limit a host."""
+    they start later stays there. Both None lifts the limits: the processes go back to the
+    groups they came from and the group goes. Recorded in state.json and in the inventory's
+    host vars. LimitsUnavailable when this machine cannot limit a host."""
     fleet = load()
     if fleet is None:
         raise RuntimeError("the test fleet is not up: run `fleet.py up` first")
     h = fleet.host(host)
     state = json.loads(STATE.read_text())
     wanted = Limits(cpu, memory)
-    if not (wanted.unlimited and h.limits.unlimited):  # else nothing to lift: no cgroups needed
+    origins = state.setdefault("cgroup_origin", {})
+    if wanted.unlimited:
+        if not h.limits.unlimited:  # else nothing to lift, and no cgroups needed to say so
+            fleet_limits.detect().release(h.name, origins.pop(h.name, {}))
+    else:
         cgroups = fleet_limits.detect()
+        if h.limits.unlimited:
+            origins[h.name] = cgroups.origin(h.sshd_pid)
         cgroups.apply(h.name, wanted, lambda: _netns_members(h.netns))
         state["cgroup"] = cgroups.version
     for row in state["hosts"]:

@@ -152,11 +152,57 @@ class _Cgroups:
         return dirs
 
 
+    def hierarchies(self) -> dict[str, Path]:
+        """/proc/<pid>/cgroup's controller key -> the mount of its hierarchy, for this group's dirs."""
+        raise NotImplementedError
+
+    def origin(self, pid: int) -> dict[str, str]:
+        """The groups `pid` is in now, in the hierarchies the host's group lives in: where
+        release() puts the host's processes back."""
+        groups = groups_in(Path(f"/proc/{pid}/cgroup").read_text())
+        return {key: groups.get(key, "/") for key in self.hierarchies()}
+
+    def release(self, host: str, origin: dict[str, str], timeout: float = 3) -> None:
+        """Lift the host's limits: its processes back to the groups they came from (the
+        hierarchy's root if those are gone), its group removed."""
+        for key, mount in self.hierarchies().items():
+            d = mount / GROUP / host
+            if not d.is_dir():
+                continue
+            back = mount / origin.get(key, "/").lstrip("/")
+            back = back if (back / "cgroup.procs").exists() else mount
+            _empty(d, back, timeout)
+
+
+def _empty(d: Path, into: Path, timeout: float) -> None:
+    """Move every process in group `d` to group `into`, then remove `d`; bounded, since a process
+    may fork or exit meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in _read(d / "cgroup.procs").split() if (d / "cgroup.procs").exists() else []:
+            try:
+                _write(into / "cgroup.procs", pid)
+            except OSError:
+                pass  # ended meanwhile
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class CgroupV1(_Cgroups):
     version = "v1"
 
     def dirs(self, host: str) -> list[Path]:
         return [self.root / "cpu" / GROUP / host, self.root / "memory" / GROUP / host]
+
+    def hierarchies(self) -> dict[str, Path]:
+        return {"cpu": self.root / "cpu", "memory": self.root / "memory"}
 
     def set(self, host: str, limits: Limits) -> None:
         cpu, mem = self.dirs(host)
@@ -192,6 +238,9 @@ class CgroupV2(_Cgroups):
 
     def dirs(self, host: str) -> list[Path]:
         return [self.root / GROUP / host]
+
+    def hierarchies(self) -> dict[str, Path]:
+        return {"": self.root}
 
     def apply(self, host: str, limits: Limits, members) -> list[Path]:
         # Controllers reach a group only through every parent's subtree_control. The root may
@@ -239,6 +288,45 @@ def detect(root: Path = CGROUP_ROOT) -> _Cgroups:
     return found
 
 
+def mount_commands(mountinfo: str, links: dict[str, str] | None = None) -> list[str]:
+    """Shell commands that give a host the machine's view of /sys/fs/cgroup.
+
+    `ip netns exec` mounts a fresh sysfs over /sys in the host's mount namespace (so
+    /sys/class/net shows the host's interfaces), which hides the cgroup mounts below it: without
+    them a host could not see its own limits (`configure` reads them). Mounting a cgroup
+    hierarchy again with the same controllers shows the same hierarchy, not a new one.
+    `mountinfo`: the controller's /proc/self/mountinfo; `links`: symlinks in /sys/fs/cgroup
+    (name -> target, e.g. cpu -> cpu,cpuacct)."""
+    commands = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4]
+        fstype, _, superopts = line.split(" - ", 1)[1].split()[:3]
+        if point != str(CGROUP_ROOT) and not point.startswith(f"{CGROUP_ROOT}/"):
+            continue
+        if fstype == "tmpfs" and point == str(CGROUP_ROOT):
+            commands.append(f"mount -t tmpfs -o mode=755 tmpfs {point}")
+        elif fstype == "cgroup":
+            opts = ",".join(o for o in superopts.split(",") if o not in ("rw", "ro"))
+            commands.append(f"mkdir -p {point} && mount -t cgroup -o {opts} cgroup {point}")
+        elif fstype == "cgroup2":
+            commands.append(f"mkdir -p {point} && mount -t cgroup2 cgroup2 {point}")
+    commands += [f"ln -sfn {target} {CGROUP_ROOT}/{name}" for name, target in sorted((links or {}).items())]
+    return commands
+
+
+def machine_mount_commands() -> list[str]:
+    """mount_commands() for this machine."""
+    try:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        links = {p.name: os.readlink(p) for p in CGROUP_ROOT.iterdir() if p.is_symlink()}
+    except OSError:
+        return []
+    return mount_commands(mountinfo, links)
+
+
 def groups_in(proc_cgroup: str) -> dict[str, str]:
     """Controller -> group path, from a /proc/<pid>/cgroup text; '' is the v2 hierarchy."""
     groups = {}
@@ -250,27 +338,9 @@ def groups_in(proc_cgroup: str) -> dict[str, str]:
 
 
 def remove_all(root: Path = CGROUP_ROOT, timeout: float = 3) -> None:
-    """Remove every fleet group (v1 and v2), moving any process still inside to the hierarchy's root.
-    Bounded: processes just killed may take a moment to leave."""
-    bases = [root / "cpu" / GROUP, root / "memory" / GROUP, root / GROUP]
-    deadline = time.monotonic() + timeout
-    for base in bases:
-        if not base.is_dir():
-            continue
-        hierarchy = base.parent
-        for d in sorted((p for p in base.iterdir() if p.is_dir()), reverse=True) + [base]:
-            while True:
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise
-                    for pid in _read(d / "cgroup.procs").split() if (d / "cgroup.procs").exists() else []:
-                        try:
-                            _write(hierarchy / "cgroup.procs", pid)
-                        except OSError:
-                            pass
-                    time.sleep(0.02)
+    """Remove every fleet group (v1 and v2), moving any process still inside to the hierarchy's
+    root. Bounded: processes just killed may take a moment to leave."""
+    for base in (root / "cpu" / GROUP, root / "memory" / GROUP, root / GROUP):
+        if base.is_dir():
+            for d in [p for p in base.iterdir() if p.is_dir()] + [base]:
+                _empty(d, base.parent, timeout)

@@ -42,8 +42,9 @@ provision: install
 	$(if $(findstring .fleet/,$(INVENTORY)),ANSIBLE_HOME=$(CURDIR)/.fleet/ansible) \
 	$(BIN)/ansible-playbook -i $(INVENTORY) ansible/site.yml $(ANSIBLE_ARGS)
 
+# Unequal hosts: make fleet-up N=3 CPU=0.5,0.5,0.125 MEMORY=6G,6G,2G (cgroup CPU quota and memory limit).
 fleet-up: install
-	$(BIN)/python tools/fleet.py up --hosts $(N)
+	$(BIN)/python tools/fleet.py up --hosts $(N) $(if $(CPU),--cpu $(CPU)) $(if $(MEMORY),--memory $(MEMORY))
 
 fleet-down:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) tools/fleet.py down

@@ -2,6 +2,8 @@
 """A test fleet of N hosts on this machine: network namespaces on a bridge, one sshd each.
 
     python tools/fleet.py up --hosts 3     # h1..h3 at 10.77.0.11.. on bridge 10.77.0.1
+    python tools/fleet.py up --hosts 3 --cpu 0.5,0.5,0.125 --memory 6G,6G,2G   # unequal hosts
+    python tools/fleet.py limit h3 --cpu 0.125 --memory 2G   # or --clear; on the running fleet
     python tools/fleet.py status
     python tools/fleet.py down             # safe to rerun
 
@@ -11,9 +13,10 @@ The sshd runs in a private mount namespace where a few directories are bind-moun
 provisioning writes there stays per host; everything else is the shared disk.
 
 All state lives in `.fleet/` (keys, ssh_config, known_hosts, the `bin/ssh` wrapper, sshd pid
-records, the Ansible inventory). Needs root, iproute2 and openssh-server.
+records, the Ansible inventory). Needs root, iproute2 and openssh-server. Per-host CPU quotas
+and memory limits go through the machine's cgroups (fleet_limits.py).
 
-Tests import this file: `up(n) -> Fleet`, `down()`, `load()`, `run_in()`, fault helpers.
+Tests import this file: `up(n) -> Fleet`, `down()`, `load()`, `run_in()`, `limit()`, fault helpers.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ def _load_procs():
 
 
 procs = _load_procs()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fleet_limits  # noqa: E402  (tools/fleet_limits.py: standard library only, like this file)
+from fleet_limits import Limits, LimitsUnavailable  # noqa: E402,F401
 FLEET_DIR = REPO / ".fleet"
 STATE = FLEET_DIR / "state.json"
 BRIDGE = "mlxfleet0"
@@ -73,6 +79,12 @@ class Host:
     veth: str  # the root-namespace end; `ip link set <veth> down` cuts the host off
     interface: str = IFACE
     sshd_pid: int = 0
+    cpu: float | None = None     # CPU quota in cores (cgroup CFS quota); None: unlimited
+    memory: int | None = None    # memory limit in bytes (cgroup); None: unlimited
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.cpu, self.memory)
 
 
 @dataclass
@@ -312,7 +324,9 @@ def _ssh_config(hosts: list[Host]) -> str:
 def _inventory(hosts: list[Host], python: str) -> dict:
     d = FLEET_DIR
     return {"fleet": {
-        "hosts": {h.name: {"ansible_host": h.ip, "mlx_interface": h.interface} for h in hosts},
+        # The limits the fleet set (null: none), for what reads the inventory (tests/infra).
+        "hosts": {h.name: {"ansible_host": h.ip, "mlx_interface": h.interface,
+                           "fleet_cpu_quota": h.cpu, "fleet_memory_limit": h.memory} for h in hosts},
         "vars": {
             "ansible_user": "root",
             "ansible_python_interpreter": python,
@@ -349,6 +363,11 @@ def _sshd_script(h: Host) -> str:
     mounts.append((hd / "hosts", "/etc/hosts"))
     lines = [f"hostname {h.name}"]
     lines += [f"mount --bind {shlex.quote(str(src))} {dst}" for src, dst in mounts]
+    cgroups = fleet_limits.machine_mount_commands()
+    if cgroups:
+        # Each on its own and never fatal: a host that cannot see its cgroups still comes up;
+        # the limit tests (and configure's numbers) show it.
+        lines.append("{ " + "".join(f"( {c} ) ; " for c in cgroups) + "true ; } 2>/dev/null")
     lines.append(f"exec /usr/sbin/sshd -D -f {shlex.quote(str(_sshd_config_path(h.name)))} "
                  f"-E {shlex.quote(str(hd / 'sshd.log'))}")
     return " && ".join(lines)
@@ -374,25 +393,36 @@ def _check_prereqs() -> None:
         raise OSError(f"{FLEET_DIR} is too deep for ssh ControlPath sockets (108-byte limit)")
 
 
-def up(n: int = 3) -> Fleet:
-    """Bring up hosts h1..hn; reuses a healthy fleet of the same size, else rebuilds it."""
+def up(n: int = 3, limits: list[Limits] | None = None) -> Fleet:
+    """Bring up hosts h1..hn, host i limited to limits[i] (default: none); reuses a healthy fleet
+    of the same size (setting or clearing its limits to these), else rebuilds it."""
     if not 1 <= n <= MAX_HOSTS:
         raise ValueError(f"--hosts must be 1..{MAX_HOSTS}")
+    limits = list(limits) if limits is not None else [Limits()] * n
+    if len(limits) != n:
+        raise ValueError(f"{len(limits)} host limits for {n} hosts")
     _check_prereqs()
+    if any(not lim.unlimited for lim in limits):
+        fleet_limits.detect()  # before building: a fleet that cannot be limited as asked is an error
     current = load()
     if current is not None and len(current.hosts) == n and _healthy(current, json.loads(STATE.read_text())):
-        return current
+        for h, lim in zip(current.hosts, limits):
+            if h.limits != lim:
+                limit(h.name, lim.cpu, lim.memory)
+        return load()
     down()
     try:
-        return _build(n)
+        _build(n)
+        for i, lim in enumerate(limits):
+            if not lim.unlimited:
+                limit(f"h{i + 1}", lim.cpu, lim.memory)
+        return load()
     except BaseException:
         down()  # a half-built fleet is worse than none
         raise
 
 
 def _build(n: int) -> Fleet:
-    import yaml  # only `up` needs it; `down` must run from a bare python3
-
     hosts = [Host(f"h{i}", f"{SUBNET}.{10 + i}", f"{NETNS_PREFIX}h{i}", f"{VETH_PREFIX}h{i}")
              for i in range(1, n + 1)]
     FLEET_DIR.mkdir(mode=0o700, exist_ok=True)
@@ -452,10 +482,56 @@ def _build(n: int) -> Fleet:
     state["hosts"] = [h.__dict__ for h in hosts]
     state["sshd_start"] = {h.name: procs.start_time(h.sshd_pid) for h in hosts}
     _save(state)
+    _write_inventory(hosts, state["python"])
+    return load()
+
+
+def _write_inventory(hosts: list[Host], python: str) -> None:
+    import yaml  # only `up` and `limit` need it; `down` must run from a bare python3
+
     _write(FLEET_DIR / "inventory.yml",
            "# Generated by tools/fleet.py for the test fleet; removed by `fleet.py down`.\n"
-           + yaml.safe_dump(_inventory(hosts, state["python"]), sort_keys=False))
-    return load()
+           + yaml.safe_dump(_inventory(hosts, python), sort_keys=False))
+
+
+def limit(host: Host | str, cpu: float | None = None, memory: int | None = None) -> Host:
+    """Set the running host's CPU quota (cores) and memory limit (bytes); None: no such limit.
+
+    Its sshd and every process in its namespace move into its group `mlxfleet/<host>`; what
+    they start later stays there. Both None lifts the limits: the processes go back to the
+    groups they came from and the group goes. Recorded in state.json and in the inventory's
+    host vars. LimitsUnavailable when this machine cannot limit a host."""
+    fleet = load()
+    if fleet is None:
+        raise RuntimeError("the test fleet is not up: run `fleet.py up` first")
+    h = fleet.host(host)
+    state = json.loads(STATE.read_text())
+    wanted = Limits(cpu, memory)
+    origins = state.setdefault("cgroup_origin", {})
+    if wanted.unlimited:
+        if not h.limits.unlimited:  # else nothing to lift, and no cgroups needed to say so
+            fleet_limits.detect().release(h.name, origins.pop(h.name, {}))
+    else:
+        cgroups = fleet_limits.detect()
+        if h.limits.unlimited:
+            origins[h.name] = cgroups.origin(h.sshd_pid)
+        cgroups.apply(h.name, wanted, lambda: _netns_members(h.netns))
+        state["cgroup"] = cgroups.version
+    for row in state["hosts"]:
+        if row["name"] == h.name:
+            row.update(cpu=cpu, memory=memory)
+    _save(state)
+    _write_inventory([Host(**row) for row in state["hosts"]], state["python"])
+    return load().host(h.name)
+
+
+def limits_in_force(host: Host | str) -> Limits:
+    """What the host's cgroup holds now (read back from the kernel's files)."""
+    fleet = load()
+    state = json.loads(STATE.read_text()) if fleet else {}
+    if not state.get("cgroup"):
+        return Limits()
+    return fleet_limits.detect().read(fleet.host(host).name)
 
 
 def _save(state: dict) -> None:
@@ -499,6 +575,10 @@ def down() -> None:
         batch.append(f"link del {BRIDGE}")
     if batch:
         _ip_batch(batch, force=True)
+    try:
+        fleet_limits.remove_all()  # after the kill: a group with processes in it cannot go
+    except OSError as e:
+        print(f"fleet down: could not remove the hosts' cgroups: {e}", file=sys.stderr)
     if state.get("created_opt"):
         try:
             os.rmdir("/opt/mlx-train")  # only if still empty: never removes a real install
@@ -613,7 +693,7 @@ def status() -> dict:
     for h in fleet.hosts:
         sshd = _is_ours(h.sshd_pid, state["sshd_start"].get(h.name, -1), str(_sshd_config_path(h.name)))
         rows.append({"name": h.name, "ip": h.ip, "netns": h.netns in netns, "sshd_pid": h.sshd_pid,
-                     "sshd": sshd, "link": _link_state(h.veth)})
+                     "sshd": sshd, "link": _link_state(h.veth), "limits": fleet_limits.describe(h.limits)})
     return {"up": all(r["netns"] and r["sshd"] for r in rows), "hosts": rows,
             "inventory": str(fleet.inventory_path), "ssh_wrapper_dir": str(fleet.ssh_wrapper_dir)}
 
@@ -629,18 +709,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="bring up hosts h1..hN")
     p_up.add_argument("--hosts", type=int, default=3)
+    p_up.add_argument("--cpu", help="CPU quota in cores per host, e.g. 0.5,0.5,0.125 (or one for all; none: unlimited)")
+    p_up.add_argument("--memory", help="memory limit per host, e.g. 6G,6G,2G (or one for all; none: unlimited)")
+    p_limit = sub.add_parser("limit", help="set or lift a running host's CPU quota and memory limit")
+    p_limit.add_argument("host", help="h1..hN")
+    p_limit.add_argument("--cpu", help="CPU quota in cores, e.g. 0.125 (omitted: unlimited)")
+    p_limit.add_argument("--memory", help="memory limit, e.g. 2G (omitted: unlimited)")
+    p_limit.add_argument("--clear", action="store_true", help="lift both limits")
     sub.add_parser("down", help="tear the fleet down (safe to rerun)")
     sub.add_parser("status", help="show the fleet")
     args = ap.parse_args(argv)
+    if args.cmd == "limit":
+        return _limit_cli(args)
     if args.cmd == "up":
         t0 = time.monotonic()
         try:
-            fleet = up(args.hosts)
-        except (PermissionError, FileNotFoundError, RuntimeError, OSError) as e:
+            fleet = up(args.hosts, fleet_limits.parse_limits(args.cpu, args.memory, args.hosts))
+        except (PermissionError, FileNotFoundError, RuntimeError, OSError, ValueError) as e:
             print(f"fleet up: {e}", file=sys.stderr)
             return 1
         for h in fleet.hosts:
-            print(f"{h.name}  {h.ip}  netns={h.netns}  veth={h.veth}  sshd={h.sshd_pid}")
+            print(f"{h.name}  {h.ip}  netns={h.netns}  veth={h.veth}  sshd={h.sshd_pid}  {fleet_limits.describe(h.limits)}")
         print(f"up in {time.monotonic() - t0:.2f}s; inventory {fleet.inventory_path}; "
               f"ssh: PATH={fleet.ssh_wrapper_dir}:$PATH ssh h1")
     elif args.cmd == "down":
@@ -654,8 +743,23 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         for r in st["hosts"]:
             print(f"{r['name']}  {r['ip']}  netns={'yes' if r['netns'] else 'NO'}  "
-                  f"sshd={'up' if r['sshd'] else 'DOWN'}({r['sshd_pid']})  link={r['link']}")
+                  f"sshd={'up' if r['sshd'] else 'DOWN'}({r['sshd_pid']})  link={r['link']}  {r['limits']}")
         return 0 if st["up"] else 1
+    return 0
+
+
+def _limit_cli(args) -> int:
+    try:
+        if args.clear and (args.cpu or args.memory):
+            raise ValueError("--clear lifts both limits: give it alone, or --cpu/--memory without it")
+        if not (args.clear or args.cpu or args.memory):
+            raise ValueError("give --cpu and/or --memory, or --clear")
+        (wanted,) = fleet_limits.parse_limits(args.cpu, args.memory, 1)
+        h = limit(args.host, wanted.cpu, wanted.memory)
+    except (KeyError, RuntimeError, OSError, ValueError) as e:
+        print(f"fleet limit: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 1
+    print(f"{h.name}: {fleet_limits.describe(h.limits)}")
     return 0
 
 

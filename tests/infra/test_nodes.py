@@ -127,3 +127,34 @@ def test_sshd_ends_sessions_whose_client_went_silent(node):
     and the rank it carries sees its stdin end (rank/lifeline.py)."""
     settings = dict(line.split(" ", 1) for line in node.check_output("/usr/sbin/sshd -T").splitlines() if " " in line)
     assert settings["clientaliveinterval"] == "5" and settings["clientalivecountmax"] == "3", settings
+
+
+def test_a_nodes_cgroup_limits_are_the_inventorys(node, inventory):
+    """What tools/fleet.py records for a host (fleet_cpu_quota, fleet_memory_limit; null: none) is
+    what a session on it lives under: its own group `mlxfleet/<host>` with that CPU quota and
+    memory limit, or (unlimited) no fleet group at all."""
+    name = node.backend.hostname
+    want = (inventory[name]["fleet_cpu_quota"], inventory[name]["fleet_memory_limit"])
+    groups = {}
+    for line in node.check_output("cat /proc/self/cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        groups.update({c: path for c in controllers.split(",")})
+    v1 = node.file("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists  # v1: a hierarchy per controller
+    mine = {c: groups[c] for c in (("cpu", "memory") if v1 else ("",))}
+    if want == (None, None):
+        assert not any("mlxfleet" in path for path in mine.values()), (name, groups)
+        return
+    assert set(mine.values()) == {f"/mlxfleet/{name}"}, (name, groups)
+
+    def read(path: str) -> str:
+        return node.file(f"/sys/fs/cgroup{path}").content_string.strip()
+
+    if v1:
+        quota, period = int(read(f"/cpu/mlxfleet/{name}/cpu.cfs_quota_us")), int(read(f"/cpu/mlxfleet/{name}/cpu.cfs_period_us"))
+        limit = int(read(f"/memory/mlxfleet/{name}/memory.limit_in_bytes"))
+        seen = (None if quota < 0 else quota / period, None if limit >= 2**62 else limit)
+    else:
+        quota, period = read(f"/mlxfleet/{name}/cpu.max").split()
+        limit = read(f"/mlxfleet/{name}/memory.max")
+        seen = (None if quota == "max" else int(quota) / int(period), None if limit == "max" else int(limit))
+    assert seen == want, name

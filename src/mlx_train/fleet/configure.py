@@ -2,7 +2,9 @@
 
 Per host, over ssh: the facts provisioning left in the node facts file (`node.yml`, written by
 the Ansible node role: pinned interface and address, backend), that interface's IPv4 address
-now (the ring binds there), the venv's interpreter, memory and core count. Output: `cluster.yaml`
+now (the ring binds there), the venv's interpreter, memory and core count -- within the host's
+cgroup limits, where it has any (a container, or the test fleet's unequal hosts: the memory is
+min(physical, the group's limit), the cores min(cores, its CPU quota)). Output: `cluster.yaml`
 (read by `train --distributed`, which defaults to the provisioned backend) and an
 `mlx.launch`-compatible hostfile.
 """
@@ -51,10 +53,53 @@ if [ -n "$iface" ]; then
   echo "addr=$addr"
 fi
 [ -x "$py" ] && echo "python=$py"
+# The limits of this shell's cgroup and every ancestor's (the kernel applies the tightest):
+# v1 per controller, v2 one hierarchy. One cg_memory / cg_cpu line per level; Python takes the min.
+up_from() {
+  p=$3
+  while :; do
+    [ -d "$2$p" ] && $1 "$2$p"
+    case "$p" in ""|/) break ;; esac
+    p=${p%/*}
+  done
+}
+v1_memory() { [ -r "$1/memory.limit_in_bytes" ] && echo "cg_memory=$(cat "$1/memory.limit_in_bytes")"; }
+v1_cpu() { [ -r "$1/cpu.cfs_quota_us" ] && echo "cg_cpu=$(cat "$1/cpu.cfs_quota_us") $(cat "$1/cpu.cfs_period_us")"; }
+v2() {
+  [ -r "$1/memory.max" ] && echo "cg_memory=$(cat "$1/memory.max")"
+  [ -r "$1/cpu.max" ] && echo "cg_cpu=$(cat "$1/cpu.max")"
+}
+if [ -r /proc/self/cgroup ]; then
+  while IFS=: read -r _ ctrl path; do
+    case ",$ctrl," in *,memory,*) up_from v1_memory /sys/fs/cgroup/memory "$path" ;; esac
+    case ",$ctrl," in *,cpu,*) up_from v1_cpu /sys/fs/cgroup/cpu "$path" ;; esac
+    [ -z "$ctrl" ] && [ -r /sys/fs/cgroup/cgroup.controllers ] && up_from v2 /sys/fs/cgroup "$path"
+  done < /proc/self/cgroup
+fi
 echo "@NODE_MARK@"
 [ -r "$node" ] && cat "$node"
 exit 0
 """.replace("@NODE_MARK@", _NODE_MARK)
+
+
+def cgroup_limits(lines: List[str]) -> Tuple[Optional[int], Optional[float]]:
+    """(memory limit in bytes, CPU quota in cores) from the probe's cg_memory / cg_cpu lines, the
+    tightest of the group's and its ancestors'; None where nothing limits it. v1 writes -1 or a
+    huge number for no limit, v2 `max`."""
+    memory: Optional[int] = None
+    cpus: Optional[float] = None
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key == "cg_memory" and value.strip().isdigit():
+            limit = int(value)
+            if limit < 2**62:  # v1's "unlimited" is 2**63 rounded down to a page
+                memory = limit if memory is None else min(memory, limit)
+        elif key == "cg_cpu":
+            parts = value.split()
+            if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit() and int(parts[1]) > 0:
+                quota = int(parts[0]) / int(parts[1])
+                cpus = quota if cpus is None else min(cpus, quota)
+    return memory, cpus
 
 
 def default_inventory() -> Path:
@@ -160,9 +205,14 @@ def probe(name: str, hostvars: dict) -> Tuple[Host, int, dict]:
     # The address provisioning pinned (an inventory may choose among several), if still on the interface.
     addr = str(node["address"]) if str(node.get("address")) in addrs else addrs[0]
     cores, kb, memory = (facts.get(k, "").strip() for k in ("cores", "memory_kb", "memory"))
-    host = Host(dest, addr, iface=iface, python=facts["python"],
-                memory=int(kb) * 1024 if kb.isdigit() else int(memory) if memory.isdigit() else None)
-    return host, int(cores) if cores.isdigit() else 1, node
+    physical = int(kb) * 1024 if kb.isdigit() else int(memory) if memory.isdigit() else None
+    cores_n = int(cores) if cores.isdigit() else 1
+    group_memory, group_cpus = cgroup_limits(out.splitlines())
+    if group_memory is not None:
+        physical = group_memory if physical is None else min(physical, group_memory)
+    cpus = float(cores_n) if group_cpus is None else min(float(cores_n), round(group_cpus, 3))
+    host = Host(dest, addr, iface=iface, python=facts["python"], memory=physical, cpus=cpus)
+    return host, cores_n, node
 
 
 def fleet_backend(nodes: Dict[str, dict]) -> Optional[str]:
@@ -205,7 +255,9 @@ def configure(distributed: bool, inventory: Optional[str] = None, output: str = 
     hosts = [h for h, _, _ in probed]
     write_files(hosts, backend, Path(output), Path(hostfile) if hostfile else None)
     for h, cores, _ in probed:
-        print(f"{h.name}: {h.addr} on {h.iface}, {cores} cores, {h.python}")
+        within = f" (a quota of {h.cpus:g})" if h.cpus is not None and h.cpus < cores else ""
+        memory = f", {h.memory / 2**30:.2f} GiB" if h.memory else ""
+        print(f"{h.name}: {h.addr} on {h.iface}, {cores} cores{within}{memory}, {h.python}")
     print(f"wrote {output}" + (f" and {hostfile}" if hostfile else "")
           + f" ({len(hosts)} hosts from {path}" + (f", provisioned for the {backend} backend)" if backend else ")"))
     return 0

@@ -4,7 +4,8 @@ The one host type and the one parser of the file. Written by `mlx-train configur
 from an Ansible inventory (and the nodes' provisioned facts); read by `train --distributed`,
 `optimize`, `status`, `check-network` and `reset-distributed`. Each host: `name` (ssh
 destination), `addr` (pinned interface address for the ring backend), `iface`, `python`
-(absolute interpreter), `memory` (bytes), `slots` (ranks). At the top, `backend`: the one the
+(absolute interpreter), `memory` (bytes), `cpus` (cores' worth of CPU it may use: its core count,
+or less under a cgroup CPU quota), `slots` (ranks). At the top, `backend`: the one the
 nodes were provisioned for (Ansible's `mlx_backend`), which `train --distributed` defaults to.
 """
 
@@ -20,6 +21,7 @@ import yaml
 from mlx_train.errors import UserError
 
 LOCAL = "localhost"
+MAX_CPUS = 4096  # cores on one host; more is a typo
 DEFAULT_PATHS = (Path("cluster.yaml"), Path.home() / ".mlx-train" / "cluster.yaml")
 
 
@@ -31,6 +33,7 @@ class Host:
     python: str = sys.executable  # absolute interpreter on that host
     slots: int = 1               # ranks this host takes
     memory: Optional[int] = None  # bytes of device memory, from the cluster file (remote hosts)
+    cpus: Optional[float] = None  # cores' worth of CPU time (a cgroup quota may make it fractional)
     # Set before launch, never from the file: where the run's model and data lie on this host
     # (the path the config names -> its copy in this host's cache, ship.py).
     placed: Dict[str, str] = field(default_factory=dict)
@@ -72,15 +75,28 @@ def load_cluster(path: Optional[str] = None) -> Cluster:
         data = yaml.safe_load(p.read_text())
         hosts = [Host(name=str(h["name"]), addr=str(h["addr"]), iface=str(h.get("iface") or ""),
                       python=str(h["python"]), slots=int(h.get("slots", 1)),
-                      memory=int(h["memory"]) if h.get("memory") is not None else None)
+                      memory=int(h["memory"]) if h.get("memory") is not None else None,
+                      cpus=_cpus(h.get("cpus")))
                  for h in data["hosts"]]
         backend = data.get("backend")
     except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise UserError(f"{p} is not a valid cluster file ({exc.__class__.__name__}: {exc}): "
                         "regenerate it with `mlx-train configure --distributed`") from None
+    bad = next((h for h in hosts if h.cpus is not None and not 0 < h.cpus <= MAX_CPUS), None)
+    if bad is not None:
+        raise UserError(f"{p}: host {bad.name} has cpus {bad.cpus!r}, not a number of cores from 0 to {MAX_CPUS}: "
+                        "fix it, or regenerate the file with `mlx-train configure --distributed`")
     if not hosts:
         raise UserError(f"{p} lists no hosts: regenerate it with `mlx-train configure --distributed`")
     return Cluster(p, hosts, str(backend) if backend else None)
+
+
+def _cpus(value) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool):  # YAML's `yes`: float() would take it as 1.0
+        raise ValueError(f"cpus {value!r} is not a number")
+    return float(value)
 
 
 def load_hosts(path: Optional[str] = None) -> List[Host]:
@@ -90,7 +106,7 @@ def load_hosts(path: Optional[str] = None) -> List[Host]:
 def write_cluster(path: Path, hosts: List[Host], backend: Optional[str]) -> None:
     data = {**({"backend": backend} if backend else {}),
             "hosts": [{"name": h.name, "addr": h.addr, "iface": h.iface, "python": h.python, "memory": h.memory,
-                       "slots": h.slots} for h in hosts]}
+                       "cpus": h.cpus, "slots": h.slots} for h in hosts]}
     path.write_text("# Written by `mlx-train configure --distributed`; one rank per slot.\n"
                     + yaml.safe_dump(data, sort_keys=False))
 

@@ -3,6 +3,8 @@ excluded, the run resized to h1,h2 with the same global batch, and it ends withi
 of the uninterrupted 3-host run; h3 back -> re-admitted at a checkpoint."""
 from __future__ import annotations
 
+import signal
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -57,6 +59,14 @@ def test_host_lost_for_good_is_excluded_and_the_run_goes_on(fleet, cluster, corp
     assert_ranks_gone(rank_pids(run), timeout=90, what="a rank outlived the elastic run (h3's, once its link is back)")
 
 
+def _three_hosts_since(run) -> float:
+    """When the run was last launched on all 3 hosts after a re-admission (inf: not yet)."""
+    readmit = events(run, "readmit")
+    launches = [e for e in events(run, "launch") if readmit and e["time"] > readmit[0]["time"]
+                and sorted(r["host"] for r in e["ranks"]) == ["h1", "h2", "h3"]]
+    return launches[0]["time"] if launches else float("inf")
+
+
 def test_host_back_is_readmitted_at_a_checkpoint(fleet, cluster, corpus, tmp_path):
     run = tmp_path / "readmit"
     proc = train_on_fleet(fleet, cluster, corpus, run, "--steps", "600", "--checkpoint-every", "20", "--log-every", "20",
@@ -69,10 +79,17 @@ def test_host_back_is_readmitted_at_a_checkpoint(fleet, cluster, corpus, tmp_pat
         finally:
             fleet_tools.link_up("h3")
         wait_for(lambda: events(run, "readmit"), 180, "h3's re-admission")
+        # Back on 3 hosts and making progress there: the property is shown, so the rest of the 600 steps
+        # would only cost time. Ctrl-C ends it as a user would (every rank stopped, exit 130).
+        wait_for(lambda: [e for e in events(run, "checkpoint") if e["time"] > _three_hosts_since(run)], 120,
+                 "a checkpoint after the relaunch on 3 hosts")
     except BaseException:
         proc.kill()
         raise
-    _finish(proc, run)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-3000:]
+    assert events(run)[-1]["event"] == "interrupted", events(run)[-3:]
     kinds = [e["event"] for e in events(run)]
     assert kinds.index("exclude") < kinds.index("readmit"), kinds
     readmit = events(run, "readmit")[0]

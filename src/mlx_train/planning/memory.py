@@ -354,6 +354,20 @@ def bytes_per_param(level: str, n: int, params: float = 2, grads: float = 2, opt
     return sum(b / n if sharded else b for b, sharded in zip((params, grads, optimizer), SHARDED[level]))
 
 
+def _checked_params(shape, batch: int, accumulation: int, precision: str, optimizer: str,
+                    n_params: Optional[int], num_devices: int) -> int:
+    """The step's arguments checked once for every shard level; the trainable parameter count."""
+    positive_int("batch size", batch)
+    positive_int("num_devices", num_devices)
+    positive_int("gradient_accumulation", accumulation)
+    check(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check(optimizer in OPTIMIZER_STATE_COPIES,
+          f"optimizer must be one of {', '.join(OPTIMIZER_STATE_COPIES)}, got {optimizer!r}")
+    P = (shape.trainable if isinstance(shape, LMShape) else shape.n_params) if n_params is None else int(n_params)
+    check(P > 0, f"the parameter count must be positive, got {P}")
+    return P
+
+
 def step_memory(shape: ModelShape, batch: int, accumulation: int = 1, checkpointing: bool = False,
                 precision: str = "fp32", optimizer: str = "adamw", n_params: Optional[int] = None,
                 num_devices: int = 1, shard: str = "none") -> MemoryBreakdown:
@@ -363,15 +377,8 @@ def step_memory(shape: ModelShape, batch: int, accumulation: int = 1, checkpoint
     if shard != "none":
         return _sharded_step_memory(shape, batch, accumulation, checkpointing, precision, optimizer, n_params,
                                     num_devices, shard)
-    positive_int("batch size", batch)
-    positive_int("num_devices", num_devices)
-    positive_int("gradient_accumulation", accumulation)
-    check(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    check(optimizer in OPTIMIZER_STATE_COPIES,
-           f"optimizer must be one of {', '.join(OPTIMIZER_STATE_COPIES)}, got {optimizer!r}")
     lm = isinstance(shape, LMShape)
-    P = (shape.trainable if lm else shape.n_params) if n_params is None else int(n_params)
-    check(P > 0, f"the parameter count must be positive, got {P}")
+    P = _checked_params(shape, batch, accumulation, precision, optimizer, n_params, num_devices)
     checkpointing = bool(checkpointing)
     # "fp32" below: one copy of the trainable parameters (the GPT's fp32 masters; a pretrained
     # model's own dtype). A frozen base is held once and gets neither gradients nor state.
@@ -448,15 +455,8 @@ def _sharded_step_memory(shape, batch: int, accumulation: int, checkpointing: bo
     * `full` keeps 1/n of the weights (and of a frozen base under LoRA) and gathers one layer's at a
       time, for the forward and again for the backward: one layer's weights (and bf16 copy) are live.
     """
-    positive_int("batch size", batch)
-    positive_int("num_devices", n)
-    positive_int("gradient_accumulation", accumulation)
-    check(precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    check(optimizer in OPTIMIZER_STATE_COPIES,
-          f"optimizer must be one of {', '.join(OPTIMIZER_STATE_COPIES)}, got {optimizer!r}")
     lm = isinstance(shape, LMShape)
-    P = (shape.trainable if lm else shape.n_params) if n_params is None else int(n_params)
-    check(P > 0, f"the parameter count must be positive, got {P}")
+    P = _checked_params(shape, batch, accumulation, precision, optimizer, n_params, n)
     per = shape.trainable_bytes
     cast = 2 if precision == "bf16" and per == 4 else 0  # the bf16 compute copy of fp32 weights
     k = OPTIMIZER_STATE_COPIES[optimizer]

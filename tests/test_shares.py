@@ -78,6 +78,7 @@ def test_unequal_shares_make_the_equal_splits_updates(tmp_path):
     assert equal[-1]["loss"] < equal[0]["loss"] - 0.5  # it learned: the comparison is not of two idle runs
     # The replicas of the unequal run stay identical (each applies the same summed gradients).
     assert all(len(set(m["param_checksum"])) == 1 for m in unequal)
+    assert unequal[-1]["rows"] == [12, 4] and equal[-1]["rows"] == [8, 8]
 
 
 @pytest.mark.multiproc
@@ -91,3 +92,23 @@ def test_resume_is_exact_under_unequal_shares(tmp_path):
     for k in a:
         assert np.array_equal(np.array(a[k]), np.array(b[k])), f"{k} differs after resume"
     assert metrics(straight)[-1]["loss"] == metrics(broken)[-1]["loss"]
+
+
+def test_monitor_shows_each_ranks_rows(tmp_path):
+    from rich.console import Console
+
+    from mlx_train.config import TrainConfig
+    from mlx_train.controller.monitor import render, take_snapshot
+    from mlx_train.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.prepare(TrainConfig(steps=30), resume=False)
+    record = {"step": 10, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 100.0, "step_time_s": 0.1, "comm_time_s": 0.01,
+              "compute_time_s": 0.09, "grad_norm": 1.0, "devices": 2, "grad_bytes": 4, "global_batch": 16,
+              "peak_memory": [1 << 20, 1 << 20], "param_checksum": [7, 7], "rows": [12, 4], "time": 0.0, "attempt": 1}
+    run.append(run.metrics_path, record)
+    console = Console(width=200, record=True)
+    console.print(render(take_snapshot(run), performance=True))
+    lines = [line.replace("│", " ").replace("┃", " ").split() for line in console.export_text().splitlines()]
+    assert ["rank", "peak", "memory", "param", "checksum", "rows"] in lines
+    assert [(row[0], row[-1]) for row in lines if len(row) == 5 and row[3] == "00000007"] == [("0", "12"), ("1", "4")]

@@ -48,8 +48,9 @@ class Trainer:
         # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
         # equal split's interleaved micro-batches.
         weights = cfg.dist.share_weights()
-        self.share = None if weights is None else share_of(
-            self.rank, split_rows(cfg.dist.global_batch_size, weights), cfg.dist.batch_size_per_device)
+        G, B = cfg.dist.global_batch_size, cfg.dist.batch_size_per_device
+        self.rows = [G // self.size] * self.size if weights is None else split_rows(G, weights)
+        self.share = None if weights is None else share_of(self.rank, self.rows, B)
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)
@@ -174,7 +175,7 @@ class Trainer:
             "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
             "grad_norm": window[-1][1].grad_norm, "devices": self.size, "grad_bytes": self.grad_bytes,
             "scattered_bytes": self.stepper.spread.scattered_bytes, "gathered_bytes": self.stepper.spread.gathered_bytes,
-            "global_batch": self.cfg.dist.global_batch_size,
+            "global_batch": self.cfg.dist.global_batch_size, "rows": self.rows,
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],
         }

@@ -14,6 +14,9 @@ def test_guide_example_and_global_batch():
     ({"gradient_accumulation": -1}, "gradient_accumulation must be a positive integer"),
     ({"num_devices": 2.5}, "num_devices must be a positive integer"),
     ({"backend": "tcp"}, "backend must be one of ring, mpi, any"),
+    ({"num_devices": 2, "shares": "3,1,1"}, "shares gives 3 weights for 2 devices"),
+    ({"num_devices": 2, "shares": "3,0"}, "shares must be 'equal', 'auto' or positive weights"),
+    ({"num_devices": 2, "shares": "fast,slow"}, "shares must be 'equal', 'auto' or positive weights"),
 ])
 def test_distributed_config_rejects(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -133,7 +136,9 @@ def test_every_flag_comes_from_a_field():
                      # a CPU rank's micro-batch across threads (rank/lanes.py)
                      "--cpu-threads",
                      # the training state split over the ranks (docs/sharding.md)
-                     "--shard"}
+                     "--shard",
+                     # each rank's share of the global batch (docs/advanced_training.md)
+                     "--shares"}
 
 
 def test_run_options_from_flags():

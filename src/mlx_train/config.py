@@ -127,6 +127,11 @@ class DistributedConfig(_Yaml):
     cpu_threads: int = knob(0, "CPU ranks: split each micro-batch across N threads, each with its own MLX stream, "
                             "so all of the rank's cores do the elementwise work, not only its matmuls (0: one per "
                             "core the rank owns, up to 8; 1: off). GPU ranks use 1", "--cpu-threads")
+    # Each rank's rows of every global batch (rank/batcher.py split_rows); the step's mathematics is the
+    # equal split's whatever the shares (docs/advanced_training.md, "Unequal shares of the batch").
+    shares: str = knob("equal", "each rank's share of the global batch: 'equal', 'auto' (equal until measured "
+                       "speeds exist), or one positive weight per device, e.g. 3,1 (rank 0 gets 3/4 of the rows)",
+                       "--shares", metavar="equal|auto|W1,W2,...")
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
@@ -135,10 +140,26 @@ class DistributedConfig(_Yaml):
               and 0 <= self.cpu_threads <= 256, f"cpu_threads must be 0 (automatic) to 256, got {self.cpu_threads!r}")
         check(isinstance(self.link_gbps, (int, float)) and not isinstance(self.link_gbps, bool)
               and 0 <= self.link_gbps < 1e6, f"link_gbps must be a rate in Gbit/s (0: unknown), got {self.link_gbps!r}")
+        weights = self.share_weights()
+        check(weights is None or len(weights) == self.num_devices,
+              f"shares gives {len(weights or ())} weights for {self.num_devices} devices: give one weight per device "
+              "(e.g. 3,1 for two), or 'equal'")
 
     @property
     def global_batch_size(self) -> int:
         return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
+
+    def share_weights(self) -> Optional[Tuple[float, ...]]:
+        """The explicit weights of --shares, or None for equal shares ('equal', and 'auto' until measured)."""
+        if self.shares in ("equal", "auto"):
+            return None
+        try:
+            weights = tuple(float(w) for w in str(self.shares).split(","))
+        except ValueError:
+            weights = ()
+        check(bool(weights) and all(math.isfinite(w) and w > 0 for w in weights),
+              f"shares must be 'equal', 'auto' or positive weights separated by commas (e.g. 3,1), got {self.shares!r}")
+        return weights
 
 
 class ModelKind(enum.Enum):
@@ -376,8 +397,11 @@ class Split:
         the one the user chose with --shard is refused (ValueError)."""
         check(cfg.shard in ("auto", self.shard), f"--shard {cfg.shard} was chosen: a split at level {self.shard} "
               "would override it")
+        # Explicit weights name one share per device: another number of devices goes back to equal shares.
+        shares = cfg.dist.shares if self.devices == cfg.dist.num_devices or cfg.dist.share_weights() is None \
+            else "equal"
         dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
-                                   gradient_accumulation=self.accumulation)
+                                   gradient_accumulation=self.accumulation, shares=shares)
         level = {} if self.shard == shard_level_of(cfg) else {"shard_level": self.shard}
         return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision,
                                    **level)

@@ -115,7 +115,7 @@ class Metrics(Message):
     line: the supervisor writes these fields and adds `time` (unix seconds) and `attempt` (the
     launch it came from); rundir.py, monitor and the README point here."""
     step: int                     # optimizer steps done
-    loss: float                   # the last step's training loss, averaged over the ranks
+    loss: float                   # the last step's training loss, the global batch's token mean
     lr: float                     # learning rate used by the step
     tokens_per_s: float           # the group's real target tokens per second, over the steps since the last report
     step_time_s: float            # rank 0's mean wall time of those steps
@@ -131,6 +131,8 @@ class Metrics(Message):
     # step, in bytes (it sends (N-1)/N of each); 0 when it does not.
     scattered_bytes: int = 0
     gathered_bytes: int = 0
+    # Each rank's rows of every global batch, by rank: equal, or split by --shares (rank/batcher.py).
+    rows: Optional[list] = None
     val_loss: Optional[float] = None  # validation loss, at an evaluation
     sample: Optional[str] = None  # the embedded GPT's text after a fixed prompt, at an evaluation (rank/sample.py)
 

@@ -103,8 +103,12 @@ def render(snap: Snapshot, performance: bool = False):
     ranks.add_column("rank")
     ranks.add_column("peak memory", justify="right")
     ranks.add_column("param checksum", justify="right")
+    # Each rank's rows of the global batch (--shares); a record from before they were logged has none.
+    rows = last.get("rows") if isinstance(last.get("rows"), list) else []
+    if rows:
+        ranks.add_column("rows", justify="right")
     for r, (mem, ck) in enumerate(zip(last["peak_memory"], last["param_checksum"])):
-        ranks.add_row(str(r), human(mem), f"{ck:08x}")
+        ranks.add_row(str(r), human(mem), f"{ck:08x}", *([str(rows[r])] if r < len(rows) else []))
     parts = [head, ranks]
     if performance:
         parts.append(performance_table(snap))

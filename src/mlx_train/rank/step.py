@@ -140,19 +140,18 @@ class Stepper:
             self._traced: set = set()
             self._merge = mx.compile(lambda trees: functools.reduce(lambda a, b: tree_map(mx.add, a, b), trees))
 
-    def _gradients(self, micro_batches: List[Tuple[Any, Any]], share: float) -> Tuple[Any, mx.array]:
-        """The micro-batches' summed gradients and loss, each scaled by `share`."""
-        scale = mx.array(share)
+    def _gradients(self, micro_batches: List[Tuple[Any, Any]], shares: List[float]) -> Tuple[Any, mx.array]:
+        """The micro-batches' summed gradients and loss, each micro-batch's scaled by its share."""
         grads, loss = None, mx.array(0.0)
-        for inputs, targets in micro_batches:
-            x, y = mx.array(inputs), mx.array(targets)
+        for (inputs, targets), share in zip(micro_batches, shares):
+            x, y, scale = mx.array(inputs), mx.array(targets), mx.array(share)
             micro_loss, grads = self._first(x, y, scale) if grads is None else self._more(x, y, scale, grads)
             loss = loss + micro_loss
             # Evaluate per micro-batch so accumulation bounds activation memory to one micro-batch.
             mx.eval(grads, loss)
         return grads, loss
 
-    def _lane_gradients(self, micro_batches: List[Tuple[Any, Any]], share: float) -> Tuple[Any, mx.array]:
+    def _lane_gradients(self, micro_batches: List[Tuple[Any, Any]], shares: List[float]) -> Tuple[Any, mx.array]:
         """As _gradients, each micro-batch split across the lanes (a lane's share of the scale is its
         share of the rows, as micro-batches and ranks share it)."""
         n = len(self.lanes)
@@ -163,7 +162,7 @@ class Stepper:
         accs: List[Any] = [None] * n
         loss = mx.array(0.0)
         for m, (inputs, targets) in enumerate(micro_batches):
-            x, y = mx.array(inputs), mx.array(targets)
+            x, y, share = mx.array(inputs), mx.array(targets), shares[m]
             rows = x.shape[0]
             args = [(x[p], y[p], mx.array(share * (p.stop - p.start) / rows, dtype=mx.float32))
                     for p in shards(rows, min(n, rows))]
@@ -187,17 +186,26 @@ class Stepper:
         mx.eval(loss, grads)
         return loss, grads
 
-    def step(self, micro_batches: Iterable[Tuple[Any, Any]], loss_limit: Optional[float] = None) -> StepStats:
+    def step(self, micro_batches: Iterable[Tuple[Any, Any]], loss_limit: Optional[float] = None,
+             tokens: Optional[Tuple[List[int], int]] = None) -> StepStats:
         """One optimizer step. A loss above `loss_limit` (--loss-spike) is treated as non-finite: the
-        update is skipped on every rank alike, by the same path."""
+        update is skipped on every rank alike, by the same path. `tokens` is (each micro-batch's
+        counted target tokens, the global batch's): without it every micro-batch of every rank is an
+        equal part of the global batch."""
         t0 = time.perf_counter()
         micro_batches = list(micro_batches)
         # The mean over micro-batches and ranks is folded into the loss, so the backward pass
         # yields already-averaged gradients and the all-reduce is a bare sum (no extra pass).
-        share = 1.0 / (len(micro_batches) * self.world)
+        # Weighted by tokens, the sum over ranks is the global batch's token mean however unequal
+        # the ranks' windows (--shares); with equal windows the shares are the equal split's, bit for bit.
+        if tokens is None:
+            shares, whole = [1.0 / (len(micro_batches) * self.world)] * len(micro_batches), float(self.world)
+        else:
+            counts, total = tokens
+            shares, whole = [c / total for c in counts], total / max(sum(counts), 1)
         gradients = self._lane_gradients if self.lanes is not None else self._gradients
-        grads, loss = gradients(micro_batches, share)
-        loss = loss * self.world  # this rank's mean loss
+        grads, loss = gradients(micro_batches, shares)
+        loss = loss * whole  # this rank's mean loss
         guard = loss if loss_limit is None else mx.where(loss > loss_limit, float("nan"), loss)
         t1 = time.perf_counter()
         held = self.spread.reduce(grads, guard)  # what this rank keeps of the summed gradients

@@ -198,8 +198,7 @@ class RowBatcher(Batcher):
         self._perm_epoch, self._perm = -1, None
         self._row_tokens = learn[:, 1:].sum(axis=1)
 
-    def batch(self, step: int, micro: int, rank: int, dist: DistributedConfig) -> Tuple[np.ndarray, np.ndarray]:
-        ids = self.window_ids(step, micro, rank, dist)
+    def rows_of(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         rows, learn = self.rows[ids], self.learn[ids]
         return rows[:, :-1], np.where(learn[:, 1:], rows[:, 1:], -1).astype(np.int32)
 

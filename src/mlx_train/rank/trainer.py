@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
 from mlx_train.rank.badstep import BadSteps, LossSpike
+from mlx_train.rank.batcher import share_of, split_rows
 
 from mlx_train import protocol
 from mlx_train.events import Event
@@ -44,6 +45,12 @@ class Trainer:
         # A small validation split may not fill the training batch size: evaluate with what fits.
         eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // self.size)
         self.val_dist = DistributedConfig(self.size, eval_batch, 1, cfg.dist.backend)
+        # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
+        # equal split's interleaved micro-batches.
+        weights = cfg.dist.share_weights()
+        G, B = cfg.dist.global_batch_size, cfg.dist.batch_size_per_device
+        self.rows = [G // self.size] * self.size if weights is None else split_rows(G, weights)
+        self.share = None if weights is None else share_of(self.rank, self.rows, B)
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)
@@ -91,8 +98,14 @@ class Trainer:
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
             data = dataskip.data_step(cfg.skip_data, step)  # past the data of earlier bad-step rollbacks
             limit = self.spike.limit()
-            batches = self.train.micro_batches(data, self.rank, cfg.dist)
-            stats = self.faults.around_step(step, data, resume, lambda: self.stepper.step(batches, loss_limit=limit))
+            batches = list(self.train.micro_batches(data, self.rank, cfg.dist) if self.share is None
+                           else self.train.window(data, cfg.dist.global_batch_size, self.share))
+            # Each micro-batch weighs its counted target tokens over the global batch's, so the
+            # ranks' summed gradients are the global token mean's whatever each rank's share.
+            counts = [int((y >= 0).sum()) for _, y in batches]
+            tokens = (counts, self.train.tokens_in_step(data, cfg.dist))
+            stats = self.faults.around_step(step, data, resume,
+                                            lambda: self.stepper.step(batches, loss_limit=limit, tokens=tokens))
             self.spike.observe(stats.loss, stats.skipped)
             step += 1
             self.bad_steps.after(step, stats, self.rank, data_step=data, loss_limit=limit)
@@ -102,7 +115,7 @@ class Trainer:
                 sys.exit(protocol.EXIT_ROLLBACK)  # the supervisor rolls back; no checkpoint of this state
             self.finish_write(block=False)  # report a checkpoint written in the background as soon as it is
             step_s = time.perf_counter() - t0
-            window.append((step_s, stats, self.train.tokens_in_step(data, cfg.dist)))
+            window.append((step_s, stats, tokens[1], sum(counts) / max(tokens[1], 1)))
             protocol.emit(protocol.Heartbeat(step=step, peak=mx.get_peak_memory(), step_s=step_s))
             val_loss = text = None
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -141,8 +154,13 @@ class Trainer:
     def all_mean(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group) / self.size if self.size > 1 else x
 
+    def all_sum(self, x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(x, group=self.group) if self.size > 1 else x
+
     def log(self, step: int, window: List[tuple], val_loss: Optional[float], text: Optional[str] = None) -> None:
-        loss = float(self.all_mean(mx.array(window[-1][1].loss)).item())
+        # The global batch's token mean: each rank's mean weighted by its part of the tokens.
+        _, last, _, part = window[-1]
+        loss = float(self.all_sum(mx.array(last.loss * part)).item())
         checksum = self.param_checksum()
         # Every rank's own report is what the divergence check judges (controller/divergence.py).
         protocol.emit(protocol.Checksum(step=step, value=checksum))
@@ -157,7 +175,7 @@ class Trainer:
             "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
             "grad_norm": window[-1][1].grad_norm, "devices": self.size, "grad_bytes": self.grad_bytes,
             "scattered_bytes": self.stepper.spread.scattered_bytes, "gathered_bytes": self.stepper.spread.gathered_bytes,
-            "global_batch": self.cfg.dist.global_batch_size,
+            "global_batch": self.cfg.dist.global_batch_size, "rows": self.rows,
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],
         }

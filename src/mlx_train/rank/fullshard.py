@@ -117,6 +117,15 @@ class _Gathered(nn.Module):
     def bind(self, shard: mx.array, cast: Optional[Callable]) -> None:
         object.__setattr__(self, "_bound", (shard, cast))
 
+    def __getattr__(self, key: str):
+        # The model may read its blocks' attributes (mlx-lm's `use_sliding`, ...): the block's.
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if "block" not in self:
+                raise
+            return getattr(self["block"], key)
+
     def __call__(self, x, *args, **kwargs):
         shard, cast = self._bound
         if shard is None:

@@ -39,7 +39,7 @@ def rank_main(args) -> None:
     group = mx.distributed.init(backend="ring", strict=True)
     n, r = group.size(), group.rank()
     cfg = ModelConfig(n_layers=args.layers, d_model=args.width, n_heads=args.heads, seq_len=args.seq_len)
-    levels = ("none", "optimizer", "gradients", "full")
+    levels = tuple(args.levels.split(","))
 
     def batch(step):
         return np.random.default_rng(step * n + r).integers(0, 256, (args.batch, cfg.seq_len + 1)).astype(np.int32)
@@ -93,6 +93,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--levels", default="none,optimizer,gradients,full", help="comma-separated, none first")
     p.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank:

@@ -45,11 +45,23 @@ CASES = [("plain", "fp32", 0.0, 1), ("clipped", "fp32", 0.05, 1), ("accumulation
          ("bf16", "bf16", 0.0, 1)]
 TRAIN_STEPS, STOP_AT = 12, 6
 LEVELS = ("optimizer", "gradients", "full")  # each against data parallel ("none")
+# mlx-lm's own llama (tests/tiny_llama.py's shape, its vocabulary the GPT's bytes): full, clipped.
+LLAMA = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0, vocab_size=256)
 
 
 # -- what each rank runs -------------------------------------------------------------------------
 
-def _trajectory(level, precision, clip, accumulation, group):
+def _llama():
+    """mlx-lm's llama (its blocks are `layers`, called with a mask), tiny, with the GPT's loss."""
+    from mlx_lm.models import llama
+
+    from mlx_train.rank.model import lm_loss
+
+    return llama.Model(llama.ModelArgs.from_dict(LLAMA)), lm_loss
+
+
+def _trajectory(level, precision, clip, accumulation, group, model_kind="gpt"):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -59,7 +71,7 @@ def _trajectory(level, precision, clip, accumulation, group):
 
     n, r = group.size(), group.rank()
     mx.random.seed(0)
-    model, loss_fn = build_model(ModelConfig(**MODEL))
+    model, loss_fn = build_model(ModelConfig(**MODEL)) if model_kind == "gpt" else _llama()
     stepper = Stepper(model, loss_fn, make_optimizer(OptimConfig(warmup_steps=5), STEPS), precision, clip, group,
                       shard=level, backend="ring")
     state_bytes = sum(v.nbytes for _, v in tree_flatten(stepper.optimizer.state))
@@ -164,6 +176,8 @@ def rank_main(out_dir: str, corpus: str) -> None:
         base = _trajectory("none", precision, clip, accumulation, group)
         for level in LEVELS:
             results.append({"case": name, **_compare(base, _trajectory(level, precision, clip, accumulation, group))})
+    base = _trajectory("none", "fp32", 0.05, 1, group, "llama")
+    results.append({"case": "llama", **_compare(base, _trajectory("full", "fp32", 0.05, 1, group, "llama"))})
     report = {"rank": r, "size": n, "results": results,
               "skips": {level: _skip(level, group) for level in ("none", *LEVELS)}}
     if n == 2:  # the straight run, and a sharded one stopped half-way, both checkpointing at STOP_AT
@@ -225,7 +239,7 @@ def _check_levels(reports: list, n: int) -> None:
             assert res["state_keys_same"], f"{where}: the gathered optimizer state is not the unsharded layout"
             assert res["loss_rel"] <= 1e-5, f"{where}: loss off data parallel's by {res['loss_rel']:.3g} relative"
             assert res["param_diff"] <= 1e-5, f"{where}: parameters off by {res['param_diff']:.3g}"
-            assert res["clipping"] or res["case"] != "clipped", f"{where}: the clipping case never clipped"
+            assert res["clipping"] or res["case"] not in ("clipped", "llama"), f"{where}: the clipping case never clipped"
             # m and v are held in N slices (plus at most N - 1 padding elements).
             assert res["state_share"] <= 1 / n + 1e-3, f"{where}: optimizer state {res['state_share']:.3f} of unsharded"
             padded = res["param_bytes"] + 4 * (-res["param_bytes"] // 4 % n)
@@ -238,7 +252,7 @@ def _check_levels(reports: list, n: int) -> None:
                 assert res["scattered"] == (padded if res["level"] == "gradients" else 0), where
             # full sums each micro-batch's gradients over the ranks (in its backward) before adding
             # the micro-batches up: another order than data parallel's under accumulation.
-            same_bits = res["level"] == "optimizer" or (n == 2 and res["case"] != "clipped" and
+            same_bits = res["level"] == "optimizer" or (n == 2 and res["case"] not in ("clipped", "llama") and
                                                         (res["level"] != "full" or res["case"] != "accumulation"))
             if same_bits:
                 assert res["losses_exact"] and res["params_exact"] and res["state_exact"], \

@@ -95,7 +95,11 @@ def _gatherer(group: mx.distributed.Group, lo: int, hi: int) -> Callable[[mx.arr
 
     @gather.vjp
     def gather_vjp(primals, cotangent, output):
-        return (mx.distributed.all_sum(cotangent, group=group)[lo:hi],)
+        # A new array, not a view: a view keeps the whole summed buffer alive until the update (a
+        # whole model's gradients again), and so does an elementwise copy, which compiled takes
+        # the view's buffer over (donation). A sum over a length-1 axis allocates its own.
+        summed = mx.distributed.all_sum(cotangent, group=group)
+        return (mx.sum(summed[lo:hi].reshape(1, hi - lo), axis=0),)
 
     return gather
 
@@ -138,7 +142,21 @@ class _Gathered(nn.Module):
             block.update(blank)  # no reference to the gathered weights outlives the call
             return out
 
-        return mx.checkpoint(run)(shard, x)
+        # Gradient checkpointing by hand (mx.checkpoint's recompute, plus order): a gather has no
+        # input but the slice, so MLX would run every block's gather first and hold the whole
+        # model at once. The forward's gather waits for the block's input, the backward's for
+        # the block's cotangent, and the cotangent passed on waits for the block's gradient sum.
+        @mx.custom_function
+        def gathered_block(shard, x):
+            return run(mx.depends(shard, x), x)
+
+        @gathered_block.vjp
+        def gathered_block_vjp(primals, cotangent, output):
+            shard, x = primals
+            _, (d_shard, d_x) = mx.vjp(run, [mx.depends(shard, cotangent), x], [cotangent])
+            return d_shard, mx.depends(d_x, d_shard)
+
+        return gathered_block(shard, x)
 
 
 def _block_list(model: nn.Module) -> list:

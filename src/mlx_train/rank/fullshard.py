@@ -96,10 +96,10 @@ def _gatherer(group: mx.distributed.Group, lo: int, hi: int) -> Callable[[mx.arr
     @gather.vjp
     def gather_vjp(primals, cotangent, output):
         # A new array, not a view: a view keeps the whole summed buffer alive until the update (a
-        # whole model's gradients again), and so does an elementwise copy, which compiled takes
-        # the view's buffer over (donation). A sum over a length-1 axis allocates its own.
-        summed = mx.distributed.all_sum(cotangent, group=group)
-        return (mx.sum(summed[lo:hi].reshape(1, hi - lo), axis=0),)
+        # whole model's gradients again), and so, compiled, does an elementwise copy (it takes the
+        # view's buffer over) or a sum over a length-1 axis. A gather of one row allocates its own.
+        summed = mx.distributed.all_sum(cotangent, group=group).reshape(-1, hi - lo)
+        return (mx.take(summed, mx.array([lo // (hi - lo)]), axis=0).reshape(-1),)
 
     return gather
 

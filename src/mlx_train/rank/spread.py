@@ -40,7 +40,7 @@ from mlx_train.rank import collectives
 
 # One all_sum per bucket of this many bytes (mlx.nn.average_gradients packs small tensors together).
 BUCKET_BYTES = 32 * 1024 * 1024
-LEVELS = ("none", "optimizer", "gradients", "full")
+LEVELS = ("none", "optimizer", "gradients", "full")  # "full": rank/fullshard.py
 _KEY = "shard"  # the sharded optimizer's one state entry: its slice of the flat buffer
 
 
@@ -119,13 +119,14 @@ class Spread:
 
 
 def choose(shard: str, optimizer: optim.Optimizer, grad_clip: float, group: Optional[mx.distributed.Group],
-           bucket_bytes: int = BUCKET_BYTES, backend: Optional[str] = None) -> Spread:
-    if shard not in LEVELS:
-        raise UserError(f"unknown shard level {shard!r}: one of {', '.join(LEVELS)}")
-    from mlx_train.rank.fullshard import FullShard  # builds on this module's Spread
-
-    kind = {"none": DataParallel, "full": FullShard}.get(shard, Sharded)
-    return kind(shard, optimizer, grad_clip, group, bucket_bytes, backend)
+           bucket_bytes: int = BUCKET_BYTES, backend: Optional[str] = None,
+           others: Optional[dict] = None) -> Spread:
+    """The strategy for level `shard`; `others` maps further levels to their Spread classes (those
+    built on this module, as rank/fullshard.py's: the Stepper passes them, so no import cycle)."""
+    kinds = {"none": DataParallel, "optimizer": Sharded, "gradients": Sharded, **(others or {})}
+    if shard not in kinds:
+        raise UserError(f"unknown shard level {shard!r}: one of {', '.join(kinds)}")
+    return kinds[shard](shard, optimizer, grad_clip, group, bucket_bytes, backend)
 
 
 class DataParallel(Spread):

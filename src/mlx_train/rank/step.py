@@ -20,6 +20,7 @@ from mlx.utils import tree_map
 
 from mlx_train.config import OptimConfig
 from mlx_train.rank import spread
+from mlx_train.rank.fullshard import FullShard
 from mlx_train.rank.lanes import Lanes, shards
 # Where they lived before the step's spreading over the ranks had its own module (rank/spread.py).
 from mlx_train.rank.spread import BUCKET_BYTES, _assign, make_sync, pack, sum_gradients, unpack  # noqa: F401
@@ -77,7 +78,8 @@ class Stepper:
     micro-batch's forward/backward runs as that many shards at once, on threads with their own
     streams and their own traced copies of the first graph, and their gradients are summed.
     What follows the gradients (their sum over the ranks, the norm, the update) is the strategy
-    `shard` names (rank/spread.py: "none" is data parallel, "optimizer" and "gradients" ZeRO-1/2);
+    `shard` names (rank/spread.py: "none" is data parallel, "optimizer" and "gradients" ZeRO-1/2,
+    "full" ZeRO-3, rank/fullshard.py, where `params` are this rank's slices, not the parameters);
     `backend` is the group's backend name, which decides how a reduce-scatter is built.
     """
 
@@ -94,7 +96,8 @@ class Stepper:
         self.compiled = compile
         self.bucket_bytes = bucket_bytes
         # How the step is spread over the ranks (data parallel, sharded: rank/spread.py), chosen once.
-        self.spread = spread.choose(shard, optimizer, grad_clip, group, bucket_bytes, backend)
+        self.spread = spread.choose(shard, optimizer, grad_clip, group, bucket_bytes, backend,
+                                    others={"full": FullShard})
         # What the step differentiates and updates: the trainable parameters, or (full) their slices.
         self.params = self.spread.own(model, model.trainable_parameters())
         self.spread.init(self.params)

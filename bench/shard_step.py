@@ -3,9 +3,11 @@
     python bench/shard_step.py --ranks 2 [--layers 4 --width 256 --steps 20]
 
 starts the ranks on loopback (MLX_HOSTFILE/MLX_RANK, as tests/test_sharding.py does). Each rank
-builds the same seeded GPT at every level (none, optimizer, gradients) and reports: the optimizer
-state it holds (bytes of m, v and the step count) and its peak memory over 4 steps
-(mx.get_peak_memory, reset before each level, one level at a time); then the median step time
+builds the same seeded GPT at every level (none, optimizer, gradients, full) and reports: the
+parameters and optimizer state it holds between steps (bytes of the fp32 parameters, or of their
+slices at full; of m, v and the step count), its peak memory over building the step and 4 steps
+(mx.get_peak_memory, reset before each level, one level at a time: `peak_memory`), and the peak
+of those 4 steps alone (reset again after building: `step_peak_memory`); then the median step time
 after the first 3 (tracing), the levels' steps interleaved so that the load of a shared machine
 falls on each alike. Rank 0 prints one JSON line per level.
 """
@@ -37,7 +39,7 @@ def rank_main(args) -> None:
     group = mx.distributed.init(backend="ring", strict=True)
     n, r = group.size(), group.rank()
     cfg = ModelConfig(n_layers=args.layers, d_model=args.width, n_heads=args.heads, seq_len=args.seq_len)
-    levels = ("none", "optimizer", "gradients")
+    levels = tuple(args.levels.split(","))
 
     def batch(step):
         return np.random.default_rng(step * n + r).integers(0, 256, (args.batch, cfg.seq_len + 1)).astype(np.int32)
@@ -54,12 +56,16 @@ def rank_main(args) -> None:
         mx.clear_cache()
         mx.reset_peak_memory()
         s = stepper(level)
+        mx.eval(s.params, s.optimizer.state)
+        built_peak = mx.get_peak_memory()
+        mx.reset_peak_memory()
         for step in range(4):
             tokens = batch(step)
             s.step([(tokens[:, :-1], tokens[:, 1:])])
         rows[level] = {"ranks": n, "level": level, "param_bytes": sum(v.nbytes for _, v in tree_flatten(s.params)),
                        "optimizer_state_bytes": sum(v.nbytes for _, v in tree_flatten(s.optimizer.state)),
-                       "peak_memory": mx.get_peak_memory(), "scattered_bytes": s.spread.scattered_bytes,
+                       "peak_memory": max(built_peak, mx.get_peak_memory()),
+                       "step_peak_memory": mx.get_peak_memory(), "scattered_bytes": s.spread.scattered_bytes,
                        "gathered_bytes": s.spread.gathered_bytes}
         del s
     # Time: every level alive, their steps interleaved, so the machine's drifting load falls on all alike.
@@ -87,6 +93,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--levels", default="none,optimizer,gradients,full", help="comma-separated, none first")
     p.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rank:

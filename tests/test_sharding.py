@@ -1,4 +1,5 @@
-"""Sharded optimizer state and gradients (rank/spread.py, ZeRO-1 and -2) train as data parallel does.
+"""Sharded optimizer state, gradients and parameters (rank/spread.py, rank/fullshard.py: ZeRO-1, -2
+and -3) train as data parallel does.
 
 One launch per world size (ring backend, loopback), every case inside it. Each rank runs the same
 seeded model and data at every level and reports its losses, norms and final parameters' agreement
@@ -7,9 +8,14 @@ with data parallel's as one JSON file; the test asserts on them:
   to a slice: the same arithmetic, so the same bits, at any number of ranks and with clipping;
 - the `gradients` level sums by reduce-scatter: with 2 ranks a sum of two terms is the same in any
   order, so the same bits unless clipping is active (its norm is summed slice by slice, not tensor
-  by tensor, which rounds differently); with 3 ranks the sums' order differs: within 1e-5 relative.
+  by tensor, which rounds differently); with 3 ranks the sums' order differs: within 1e-5 relative;
+- the `full` level holds only its slices of the parameters, gathers them block by block in the
+  forward and the backward and sums the gradients in the gather's vjp (all_sum per block, per
+  micro-batch): the same bits with 2 ranks unless clipping or accumulation is on, else within
+  1e-5 relative.
 Then the trainer itself: a sharded run's checkpoint has the files and keys of an unsharded one, and
-resumes on 3 ranks (sharded at another level, and unsharded) on the straight run's loss trajectory.
+resumes on 3 ranks (sharded at another level, and unsharded) on the straight run's loss trajectory,
+and so does a fully sharded run's, resumed unsharded.
 """
 
 from __future__ import annotations
@@ -38,11 +44,24 @@ ROWS = 4  # sequences per rank per step
 CASES = [("plain", "fp32", 0.0, 1), ("clipped", "fp32", 0.05, 1), ("accumulation", "fp32", 0.0, 2),
          ("bf16", "bf16", 0.0, 1)]
 TRAIN_STEPS, STOP_AT = 12, 6
+LEVELS = ("optimizer", "gradients", "full")  # each against data parallel ("none")
+# mlx-lm's own llama (tests/tiny_llama.py's shape, its vocabulary the GPT's bytes): full, clipped.
+LLAMA = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0, vocab_size=256)
 
 
 # -- what each rank runs -------------------------------------------------------------------------
 
-def _trajectory(level, precision, clip, accumulation, group):
+def _llama():
+    """mlx-lm's llama (its blocks are `layers`, called with a mask), tiny, with the GPT's loss."""
+    from mlx_lm.models import llama
+
+    from mlx_train.rank.model import lm_loss
+
+    return llama.Model(llama.ModelArgs.from_dict(LLAMA)), lm_loss
+
+
+def _trajectory(level, precision, clip, accumulation, group, model_kind="gpt"):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -52,10 +71,11 @@ def _trajectory(level, precision, clip, accumulation, group):
 
     n, r = group.size(), group.rank()
     mx.random.seed(0)
-    model, loss_fn = build_model(ModelConfig(**MODEL))
+    model, loss_fn = build_model(ModelConfig(**MODEL)) if model_kind == "gpt" else _llama()
     stepper = Stepper(model, loss_fn, make_optimizer(OptimConfig(warmup_steps=5), STEPS), precision, clip, group,
                       shard=level, backend="ring")
     state_bytes = sum(v.nbytes for _, v in tree_flatten(stepper.optimizer.state))
+    held_bytes = sum(v.nbytes for _, v in tree_flatten(stepper.params))  # full: the slices only
     losses, norms = [], []
     for step in range(STEPS):
         tokens = np.random.default_rng(step).integers(0, 256, (n * ROWS, MODEL["seq_len"] + 1)).astype(np.int32)
@@ -64,13 +84,13 @@ def _trajectory(level, precision, clip, accumulation, group):
         stats = stepper.step([(mine[i:i + per, :-1], mine[i:i + per, 1:]) for i in range(0, ROWS, per)])
         losses.append(stats.loss)
         norms.append(stats.grad_norm)
-    params = {k: np.array(v) for k, v in tree_flatten(stepper.params)}
+    params = {k: np.array(v) for k, v in tree_flatten(stepper.whole_params())}
     state = {k: np.array(v) for k, v in tree_flatten(stepper.optimizer_state())}
     sums = mx.distributed.all_gather(mx.array([_crc(params)], dtype=mx.int64), group=group)
     return {"losses": losses, "norms": norms, "params": params, "state": state, "state_bytes": state_bytes,
             "agreed": len(set(np.array(sums).tolist())) == 1, "level": stepper.spread.level,
             "scattered": stepper.spread.scattered_bytes, "gathered": stepper.spread.gathered_bytes,
-            "param_bytes": sum(v.nbytes for v in params.values())}
+            "param_bytes": sum(v.nbytes for v in params.values()), "held_bytes": held_bytes}
 
 
 def _skip(level: str, group) -> dict:
@@ -89,10 +109,10 @@ def _skip(level: str, group) -> dict:
     tokens = np.random.default_rng(group.rank()).integers(0, 256, (ROWS, MODEL["seq_len"] + 1)).astype(np.int32)
     batch = [(tokens[:, :-1], tokens[:, 1:])]
     stepper.step(batch)
-    before = {k: np.array(v) for k, v in tree_flatten(stepper.params)}
+    before = {k: np.array(v) for k, v in tree_flatten(stepper.whole_params())}
     stats = stepper.step(batch, loss_limit=0.0 if group.rank() == group.size() - 1 else None)
     return {"skipped": stats.skipped, "unchanged": all(np.array_equal(before[k], np.array(v))
-                                                       for k, v in tree_flatten(stepper.params)),
+                                                       for k, v in tree_flatten(stepper.whole_params())),
             "step": int(stepper.optimizer.step.item())}
 
 
@@ -116,7 +136,8 @@ def _compare(base: dict, got: dict) -> dict:
             and all(np.array_equal(base["state"][k], got["state"][k]) for k in base["state"]),
             "agreed": got["agreed"], "clipping": min(got["norms"]) > 0.05,
             "state_share": got["state_bytes"] / base["state_bytes"], "level": got["level"],
-            "scattered": got["scattered"], "gathered": got["gathered"], "param_bytes": got["param_bytes"]}
+            "scattered": got["scattered"], "gathered": got["gathered"], "param_bytes": got["param_bytes"],
+            "held_share": got["held_bytes"] / base["held_bytes"]}
 
 
 def _with_shard(cfg, level: str):
@@ -153,16 +174,20 @@ def rank_main(out_dir: str, corpus: str) -> None:
     results = []
     for name, precision, clip, accumulation in CASES:
         base = _trajectory("none", precision, clip, accumulation, group)
-        for level in ("optimizer", "gradients"):
+        for level in LEVELS:
             results.append({"case": name, **_compare(base, _trajectory(level, precision, clip, accumulation, group))})
-    report = {"rank": r, "size": n, "results": results, "skips": {level: _skip(level, group) for level in
-                                                                   ("none", "optimizer", "gradients")}}
+    base = _trajectory("none", "fp32", 0.05, 1, group, "llama")
+    results.append({"case": "llama", **_compare(base, _trajectory("full", "fp32", 0.05, 1, group, "llama"))})
+    report = {"rank": r, "size": n, "results": results,
+              "skips": {level: _skip(level, group) for level in ("none", *LEVELS)}}
     if n == 2:  # the straight run, and a sharded one stopped half-way, both checkpointing at STOP_AT
         report["straight"] = _train(group, corpus, str(out / "straight"), "none", resume=False)
         report["sharded"] = _train(group, corpus, str(out / "sharded"), "gradients", resume=False, stop_after=STOP_AT)
+        report["full"] = _train(group, corpus, str(out / "full"), "full", resume=False, stop_after=STOP_AT)
     else:  # the sharded run's checkpoint (copied twice by the test) resumed on this other world size
         report["resumed_sharded"] = _train(group, corpus, str(out / "resume-sharded"), "optimizer", resume=True)
         report["resumed_unsharded"] = _train(group, corpus, str(out / "resume-unsharded"), "none", resume=True)
+        report["resumed_full"] = _train(group, corpus, str(out / "resume-full"), "none", resume=True)
     (out / f"report-{r}.json").write_text(json.dumps(report))
 
 
@@ -214,13 +239,21 @@ def _check_levels(reports: list, n: int) -> None:
             assert res["state_keys_same"], f"{where}: the gathered optimizer state is not the unsharded layout"
             assert res["loss_rel"] <= 1e-5, f"{where}: loss off data parallel's by {res['loss_rel']:.3g} relative"
             assert res["param_diff"] <= 1e-5, f"{where}: parameters off by {res['param_diff']:.3g}"
-            assert res["clipping"] or res["case"] != "clipped", f"{where}: the clipping case never clipped"
+            assert res["clipping"] or res["case"] not in ("clipped", "llama"), f"{where}: the clipping case never clipped"
             # m and v are held in N slices (plus at most N - 1 padding elements).
             assert res["state_share"] <= 1 / n + 1e-3, f"{where}: optimizer state {res['state_share']:.3f} of unsharded"
             padded = res["param_bytes"] + 4 * (-res["param_bytes"] // 4 % n)
-            assert res["gathered"] == padded, where
-            assert res["scattered"] == (padded if res["level"] == "gradients" else 0), where
-            same_bits = res["level"] == "optimizer" or (n == 2 and res["case"] != "clipped")
+            if res["level"] == "full":  # each group padded apart; each block gathered twice
+                assert res["held_share"] <= 1 / n + 1e-3, f"{where}: holds {res['held_share']:.3f} of the parameters"
+                assert padded <= res["scattered"] < res["gathered"] < 2 * res["scattered"], where
+            else:
+                assert res["held_share"] == 1, where
+                assert res["gathered"] == padded, where
+                assert res["scattered"] == (padded if res["level"] == "gradients" else 0), where
+            # full sums each micro-batch's gradients over the ranks (in its backward) before adding
+            # the micro-batches up: another order than data parallel's under accumulation.
+            same_bits = res["level"] == "optimizer" or (n == 2 and res["case"] not in ("clipped", "llama") and
+                                                        (res["level"] != "full" or res["case"] != "accumulation"))
             if same_bits:
                 assert res["losses_exact"] and res["params_exact"] and res["state_exact"], \
                     f"{where}: the same arithmetic as data parallel but not the same bits"
@@ -259,14 +292,28 @@ def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_wor
             assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
             assert np.allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-7), f"{name} {k}"
 
+    full = reports[0]["full"]
+    assert [m["step"] for m in full] == list(range(1, STOP_AT + 1))
+    for step, loss in _losses(full).items():
+        assert loss == pytest.approx(_losses(straight)[step], rel=1e-5), step
+    assert len(set(full[-1]["param_checksum"])) == 1, "the gathered parameters' checksums differ across ranks"
+    mine = two / "full" / "checkpoints" / f"step-{STOP_AT:06d}"
+    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = mx.load(str(mine / name)), mx.load(str(theirs / name))
+        assert sorted(a) == sorted(b), name
+        for k in a:
+            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
+
     three = tmp_path / "three"
     three.mkdir()
     for run in ("resume-sharded", "resume-unsharded"):
         shutil.copytree(two / "sharded", three / run)
+    shutil.copytree(two / "full", three / "resume-full")
     reports = _launch(3, three, corpus)
     _check_levels(reports, 3)
     want = _losses(straight)
-    for run in ("resumed_sharded", "resumed_unsharded"):
+    for run in ("resumed_sharded", "resumed_unsharded", "resumed_full"):
         got = _losses(reports[0][run])
         assert sorted(got) == list(range(STOP_AT + 1, TRAIN_STEPS + 1)), run
         for step, loss in got.items():

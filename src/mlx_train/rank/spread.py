@@ -17,6 +17,10 @@ and, for checkpoints, the optimizer state in the unsharded layout (`full_state`,
 - Sharded("optimizer") (ZeRO-1) and Sharded("gradients") (ZeRO-2): the trainable parameters are
   seen as one flat buffer padded to a multiple of N; rank r owns the contiguous slice
   collectives.shard_bounds gives it and keeps AdamW's state only for that slice.
+- FullShard ("full", ZeRO-3, rank/fullshard.py): the parameters themselves are held in slices,
+  one flat buffer per transformer block, gathered inside the forward and again in the backward.
+  Its step holds shards, not the parameters (`own`), puts them into the model itself (`bind`),
+  and gives the whole parameters only on demand (`whole_params`, a collective).
 
 Pipeline stages and unequal shares of the batch are further strategies at this same place: the
 trainer's loop and the Stepper do not branch on the strategy.
@@ -36,7 +40,7 @@ from mlx_train.rank import collectives
 
 # One all_sum per bucket of this many bytes (mlx.nn.average_gradients packs small tensors together).
 BUCKET_BYTES = 32 * 1024 * 1024
-LEVELS = ("none", "optimizer", "gradients")
+LEVELS = ("none", "optimizer", "gradients", "full")  # "full": rank/fullshard.py
 _KEY = "shard"  # the sharded optimizer's one state entry: its slice of the flat buffer
 
 
@@ -46,6 +50,9 @@ class Spread:
 
     scattered_bytes = 0
     gathered_bytes = 0
+    # Whether the forward/backward itself runs collectives (parameters gathered in it): then its
+    # graphs must run on one thread (no lanes), and the model only runs on every rank together.
+    collective_backward = False
 
     def __init__(self, level: str, optimizer: optim.Optimizer, grad_clip: float,
                  group: Optional[mx.distributed.Group], bucket_bytes: int = BUCKET_BYTES,
@@ -55,12 +62,30 @@ class Spread:
         self.bucket_bytes, self.backend = bucket_bytes, backend
         self.params: Any = None
 
+    def own(self, model: Any, params: Any) -> Any:
+        """What the step differentiates and updates, from the model and its whole trainable
+        parameters: those parameters themselves unless they are sharded."""
+        return params
+
+    def bind(self, model: Any, params: Any, cast: Optional[Callable] = None) -> None:
+        """Put `params` (own()'s tree, possibly traced) into the model before its forward."""
+        model.update(tree_map(cast, params) if cast is not None else params)
+
+    def whole_params(self) -> Any:
+        """The whole trainable parameters, unsharded (a collective when sharded: every rank calls it)."""
+        return self.params
+
+    def param_layout(self) -> Any:
+        """A tree shaped like whole_params(), its arrays possibly unevaluated (no collective)."""
+        return self.params
+
     def init(self, params: Any) -> None:
         """A fresh optimizer state for `params`, the Stepper's tree (kept: updated in place)."""
         raise NotImplementedError
 
-    def load(self, params: Any, full_state: dict) -> None:
-        """Take `params` and an optimizer state in the unsharded layout (a restore)."""
+    def load(self, params: Any, full_state: dict) -> Any:
+        """Take whole `params` and an optimizer state in the unsharded layout (a restore); return
+        what the step holds of the parameters (own()'s tree)."""
         raise NotImplementedError
 
     def build(self, compiled: bool) -> None:
@@ -94,14 +119,14 @@ class Spread:
 
 
 def choose(shard: str, optimizer: optim.Optimizer, grad_clip: float, group: Optional[mx.distributed.Group],
-           bucket_bytes: int = BUCKET_BYTES, backend: Optional[str] = None) -> Spread:
-    if shard == "full":
-        raise UserError("--shard full (ZeRO-3: parameters sharded and gathered layer by layer) is not built yet: "
-                        f"use one of {', '.join(LEVELS)}")
-    if shard not in LEVELS:
-        raise UserError(f"unknown shard level {shard!r}: one of {', '.join(LEVELS)}")
-    kind = DataParallel if shard == "none" else Sharded
-    return kind(shard, optimizer, grad_clip, group, bucket_bytes, backend)
+           bucket_bytes: int = BUCKET_BYTES, backend: Optional[str] = None,
+           others: Optional[dict] = None) -> Spread:
+    """The strategy for level `shard`; `others` maps further levels to their Spread classes (those
+    built on this module, as rank/fullshard.py's: the Stepper passes them, so no import cycle)."""
+    kinds = {"none": DataParallel, "optimizer": Sharded, "gradients": Sharded, **(others or {})}
+    if shard not in kinds:
+        raise UserError(f"unknown shard level {shard!r}: one of {', '.join(kinds)}")
+    return kinds[shard](shard, optimizer, grad_clip, group, bucket_bytes, backend)
 
 
 class DataParallel(Spread):
@@ -111,8 +136,9 @@ class DataParallel(Spread):
         self.params = params
         self.optimizer.init(params)
 
-    def load(self, params: Any, full_state: dict) -> None:
+    def load(self, params: Any, full_state: dict) -> Any:
         self.params, self.optimizer.state = params, full_state
+        return params
 
     def full_state(self) -> dict:
         return self.optimizer.state
@@ -224,7 +250,7 @@ class Sharded(Spread):
                 for k, s in zip(self.keys, self.shapes)]  # never evaluated: no memory
         return {**tree_unflatten(flat), **rest}
 
-    def load(self, params: Any, full_state: dict) -> None:
+    def load(self, params: Any, full_state: dict) -> Any:
         self._shape(params)
         names = self._names()
         flat = dict(tree_flatten(full_state))
@@ -232,6 +258,7 @@ class Sharded(Spread):
         mx.eval(mine)  # the slice alone stays: the whole state it came from is freed
         rest = {k: v for k, v in full_state.items() if k in ("step", "learning_rate")}
         self.optimizer.state = {**rest, _KEY: mine}
+        return params
 
     def build(self, compiled: bool) -> None:
         group, gradients_level = self.group, self.level == "gradients"

@@ -20,6 +20,7 @@ from mlx.utils import tree_map
 
 from mlx_train.config import OptimConfig
 from mlx_train.rank import spread
+from mlx_train.rank.fullshard import FullShard
 from mlx_train.rank.lanes import Lanes, shards
 # Where they lived before the step's spreading over the ranks had its own module (rank/spread.py).
 from mlx_train.rank.spread import BUCKET_BYTES, _assign, make_sync, pack, sum_gradients, unpack  # noqa: F401
@@ -33,14 +34,20 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optim.Optimizer:
     return optim.AdamW(learning_rate=schedule, betas=[cfg.beta1, cfg.beta2], weight_decay=cfg.weight_decay)
 
 
-def make_grad_fn(model: nn.Module, loss_fn: Callable, precision: str) -> Callable:
+def make_grad_fn(model: nn.Module, loss_fn: Callable, precision: str,
+                 bind: Optional[Callable] = None) -> Callable:
+    """value_and_grad of the scaled loss in the parameters the step holds; `bind(model, params,
+    cast)` puts them into the model (Spread.bind: a fully sharded step binds slices)."""
     compute_dtype = mx.bfloat16 if precision == "bf16" else None
 
     def cast(p: mx.array) -> mx.array:
         return p.astype(compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p
 
     def loss_of(params, inputs, targets, scale):
-        model.update(tree_map(cast, params) if compute_dtype else params)
+        if bind is not None:
+            bind(model, params, cast if compute_dtype else None)
+        else:
+            model.update(tree_map(cast, params) if compute_dtype else params)
         return loss_fn(model, inputs, targets) * scale
 
     return mx.value_and_grad(loss_of)
@@ -71,7 +78,8 @@ class Stepper:
     micro-batch's forward/backward runs as that many shards at once, on threads with their own
     streams and their own traced copies of the first graph, and their gradients are summed.
     What follows the gradients (their sum over the ranks, the norm, the update) is the strategy
-    `shard` names (rank/spread.py: "none" is data parallel, "optimizer" and "gradients" ZeRO-1/2);
+    `shard` names (rank/spread.py: "none" is data parallel, "optimizer" and "gradients" ZeRO-1/2,
+    "full" ZeRO-3, rank/fullshard.py, where `params` are this rank's slices, not the parameters);
     `backend` is the group's backend name, which decides how a reduce-scatter is built.
     """
 
@@ -85,23 +93,34 @@ class Stepper:
         self.group = group
         self.world = group.size() if group is not None else 1
         self.loss_fn = loss_fn
-        self.grad_fn = make_grad_fn(model, loss_fn, precision)
         self.compiled = compile
         self.bucket_bytes = bucket_bytes
         # How the step is spread over the ranks (data parallel, sharded: rank/spread.py), chosen once.
-        self.spread = spread.choose(shard, optimizer, grad_clip, group, bucket_bytes, backend)
-        self.params = model.trainable_parameters()
+        self.spread = spread.choose(shard, optimizer, grad_clip, group, bucket_bytes, backend,
+                                    others={"full": FullShard})
+        # What the step differentiates and updates: the trainable parameters, or (full) their slices.
+        self.params = self.spread.own(model, model.trainable_parameters())
         self.spread.init(self.params)
-        # Lanes replay traced graphs only: an uncompiled step would run the model's Python in two threads.
-        self.lanes = Lanes(lanes) if lanes > 1 and compile else None
+        self.grad_fn = make_grad_fn(model, loss_fn, precision, self.spread.bind)
+        # Lanes replay traced graphs only: an uncompiled step would run the model's Python in two
+        # threads; and a backward with collectives in it must run on one thread, in one order.
+        self.lanes = Lanes(lanes) if lanes > 1 and compile and not self.spread.collective_backward else None
         self._build()
 
     def load(self, params: Any, optimizer_state: dict) -> None:
         """Replace the parameters and optimizer state (a restore) and retrace around them. The state
         is in the unsharded layout (optimizer_state()'s); a sharded step keeps its slice of it."""
-        self.params = params
-        self.spread.load(params, optimizer_state)
+        self.params = self.spread.load(params, optimizer_state)
         self._build()
+
+    def whole_params(self) -> Any:
+        """The whole trainable parameters (checkpoints, checksums). Fully sharded, they are gathered
+        from every rank: every rank must call it."""
+        return self.spread.whole_params()
+
+    def param_layout(self) -> Any:
+        """A tree shaped like whole_params(), with no collective (its arrays may be unevaluated)."""
+        return self.spread.param_layout()
 
     def optimizer_state(self) -> dict:
         """The optimizer state in the unsharded layout, as a checkpoint holds it. Sharded, it is
@@ -113,7 +132,7 @@ class Stepper:
         return self.spread.layout()
 
     def set_params(self, params: Any) -> None:
-        """Overwrite the parameters' values in place (the compiled graphs keep their containers)."""
+        """Overwrite the held parameters' values (self.params' tree) in place (the compiled graphs keep their containers)."""
         _assign(self.params, params)
 
     def _grad_graphs(self) -> Tuple[Callable, Callable]:
@@ -230,8 +249,9 @@ class Stepper:
                          skipped)
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]]) -> mx.array:
-        """Mean loss over `batches` with the current fp32 weights, as a lazy scalar."""
-        self.model.update(self.params)
+        """Mean loss over `batches` with the current fp32 weights, as a lazy scalar (fully sharded:
+        the blocks gather their weights in it, so every rank evaluates it)."""
+        self.spread.bind(self.model, self.params)
         losses = [self.loss_fn(self.model, mx.array(x), mx.array(y)) for x, y in batches]
         return mx.mean(mx.stack(losses))
 

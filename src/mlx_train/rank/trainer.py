@@ -64,6 +64,7 @@ class Trainer:
                                  cfg.dist.batch_size_per_device, self.grad_bytes, memory_budget)
         if self.lanes > 1:
             blas.set_threads(cores // self.lanes)  # each lane's matmuls on its share of the cores
+        self.n_params = count_parameters(model)  # before the step may hold the parameters in slices
         shard = shard_level_of(cfg)  # planned before launch (planning/planner.resolve_shard)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
                                bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, cores, self.grad_bytes),
@@ -73,7 +74,6 @@ class Trainer:
         self.spike = LossSpike(cfg.loss_spike)
         self.writer = checkpoint.Writer()  # rank 0 writes checkpoints beside the training loop
         self.pending: Optional[dict] = None  # what the write in progress is of
-        self.n_params = count_parameters(model)
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
         # The embedded byte-level GPT shows a text sample at each evaluation (rank/sample.py).
         self.prompt = sample.prompt_from(corpus.val, cfg.model.seq_len) \
@@ -121,7 +121,7 @@ class Trainer:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 protocol.emit(protocol.Phase("eval", step))  # longer than a step: the watchdog allows for it
                 val_loss = self.validate()
-                if self.prompt is not None:
+                if self.prompt is not None and not self.stepper.spread.collective_backward:  # (full: not alone)
                     text = sample.generate(self.stepper.model, self.prompt, cfg.model.seq_len, cfg.seed)
                 protocol.emit(protocol.Phase("eval", step, done=True))
             if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
@@ -182,9 +182,12 @@ class Trainer:
         if self.rank == 0:
             protocol.emit(protocol.Metrics(**record, val_loss=val_loss, sample=text))
 
-    def param_checksum(self) -> int:
+    def param_checksum(self, params=None) -> int:
+        """The crc32 of the whole parameters. Fully sharded they are gathered first (every rank
+        calls this): a checksum of a rank's own slice would not be comparable across ranks."""
         crc = 0
-        for _, v in sorted(tree_flatten(self.stepper.params), key=lambda kv: kv[0]):
+        params = self.stepper.whole_params() if params is None else params
+        for _, v in sorted(tree_flatten(params), key=lambda kv: kv[0]):
             view = memoryview(v)  # the array's own bytes, no copy (half the time of copying to numpy first)
             crc = zlib.crc32((view if view.c_contiguous else memoryview(np.array(v))).cast("B"), crc)
         return crc
@@ -207,7 +210,8 @@ class Trainer:
         # Every rank's checksum goes with the checkpoint: one written while the ranks disagreed
         # is never resumed from (a silent divergence would be saved with it). Each rank's running
         # loss mean (--loss-spike) travels in the same gather.
-        checksum = self.param_checksum()
+        whole = self.stepper.whole_params()  # fully sharded: gathered, so every rank asks
+        checksum = self.param_checksum(whole)
         protocol.emit(protocol.Checksum(step=step, value=checksum))
         mine = mx.array([checksum, *self.spike.state()], dtype=mx.int64)
         everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 3)
@@ -222,7 +226,7 @@ class Trainer:
         t_wait = time.perf_counter()
         self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
         t0 += time.perf_counter() - t_wait
-        params = checkpoint.snapshot(dict(tree_flatten(self.stepper.params)))
+        params = checkpoint.snapshot(dict(tree_flatten(whole)))
         state = checkpoint.snapshot(dict(tree_flatten(full_state)))  # the unsharded layout, whatever the level
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
                 "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]]}
@@ -315,7 +319,7 @@ class Trainer:
             return 0
         # Keep the model's own key order: gradient clipping sums the leaves in tree order, and a
         # different order rounds the norm differently, which would break exact resumption.
-        params = dict(tree_flatten(self.stepper.params))
+        params = dict(tree_flatten(self.stepper.param_layout()))
         # The unsharded layout (a sharded step slices its part out of it in load).
         state = {k: v for k, v in tree_flatten(self.stepper.optimizer_layout()) if k not in ("step", "learning_rate")}
         if found is not None:

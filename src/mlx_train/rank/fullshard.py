@@ -1,0 +1,310 @@
+"""ZeRO-3 / FSDP's full shard over any backend: the parameters themselves held in slices.
+
+The trainable parameters fall into groups: one per transformer block (the model's `blocks`, or
+mlx-lm's `layers`), and one of everything else (embeddings, final norm, head). Each group is a
+flat fp32 buffer padded to a multiple of N; rank r holds only its contiguous slice of each
+(collectives.shard_bounds), and AdamW's m and v for that slice: 16/N bytes per parameter at rest.
+
+The step differentiates the slices. Each block is replaced in its list by a wrapper (`_Gathered`)
+whose call gathers the block's buffer (mx.distributed.all_gather), shapes it into the block's
+tensors, casts them to the compute dtype, runs the block, and is wrapped whole in mx.checkpoint:
+the gathered weights are not kept for the backward, which gathers them again (FSDP's second
+gather), so at most one block is whole at a time (plus the other group, gathered once per
+forward). The gather's vjp is this rank's slice of the all_sum of the cotangent: MLX's own
+all_gather vjp keeps the own slice of the own cotangent, no sum (checked on 0.32.4), so a custom
+one gives the reduce-scatter, built from all_sum because a collective inside one lazy graph must
+have inputs to order it (rank/collectives.py). The gradients arrive already summed over the ranks,
+one slice per group: the norm is sqrt(all_sum of each slice's sum of squares), AdamW updates the
+slices, and nothing is gathered after the update (the next forward does).
+
+Checkpoints keep the unsharded layout: `whole_params` and `full_state` gather every group
+(all_gather_flat) and `load` slices a whole tree, so a checkpoint resumes at any level and world
+size. The gathers in the forward are fp32 (the master weights; cast after), so the arithmetic of
+a bf16 step is data parallel's: the bf16 gradients come back through the cast in fp32 and are
+summed in fp32, as data parallel's all-reduce sums them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_train.errors import UserError
+from mlx_train.rank import collectives
+from mlx_train.rank.spread import Spread, _assign, _leaves
+
+REST = "rest"  # the group of the parameters outside the blocks
+BLOCKS = "blocks"
+
+
+class Flat:
+    """One group's parameters as a flat buffer padded to a multiple of the world size, and this
+    rank's [lo, hi) slice of it; `keys` name the leaves (in order) relative to `prefix`."""
+
+    def __init__(self, prefix: str, leaves: List[tuple], world: int, rank: int,
+                 group: Optional[mx.distributed.Group]):
+        self.prefix, self.group, self.world = prefix, group, world
+        self.keys = [k for k, _ in leaves]
+        self.shapes = [v.shape for _, v in leaves]
+        self.sizes = [v.size for _, v in leaves]
+        dtypes = {v.dtype for _, v in leaves}
+        if len(dtypes) != 1:
+            raise UserError(f"--shard full needs the trainable parameters in one dtype, not {sorted(map(str, dtypes))}")
+        self.dtype = dtypes.pop()
+        self.total = sum(self.sizes)
+        self.padded = collectives.padded_length(self.total, world)
+        self.lo, self.hi = collectives.shard_bounds(self.padded, world, rank)
+        self.gather = _gatherer(group, self.lo, self.hi) if world > 1 else (lambda s: s)
+
+    @property
+    def full_keys(self) -> List[str]:
+        return [f"{self.prefix}{k}" for k in self.keys]
+
+    def slice(self, leaves: List[mx.array]) -> mx.array:
+        """This rank's slice of the flat buffer of whole `leaves` (a copy: the whole can be freed)."""
+        flat = mx.concatenate([v.reshape(-1) for v in leaves] +
+                              ([mx.zeros((self.padded - self.total,), self.dtype)] if self.padded > self.total else []))
+        return mx.contiguous(flat[self.lo:self.hi])
+
+    def whole(self, flat: mx.array) -> List[mx.array]:
+        """The leaves of a whole (gathered, padded) flat buffer, shaped as the parameters (views)."""
+        offsets = np.cumsum(self.sizes)[:-1].tolist()
+        return [p.reshape(s) for p, s in zip(mx.split(flat[:self.total], offsets), self.shapes)]
+
+    def gathered(self, shard: mx.array) -> List[mx.array]:
+        """The whole leaves from this rank's slice, outside a gradient (all_gather_flat)."""
+        return self.whole(collectives.all_gather_flat(shard, self.group) if self.world > 1 else shard)
+
+    def tree(self, shard: mx.array, cast: Optional[Callable]) -> Any:
+        """The group's parameters as a tree (relative keys), gathered through the gradient-aware gather."""
+        leaves = self.whole(self.gather(shard))
+        if cast is not None:
+            leaves = [cast(v) for v in leaves]
+        return tree_unflatten(list(zip(self.keys, leaves)))
+
+
+def _gatherer(group: mx.distributed.Group, lo: int, hi: int) -> Callable[[mx.array], mx.array]:
+    """all_gather whose vjp is the reduce-scatter of the cotangent: this rank's slice of its all_sum."""
+    @mx.custom_function
+    def gather(shard):
+        return mx.distributed.all_gather(shard, group=group)
+
+    @gather.vjp
+    def gather_vjp(primals, cotangent, output):
+        # A new array, not a view: a view keeps the whole summed buffer alive until the update (a
+        # whole model's gradients again), and so, compiled, does an elementwise copy (it takes the
+        # view's buffer over) or a sum over a length-1 axis. A gather of one row allocates its own.
+        summed = mx.distributed.all_sum(cotangent, group=group).reshape(-1, hi - lo)
+        return (mx.take(summed, mx.array([lo // (hi - lo)]), axis=0).reshape(-1),)
+
+    return gather
+
+
+class _Gathered(nn.Module):
+    """A block whose trainable weights are gathered from this rank's slice at each call, inside
+    gradient checkpointing. The block stays a child (train/eval reach it) with its trainable
+    parameters frozen and blanked between calls: they live in the slice."""
+
+    def __init__(self, block: nn.Module, flat: Flat):
+        super().__init__()
+        self.block = block
+        object.__setattr__(self, "_flat", flat)
+        object.__setattr__(self, "_bound", (None, None))
+        object.__setattr__(self, "_blank", tree_unflatten([(k, mx.zeros((0,), flat.dtype)) for k in flat.keys]))
+        block.update(self._blank)
+        block.freeze()
+
+    def bind(self, shard: mx.array, cast: Optional[Callable]) -> None:
+        object.__setattr__(self, "_bound", (shard, cast))
+
+    def __getattr__(self, key: str):
+        # The model may read its blocks' attributes (mlx-lm's `use_sliding`, ...): the block's.
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if "block" not in self:
+                raise
+            return getattr(self["block"], key)
+
+    def __call__(self, x, *args, **kwargs):
+        shard, cast = self._bound
+        if shard is None:
+            raise RuntimeError("a fully sharded block called before its slice was bound (Spread.bind)")
+        block, flat, blank = self.block, self._flat, self._blank
+
+        def run(shard, x):
+            block.update(flat.tree(shard, cast))
+            out = block(x, *args, **kwargs)
+            block.update(blank)  # no reference to the gathered weights outlives the call
+            return out
+
+        # Gradient checkpointing by hand (mx.checkpoint's recompute, plus order): a gather has no
+        # input but the slice, so MLX would run every block's gather first and hold the whole
+        # model at once. The forward's gather waits for the block's input, the backward's for
+        # the block's cotangent, and the cotangent passed on waits for the block's gradient sum.
+        @mx.custom_function
+        def gathered_block(shard, x):
+            return run(mx.depends(shard, x), x)
+
+        @gathered_block.vjp
+        def gathered_block_vjp(primals, cotangent, output):
+            shard, x = primals
+            _, (d_shard, d_x) = mx.vjp(run, [mx.depends(shard, cotangent), x], [cotangent])
+            return d_shard, mx.depends(d_x, d_shard)
+
+        return gathered_block(shard, x)
+
+
+def _block_list(model: nn.Module) -> list:
+    for name in ("blocks", "layers"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, list) and blocks and all(isinstance(b, nn.Module) for b in blocks):
+            return blocks
+    raise UserError(f"--shard full gathers parameters block by block: {type(model).__name__} has no list of "
+                    "blocks as `blocks` or `layers`; use --shard gradients")
+
+
+class FullShard(Spread):
+    """ZeRO-3 (see the module docstring). Its step holds {"blocks": [slice, ...], "rest": slice}."""
+
+    collective_backward = True
+
+    def own(self, model: nn.Module, params: Any) -> Any:
+        rank = self.group.rank() if self.group is not None else 0
+        whole = tree_flatten(params)
+        self.order = [k for k, _ in whole]  # the model's own key order, for checkpoints and checksums
+        blocks = _block_list(model)
+        names = {id(m): name for name, m in model.named_modules()}
+        self.flats: List[Flat] = []
+        inside = set()
+        for block in blocks:
+            prefix = names[id(block)] + "."
+            leaves = [(k[len(prefix):], v) for k, v in whole if k.startswith(prefix)]
+            if not leaves:
+                raise UserError(f"--shard full: block {prefix[:-1]} has no trainable parameters")
+            inside.update(prefix + k for k, _ in leaves)
+            self.flats.append(Flat(prefix, leaves, self.world, rank, self.group))
+        rest = [(k, v) for k, v in whole if k not in inside]
+        self.rest = Flat("", rest, self.world, rank, self.group) if rest else None
+        # Gathered bytes per step: each block twice (forward, and again in the backward), the rest
+        # once; scattered: every group's gradient once per micro-batch (by all_sum here).
+        many = self.world > 1
+        itemsize = 4 if self.flats[0].dtype == mx.float32 else 2
+        block_bytes = sum(f.padded for f in self.flats) * itemsize
+        rest_bytes = self.rest.padded * itemsize if self.rest else 0
+        self.gathered_bytes = 2 * block_bytes + rest_bytes if many else 0
+        self.scattered_bytes = block_bytes + rest_bytes if many else 0
+        shards = self._slices(dict(whole))
+        for i, (block, flat) in enumerate(zip(blocks, self.flats)):
+            blocks[i] = _Gathered(block, flat)
+        if self.rest is not None:
+            model.update(tree_unflatten([(k, mx.zeros((0,), self.rest.dtype)) for k in self.rest.keys]))
+        self.wrappers = list(blocks)
+        return shards
+
+    def _slices(self, whole: dict) -> dict:
+        out = {BLOCKS: [f.slice([whole[k] for k in f.full_keys]) for f in self.flats]}
+        if self.rest is not None:
+            out[REST] = self.rest.slice([whole[k] for k in self.rest.full_keys])
+        mx.eval(out)  # the slices alone stay: the whole parameters they came from are freed
+        return out
+
+    def _groups(self) -> list:
+        return list(zip(self.flats, range(len(self.flats)))) + ([(self.rest, None)] if self.rest else [])
+
+    @staticmethod
+    def _of(tree: dict, index: Optional[int]) -> Any:
+        return tree[REST] if index is None else tree[BLOCKS][index]
+
+    def bind(self, model: nn.Module, params: Any, cast: Optional[Callable] = None) -> None:
+        if self.rest is not None:
+            model.update(self.rest.tree(params[REST], cast))
+        for wrapper, shard in zip(self.wrappers, params[BLOCKS]):
+            wrapper.bind(shard, cast)
+
+    def init(self, params: Any) -> None:
+        self.params = params
+        self.optimizer.init(params)
+
+    def _whole_tree(self, of: Callable[[Any], mx.array]) -> dict:
+        """{full key: whole leaf} from each group's gathered slice of(flat, index)."""
+        out = {}
+        for flat, index in self._groups():
+            out.update(zip(flat.full_keys, flat.gathered(of(index))))
+        return out
+
+    def whole_params(self) -> Any:
+        flat = self._whole_tree(lambda i: self._of(self.params, i))
+        mx.eval(list(flat.values()))  # here, on every rank: a gather left lazy would wait for peers forever
+        return tree_unflatten([(k, flat[k]) for k in self.order])
+
+    def param_layout(self) -> Any:
+        shapes = {k: (s, f.dtype) for f, _ in self._groups() for k, s in zip(f.full_keys, f.shapes)}
+        return tree_unflatten([(k, mx.zeros(*shapes[k])) for k in self.order])  # never evaluated: no memory
+
+    def _names(self) -> List[str]:
+        return sorted(self.optimizer.state[REST] if self.rest else self.optimizer.state[BLOCKS][0])
+
+    def full_state(self) -> dict:
+        flat = []
+        for name in self._names():
+            whole = self._whole_tree(lambda i: self._of(self.optimizer.state, i)[name])
+            flat += [(f"{k}.{name}", whole[k]) for k in self.order]
+        mx.eval([v for _, v in flat])
+        rest = {k: v for k, v in self.optimizer.state.items() if k in ("step", "learning_rate")}
+        return {**tree_unflatten(flat), **rest}
+
+    def layout(self) -> dict:
+        layout = self.param_layout()
+        flat = [(f"{k}.{name}", v) for name in self._names() for k, v in tree_flatten(layout)]
+        rest = {k: v for k, v in self.optimizer.state.items() if k in ("step", "learning_rate")}
+        return {**tree_unflatten(flat), **rest}
+
+    def load(self, params: Any, full_state: dict) -> Any:
+        names = self._names()
+        whole = dict(tree_flatten(params))
+        state = dict(tree_flatten(full_state))
+        shards = self._slices(whole)
+        moments = {name: self._slices({k: state[f"{k}.{name}"] for k in self.order}) for name in names}
+        per_group = {BLOCKS: [{name: moments[name][BLOCKS][i] for name in names} for i in range(len(self.flats))]}
+        if self.rest is not None:
+            per_group[REST] = {name: moments[name][REST] for name in names}
+        rest = {k: v for k, v in full_state.items() if k in ("step", "learning_rate")}
+        self.optimizer.state = {**rest, **per_group}
+        self.params = shards
+        return shards
+
+    def build(self, compiled: bool) -> None:
+        group = self.group
+
+        def norm(held):
+            grads, ok = held
+            squares = sum(mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads))
+            # A rank whose loss is not finite (or over its limit) makes the sum non-finite on every
+            # rank, so all skip the update alike, as make_sync's poisoned gradient does.
+            squares = squares * ok
+            return mx.sqrt(mx.distributed.all_sum(squares, group=group) if self.world > 1 else squares)
+
+        def apply(grads, norm):
+            factor = self._factor(norm)
+            if factor is not None:
+                grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
+            _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
+
+        if not compiled:
+            self._norm, self._apply = norm, apply
+            return
+        state = [self.params, self.optimizer.state]
+        self._norm = mx.compile(norm)
+        self._apply = mx.compile(apply, inputs=state, outputs=state)
+
+    def reduce(self, grads: Any, loss: mx.array) -> Any:
+        # Nothing left to send: the backward's gathers reduce-scattered the gradients already.
+        return grads, mx.where(mx.isfinite(loss), 1.0, float("nan"))
+
+    def update(self, held: Any, norm: mx.array) -> None:
+        self._apply(held[0], norm)

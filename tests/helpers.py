@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import socket
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,42 @@ def small_disk(where: Path, size: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def src_env() -> dict:
+    """The environment for a process of our own that imports this checkout's package."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def free_ports(n: int) -> List[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_ring_ranks(n: int, module: str, args: tuple, out_dir: Path, timeout: float) -> List[dict]:
+    """`n` ranks of MLX's ring on loopback, each running tests/<module>.py's rank_main(*args), which writes
+    out_dir/report-<rank>.json; every rank must exit 0 within `timeout`. The reports in rank order."""
+    hostfile = out_dir / "hostfile.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import {module} as t; "
+            f"t.rank_main(*{tuple(str(a) for a in args)!r})")
+    env = {**src_env(), "MLX_HOSTFILE": str(hostfile)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    outs = []
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=10)
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return sorted((json.loads(p.read_text()) for p in out_dir.glob("report-*.json")), key=lambda rep: rep["rank"])

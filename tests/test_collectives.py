@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, unavailable
+from helpers import run_ring_ranks, src_env, unavailable
 from mlx_train.rank import collectives as c
 
 TESTS = Path(__file__).resolve().parent
@@ -117,41 +116,12 @@ def _rank_argv(backend: str, out_dir: Path) -> list:
     return [sys.executable, "-c", code]
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-            "PYTHONUNBUFFERED": "1"}
-
-
-def _free_ports(n: int) -> list:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _reports(out_dir: Path) -> list:
     return sorted((json.loads(p.read_text()) for p in out_dir.glob("report-*.json")), key=lambda rep: rep["rank"])
 
 
 def _run_ring(n: int, tmp_path: Path) -> list:
-    hostfile = tmp_path / "hostfile.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    env = {**_env(), "MLX_HOSTFILE": str(hostfile)}
-    procs = [subprocess.Popen(_rank_argv("ring", tmp_path), env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(n)]
-    try:
-        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate(timeout=10)
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
-    return _reports(tmp_path)
+    return run_ring_ranks(n, "test_collectives", ("ring", tmp_path), tmp_path, TIMEOUT)
 
 
 def _check(reports: list, n: int) -> None:
@@ -181,7 +151,7 @@ def test_every_strategy_gives_the_slice_of_the_exact_sum_under_mpi(tmp_path):
         unavailable("OpenMPI's mpirun is not installed")
     from mlx_train.fleet import mpi
 
-    env = {**mpi.env_here(), "PYTHONPATH": _env()["PYTHONPATH"]}
+    env = {**mpi.env_here(), "PYTHONPATH": src_env()["PYTHONPATH"]}
     res = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", *mpi.forward(env), *_rank_argv("mpi", tmp_path)],
                          env={**os.environ, **env}, capture_output=True, text=True, timeout=TIMEOUT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run_ring_ranks
 
-TESTS = Path(__file__).resolve().parent
 TIMEOUT = 420  # seconds for a whole launch: a hung collective fails the test, never waits forever
 STEPS = 30
 MODEL = {"n_layers": 2, "d_model": 64, "n_heads": 2, "seq_len": 32}
@@ -193,39 +188,8 @@ def rank_main(out_dir: str, corpus: str) -> None:
 
 # -- the launches --------------------------------------------------------------------------------
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
-            "PYTHONUNBUFFERED": "1"}
-
-
-def _free_ports(n: int) -> list:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _launch(n: int, out_dir: Path, corpus: Path) -> list:
-    hostfile = out_dir / "hostfile.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_sharding as t; "
-            f"t.rank_main({str(out_dir)!r}, {str(corpus)!r})")
-    env = {**_env(), "MLX_HOSTFILE": str(hostfile)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(n)]
-    try:
-        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate(timeout=10)
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
-    return sorted((json.loads(p.read_text()) for p in out_dir.glob("report-*.json")), key=lambda rep: rep["rank"])
+    return run_ring_ranks(n, "test_sharding", (out_dir, corpus), out_dir, TIMEOUT)
 
 
 def _check_levels(reports: list, n: int) -> None:

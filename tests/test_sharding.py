@@ -228,6 +228,21 @@ def _losses(metrics: list) -> dict:
 
 
 @pytest.mark.multiproc
+def _same_checkpoint(mine: Path, theirs: Path, values: bool) -> None:
+    """A sharded run's checkpoint has an unsharded run's files, keys, shapes and dtypes (and, with
+    `values`, close values)."""
+    import mlx.core as mx
+
+    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = mx.load(str(mine / name)), mx.load(str(theirs / name))
+        assert sorted(a) == sorted(b), name
+        for k in a:
+            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
+            if values:
+                assert np.allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-7), f"{name} {k}"
+
+
 def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_world_sizes(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -245,29 +260,15 @@ def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_wor
     for step, loss in _losses(sharded).items():
         assert loss == pytest.approx(_losses(straight)[step], rel=1e-5), step
     # The same checkpoint files and keys as an unsharded run's, and the gathered state's values.
-    mine, theirs = (two / run / "checkpoints" / f"step-{STOP_AT:06d}" for run in ("sharded", "straight"))
-    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in theirs.iterdir())
-    import mlx.core as mx
-
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a, b = mx.load(str(mine / name)), mx.load(str(theirs / name))
-        assert sorted(a) == sorted(b), name
-        for k in a:
-            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
-            assert np.allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-7), f"{name} {k}"
+    theirs = two / "straight" / "checkpoints" / f"step-{STOP_AT:06d}"
+    _same_checkpoint(two / "sharded" / "checkpoints" / f"step-{STOP_AT:06d}", theirs, values=True)
 
     full = reports[0]["full"]
     assert [m["step"] for m in full] == list(range(1, STOP_AT + 1))
     for step, loss in _losses(full).items():
         assert loss == pytest.approx(_losses(straight)[step], rel=1e-5), step
     assert len(set(full[-1]["param_checksum"])) == 1, "the gathered parameters' checksums differ across ranks"
-    mine = two / "full" / "checkpoints" / f"step-{STOP_AT:06d}"
-    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in theirs.iterdir())
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        a, b = mx.load(str(mine / name)), mx.load(str(theirs / name))
-        assert sorted(a) == sorted(b), name
-        for k in a:
-            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
+    _same_checkpoint(two / "full" / "checkpoints" / f"step-{STOP_AT:06d}", theirs, values=False)
 
     three = tmp_path / "three"
     three.mkdir()

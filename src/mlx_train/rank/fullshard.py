@@ -31,11 +31,11 @@ from typing import Any, Callable, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.errors import UserError
 from mlx_train.rank import collectives
-from mlx_train.rank.spread import Spread, _assign, _leaves
+from mlx_train.rank.spread import Spread, _leaves
 
 REST = "rest"  # the group of the parameters outside the blocks
 BLOCKS = "blocks"
@@ -289,18 +289,7 @@ class FullShard(Spread):
             squares = squares * ok
             return mx.sqrt(mx.distributed.all_sum(squares, group=group) if self.world > 1 else squares)
 
-        def apply(grads, norm):
-            factor = self._factor(norm)
-            if factor is not None:
-                grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
-            _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
-
-        if not compiled:
-            self._norm, self._apply = norm, apply
-            return
-        state = [self.params, self.optimizer.state]
-        self._norm = mx.compile(norm)
-        self._apply = mx.compile(apply, inputs=state, outputs=state)
+        self._set_graphs(norm, self._adamw, compiled)
 
     def reduce(self, grads: Any, loss: mx.array) -> Any:
         # Nothing left to send: the backward's gathers reduce-scattered the gradients already.

@@ -117,6 +117,25 @@ class Spread:
         """Clipping's factor on every gradient, or None without clipping (the same in every strategy)."""
         return mx.minimum(self.grad_clip / (norm + 1e-6), 1.0) if self.grad_clip > 0 else None
 
+    def _adamw(self, grads: Any, norm: mx.array) -> None:
+        """AdamW on the parameters this rank updates (all of them, or its slices), clipped by `norm`.
+        Clipping is a factor inside each leaf's update (fused into AdamW's elementwise kernel), not
+        a clipped copy of every gradient first: one pass over them fewer."""
+        factor = self._factor(norm)
+        if factor is not None:
+            grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
+        _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
+
+    def _set_graphs(self, norm: Callable, apply: Callable, compiled: bool) -> None:
+        """The norm and the update as the step runs them: compiled with the parameters and the
+        optimizer state as the update's state, or as plain functions."""
+        if not compiled:
+            self._norm, self._apply = norm, apply
+            return
+        state = [self.params, self.optimizer.state]
+        self._norm = mx.compile(norm)
+        self._apply = mx.compile(apply, inputs=state, outputs=state)
+
 
 def choose(shard: str, optimizer: optim.Optimizer, grad_clip: float, group: Optional[mx.distributed.Group],
            bucket_bytes: int = BUCKET_BYTES, backend: Optional[str] = None,
@@ -150,21 +169,8 @@ class DataParallel(Spread):
         def norm(grads):
             return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)))
 
-        def apply(grads, norm):
-            # Clipping is a factor inside each leaf's update (fused into AdamW's elementwise
-            # kernel), not a clipped copy of every gradient first: one pass over them fewer.
-            factor = self._factor(norm)
-            if factor is not None:
-                grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
-            _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
-
         self._sync = make_sync(self.group, self.bucket_bytes, compiled=compiled)
-        if not compiled:
-            self._norm, self._apply = norm, apply
-            return
-        state = [self.params, self.optimizer.state]
-        self._norm = mx.compile(norm)
-        self._apply = mx.compile(apply, inputs=state, outputs=state)
+        self._set_graphs(norm, self._adamw, compiled)
 
     def reduce(self, grads: Any, loss: mx.array) -> Any:
         if self.world == 1:

@@ -192,7 +192,7 @@ def main(rates=("1gbit",), loopback: int = 0, layers: int = 4, width: int = 256,
 
     for rate in rates:
         # The fleet is machine-global and other work needs it too: held for one rate at a time.
-        with open(LOCK, "w") as lock:
+        with open(LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             was_up = fleet_tools.status()["up"] and len(fleet_tools.load().hosts) == 3
             fl = fleet_tools.up(3)

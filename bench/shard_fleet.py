@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD/src .venv/bin/python bench/shard_fleet.py '{"rates": ["unlimited", "1gbit"]}'   # root
     python bench/shard_fleet.py '{"loopback": 3}'     # the same on loopback, no fleet (a quick check)
+    python bench/shard_fleet.py --table               # docs/sharding.md's table from bench/shard_fleet.json
 
 One ring rank in each of the 3 fleet hosts' network namespaces (the fleet shares this disk and venv),
 every host's eth0 limited with `tc tbf` to each rate in turn ("unlimited": the veths as they are,
@@ -19,7 +20,7 @@ ZeRO's formulas per rank: data parallel's all-reduce sends 2(N-1)/N x the gradie
 `optimizer` and `gradients` levels the same, `full` 1.5x that; and against what this code's way
 of moving them sends (`built_bytes`: at `optimizer` data parallel's all-reduce and then an
 all-gather of the parameters; at `full` the reduce-scatter inside the backward is an all_sum). Prints one JSON line (rank 0's rows
-and the run's facts); the limits are removed afterwards and the fleet brought down unless it was up,
+and the run's facts; a fleet run also writes it to bench/shard_fleet.json); the limits are removed afterwards and the fleet brought down unless it was up,
 after each rate.
 """
 
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "shard_fleet.json"  # the last fleet run (bench/run.py keeps it in results.json too)
 LEVELS = ("none", "optimizer", "gradients", "full")
 # ZeRO (arXiv 1910.02054, section 7): bytes each rank sends per step, in units of data parallel's.
 ZERO_TRAFFIC = {"none": 1.0, "optimizer": 1.0, "gradients": 1.0, "full": 1.5}
@@ -178,7 +180,7 @@ def main(rates=("1gbit",), loopback: int = 0, layers: int = 4, width: int = 256,
          batch: int = 1, warmup: int = 3, rounds: int = 4, steps: int = 3, levels=LEVELS, timeout: float = 900) -> dict:
     a = {"layers": layers, "width": width, "heads": heads, "seq_len": seq_len, "batch": batch, "warmup": warmup,
          "rounds": rounds, "steps": steps, "levels": list(levels), "iface": "lo"}
-    out = {"model": f"gpt L{layers} D{width} T{seq_len} B{batch} per rank", "levels": list(levels),
+    out = {"model": f"gpt L{layers} D{width} T{seq_len}, batch {batch} per rank", "levels": list(levels),
            "goals": GOALS, "zero_traffic": ZERO_TRAFFIC,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_before": round(os.getloadavg()[0], 1),
@@ -211,11 +213,40 @@ def main(rates=("1gbit",), loopback: int = 0, layers: int = 4, width: int = 256,
                 if not was_up:
                     fleet_tools.down()
     out["load_after"] = round(os.getloadavg()[0], 1)
+    OUT.write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+def _gbps(rate: str) -> float:
+    """tc's rate ("1gbit", "200mbit") in Gbit/s; 0 for "unlimited"."""
+    for unit, scale in (("gbit", 1.0), ("mbit", 1e-3), ("kbit", 1e-6)):
+        if rate.endswith(unit):
+            return float(rate[:-len(unit)]) * scale
+    return 0.0
+
+
+def table(out: dict) -> str:
+    """docs/sharding.md's "Step time on the test fleet" table from a run's JSON."""
+    lines = ["| link | level | step ms | x data parallel | goal | compute ms | comm ms | MB sent per step | "
+             "x ZeRO's bytes | x the code's | wire ms (sent / rate) | step - wire ms |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for place in out["places"]:
+        rate = _gbps(place["rate"])
+        link = f"{rate:g} Gbit/s" if rate >= 1 else f"{rate * 1e3:g} Mbit/s" if rate else "no limit"
+        for r in place["rows"]:
+            wire = r["sent_bytes_per_step"] * 8 / (rate * 1e9) if rate else 0.0
+            goal = f"<= {out['goals'][r['level']]}x" if r["level"] in out["goals"] else "-"
+            lines.append(f"| {link} | {r['level']} | {r['step_s'] * 1e3:.0f} | {r['x_none']:.2f} | {goal} | "
+                         f"{r['compute_s'] * 1e3:.0f} | {r['comm_s'] * 1e3:.0f} | {r['sent_bytes_per_step'] / 1e6:.1f} | "
+                         f"{r['sent_x_zero']:.2f} | {r.get('sent_x_built', float('nan')):.2f} | "
+                         + (f"{wire * 1e3:.0f} | {(r['step_s'] - wire) * 1e3:.0f} |" if rate else "- | - |"))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--rank":
         rank_main(json.loads(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--table":
+        print(table(json.loads(OUT.read_text())))
     else:
         print(json.dumps(main(**json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})))

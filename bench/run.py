@@ -176,7 +176,12 @@ def table(res: dict) -> str:
         "thread (lane) per core it owns (rank/lanes.py), so the 1-process rows use both cores for all of the "
         "step while mlx-lm's single thread uses them for its matmuls only; 2 ranks on 2 cores have one lane each."
         " Utilization: training FLOPs per token (6 x matmul parameters + attention) x tokens/s "
-        "over the best float32 matmul rate measured in the same run.",
+        "over the best float32 matmul rate measured in the same run."
+        + (" The `--shard` rows (bench/shard_fleet.py; issue 17) are one ring rank in each of the 3 test-fleet "
+           "hosts' network namespaces, which share this machine's cores, each host's link limited with tc tbf: "
+           "step time as a multiple of data parallel's on the same model, the levels' steps interleaved (lower "
+           "is better), and the bytes each rank's interface sent per step as a multiple of ZeRO's formula for "
+           "that level (docs/sharding.md, \"Step time on the test fleet\")." if "shard" in res else ""),
     ])
 
 

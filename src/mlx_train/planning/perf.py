@@ -183,7 +183,8 @@ def shard_sync_s(grad_bytes: float, n: int, link: Link, shard: str = "none", acc
     share = (traffic or BUILT_TRAFFIC)[shard]
     times = accumulation if shard == "full" else 1
     calls = 3 * groups * accumulation if shard == "full" else _CALLS[shard]
-    return calls * 2 * (n - 1) * link.latency_s + times * share * wire_limit_s(grad_bytes, n, link.gbps) / link.efficiency
+    wire = wire_limit_s(grad_bytes, n, link.gbps) / link.efficiency
+    return calls * 2 * (n - 1) * link.latency_s + times * share * wire
 
 
 def train_flops(n_params: float, tokens: float, recompute: bool) -> float:

@@ -113,6 +113,13 @@ class Spread:
     def publish(self) -> None:
         """Nothing to do unless parameters were updated in slices."""
 
+    def nudge(self, change: Callable[[mx.array], mx.array]) -> None:
+        """Test-only (rank/inject.py's ulp switch): `change` the first leaf of what this rank's own
+        update just computed, between `update` and `publish`: here every parameter, each rank its own."""
+        flat = tree_flatten(self.params)
+        flat[0] = (flat[0][0], change(flat[0][1]))
+        _assign(self.params, tree_unflatten(flat))
+
     def _factor(self, norm: mx.array) -> Optional[mx.array]:
         """Clipping's factor on every gradient, or None without clipping (the same in every strategy)."""
         return mx.minimum(self.grad_clip / (norm + 1e-6), 1.0) if self.grad_clip > 0 else None
@@ -320,6 +327,10 @@ class Sharded(Spread):
 
     def update(self, held: Any, norm: mx.array) -> None:
         self._mine = self._apply(held, norm)
+
+    def nudge(self, change: Callable[[mx.array], mx.array]) -> None:
+        """Sharded, what this rank computed is its slice alone, which publish gathers into every rank."""
+        self._mine = change(self._mine)
 
     def publish(self) -> None:
         mine, self._mine = self._mine, None

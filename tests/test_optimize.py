@@ -44,7 +44,7 @@ def test_optimize_tries_each_setting_at_the_least_shard_level_that_fits():
 
     # ~25M parameters: the optimizer update outweighs the activations, so levels matter at every batch.
     base = TrainConfig(model=ModelConfig(n_layers=8, d_model=512, n_heads=8, seq_len=64), dist=DistributedConfig(2, 8, 1))
-    budget = 420 * 2**20
+    budget = 600 * 2**20  # under data parallel's and ZeRO-1's need at every batch, over ZeRO-2's
 
     def least(split):
         return next((lv for lv in SHARD_LEVELS
@@ -59,9 +59,9 @@ def test_optimize_tries_each_setting_at_the_least_shard_level_that_fits():
     tuner = Tuner(base, budget, 3, False, measure)
     best = tuner.run()
     assert ran and all(level == split.shard == least(split) for split, level in ran), ran
-    assert {level for _, level in ran} >= {"gradients", "full"}  # bigger batches fit only at the higher level
-    assert (best.split.batch, best.split.shard) == (8, "full")
-    assert shard_level_of(best.apply(base)) == "full"
+    assert {level for _, level in ran} == {"gradients"}  # not full: the least level that fits
+    assert (best.split.batch, best.split.shard) == (8, "gradients")
+    assert shard_level_of(best.apply(base)) == "gradients"
     # Data parallel chosen: nothing fits the budget, nothing runs.
     ran.clear()
     explicit = Tuner(replace(base, shard="none"), budget, 3, False, measure)

@@ -175,7 +175,7 @@ class Tuner:
             if MemoryOptimizer.estimate(self.trial_config(dataclasses.replace(t, split=at))) <= self.budget:
                 t.split = at
                 return True
-        t.status = "skipped (predicted over budget)" + (" at every shard level" if len(levels) > 1 else "")
+        t.status = "skipped (predicted over budget)"  # at every level allowed
         self.trials.append(t)
         return False
 

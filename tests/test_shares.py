@@ -79,6 +79,26 @@ def test_unequal_shares_make_the_equal_splits_updates(tmp_path):
     # The replicas of the unequal run stay identical (each applies the same summed gradients).
     assert all(len(set(m["param_checksum"])) == 1 for m in unequal)
     assert unequal[-1]["rows"] == [12, 4] and equal[-1]["rows"] == [8, 8]
+    # monitor --performance on the real run: each rank's rows, its own compute and wait time, its memory.
+    spread = _spread_rows(tmp_path / "unequal")
+    assert [row[:2] for row in spread] == [["0", "12"], ["1", "4"]]
+    assert all(float(row[2]) > 0 and float(row[3]) >= 0 for row in spread), spread
+    last = unequal[-1]  # rank 0's own times are the record's (its means, to the microsecond)
+    assert abs(last["compute_time_s_by_rank"][0] - last["compute_time_s"]) <= 1e-6
+    assert abs(last["comm_time_s_by_rank"][0] - last["comm_time_s"]) <= 1e-6
+
+
+def _spread_rows(run_dir) -> list:
+    """The body rows of `monitor --performance`'s per-rank spread table, split into cells."""
+    from rich.console import Console
+
+    from mlx_train.controller.monitor import spread_table, take_snapshot
+    from mlx_train.rundir import RunDir
+
+    console = Console(width=250, record=True)
+    console.print(spread_table(take_snapshot(RunDir(run_dir))))
+    cells = [line.replace("│", " ").split() for line in console.export_text().splitlines() if line.startswith("│")]
+    return [c for c in cells if c and c[0].isdigit()]
 
 
 @pytest.mark.multiproc

@@ -133,6 +133,10 @@ class Metrics(Message):
     gathered_bytes: int = 0
     # Each rank's rows of every global batch, by rank: equal, or split by --shares (rank/batcher.py).
     rows: Optional[list] = None
+    # Each rank's own compute_time_s and comm_time_s, by rank: a rank that waits for slower ones
+    # spends the difference in its collectives (monitor --performance).
+    compute_time_s_by_rank: Optional[list] = None
+    comm_time_s_by_rank: Optional[list] = None
     val_loss: Optional[float] = None  # validation loss, at an evaluation
     sample: Optional[str] = None  # the embedded GPT's text after a fixed prompt, at an evaluation (rank/sample.py)
 

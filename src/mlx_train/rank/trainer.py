@@ -164,8 +164,11 @@ class Trainer:
         checksum = self.param_checksum()
         # Every rank's own report is what the divergence check judges (controller/divergence.py).
         protocol.emit(protocol.Checksum(step=step, value=checksum))
-        mine = mx.array([mx.get_peak_memory(), checksum], dtype=mx.int64)
-        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 2)
+        # Each rank's own mean compute and comm time, in microseconds (monitor --performance: who waits).
+        compute_us = 1e6 * sum(w[1].compute_s for w in window) / len(window)
+        comm_us = 1e6 * sum(w[1].comm_s for w in window) / len(window)
+        mine = mx.array([mx.get_peak_memory(), checksum, round(compute_us), round(comm_us)], dtype=mx.int64)
+        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 4)
         step_time = sum(w[0] for w in window) / len(window)
         record = {
             "step": step, "loss": loss, "lr": current_lr(self.optimizer),
@@ -178,6 +181,8 @@ class Trainer:
             "global_batch": self.cfg.dist.global_batch_size, "rows": self.rows,
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],
+            "compute_time_s_by_rank": [int(v) / 1e6 for v in everyone[:, 2]],
+            "comm_time_s_by_rank": [int(v) / 1e6 for v in everyone[:, 3]],
         }
         if self.rank == 0:
             protocol.emit(protocol.Metrics(**record, val_loss=val_loss, sample=text))

@@ -132,9 +132,21 @@ class DistributedConfig(_Yaml):
     shares: str = knob("equal", "each rank's share of the global batch: 'equal', 'auto' (equal until measured "
                        "speeds exist), or one positive weight per device, e.g. 3,1 (rank 0 gets 3/4 of the rows)",
                        "--shares", metavar="equal|auto|W1,W2,...")
+    # A training pipeline (rank/pipeline.py): the devices are S x R, rank = replica x S + stage, so a
+    # stage's neighbours are ring neighbours (the ring backend's send/recv reach no further).
+    pipeline_stages: int = knob(1, "split the model's layers over S consecutive devices (a training pipeline, "
+                                "1F1B over the --accumulation micro-batches; devices = S x replicas, each replica "
+                                "a data-parallel copy of the pipeline; docs/pipeline.md)", "--pipeline-stages")
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
+        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections",
+                      "pipeline_stages")
+        check(self.num_devices % self.pipeline_stages == 0,
+              f"pipeline_stages {self.pipeline_stages} does not divide {self.num_devices} devices: the devices "
+              f"are stages x replicas (e.g. --devices {self.pipeline_stages * 2} for 2 replicas)")
+        check(self.pipeline_stages == 1 or self.shares in ("equal", "auto"),
+              f"shares {self.shares!r} with pipeline_stages {self.pipeline_stages}: a pipeline's replicas take "
+              "equal shares of the batch (drop --shares)")
         check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         check(isinstance(self.cpu_threads, int) and not isinstance(self.cpu_threads, bool)
               and 0 <= self.cpu_threads <= 256, f"cpu_threads must be 0 (automatic) to 256, got {self.cpu_threads!r}")
@@ -146,8 +158,21 @@ class DistributedConfig(_Yaml):
               "(e.g. 3,1 for two), or 'equal'")
 
     @property
+    def replicas(self) -> int:
+        """Data-parallel copies of the model: every device, or every pipeline of `pipeline_stages`."""
+        return self.num_devices // self.pipeline_stages
+
+    @property
     def global_batch_size(self) -> int:
-        return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
+        # A pipeline's stages share their replica's micro-batches: only replicas add rows.
+        return self.replicas * self.batch_size_per_device * self.gradient_accumulation
+
+    def data_view(self) -> "DistributedConfig":
+        """How the data is split: over the replicas (each a pipeline's stages, all reading the same
+        rows); the config itself without a pipeline."""
+        if self.pipeline_stages == 1:
+            return self
+        return dataclasses.replace(self, num_devices=self.replicas, pipeline_stages=1)
 
     def share_weights(self) -> Optional[Tuple[float, ...]]:
         """The explicit weights of --shares, or None for equal shares ('equal', and 'auto' until measured)."""

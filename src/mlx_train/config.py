@@ -343,6 +343,9 @@ class TrainConfig(_Yaml):
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
         check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
         check(self.shard in SHARD_CHOICES, f"shard must be one of {', '.join(SHARD_CHOICES)}, got {self.shard!r}")
+        check(self.dist.pipeline_stages == 1 or self.shard in ("auto", "none"),
+              f"shard {self.shard} with pipeline_stages {self.dist.pipeline_stages}: a pipeline's stages hold their "
+              "own layers already (drop --shard)")
         # A level chosen with --shard wins over a shard_level left from before (a resume with --shard).
         check(self.shard_level is None or self.shard_level in SHARD_LEVELS,
               f"shard_level must be one of {', '.join(SHARD_LEVELS)}, got {self.shard_level!r}")
@@ -401,21 +404,25 @@ class Split:
     checkpointing: bool = False
     precision: str = "fp32"
     shard: str = "none"    # a resolved level (SHARD_LEVELS), never "auto"
+    stages: int = 1        # pipeline stages: the devices are stages x replicas, and only replicas add rows
 
     def __post_init__(self) -> None:
-        _positive_int(self, "global_batch", "devices", "batch", "accumulation")
+        _positive_int(self, "global_batch", "devices", "batch", "accumulation", "stages")
+        check(self.devices % self.stages == 0, f"{self.devices} devices do not split into {self.stages} pipeline stages")
         check(isinstance(self.checkpointing, bool), f"checkpointing must be True or False, got {self.checkpointing!r}")
         check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         check(self.shard in SHARD_LEVELS, f"shard must be one of {', '.join(SHARD_LEVELS)}, got {self.shard!r}")
-        check(self.devices * self.batch * self.accumulation == self.global_batch,
-              f"{self.devices} devices x {self.batch} per device x {self.accumulation} accumulation is "
-              f"{self.devices * self.batch * self.accumulation}, not the global batch {self.global_batch}")
+        replicas = self.devices // self.stages
+        check(replicas * self.batch * self.accumulation == self.global_batch,
+              f"{replicas} {'replicas' if self.stages > 1 else 'devices'} x {self.batch} per device x "
+              f"{self.accumulation} accumulation is {replicas * self.batch * self.accumulation}, not the global batch "
+              f"{self.global_batch}")
 
     @classmethod
     def of(cls, cfg: "TrainConfig") -> "Split":
         d = cfg.dist
         return cls(d.global_batch_size, d.num_devices, d.batch_size_per_device, d.gradient_accumulation,
-                   cfg.grad_checkpoint, cfg.precision, shard_level_of(cfg))
+                   cfg.grad_checkpoint, cfg.precision, shard_level_of(cfg), d.pipeline_stages)
 
     def apply(self, cfg: "TrainConfig") -> "TrainConfig":
         """`cfg` split this way; everything else (backend, ring connections, ...) stays. A level other than
@@ -436,7 +443,8 @@ class Split:
         # An unsharded split records what it always did.
         return {"devices": self.devices, "global_batch": self.global_batch, "batch_size_per_device": self.batch,
                 "gradient_accumulation": self.accumulation, "grad_checkpoint": self.checkpointing,
-                "precision": self.precision, **({"shard": self.shard} if self.shard != "none" else {})}
+                "precision": self.precision, **({"shard": self.shard} if self.shard != "none" else {}),
+                **({"pipeline_stages": self.stages} if self.stages > 1 else {})}
 
     def __str__(self) -> str:
         return (f"{self.batch} per device x {self.accumulation} accumulation, "

@@ -24,6 +24,22 @@ STEPS = 8
 MODEL = {"n_layers": 3, "d_model": 32, "n_heads": 2, "seq_len": 16}
 ROWS, MICRO = 4, 4  # --batch-size 4 --accumulation 4
 CLIP = 0.5  # below the tiny GPT's gradient norms: clipping acts on every step
+TRAIN_STEPS, STOP_AT = 4, 2  # the trainer's run (S = 2): stopped at STOP_AT, resumed in one process
+
+
+def test_the_knob_counts_replicas_rows():
+    from mlx_train.config import DistributedConfig, Split, TrainConfig
+
+    d = DistributedConfig(num_devices=2, batch_size_per_device=4, gradient_accumulation=4, pipeline_stages=2)
+    assert d.replicas == 1 and d.global_batch_size == 16  # the rows of --devices 1 --batch-size 4 --accumulation 4
+    assert d.data_view() == DistributedConfig(num_devices=1, batch_size_per_device=4, gradient_accumulation=4)
+    assert Split.of(TrainConfig(dist=d)).event()["pipeline_stages"] == 2
+    with pytest.raises(ValueError, match="does not divide 3 devices"):
+        DistributedConfig(num_devices=3, pipeline_stages=2)
+    with pytest.raises(ValueError, match="drop --shares"):
+        DistributedConfig(num_devices=2, pipeline_stages=2, shares="3,1")
+    with pytest.raises(ValueError, match="drop --shard"):
+        TrainConfig(dist=d, shard="optimizer")
 
 
 def test_stage_layers_split_in_proportion():
@@ -78,7 +94,32 @@ def _model():
     return build_model(ModelConfig(**MODEL))
 
 
-def rank_main(out_dir: str, stages: str) -> None:
+def _train(corpus: str, run_dir: str, stages: int, resume: bool, stop_after=None) -> list:
+    """The Trainer on `run_dir` (this process's group); rank 0's Metrics as dicts."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    from mlx_train import protocol
+    from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
+    from mlx_train.rank.trainer import Trainer
+
+    group = mx.distributed.init()
+    cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=2),
+                      dist=DistributedConfig(num_devices=group.size(), batch_size_per_device=ROWS, backend="ring",
+                                             gradient_accumulation=MICRO, pipeline_stages=stages),
+                      steps=TRAIN_STEPS, log_every=1, eval_every=TRAIN_STEPS, checkpoint_every=STOP_AT)
+    seen: list = []
+    real = protocol.emit
+    protocol.emit = seen.append
+    try:
+        Trainer(cfg, group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
+    finally:
+        protocol.emit = real
+    return [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)]
+
+
+def rank_main(out_dir: str, stages: str, corpus: str = "") -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -112,6 +153,8 @@ def rank_main(out_dir: str, stages: str) -> None:
             "state_diff": max(float(np.max(np.abs(state[k].astype(np.float64) - base_state[k])))
                               for k in base_state if state[k].ndim),
             "step_same": int(state["step"]) == int(base_state["step"]) == STEPS}
+    if corpus:  # the trainer itself, stopped half-way: the test resumes its checkpoint in one process
+        report["trained"] = _train(corpus, str(Path(out_dir) / "piped"), int(stages), resume=False, stop_after=STOP_AT)
     (Path(out_dir) / f"report-{r}.json").write_text(json.dumps(report))
 
 
@@ -119,7 +162,13 @@ def rank_main(out_dir: str, stages: str) -> None:
 
 @pytest.mark.parametrize("stages", [2, 3])
 def test_pipeline_trains_as_one_process(tmp_path, stages):
-    reports = run_ring_ranks(stages, "test_pipeline", (tmp_path, stages), tmp_path, TIMEOUT)
+    corpus = tmp_path / "corpus"
+    if stages == 2:
+        corpus.mkdir()
+        for f in sorted((Path(__file__).parent.parent / "src" / "mlx_train" / "rank").glob("*.py")):
+            corpus.joinpath(f.name).write_bytes(f.read_bytes())
+    reports = run_ring_ranks(stages, "test_pipeline", (tmp_path, stages, corpus if stages == 2 else ""), tmp_path,
+                             TIMEOUT)
     assert [rep["stage"] for rep in reports] == list(range(stages))
     base = reports[0]["base"]
     assert min(base["norms"]) > CLIP, "the clip must act for the norm's all_sum to matter"
@@ -139,3 +188,12 @@ def test_pipeline_trains_as_one_process(tmp_path, stages):
     assert "tok" in held[0] and "head" in held[-1] and "tok" not in held[-1] and "head" not in held[0]
     blocks = [sorted(int(k.split(".")[1]) for k in h if k.startswith("blocks")) for h in held]
     assert sum(blocks, []) == list(range(MODEL["n_layers"]))
+    if stages == 2:  # the trainer's checkpoint is the whole model: it resumes in one process, on course
+        straight = _train(str(corpus), str(tmp_path / "straight"), 1, resume=False)
+        resumed = _train(str(corpus), str(tmp_path / "piped"), 1, resume=True)
+        piped = reports[0]["trained"]
+        assert [m["step"] for m in piped] == [1, 2] and [m["step"] for m in resumed] == [3, 4]
+        for got, want in zip(piped + resumed, straight):
+            assert abs(got["loss"] - want["loss"]) / want["loss"] < 1e-5, (got, want)
+        assert abs(resumed[-1]["val_loss"] - straight[-1]["val_loss"]) / straight[-1]["val_loss"] < 1e-5
+        assert piped[-1]["global_batch"] == straight[-1]["global_batch"] == ROWS * MICRO

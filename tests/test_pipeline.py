@@ -136,7 +136,8 @@ def rank_main(out_dir: str, stages: str, corpus: str = "") -> None:
     val = float(pipe.evaluate(_val()).item())
     params = {k: np.array(v) for k, v in tree_flatten(pipe.whole_params())}
     state = {k: np.array(v) for k, v in tree_flatten(pipe.optimizer_state())}
-    report = {"rank": r, "stage": pipe.at.stage, "losses": [s.loss for s in stats], "norms": [s.grad_norm for s in stats],
+    report = {"rank": r, "stage": pipe.at.stage, "losses": [s.loss for s in stats],
+              "norms": [s.grad_norm for s in stats],
               "skipped": any(s.skipped for s in stats), "val": val,
               "held": sorted(k for k, v in tree_flatten(model.parameters()) if v.size)}
     if r == 0:  # one process, the same 16 rows per step

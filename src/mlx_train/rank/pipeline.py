@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -331,7 +331,7 @@ class Pipeline:
                 mx.eval(outs)  # the forward alone: the backward's graph keeps its activations
                 sent = self._send(outs[0], at.next)
                 if following is not None and following[0] == BACKWARD:
-                    self._eval(sent, pending_cot(pending, following[1]))
+                    self._eval(sent, pending[following[1]][0])  # that backward's cotangent, at once
                 else:
                     self._eval(sent)
                 pending[i] = (cot, grads)
@@ -339,7 +339,6 @@ class Pipeline:
                 cot, grads = pending.pop(i)
                 if cot is not None:
                     self._eval(cot)  # at once if the pair above received it already
-                # Compiled it would be one graph; evaluated here it bounds memory to the stages' in-flight micro-batches.
                 dparams = grads[0]
                 acc = dparams if acc is None else tree_map(mx.add, acc, dparams)
                 mx.eval(acc, loss, grads[1:])
@@ -381,7 +380,8 @@ class Pipeline:
         return tree_map(lambda p: p.astype(self.compute_dtype) if mx.issubdtype(p.dtype, mx.floating) else p, params)
 
     # -- the replicas' sum and the whole model (collectives over every rank) ----------------------
-    def _whole_buffer(self, flat_mine: Dict[str, mx.array], suffixes: Sequence[str], mine: bool) -> Tuple[mx.array, list]:
+    def _whole_buffer(self, flat_mine: Dict[str, mx.array], suffixes: Sequence[str],
+                      mine: bool) -> Tuple[mx.array, list]:
         """The whole model's flat buffer (its key order, each key with `suffixes`), this stage's
         entries from `flat_mine` where `mine`, -0.0 elsewhere (x + -0.0 is x, bit for bit)."""
         parts, names = [], []
@@ -432,8 +432,3 @@ class Pipeline:
         for part in first.split("."):
             node = node[int(part)] if isinstance(node, list) else node[part]
         return sorted(node)
-
-
-def pending_cot(pending: Dict[int, tuple], j: int) -> mx.array:
-    """The cotangent recv of micro-batch j's forward, received with the send before it."""
-    return pending[j][0]

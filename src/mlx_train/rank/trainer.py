@@ -43,8 +43,9 @@ class Trainer:
         self.train.require(cfg.dist.global_batch_size, "one global batch")
         self.val.require(self.size, "one validation sequence per device")
         # A small validation split may not fill the training batch size: evaluate with what fits.
-        eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // self.size)
-        self.val_dist = DistributedConfig(self.size, eval_batch, 1, cfg.dist.backend)
+        # (A pipeline's stages read their replica's rows: the validation set is split over the replicas.)
+        eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // cfg.dist.replicas)
+        self.val_dist = DistributedConfig(cfg.dist.replicas, eval_batch, 1, cfg.dist.backend)
         # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
         # equal split's interleaved micro-batches.
         weights = cfg.dist.share_weights()
@@ -68,7 +69,10 @@ class Trainer:
         shard = shard_level_of(cfg)  # planned before launch (planning/planner.resolve_shard)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
                                bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, cores, self.grad_bytes),
-                               lanes=self.lanes, shard=shard, backend=cfg.dist.backend)
+                               lanes=self.lanes, shard=shard, backend=cfg.dist.backend) \
+            if cfg.dist.pipeline_stages == 1 else self._pipeline(model)
+        # The data splits over the replicas: a pipeline's stages all read their replica's rows.
+        self.data_rank, self.data_dist = self.rank // cfg.dist.pipeline_stages, cfg.dist.data_view()
         self.faults = inject.Faults.from_env(self.stepper, self.rank)  # the tests' faults, off unless set
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
@@ -81,6 +85,16 @@ class Trainer:
         self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
                  f"BLAS: {blas.in_use()}; allocator: {blas.allocator_in_use()}; "
                  f"{self.lanes} thread{'s' if self.lanes > 1 else ''} per micro-batch (--cpu-threads)")
+
+    def _pipeline(self, model):
+        """--pipeline-stages S: this rank's stage of the model (rank/pipeline.py), which answers the
+        Stepper's calls; no lanes (one thread), no --shard."""
+        from mlx_train.rank.pipeline import Pipeline
+
+        self.lanes = 1
+        blas.set_threads(self.cores)
+        return Pipeline(model, self.optimizer, self.cfg.precision, self.cfg.optim.grad_clip, self.group,
+                        self.cfg.dist.pipeline_stages, backend=self.cfg.dist.backend)
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -98,12 +112,12 @@ class Trainer:
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
             data = dataskip.data_step(cfg.skip_data, step)  # past the data of earlier bad-step rollbacks
             limit = self.spike.limit()
-            batches = list(self.train.micro_batches(data, self.rank, cfg.dist) if self.share is None
+            batches = list(self.train.micro_batches(data, self.data_rank, self.data_dist) if self.share is None
                            else self.train.window(data, cfg.dist.global_batch_size, self.share))
             # Each micro-batch weighs its counted target tokens over the global batch's, so the
             # ranks' summed gradients are the global token mean's whatever each rank's share.
             counts = [int((y >= 0).sum()) for _, y in batches]
-            tokens = (counts, self.train.tokens_in_step(data, cfg.dist))
+            tokens = (counts, self.train.tokens_in_step(data, self.data_dist))
             stats = self.faults.around_step(step, data, resume,
                                             lambda: self.stepper.step(batches, loss_limit=limit, tokens=tokens))
             self.spike.observe(stats.loss, stats.skipped)
@@ -140,7 +154,7 @@ class Trainer:
 
     # -- reporting ---------------------------------------------------------------------------------
     def validate(self) -> float:
-        batches = (self.val.batch(i, 0, self.rank, self.val_dist) for i in range(self.cfg.eval_batches))
+        batches = (self.val.batch(i, 0, self.data_rank, self.val_dist) for i in range(self.cfg.eval_batches))
         self.stepper.model.eval()  # no dropout (--lora-dropout) while validating
         if self.lanes > 1:  # this thread alone: its matmuls get all of the rank's cores back
             blas.set_threads(self.cores)
@@ -160,7 +174,8 @@ class Trainer:
     def log(self, step: int, window: List[tuple], val_loss: Optional[float], text: Optional[str] = None) -> None:
         # The global batch's token mean: each rank's mean weighted by its part of the tokens.
         _, last, _, part = window[-1]
-        loss = float(self.all_sum(mx.array(last.loss * part)).item())
+        loss = float(self.all_sum(mx.array(last.loss * part)).item()) if self.cfg.dist.pipeline_stages == 1 \
+            else last.loss  # a pipeline's step reports the global loss on every rank already
         checksum = self.param_checksum()
         # Every rank's own report is what the divergence check judges (controller/divergence.py).
         protocol.emit(protocol.Checksum(step=step, value=checksum))

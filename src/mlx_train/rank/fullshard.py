@@ -15,7 +15,17 @@ all_gather vjp keeps the own slice of the own cotangent, no sum (checked on 0.32
 one gives the reduce-scatter, built from all_sum because a collective inside one lazy graph must
 have inputs to order it (rank/collectives.py). The gradients arrive already summed over the ranks,
 one slice per group: the norm is sqrt(all_sum of each slice's sum of squares), AdamW updates the
-slices, and nothing is gathered after the update (the next forward does).
+slices, and nothing is gathered after the update (the next forward does). Where the backend has
+sum_scatter (NCCL, JACCL: `scatter_of`, by the backend's name) the vjp is that one collective
+instead, (N-1)/N of the bytes where the all_sum moves 2(N-1)/N.
+
+Under LoRA/DoRA/QLoRA the frozen base is held in slices too: each group's frozen leaves are one
+flat buffer per dtype (a quantized base's packed uint32 weights apart from its float scales and
+biases), sliced as the trainable ones, gathered with them (the block's inside its call, the rest's
+in `bind`) and passed through stop_gradient: no gradient, so nothing to reduce-scatter, and no
+cast (the base keeps its own dtype, as unsharded). A block with nothing to train (--lora-layers
+fewer than the blocks) has only its base gathered. The adapters are the trainable groups, as for a
+full fine-tune; checkpoints and adapters hold them alone, as unsharded.
 
 Checkpoints keep the unsharded layout: `whole_params` and `full_state` gather every group
 (all_gather_flat) and `load` slices a whole tree, so a checkpoint resumes at any level and world

@@ -74,7 +74,8 @@ def _run(level: str, mode: str, quantized: bool, layers: int, clip: float, group
     hf.write_adapters(where, stepper.whole_params(), hf.adapter_config("tiny llama", ft, len(model.layers)))
     spread = stepper.spread
     return {"losses": losses, "norms": norms, "held": held, "base_bytes": base_bytes, "adapters": str(where),
-            "frozen_held": getattr(spread, "frozen_held_bytes", base_bytes), "scatter": getattr(spread, "scatter", None)}
+            "frozen_held": getattr(spread, "frozen_held_bytes", base_bytes),
+            "scatter": getattr(spread, "scatter", None)}
 
 
 def rank_main(out_dir: str) -> None:

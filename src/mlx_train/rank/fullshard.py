@@ -90,7 +90,8 @@ class Flat:
         base's slices, never replaced by an update, held the whole base)."""
         flat = mx.concatenate([v.reshape(-1) for v in leaves] +
                               ([mx.zeros((self.padded - self.total,), self.dtype)] if self.padded > self.total else []))
-        return mx.take(flat.reshape(-1, self.hi - self.lo), mx.array([self.lo // (self.hi - self.lo)]), axis=0).reshape(-1)
+        chunk = self.hi - self.lo
+        return mx.take(flat.reshape(-1, chunk), mx.array([self.lo // chunk]), axis=0).reshape(-1)
 
     def whole(self, flat: mx.array) -> List[mx.array]:
         """The leaves of a whole (gathered, padded) flat buffer, shaped as the parameters (views)."""

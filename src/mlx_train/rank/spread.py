@@ -18,7 +18,8 @@ and, for checkpoints, the optimizer state in the unsharded layout (`full_state`,
   seen as one flat buffer padded to a multiple of N; rank r owns the contiguous slice
   collectives.shard_bounds gives it and keeps AdamW's state only for that slice.
 - FullShard ("full", ZeRO-3, rank/fullshard.py): the parameters themselves are held in slices,
-  one flat buffer per transformer block, gathered inside the forward and again in the backward.
+  one flat buffer per transformer block, gathered inside the forward and again in the backward
+  (under LoRA the frozen base as well, gathered with its block, without a gradient).
   Its step holds shards, not the parameters (`own`), puts them into the model itself (`bind`),
   and gives the whole parameters only on demand (`whole_params`, a collective).
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import TINY, cli, metrics, straight_and_resumed
+from helpers import TINY, cli, events, metrics, popen, unavailable
 from mlx_train.config import DistributedConfig
 from mlx_train.errors import UserError
+from mlx_train.rank.balance import Balancer, predicted_s, propose
 from mlx_train.rank.batcher import Batcher, Share, share_of, split_rows
 
 
@@ -81,17 +88,104 @@ def test_unequal_shares_make_the_equal_splits_updates(tmp_path):
     assert unequal[-1]["rows"] == [12, 4] and equal[-1]["rows"] == [8, 8]
 
 
+def test_auto_takes_a_split_only_when_it_pays():
+    # rank 1 three times slower: 12 and 4 rows predict a step of 4 row-times against 8.
+    assert propose(16, [8, 8], [3.0, 1.0]) == [12, 4]
+    assert predicted_s([12, 4], [3.0, 1.0]) == 4.0
+    assert propose(16, [12, 4], [3.0, 1.0]) is None          # already there
+    assert propose(16, [8, 8], [1.05, 1.0]) is None          # [8, 8] again: nothing to gain
+    assert propose(16, [8, 8], [1.2, 1.0]) is None           # [9, 7]: 7.5 against 8, under the 10% asked
+    assert propose(16, [8, 8], [1.2, 1.0], gain=0.05) == [9, 7]
+    assert propose(16, [8, 8], [1.0, 0.0]) is None           # a rank that measured nothing decides nothing
+
+
+def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
+    gathered = []
+
+    def gather(mine):
+        gathered.append(mine)
+        return [[1.0, 30.0], [3.0, 30.0]]  # rank 1 took three times as long for its rows
+
+    b = Balancer(16, gather, every=5, min_steps=3)
+    for step in range(1, 5):
+        b.observe(0.5, 8)
+        assert b.after(step, [8, 8]) is None
+    b.observe(0.5, 8)
+    got = b.after(5, [8, 8])
+    assert got.speeds == [30.0, 10.0] and got.chosen == [12, 4]
+    assert gathered == [[2.0, 32.0]]  # the first step (tracing) was not measured
+    assert b.after(10, [12, 4]) is None  # too few measured steps since: no gather
+    assert len(gathered) == 1
+
+
+def _cgroups():
+    import fleet_limits  # tools/fleet_limits.py, on sys.path from helpers
+
+    try:
+        return fleet_limits, fleet_limits.detect()
+    except fleet_limits.LimitsUnavailable as exc:
+        unavailable(f"a rank cannot be slowed by a CPU quota here: {exc}")
+
+
+def _train_with_slow_rank(run: Path, args: list, rank: int, cpu: float) -> None:
+    """`train` with rank `rank` put under a CPU quota of `cpu` cores (a cgroup, as the test fleet's
+    unequal hosts) once the first step is logged: a rank that is really slower, from the first steps on."""
+    limits, cg = _cgroups()
+    state = run.parent / f"state-{run.name}"
+    proc = popen("train", *args, "--run-dir", str(run), env={**os.environ, "MLX_TRAIN_STATE": str(state)})
+    group = f"shares-test-{os.getpid()}"
+    moved = None
+    try:
+        deadline = time.monotonic() + 120
+        while moved is None and proc.poll() is None and time.monotonic() < deadline:
+            records = list((state / "ranks").glob(f"*.rank{rank}.json")) if (state / "ranks").is_dir() else []
+            if records and (run / "metrics.jsonl").exists():
+                pid = json.loads(records[0].read_text())["pid"]
+                moved = cg.origin(pid)
+                cg.apply(group, limits.Limits(cpu=cpu), lambda: [pid])
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        assert moved is not None, "the rank was never slowed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if moved is not None:
+            cg.release(group, moved)
+
+
 @pytest.mark.multiproc
-def test_resume_is_exact_under_unequal_shares(tmp_path):
-    common = [*TINY, "--devices", "2", "--shares", "3,1", "--steps", "30", "--log-every", "10",
+def test_auto_shares_follow_a_slow_rank_with_the_equal_splits_updates(tmp_path):
+    common = [*TINY, "--devices", "2", "--accumulation", "2", "--steps", "30", "--log-every", "1",
               "--eval-every", "30", "--checkpoint-every", "10"]
-    straight, broken = straight_and_resumed(tmp_path, common, 20)
-    a = mx.load(str(straight / "checkpoints" / "step-000030" / "model.safetensors"))
-    b = mx.load(str(broken / "checkpoints" / "step-000030" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert np.array_equal(np.array(a[k]), np.array(b[k])), f"{k} differs after resume"
-    assert metrics(straight)[-1]["loss"] == metrics(broken)[-1]["loss"]
+    equal, auto = tmp_path / "equal", tmp_path / "auto"
+    cli("train", *common, "--shares", "equal", "--run-dir", str(equal), check=True)
+    _train_with_slow_rank(auto, [*common, "--shares", "auto"], rank=1, cpu=0.1)
+    # The shares moved to the fast rank and were written with the checkpoint.
+    meta = json.loads((auto / "checkpoints" / "step-000030" / "manifest.json").read_text())["meta"]
+    assert meta["shares"] == "auto" and sum(meta["rows"]) == 16 and meta["rows"][0] > meta["rows"][1], meta["rows"]
+    a, b = metrics(equal), metrics(auto)
+    assert a[-1]["rows"] == [8, 8] and b[9]["rows"] == [8, 8]  # equal until the first gather (step 10)
+    assert any(m["rows"] != [8, 8] for m in b)
+    # Every rank's compute and waiting are reported: the slow rank computes longer, the fast one waits.
+    assert all(len(m["rank_compute_s"]) == len(m["rank_wait_s"]) == 2 for m in b)
+    assert sum(m["rank_compute_s"][1] for m in b[1:10]) > sum(m["rank_compute_s"][0] for m in b[1:10])
+    for x, y in zip(a, b):
+        assert x["step"] == y["step"]
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+    assert a[-1]["loss"] < a[0]["loss"] - 0.5  # it learned: the comparison is not of two idle runs
+    assert all(len(set(m["param_checksum"])) == 1 for m in b)
+    # Resumed from step 20 (the rows of that checkpoint), it ends bit-identical to the run straight through.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(auto, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000030")
+    cli("train", "--resume", str(resumed), check=True)
+    assert events(resumed, "resume")[-1]["step"] == 20
+    x = mx.load(str(auto / "checkpoints" / "step-000030" / "model.safetensors"))
+    y = mx.load(str(resumed / "checkpoints" / "step-000030" / "model.safetensors"))
+    assert sorted(x) == sorted(y)
+    for k in x:
+        assert np.array_equal(np.array(x[k]), np.array(y[k])), f"{k} differs after resume"
 
 
 def test_monitor_shows_each_ranks_rows(tmp_path):

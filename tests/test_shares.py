@@ -68,26 +68,6 @@ def test_the_windows_cover_the_equal_splits_samples_once(weights):
         assert sorted(unequal) == sorted(int(i) for i in equal) and len(set(unequal)) == G
 
 
-def _run(tmp_path, name, *extra):
-    run = tmp_path / name
-    cli("train", *TINY, "--devices", "2", "--accumulation", "2", "--steps", "20", "--log-every", "1",
-        "--eval-every", "20", "--run-dir", str(run), *extra, check=True)
-    return metrics(run)
-
-
-@pytest.mark.multiproc
-def test_unequal_shares_make_the_equal_splits_updates(tmp_path):
-    equal = _run(tmp_path, "equal", "--shares", "equal")
-    unequal = _run(tmp_path, "unequal", "--shares", "3,1")  # rank 0: 12 rows in 3 micro-batches, rank 1: 4 in 1
-    assert [m["step"] for m in equal] == [m["step"] for m in unequal] == list(range(1, 21))
-    for a, b in zip(equal, unequal):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
-    assert equal[-1]["loss"] < equal[0]["loss"] - 0.5  # it learned: the comparison is not of two idle runs
-    # The replicas of the unequal run stay identical (each applies the same summed gradients).
-    assert all(len(set(m["param_checksum"])) == 1 for m in unequal)
-    assert unequal[-1]["rows"] == [12, 4] and equal[-1]["rows"] == [8, 8]
-
-
 def test_auto_takes_a_split_only_when_it_pays():
     # rank 1 three times slower: 12 and 4 rows predict a step of 4 row-times against 8.
     assert propose(16, [8, 8], [3.0, 1.0]) == [12, 4]
@@ -154,38 +134,66 @@ def _train_with_slow_rank(run: Path, args: list, rank: int, cpu: float) -> None:
             cg.release(group, moved)
 
 
-@pytest.mark.multiproc
-def test_auto_shares_follow_a_slow_rank_with_the_equal_splits_updates(tmp_path):
-    common = [*TINY, "--devices", "2", "--accumulation", "2", "--steps", "30", "--log-every", "1",
-              "--eval-every", "30", "--checkpoint-every", "10"]
-    equal, auto = tmp_path / "equal", tmp_path / "auto"
-    cli("train", *common, "--shares", "equal", "--run-dir", str(equal), check=True)
-    _train_with_slow_rank(auto, [*common, "--shares", "auto"], rank=1, cpu=0.1)
-    # The shares moved to the fast rank and were written with the checkpoint.
-    meta = json.loads((auto / "checkpoints" / "step-000030" / "manifest.json").read_text())["meta"]
-    assert meta["shares"] == "auto" and sum(meta["rows"]) == 16 and meta["rows"][0] > meta["rows"][1], meta["rows"]
-    a, b = metrics(equal), metrics(auto)
-    assert a[-1]["rows"] == [8, 8] and b[9]["rows"] == [8, 8]  # equal until the first gather (step 10)
-    assert any(m["rows"] != [8, 8] for m in b)
-    # Every rank's compute and waiting are reported: the slow rank computes longer, the fast one waits.
-    assert all(len(m["rank_compute_s"]) == len(m["rank_wait_s"]) == 2 for m in b)
-    assert sum(m["rank_compute_s"][1] for m in b[1:10]) > sum(m["rank_compute_s"][0] for m in b[1:10])
+COMMON = [*TINY, "--devices", "2", "--accumulation", "2", "--steps", "20", "--log-every", "1", "--eval-every", "20",
+          "--checkpoint-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same run with equal shares, with 3,1, and with auto while rank 1 is slowed (then resumed
+    from its step-10 checkpoint): one set for the tests below, which compare them."""
+    tmp = tmp_path_factory.mktemp("shares")
+    out = {name: tmp / name for name in ("equal", "weighted", "auto", "resumed")}
+    cli("train", *COMMON, "--shares", "equal", "--run-dir", str(out["equal"]), check=True)
+    # rank 0: 12 rows in 3 micro-batches, rank 1: 4 in 1
+    cli("train", *COMMON, "--shares", "3,1", "--run-dir", str(out["weighted"]), check=True)
+    _train_with_slow_rank(out["auto"], [*COMMON, "--shares", "auto"], rank=1, cpu=0.15)
+    shutil.copytree(out["auto"], out["resumed"])
+    shutil.rmtree(out["resumed"] / "checkpoints" / "step-000020")
+    cli("train", "--resume", str(out["resumed"]), check=True)
+    assert events(out["resumed"], "resume")[-1]["step"] == 10
+    return out
+
+
+def _same_losses(a, b):
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 21))
     for x, y in zip(a, b):
-        assert x["step"] == y["step"]
         assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
     assert a[-1]["loss"] < a[0]["loss"] - 0.5  # it learned: the comparison is not of two idle runs
+    # The replicas stay identical (each applies the same summed gradients).
     assert all(len(set(m["param_checksum"])) == 1 for m in b)
-    # Resumed from step 20 (the rows of that checkpoint), it ends bit-identical to the run straight through.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(auto, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000030")
-    cli("train", "--resume", str(resumed), check=True)
-    assert events(resumed, "resume")[-1]["step"] == 20
-    x = mx.load(str(auto / "checkpoints" / "step-000030" / "model.safetensors"))
-    y = mx.load(str(resumed / "checkpoints" / "step-000030" / "model.safetensors"))
+
+
+@pytest.mark.multiproc
+def test_unequal_shares_make_the_equal_splits_updates(runs):
+    equal, weighted = metrics(runs["equal"]), metrics(runs["weighted"])
+    _same_losses(equal, weighted)
+    assert weighted[-1]["rows"] == [12, 4] and equal[-1]["rows"] == [8, 8]
+
+
+@pytest.mark.multiproc
+def test_auto_shares_follow_a_slow_rank_with_the_equal_splits_updates(runs):
+    equal, auto = metrics(runs["equal"]), metrics(runs["auto"])
+    _same_losses(equal, auto)
+    assert auto[9]["rows"] == [8, 8]  # equal until the first gather (after step 10)
+    # The shares moved to the fast rank, and the checkpoint records those the steps after it use.
+    meta = json.loads((runs["auto"] / "checkpoints" / "step-000010" / "manifest.json").read_text())["meta"]
+    assert meta["shares"] == "auto" and sum(meta["rows"]) == 16 and meta["rows"][0] > meta["rows"][1], meta["rows"]
+    assert auto[10]["rows"] == meta["rows"]
+    # Every rank's compute and waiting are reported: the slow rank computed longer, the fast one waited.
+    assert all(len(m["rank_compute_s"]) == len(m["rank_wait_s"]) == 2 for m in auto)
+    assert sum(m["rank_compute_s"][1] for m in auto[1:10]) > sum(m["rank_compute_s"][0] for m in auto[1:10])
+    assert sum(m["rank_wait_s"][0] for m in auto[1:10]) > sum(m["rank_wait_s"][1] for m in auto[1:10])
+
+
+@pytest.mark.multiproc
+def test_auto_shares_resume_exactly(runs):
+    x = mx.load(str(runs["auto"] / "checkpoints" / "step-000020" / "model.safetensors"))
+    y = mx.load(str(runs["resumed"] / "checkpoints" / "step-000020" / "model.safetensors"))
     assert sorted(x) == sorted(y)
     for k in x:
         assert np.array_equal(np.array(x[k]), np.array(y[k])), f"{k} differs after resume"
+    assert metrics(runs["resumed"])[-1]["rows"] == metrics(runs["auto"])[-1]["rows"]
 
 
 def test_monitor_shows_each_ranks_rows(tmp_path):

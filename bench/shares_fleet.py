@@ -36,7 +36,7 @@ PY = sys.executable
 MLX_TRAIN = str(Path(PY).parent / "mlx-train")
 OUT = REPO / "bench" / "shares_fleet.json"
 CPU = (0.5, 0.5, 0.125)
-MODEL = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "32", "--batch-size", "4", "--accumulation", "2"]
+MODEL = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "32", "--batch-size", "8", "--accumulation", "4"]
 
 
 def log(msg: str) -> None:
@@ -90,8 +90,8 @@ def main() -> None:
     res = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": list(CPU), "model": " ".join(MODEL),
            "steps": steps, "load": [round(os.getloadavg()[0], 1)], "equal": [], "auto": []}
-    t0 = time.monotonic()
     with fleet_lock():
+        t0 = time.monotonic()  # the locked stretch, not the wait for the lock
         work = Path(tempfile.mkdtemp(prefix="mlx-train-shares-", dir="/tmp"))
         try:
             fl = fleet_tools.up(3)  # unlimited while Ansible provisions it

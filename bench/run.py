@@ -65,6 +65,8 @@ def main() -> None:
         ("overlap", "overlap.py", {}, {"width": 256, "rounds": 7}),
         ("checkpoint", "checkpoint_write.py", {}, {"where": str(HERE.parent), "rounds": 3}),
         ("startup", "startup.py", {}, None),
+        # The 3-host test fleet under CPU quotas (takes /tmp/mlx-fleet.lock itself; docs/performance.md).
+        ("shares", "shares_fleet.py", {}, {"rounds": 1, "steps": 30}),
     ]
     unknown = set(only) - {key for key, *_ in steps}
     if unknown:
@@ -148,6 +150,10 @@ def table(res: dict) -> str:
         [f"BLAS: trainer tokens/s with OpenBLAS vs the wheel's reference BLAS (both: {s.get('allocator', '?')})",
          tok(r["tokens_per_s"]),
          tok(s["tokens_per_s"]), f"**{s['tokens_per_s'] / r['tokens_per_s']:.1f}x**", "-"],
+        *([[f"training, 3 fleet hosts under CPU quotas {'/'.join(f'{c:g}' for c in sh['cpu'])} cores, "
+            f"`--shares auto` (rows {sh['auto_rows']}) vs `--shares equal` (bench/shares_fleet.py)",
+            f"equal {tok(sh['equal_tokens_per_s'])}", tok(sh["auto_tokens_per_s"]), f"**{sh['ratio']:.2f}x**",
+            f">= 2x (ideal {sh['ideal_ratio']:.2f}x: auto at {sh['of_ideal']:.0%} of it)"]] if (sh := res.get("shares")) else []),
     ]
     when: dict = {}
     for key, t in res.get("remeasured", {}).items():

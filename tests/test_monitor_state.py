@@ -96,8 +96,8 @@ def test_performance_shows_the_shard_level_bytes_and_memory_against_data_paralle
     dp = MemoryOptimizer.estimate(replace(cfg, shard="none", shard_level=None))
     assert MemoryOptimizer.estimate(cfg) < dp
     write(r, metrics=[metric(4, 1.0, rows=[5, 3], peak_memory=[dp // 2, dp // 4], scattered_bytes=1000,
-                             gathered_bytes=2000, compute_time_s_by_rank=[0.25, 0.125],
-                             comm_time_s_by_rank=[0.0625, 0.1875])])
+                             gathered_bytes=2000, rank_compute_s=[0.25, 0.125],
+                             rank_wait_s=[0.0625, 0.1875])])
     console = Console(width=250, record=True)
     console.print(spread_table(take_snapshot(r)))
     text = console.export_text()

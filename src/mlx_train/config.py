@@ -129,8 +129,9 @@ class DistributedConfig(_Yaml):
                             "core the rank owns, up to 8; 1: off). GPU ranks use 1", "--cpu-threads")
     # Each rank's rows of every global batch (rank/batcher.py split_rows); the step's mathematics is the
     # equal split's whatever the shares (docs/advanced_training.md, "Unequal shares of the batch").
-    shares: str = knob("equal", "each rank's share of the global batch: 'equal', 'auto' (equal until measured "
-                       "speeds exist), or one positive weight per device, e.g. 3,1 (rank 0 gets 3/4 of the rows)",
+    shares: str = knob("equal", "each rank's share of the global batch: 'equal', 'auto' (equal at first, then in "
+                       "proportion to each rank's measured speed, re-balanced when that pays), or one positive weight "
+                       "per device, e.g. 3,1 (rank 0 gets 3/4 of the rows)",
                        "--shares", metavar="equal|auto|W1,W2,...")
     # A training pipeline (rank/pipeline.py): the devices are S x R, rank = replica x S + stage, so a
     # stage's neighbours are ring neighbours (the ring backend's send/recv reach no further).
@@ -175,7 +176,8 @@ class DistributedConfig(_Yaml):
         return dataclasses.replace(self, num_devices=self.replicas, pipeline_stages=1)
 
     def share_weights(self) -> Optional[Tuple[float, ...]]:
-        """The explicit weights of --shares, or None for equal shares ('equal', and 'auto' until measured)."""
+        """The explicit weights of --shares, or None: equal shares ('equal'; 'auto' starts equal and the
+        ranks re-share from measured speeds, rank/balance.py)."""
         if self.shares in ("equal", "auto"):
             return None
         try:

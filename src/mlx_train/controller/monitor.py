@@ -164,19 +164,19 @@ def spread_table(snap: Snapshot) -> Table:
         v = last.get(key)
         return v if isinstance(v, list) and len(v) == n else [None] * n
 
-    compute, comm, rows = by_rank("compute_time_s_by_rank"), by_rank("comm_time_s_by_rank"), by_rank("rows")
+    compute, wait, rows = by_rank("rank_compute_s"), by_rank("rank_wait_s"), by_rank("rows")
     scattered, gathered = last.get("scattered_bytes", 0), last.get("gathered_bytes", 0)
     title = f"spread over the ranks (step {last.get('step', '-')}): shard level {level}"
     if need is not None:
         title += f"; memory model peak per rank {human(need.at_level)}, data parallel {human(need.data_parallel)}"
     t = Table(title=title, title_justify="left")
-    for col in ("rank", "rows", "compute s", "wait/comm s", "reduce-scattered B/step", "gathered B/step",
+    for col in ("rank", "rows", "compute s", "wait s", "reduce-scattered B/step", "gathered B/step",
                 "peak memory", "vs data parallel"):
         t.add_column(col, justify="right")
     for r in range(n):
         vs_dp = f"{peaks[r] / need.data_parallel:.2f}x" if need is not None and need.data_parallel else "-"
         t.add_row(str(r), "-" if rows[r] is None else str(rows[r]),
-                  "-" if compute[r] is None else f"{compute[r]:.4f}", "-" if comm[r] is None else f"{comm[r]:.4f}",
+                  "-" if compute[r] is None else f"{compute[r]:.4f}", "-" if wait[r] is None else f"{wait[r]:.4f}",
                   f"{scattered:,}", f"{gathered:,}", human(peaks[r]), vs_dp)
     return t
 

@@ -13,6 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
+from mlx_train.rank.balance import Balancer
 from mlx_train.rank.badstep import BadSteps, LossSpike
 from mlx_train.rank.batcher import share_of, split_rows
 
@@ -47,11 +48,12 @@ class Trainer:
         eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // cfg.dist.replicas)
         self.val_dist = DistributedConfig(cfg.dist.replicas, eval_batch, 1, cfg.dist.backend)
         # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
-        # equal split's interleaved micro-batches.
+        # equal split's interleaved micro-batches. --shares auto starts equal and re-shares from the
+        # ranks' measured speeds (rank/balance.py).
         weights = cfg.dist.share_weights()
-        G, B = cfg.dist.global_batch_size, cfg.dist.batch_size_per_device
-        self.rows = [G // self.size] * self.size if weights is None else split_rows(G, weights)
-        self.share = None if weights is None else share_of(self.rank, self.rows, B)
+        G = cfg.dist.global_batch_size
+        self.set_rows([G // self.size] * self.size if weights is None else split_rows(G, weights))
+        self.balancer = Balancer(G, self.gather_floats) if cfg.dist.shares == "auto" and self.size > 1 else None
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)
@@ -99,6 +101,28 @@ class Trainer:
     def say(self, text: str) -> None:
         print(text, flush=True)
 
+    def set_rows(self, rows: List[int]) -> None:
+        """Each rank's rows of every global batch. Equal rows keep the equal split's interleaved
+        micro-batches (None), so equal shares are the equal split's bits whichever way they came."""
+        self.rows = [int(r) for r in rows]
+        self.share = None if len(set(self.rows)) == 1 else \
+            share_of(self.rank, self.rows, self.cfg.dist.batch_size_per_device)
+
+    def gather_floats(self, mine: List[float]) -> List[List[float]]:
+        """Every rank's `mine`, by rank (one small all_gather: the same bytes on every rank)."""
+        out = mx.distributed.all_gather(mx.array(mine, dtype=mx.float32), group=self.group)
+        return np.array(out).reshape(self.size, len(mine)).tolist()
+
+    def reshare(self, step: int) -> None:
+        """--shares auto, at the end of a step: maybe a new split, the same one on every rank."""
+        measured = self.balancer.after(step, self.rows)
+        if measured is None or measured.chosen is None:
+            return
+        if self.rank == 0:
+            self.say(f"shares after step {step}: rows {self.rows} -> {measured.chosen} (measured rows/s by rank: "
+                     f"{', '.join(f'{s:.1f}' for s in measured.speeds)})")
+        self.set_rows(measured.chosen)
+
     def run(self, resume: bool = False, stop_after: Optional[int] = None) -> None:
         cfg = self.cfg
         step = self.restore() if resume else 0
@@ -121,6 +145,8 @@ class Trainer:
             stats = self.faults.around_step(step, data, resume,
                                             lambda: self.stepper.step(batches, loss_limit=limit, tokens=tokens))
             self.spike.observe(stats.loss, stats.skipped)
+            if self.balancer is not None:
+                self.balancer.observe(stats.grad_s, self.rows[self.rank])
             step += 1
             self.bad_steps.after(step, stats, self.rank, data_step=data, loss_limit=limit)
             if self.bad_steps.in_a_row >= protocol.ROLLBACK_AFTER_BAD_STEPS:  # every rank alike (agreed flag)
@@ -141,6 +167,8 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
                 self.log(step, window, val_loss, text)
                 window = []
+            if self.balancer is not None:  # before the checkpoint: it records the shares of the steps after it
+                self.reshare(step)
             self.check_memory_budget(step)
             stopping = stop_after is not None and step >= stop_after
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
@@ -179,25 +207,26 @@ class Trainer:
         checksum = self.param_checksum()
         # Every rank's own report is what the divergence check judges (controller/divergence.py).
         protocol.emit(protocol.Checksum(step=step, value=checksum))
-        # Each rank's own mean compute and comm time, in microseconds (monitor --performance: who waits).
-        compute_us = 1e6 * sum(w[1].compute_s for w in window) / len(window)
-        comm_us = 1e6 * sum(w[1].comm_s for w in window) / len(window)
-        mine = mx.array([mx.get_peak_memory(), checksum, round(compute_us), round(comm_us)], dtype=mx.int64)
-        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 4)
         step_time = sum(w[0] for w in window) / len(window)
+        compute_s = sum(w[1].compute_s for w in window) / len(window)
+        comm_s = sum(w[1].comm_s for w in window) / len(window)
+        # Each rank's own compute and sync times travel in the same gather (microseconds).
+        mine = mx.array([mx.get_peak_memory(), checksum, round(compute_s * 1e6), round(comm_s * 1e6)], dtype=mx.int64)
+        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 4)
+        ranks_compute, ranks_comm = everyone[:, 2] / 1e6, everyone[:, 3] / 1e6
         record = {
             "step": step, "loss": loss, "lr": current_lr(self.optimizer),
             # Real tokens only: padding and masked prompts are not counted.
             "tokens_per_s": sum(w[2] for w in window) / sum(w[0] for w in window), "step_time_s": step_time,
-            "comm_time_s": sum(w[1].comm_s for w in window) / len(window),
-            "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
+            "comm_time_s": comm_s, "compute_time_s": compute_s,
+            "rank_compute_s": [float(v) for v in ranks_compute], "rank_comm_s": [float(v) for v in ranks_comm],
+            # A sync lasts until the slowest rank joins it: what a rank's took beyond the quickest's is waiting.
+            "rank_wait_s": [float(v) for v in ranks_comm - ranks_comm.min()],
             "grad_norm": window[-1][1].grad_norm, "devices": self.size, "grad_bytes": self.grad_bytes,
             "scattered_bytes": self.stepper.spread.scattered_bytes, "gathered_bytes": self.stepper.spread.gathered_bytes,
             "global_batch": self.cfg.dist.global_batch_size, "rows": self.rows,
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],
-            "compute_time_s_by_rank": [int(v) / 1e6 for v in everyone[:, 2]],
-            "comm_time_s_by_rank": [int(v) / 1e6 for v in everyone[:, 3]],
         }
         if self.rank == 0:
             protocol.emit(protocol.Metrics(**record, val_loss=val_loss, sample=text))
@@ -248,8 +277,10 @@ class Trainer:
         t0 += time.perf_counter() - t_wait
         params = checkpoint.snapshot(dict(tree_flatten(whole)))
         state = checkpoint.snapshot(dict(tree_flatten(full_state)))  # the unsharded layout, whatever the level
+        # The rows in force are those of the steps after this one (--shares auto re-shared before it).
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
-                "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]]}
+                "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]],
+                "shares": self.cfg.dist.shares, "rows": self.rows}
         self.writer.start(lambda: self._write(step, params, state, meta))
         # The training thread keeps the snapshot until the write is over, so its arrays are freed
         # here and never by the writer thread.
@@ -353,6 +384,7 @@ class Trainer:
         self.stepper.load(tree_unflatten(list(zip(params, out[:len(params)]))), new_state)
         mx.eval(self.stepper.params, self.optimizer.state)
         self.restore_loss_mean(found.meta if found is not None else {})
+        self.restore_rows(found.meta if found is not None else {})
         if self.rank == 0:
             protocol.emit(protocol.Resumed(step=step, checkpoint=str(found.path)))
         return step
@@ -364,6 +396,19 @@ class Trainer:
         rows = saved if isinstance(saved, list) and len(saved) == self.size else [[0, 0]] * self.size
         mine = self.broadcast(mx.array(rows, dtype=mx.int64)).tolist()[self.rank]
         self.spike.load(*mine)
+
+    def restore_rows(self, meta: dict) -> None:
+        """--shares auto: the rows the checkpoint was written under, so the steps after it are the
+        uninterrupted run's. Another number of ranks, or rows of another global batch, start equal
+        and measure again."""
+        if self.balancer is None:
+            return
+        saved = meta.get("rows") if self.rank == 0 else None
+        G = self.cfg.dist.global_batch_size
+        ok = isinstance(saved, list) and len(saved) == self.size and all(isinstance(r, int) and r > 0 for r in saved) \
+            and sum(saved) == G
+        rows = saved if ok else [G // self.size] * self.size
+        self.set_rows(self.broadcast(mx.array(rows, dtype=mx.int64)).tolist())
 
     def broadcast(self, x: mx.array) -> mx.array:
         if self.size == 1:

@@ -67,6 +67,8 @@ def main() -> None:
         ("startup", "startup.py", {}, None),
         # Root: the 3-host netns test fleet, its links limited with tc tbf; takes the fleet lock per rate.
         ("shard", "shard_fleet.py", {}, {"rates": ["unlimited", "1gbit", "200mbit"], "rounds": 4, "steps": 3}),
+        # The 3-host test fleet under CPU quotas (takes /tmp/mlx-fleet.lock itself; docs/performance.md).
+        ("shares", "shares_fleet.py", {}, {"rounds": 1, "steps": 30}),
     ]
     unknown = set(only) - {key for key, *_ in steps}
     if unknown:
@@ -157,6 +159,10 @@ def table(res: dict) -> str:
          tok(r["tokens_per_s"]),
          tok(s["tokens_per_s"]), f"**{s['tokens_per_s'] / r['tokens_per_s']:.1f}x**", "-"],
         *shard_rows(res.get("shard")),
+        *([[f"training, 3 fleet hosts under CPU quotas {'/'.join(f'{c:g}' for c in sh['cpu'])} cores, "
+            f"`--shares auto` (rows {sh['auto_rows']}) vs `--shares equal` (bench/shares_fleet.py)",
+            f"equal {tok(sh['equal_tokens_per_s'])}", tok(sh["auto_tokens_per_s"]), f"**{sh['ratio']:.2f}x**",
+            f">= 2x (ideal {sh['ideal_ratio']:.2f}x: auto at {sh['of_ideal']:.0%} of it)"]] if (sh := res.get("shares")) else []),
     ]
     when: dict = {}
     for key, t in res.get("remeasured", {}).items():

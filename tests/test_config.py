@@ -138,7 +138,9 @@ def test_every_flag_comes_from_a_field():
                      # the training state split over the ranks (docs/sharding.md)
                      "--shard",
                      # each rank's share of the global batch (docs/advanced_training.md)
-                     "--shares"}
+                     "--shares",
+                     # layers across hosts: a training pipeline (docs/pipeline.md)
+                     "--pipeline-stages"}
 
 
 def test_run_options_from_flags():

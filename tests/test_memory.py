@@ -43,7 +43,8 @@ def test_guide_call_reads_as_dict_and_attributes():
     breakdown = config["breakdown"]
     for key in ("parameters", "gradients", "optimizer_state", "activations", "runtime_overhead", "peak", "total"):
         assert isinstance(breakdown[key], int) and breakdown[key] >= 0
-    assert breakdown["parameters"] >= 4 * 10 ** 9  # fp32 master weights of 1e9 parameters
+    # fp32 master weights of 1e9 parameters, whole, or their half when the plan shards the weights.
+    assert breakdown["parameters"] >= 4 * 10 ** 9 // (2 if config.shard == "full" else 1)
     assert any("2048" in a and "32000" in a for a in config["assumptions"])
     assert config.to_dict()["hardware"]["memory_per_device"] == config.hardware.memory_per_device
 
@@ -243,3 +244,29 @@ def test_lm_prediction_within_15_percent_of_measured(tmp_path):
     configs = [c for c in bench.CONFIGS if c[:2] in (("fp", "full"), ("fp", "lora"), ("4bit", "lora"))][:3]
     for row in bench.measure(models, configs):
         assert abs(row["error"]) < 0.15, row
+
+
+# -- sharded levels on real ranks (bench/shard_memory.py measures the whole table) -----------------------
+def rank_main(out_dir: str, levels: str) -> None:
+    """One of run_ring_ranks' ranks: the bench's GPT measured at each of `levels`, in this one process."""
+    import json
+
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    bench = _load_bench("shard_memory")
+    gpt = [c for c in bench.CONFIGS if c[0] == "gpt"]
+    rows = bench.measure_rank(group, gpt, tuple(levels.split(",")), None)
+    Path(out_dir, f"report-{group.rank()}.json").write_text(json.dumps({"rank": group.rank(), "rows": rows}))
+
+
+@pytest.mark.multiproc
+def test_sharded_prediction_within_15_percent_of_measured_on_two_ranks(tmp_path):
+    from helpers import run_ring_ranks
+
+    bench = _load_bench("shard_memory")
+    reports = run_ring_ranks(2, "test_memory", (tmp_path, "gradients,full"), tmp_path, timeout=300)
+    rows = bench.combine([rep["rows"] for rep in reports])
+    assert sorted(r["level"] for r in rows) == ["full", "gradients"]
+    for row in rows:
+        assert abs(row["ratio"] - 1) <= bench.TOLERANCE, row

@@ -75,3 +75,34 @@ def test_a_torn_last_line_is_skipped(run):
     with run.metrics_path.open("a") as fh:
         fh.write(json.dumps(metric(20, 2.0))[:25])
     assert [m["step"] for m in take_snapshot(run).metrics] == [10]
+
+
+def test_performance_shows_the_shard_level_bytes_and_memory_against_data_parallel(tmp_path):
+    """monitor --performance: the run's level, each rank's bytes reduce-scattered and gathered, its rows,
+    compute and wait time, and its peak against the memory model's data-parallel need."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from mlx_train.config import DistributedConfig, ModelConfig
+    from mlx_train.controller.monitor import spread_table
+    from mlx_train.planning.planner import MemoryOptimizer
+
+    r = RunDir(tmp_path / "run")
+    r.path.mkdir()
+    cfg = TrainConfig(steps=10, model=ModelConfig(n_layers=2, d_model=64, n_heads=2, seq_len=64),
+                      dist=DistributedConfig(2, 4, 1), shard="auto", shard_level="gradients")
+    cfg.to_yaml(r.config_path)
+    dp = MemoryOptimizer.estimate(replace(cfg, shard="none", shard_level=None))
+    assert MemoryOptimizer.estimate(cfg) < dp
+    write(r, metrics=[metric(4, 1.0, rows=[5, 3], peak_memory=[dp // 2, dp // 4], scattered_bytes=1000,
+                             gathered_bytes=2000, rank_compute_s=[0.25, 0.125],
+                             rank_wait_s=[0.0625, 0.1875])])
+    console = Console(width=250, record=True)
+    console.print(spread_table(take_snapshot(r)))
+    text = console.export_text()
+    assert "shard level gradients" in text and "data parallel" in text
+    cells = [line.replace("│", " ").split() for line in text.splitlines() if line.startswith("│")]
+    assert [c[:6] for c in cells] == [["0", "5", "0.2500", "0.0625", "1,000", "2,000"],
+                                      ["1", "3", "0.1250", "0.1875", "1,000", "2,000"]]
+    assert [c[-1] for c in cells] == ["0.50x", "0.25x"]

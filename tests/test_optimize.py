@@ -30,3 +30,41 @@ def test_optimize_skips_what_the_planner_says_cannot_fit(tmp_path):
               "--memory-budget", "12MiB", check=True, timeout=600).stdout
     assert "skipped (predicted over budget)" in out
     assert yaml.safe_load((tmp_path / "b.yaml").read_text())["dist"]["batch_size_per_device"] < 64
+
+
+def test_optimize_tries_each_setting_at_the_least_shard_level_that_fits():
+    """`--shard auto`: a setting is a candidate at the least level the planner fits in the budget, so a
+    micro-batch that only fits sharded competes with the rest; an explicit level is the only one tried.
+    No trial is run (measure is a stand-in): the tuner's choice of candidates is what is tested."""
+    from dataclasses import replace
+
+    from mlx_train.config import SHARD_LEVELS, DistributedConfig, ModelConfig, Split, TrainConfig, shard_level_of
+    from mlx_train.planning.planner import MemoryOptimizer
+    from mlx_train.planning.tuner import Tuner
+
+    # ~25M parameters: the optimizer update outweighs the activations, so levels matter at every batch.
+    base = TrainConfig(model=ModelConfig(n_layers=8, d_model=512, n_heads=8, seq_len=64), dist=DistributedConfig(2, 8, 1))
+    budget = 600 * 2**20  # under data parallel's and ZeRO-1's need at every batch, over ZeRO-2's
+
+    def least(split):
+        return next((lv for lv in SHARD_LEVELS
+                     if MemoryOptimizer.estimate(replace(split, shard=lv).apply(base)) <= budget), None)
+
+    ran = []
+
+    def measure(t, cfg):
+        ran.append((t.split, shard_level_of(cfg)))
+        t.status, t.tokens_per_s, t.compute_s, t.comm_s, t.peak = "ok", 100.0 * t.split.batch, 1 / t.split.batch, 0.01, 1
+
+    tuner = Tuner(base, budget, 3, False, measure)
+    best = tuner.run()
+    assert ran and all(level == split.shard == least(split) for split, level in ran), ran
+    assert {level for _, level in ran} == {"gradients"}  # not full: the least level that fits
+    assert (best.split.batch, best.split.shard) == (8, "gradients")
+    assert shard_level_of(best.apply(base)) == "gradients"
+    # Data parallel chosen: nothing fits the budget, nothing runs.
+    ran.clear()
+    explicit = Tuner(replace(base, shard="none"), budget, 3, False, measure)
+    assert explicit.run() is None and not ran
+    assert {t.status for t in explicit.trials} == {"skipped (predicted over budget)"}
+    assert all(t.split.shard == "none" for t in explicit.trials)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,9 @@ import pytest
 from helpers import REPO, run_ring_ranks
 
 TIMEOUT = 420  # seconds for a whole launch: a hung collective fails the test, never waits forever
-STEPS = 30
+# The issue's 100 steps were run once by hand (MLX_TRAIN_SHARD_STEPS=100, docs/sharding.md); the
+# suite's 16 show the same agreement at a sixth of the time.
+STEPS = int(os.environ.get("MLX_TRAIN_SHARD_STEPS", "16"))
 MODEL = {"n_layers": 2, "d_model": 64, "n_heads": 2, "seq_len": 32}
 ROWS = 4  # sequences per rank per step
 # (name, precision, gradient clip, accumulation): clipping is off but in the clipping case, where
@@ -40,6 +43,11 @@ CASES = [("plain", "fp32", 0.0, 1), ("clipped", "fp32", 0.05, 1), ("accumulation
          ("bf16", "bf16", 0.0, 1)]
 TRAIN_STEPS, STOP_AT = 12, 6
 LEVELS = ("optimizer", "gradients", "full")  # each against data parallel ("none")
+# With 3 ranks only what 2 cannot show: sums of three terms in another order and slices padded to a
+# multiple of 3. `optimizer` is data parallel's arithmetic at any N (checked once); bf16, accumulation
+# and the llama add nothing a third rank changes.
+CASES_AT = {2: [(case, LEVELS) for case in CASES],
+            3: [(CASES[0], LEVELS), (CASES[1], ("gradients", "full"))]}
 # mlx-lm's own llama (tests/tiny_llama.py's shape, its vocabulary the GPT's bytes): full, clipped.
 LLAMA = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0, vocab_size=256)
@@ -167,14 +175,15 @@ def rank_main(out_dir: str, corpus: str) -> None:
     n, r = group.size(), group.rank()
     out = Path(out_dir)
     results = []
-    for name, precision, clip, accumulation in CASES:
+    for (name, precision, clip, accumulation), levels in CASES_AT[n]:
         base = _trajectory("none", precision, clip, accumulation, group)
-        for level in LEVELS:
+        for level in levels:
             results.append({"case": name, **_compare(base, _trajectory(level, precision, clip, accumulation, group))})
-    base = _trajectory("none", "fp32", 0.05, 1, group, "llama")
-    results.append({"case": "llama", **_compare(base, _trajectory("full", "fp32", 0.05, 1, group, "llama"))})
+    if n == 2:
+        base = _trajectory("none", "fp32", 0.05, 1, group, "llama")
+        results.append({"case": "llama", **_compare(base, _trajectory("full", "fp32", 0.05, 1, group, "llama"))})
     report = {"rank": r, "size": n, "results": results,
-              "skips": {level: _skip(level, group) for level in ("none", *LEVELS)}}
+              "skips": {level: _skip(level, group) for level in ("none", *LEVELS)} if n == 2 else {}}
     if n == 2:  # the straight run, and a sharded one stopped half-way, both checkpointing at STOP_AT
         report["straight"] = _train(group, corpus, str(out / "straight"), "none", resume=False)
         report["sharded"] = _train(group, corpus, str(out / "sharded"), "gradients", resume=False, stop_after=STOP_AT)
@@ -240,7 +249,7 @@ def _same_checkpoint(mine: Path, theirs: Path, values: bool) -> None:
         for k in a:
             assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
             if values:
-                assert np.allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-7), f"{name} {k}"
+                assert np.allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-6), f"{name} {k}"
 
 
 def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_world_sizes(tmp_path):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import TINY, cli, metrics, straight_and_resumed
+from helpers import TINY, cli, events, metrics, popen, unavailable
 from mlx_train.config import DistributedConfig
 from mlx_train.errors import UserError
+from mlx_train.rank.balance import Balancer, predicted_s, propose
 from mlx_train.rank.batcher import Batcher, Share, share_of, split_rows
 
 
@@ -61,37 +68,151 @@ def test_the_windows_cover_the_equal_splits_samples_once(weights):
         assert sorted(unequal) == sorted(int(i) for i in equal) and len(set(unequal)) == G
 
 
-def _run(tmp_path, name, *extra):
-    run = tmp_path / name
-    cli("train", *TINY, "--devices", "2", "--accumulation", "2", "--steps", "20", "--log-every", "1",
-        "--eval-every", "20", "--run-dir", str(run), *extra, check=True)
-    return metrics(run)
+def test_auto_takes_a_split_only_when_it_pays():
+    # rank 1 three times slower: 12 and 4 rows predict a step of 4 row-times against 8.
+    assert propose(16, [8, 8], [3.0, 1.0]) == [12, 4]
+    assert predicted_s([12, 4], [3.0, 1.0]) == 4.0
+    assert propose(16, [12, 4], [3.0, 1.0]) is None          # already there
+    assert propose(16, [8, 8], [1.05, 1.0]) is None          # [8, 8] again: nothing to gain
+    assert propose(16, [8, 8], [1.2, 1.0]) is None           # [9, 7]: 7.5 against 8, under the 10% asked
+    assert propose(16, [8, 8], [1.2, 1.0], gain=0.05) == [9, 7]
+    assert propose(16, [8, 8], [1.0, 0.0]) is None           # a rank that measured nothing decides nothing
+
+
+def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
+    gathered = []
+
+    def gather(mine):
+        gathered.append(mine)
+        return [[1.0, 30.0], [3.0, 30.0]]  # rank 1 took three times as long for its rows
+
+    b = Balancer(16, gather, every=5, min_steps=3)
+    for step in range(1, 5):
+        b.observe(0.5, 8)
+        assert b.after(step, [8, 8]) is None
+    b.observe(0.5, 8)
+    got = b.after(5, [8, 8])
+    assert got.speeds == [30.0, 10.0] and got.chosen == [12, 4]
+    assert gathered == [[2.0, 32.0]]  # the first step (tracing) was not measured
+    assert b.after(10, [12, 4]) is None  # too few measured steps since: no gather
+    assert len(gathered) == 1
+
+
+def _cgroups():
+    import fleet_limits  # tools/fleet_limits.py, on sys.path from helpers
+
+    try:
+        return fleet_limits, fleet_limits.detect()
+    except fleet_limits.LimitsUnavailable as exc:
+        unavailable(f"a rank cannot be slowed by a CPU quota here: {exc}")
+
+
+def _train_with_slow_rank(run: Path, args: list, rank: int, cpu: float) -> None:
+    """`train` with rank `rank` put under a CPU quota of `cpu` cores (a cgroup, as the test fleet's
+    unequal hosts) once the first step is logged: a rank that is really slower, from the first steps on."""
+    limits, cg = _cgroups()
+    state = run.parent / f"state-{run.name}"
+    proc = popen("train", *args, "--run-dir", str(run), env={**os.environ, "MLX_TRAIN_STATE": str(state)})
+    group = f"shares-test-{os.getpid()}"
+    moved = None
+    try:
+        deadline = time.monotonic() + 120
+        while moved is None and proc.poll() is None and time.monotonic() < deadline:
+            records = list((state / "ranks").glob(f"*.rank{rank}.json")) if (state / "ranks").is_dir() else []
+            if records and (run / "metrics.jsonl").exists():
+                pid = json.loads(records[0].read_text())["pid"]
+                moved = cg.origin(pid)
+                cg.apply(group, limits.Limits(cpu=cpu), lambda: [pid])
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+        assert moved is not None, "the rank was never slowed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if moved is not None:
+            cg.release(group, moved)
+
+
+COMMON = [*TINY, "--devices", "2", "--accumulation", "2", "--steps", "20", "--log-every", "1", "--eval-every", "20",
+          "--checkpoint-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same run with equal shares, with 3,1, and with auto while rank 1 is slowed (then resumed
+    from its step-10 checkpoint): one set for the tests below, which compare them."""
+    tmp = tmp_path_factory.mktemp("shares")
+    out = {name: tmp / name for name in ("equal", "weighted", "auto", "resumed")}
+    cli("train", *COMMON, "--shares", "equal", "--run-dir", str(out["equal"]), check=True)
+    # rank 0: 12 rows in 3 micro-batches, rank 1: 4 in 1
+    cli("train", *COMMON, "--shares", "3,1", "--run-dir", str(out["weighted"]), check=True)
+    _train_with_slow_rank(out["auto"], [*COMMON, "--shares", "auto"], rank=1, cpu=0.15)
+    shutil.copytree(out["auto"], out["resumed"])
+    shutil.rmtree(out["resumed"] / "checkpoints" / "step-000020")
+    cli("train", "--resume", str(out["resumed"]), check=True)
+    assert events(out["resumed"], "resume")[-1]["step"] == 10
+    return out
+
+
+def _same_losses(a, b):
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 21))
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+    assert a[-1]["loss"] < a[0]["loss"] - 0.5  # it learned: the comparison is not of two idle runs
+    # The replicas stay identical (each applies the same summed gradients).
+    assert all(len(set(m["param_checksum"])) == 1 for m in b)
 
 
 @pytest.mark.multiproc
-def test_unequal_shares_make_the_equal_splits_updates(tmp_path):
-    equal = _run(tmp_path, "equal", "--shares", "equal")
-    unequal = _run(tmp_path, "unequal", "--shares", "3,1")  # rank 0: 12 rows in 3 micro-batches, rank 1: 4 in 1
-    assert [m["step"] for m in equal] == [m["step"] for m in unequal] == list(range(1, 21))
-    for a, b in zip(equal, unequal):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
-    assert equal[-1]["loss"] < equal[0]["loss"] - 0.5  # it learned: the comparison is not of two idle runs
-    # The replicas of the unequal run stay identical (each applies the same summed gradients).
-    assert all(len(set(m["param_checksum"])) == 1 for m in unequal)
-    assert unequal[-1]["rows"] == [12, 4] and equal[-1]["rows"] == [8, 8]
+def test_unequal_shares_make_the_equal_splits_updates(runs):
+    equal, weighted = metrics(runs["equal"]), metrics(runs["weighted"])
+    _same_losses(equal, weighted)
+    assert weighted[-1]["rows"] == [12, 4] and equal[-1]["rows"] == [8, 8]
+    # monitor --performance on the real run: each rank's rows, its own compute and wait time, its memory.
+    spread = _spread_rows(runs["weighted"])
+    assert [row[:2] for row in spread] == [["0", "12"], ["1", "4"]]
+    assert all(float(row[2]) > 0 and float(row[3]) >= 0 for row in spread), spread
+    last = weighted[-1]  # rank 0's own times are the record's (its means, to the microsecond)
+    assert abs(last["rank_compute_s"][0] - last["compute_time_s"]) <= 1e-6
+
+
+def _spread_rows(run_dir) -> list:
+    """The body rows of `monitor --performance`'s per-rank spread table, split into cells."""
+    from rich.console import Console
+
+    from mlx_train.controller.monitor import spread_table, take_snapshot
+    from mlx_train.rundir import RunDir
+
+    console = Console(width=250, record=True)
+    console.print(spread_table(take_snapshot(RunDir(run_dir))))
+    cells = [line.replace("│", " ").split() for line in console.export_text().splitlines() if line.startswith("│")]
+    return [c for c in cells if c and c[0].isdigit()]
 
 
 @pytest.mark.multiproc
-def test_resume_is_exact_under_unequal_shares(tmp_path):
-    common = [*TINY, "--devices", "2", "--shares", "3,1", "--steps", "30", "--log-every", "10",
-              "--eval-every", "30", "--checkpoint-every", "10"]
-    straight, broken = straight_and_resumed(tmp_path, common, 20)
-    a = mx.load(str(straight / "checkpoints" / "step-000030" / "model.safetensors"))
-    b = mx.load(str(broken / "checkpoints" / "step-000030" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert np.array_equal(np.array(a[k]), np.array(b[k])), f"{k} differs after resume"
-    assert metrics(straight)[-1]["loss"] == metrics(broken)[-1]["loss"]
+def test_auto_shares_follow_a_slow_rank_with_the_equal_splits_updates(runs):
+    equal, auto = metrics(runs["equal"]), metrics(runs["auto"])
+    _same_losses(equal, auto)
+    assert auto[9]["rows"] == [8, 8]  # equal until the first gather (after step 10)
+    # The shares moved to the fast rank, and the checkpoint records those the steps after it use.
+    meta = json.loads((runs["auto"] / "checkpoints" / "step-000010" / "manifest.json").read_text())["meta"]
+    assert meta["shares"] == "auto" and sum(meta["rows"]) == 16 and meta["rows"][0] > meta["rows"][1], meta["rows"]
+    assert auto[10]["rows"] == meta["rows"]
+    # Every rank's compute and waiting are reported: the slow rank computed longer, the fast one waited.
+    assert all(len(m["rank_compute_s"]) == len(m["rank_wait_s"]) == 2 for m in auto)
+    assert sum(m["rank_compute_s"][1] for m in auto[1:10]) > sum(m["rank_compute_s"][0] for m in auto[1:10])
+    assert sum(m["rank_wait_s"][0] for m in auto[1:10]) > sum(m["rank_wait_s"][1] for m in auto[1:10])
+
+
+@pytest.mark.multiproc
+def test_auto_shares_resume_exactly(runs):
+    x = mx.load(str(runs["auto"] / "checkpoints" / "step-000020" / "model.safetensors"))
+    y = mx.load(str(runs["resumed"] / "checkpoints" / "step-000020" / "model.safetensors"))
+    assert sorted(x) == sorted(y)
+    for k in x:
+        assert np.array_equal(np.array(x[k]), np.array(y[k])), f"{k} differs after resume"
+    assert metrics(runs["resumed"])[-1]["rows"] == metrics(runs["auto"])[-1]["rows"]
 
 
 def test_monitor_shows_each_ranks_rows(tmp_path):

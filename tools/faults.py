@@ -40,8 +40,14 @@ wait_for = functools.partial(fleet_tools.wait_for, every=0.05)
 MLX_TRAIN = str(Path(sys.executable).parent / "mlx-train")
 TINY = ["--layers", "2", "--width", "64", "--heads", "2", "--seq-len", "64", "--batch-size", "4"]
 STEPS = 80
-JOB = [*TINY, "--steps", str(STEPS), "--checkpoint-every", "10", "--log-every", "1", "--eval-every", "1000",
-       "--min-devices", "2", "--max-restarts", "6", "--no-live"]
+
+
+def job(steps: int = STEPS, restarts: int = 6) -> List[str]:
+    """The matrix's job; the tests run it shorter (every fault is in by step 30)."""
+    return [*TINY, "--steps", str(steps), "--checkpoint-every", "10", "--log-every", "1", "--eval-every", "1000",
+            "--min-devices", "2", "--max-restarts", str(restarts), "--no-live"]
+
+
 REACTIONS = {Event.STALL, Event.RANK_EXIT, Event.DIVERGED, Event.BAD_STEP, Event.CHECKPOINT_FAILED,
              Event.CHECKPOINT_DAMAGED, Event.EXCLUDE, Event.RESTART, Event.ROLLBACK}
 INJECT_AFTER_STEP = 15
@@ -66,6 +72,8 @@ class Ctx:
     corpus: Path
     run: Path
     env: dict
+    steps: int = STEPS
+    restarts: int = 6
     proc: Optional[subprocess.Popen] = None
     notes: List[str] = field(default_factory=list)
 
@@ -79,7 +87,7 @@ class Ctx:
         return [x for x in self.events(Event.LAUNCH)[-1]["ranks"] if x["rank"] == r][0]
 
     def start(self, *extra: str) -> None:
-        argv = [MLX_TRAIN, "train", "--cluster", str(self.cluster), "--data", str(self.corpus), *JOB, *extra]
+        argv = [MLX_TRAIN, "train", "--cluster", str(self.cluster), "--data", str(self.corpus), *job(self.steps, self.restarts), *extra]
         self.proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -161,7 +169,7 @@ def _fill_h1(ctx: Ctx) -> None:
 
 def _unmount_h1(ctx: Ctx) -> None:
     # The final checkpoint lives in h1's tmpfs: copy it out for the comparison, then unmount.
-    final = _ckpt_dir(ctx) / f"step-{STEPS:06d}"
+    final = _ckpt_dir(ctx) / f"step-{ctx.steps:06d}"
     out = ctx.run / "final"
     ctx.fleet.run_in("h1", ["cp", "-r", str(final), str(out)], check=False)
     ctx.fleet.run_in("h1", ["umount", "-l", str(_ckpt_dir(ctx))], check=False)
@@ -204,11 +212,11 @@ FAULTS = [
 ]
 
 
-def final_params(run: Path) -> Dict[str, "object"]:
+def final_params(run: Path, steps: int = STEPS) -> Dict[str, "object"]:
     import mlx.core as mx
     import numpy as np
 
-    d = run / "final" if (run / "final").is_dir() else run / "checkpoints" / f"step-{STEPS:06d}"
+    d = run / "final" if (run / "final").is_dir() else run / "checkpoints" / f"step-{steps:06d}"
     return {k: np.array(v) for k, v in mx.load(str(d / "model.safetensors")).items()}
 
 
@@ -256,7 +264,7 @@ def measure(ctx: Ctx, t_inject: float, base: Optional[dict]) -> Row:
     if resume:
         done = max((m["step"] for m in ms if m.get("time", 0) < since), default=0)
         lost = max(0, done - resume["step"])
-    params = compare(base, final_params(ctx.run)) if base is not None else "-"
+    params = compare(base, final_params(ctx.run, ctx.steps)) if base is not None else "-"
     outcome = evs[-1]["event"] if evs else "?"
     kinds = []
     for e in after:
@@ -266,11 +274,11 @@ def measure(ctx: Ctx, t_inject: float, base: Optional[dict]) -> Row:
 
 
 def run_one(fleet, cluster: Path, corpus: Path, root: Path, fault: Optional[Fault], base: Optional[dict],
-            log=print) -> Row:
+            log=print, steps: int = STEPS) -> Row:
     run = root / (fault.name if fault else "baseline")
     env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200",
            **(fault.hook if fault else {})}
-    ctx = Ctx(fleet, cluster, corpus, run, env)
+    ctx = Ctx(fleet, cluster, corpus, run, env, steps=steps)
     ctx.start("--run-dir", str(run))
     try:
         if fault and fault.prepare:
@@ -347,10 +355,7 @@ def soak(fleet, cluster, corpus, root: Path, n: int, seed: int) -> str:
     rng = random.Random(seed)
     run = root / "soak"
     env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
-    ctx = Ctx(fleet, cluster, corpus, run, env)
-    global JOB
-    JOB = [a if a != str(STEPS) else "100000" for a in JOB]
-    JOB[JOB.index("--max-restarts") + 1] = str(4 * n)
+    ctx = Ctx(fleet, cluster, corpus, run, env, steps=100000, restarts=4 * n)
     ctx.start("--run-dir", str(run))
     faults = {f.name: f for f in FAULTS}
     done, t0 = [], time.time()
@@ -397,11 +402,8 @@ LOCAL_INJECT_AFTER = 60
 def local(root: Path, repeats: int) -> str:
     """SIGKILL rank 1 of the default local 2-rank run `repeats` times, once per run past step 60;
     the same table as the fleet's, against one run without a fault."""
-    global STEPS
-    STEPS = LOCAL_STEPS  # final_params reads the last checkpoint
-
     def start(run: Path) -> Ctx:
-        ctx = Ctx(None, None, None, run, {**os.environ, "COLUMNS": "200"})
+        ctx = Ctx(None, None, None, run, {**os.environ, "COLUMNS": "200"}, steps=LOCAL_STEPS)
         ctx.proc = subprocess.Popen([MLX_TRAIN, "train", *LOCAL_JOB, "--run-dir", str(run)], env=ctx.env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return ctx
@@ -410,7 +412,7 @@ def local(root: Path, repeats: int) -> str:
     out, _ = base.proc.communicate(timeout=600)
     if base.proc.returncode:
         raise RuntimeError(f"the baseline run failed:\n{out[-3000:]}")
-    params = final_params(base.run)
+    params = final_params(base.run, LOCAL_STEPS)
     fault = Fault("kill-rank-local", "SIGKILL rank 1, default local 2-rank run", _signal_rank("KILL"))
     rows = []
     for i in range(repeats):
@@ -470,7 +472,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)
     text = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on the 3-host test fleet ({len(rows)} faults, "
-            f"{time.time() - t0:.0f} s in all); job: {' '.join(JOB)}\n\n{table(rows)}\n")
+            f"{time.time() - t0:.0f} s in all); job: {' '.join(job())}\n\n{table(rows)}\n")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(text)
     print("\n" + text)

@@ -129,12 +129,25 @@ class DistributedConfig(_Yaml):
                             "core the rank owns, up to 8; 1: off). GPU ranks use 1", "--cpu-threads")
     # Each rank's rows of every global batch (rank/batcher.py split_rows); the step's mathematics is the
     # equal split's whatever the shares (docs/advanced_training.md, "Unequal shares of the batch").
-    shares: str = knob("equal", "each rank's share of the global batch: 'equal', 'auto' (equal until measured "
-                       "speeds exist), or one positive weight per device, e.g. 3,1 (rank 0 gets 3/4 of the rows)",
+    shares: str = knob("equal", "each rank's share of the global batch: 'equal', 'auto' (equal at first, then in "
+                       "proportion to each rank's measured speed, re-balanced when that pays), or one positive weight "
+                       "per device, e.g. 3,1 (rank 0 gets 3/4 of the rows)",
                        "--shares", metavar="equal|auto|W1,W2,...")
+    # A training pipeline (rank/pipeline.py): the devices are S x R, rank = replica x S + stage, so a
+    # stage's neighbours are ring neighbours (the ring backend's send/recv reach no further).
+    pipeline_stages: int = knob(1, "split the model's layers over S consecutive devices (a training pipeline, "
+                                "1F1B over the --accumulation micro-batches; devices = S x replicas, each replica "
+                                "a data-parallel copy of the pipeline; docs/pipeline.md)", "--pipeline-stages")
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
+        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections",
+                      "pipeline_stages")
+        check(self.num_devices % self.pipeline_stages == 0,
+              f"pipeline_stages {self.pipeline_stages} does not divide {self.num_devices} devices: the devices "
+              f"are stages x replicas (e.g. --devices {self.pipeline_stages * 2} for 2 replicas)")
+        check(self.pipeline_stages == 1 or self.shares in ("equal", "auto"),
+              f"shares {self.shares!r} with pipeline_stages {self.pipeline_stages}: a pipeline's replicas take "
+              "equal shares of the batch (drop --shares)")
         check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         check(isinstance(self.cpu_threads, int) and not isinstance(self.cpu_threads, bool)
               and 0 <= self.cpu_threads <= 256, f"cpu_threads must be 0 (automatic) to 256, got {self.cpu_threads!r}")
@@ -146,11 +159,25 @@ class DistributedConfig(_Yaml):
               "(e.g. 3,1 for two), or 'equal'")
 
     @property
+    def replicas(self) -> int:
+        """Data-parallel copies of the model: every device, or every pipeline of `pipeline_stages`."""
+        return self.num_devices // self.pipeline_stages
+
+    @property
     def global_batch_size(self) -> int:
-        return self.num_devices * self.batch_size_per_device * self.gradient_accumulation
+        # A pipeline's stages share their replica's micro-batches: only replicas add rows.
+        return self.replicas * self.batch_size_per_device * self.gradient_accumulation
+
+    def data_view(self) -> "DistributedConfig":
+        """How the data is split: over the replicas (each a pipeline's stages, all reading the same
+        rows); the config itself without a pipeline."""
+        if self.pipeline_stages == 1:
+            return self
+        return dataclasses.replace(self, num_devices=self.replicas, pipeline_stages=1)
 
     def share_weights(self) -> Optional[Tuple[float, ...]]:
-        """The explicit weights of --shares, or None for equal shares ('equal', and 'auto' until measured)."""
+        """The explicit weights of --shares, or None: equal shares ('equal'; 'auto' starts equal and the
+        ranks re-share from measured speeds, rank/balance.py)."""
         if self.shares in ("equal", "auto"):
             return None
         try:
@@ -318,6 +345,9 @@ class TrainConfig(_Yaml):
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
         check(self.memory_budget is None or self.memory_budget > 0, "memory_budget must be positive bytes")
         check(self.shard in SHARD_CHOICES, f"shard must be one of {', '.join(SHARD_CHOICES)}, got {self.shard!r}")
+        check(self.dist.pipeline_stages == 1 or self.shard in ("auto", "none"),
+              f"shard {self.shard} with pipeline_stages {self.dist.pipeline_stages}: a pipeline's stages hold their "
+              "own layers already (drop --shard)")
         # A level chosen with --shard wins over a shard_level left from before (a resume with --shard).
         check(self.shard_level is None or self.shard_level in SHARD_LEVELS,
               f"shard_level must be one of {', '.join(SHARD_LEVELS)}, got {self.shard_level!r}")
@@ -376,21 +406,25 @@ class Split:
     checkpointing: bool = False
     precision: str = "fp32"
     shard: str = "none"    # a resolved level (SHARD_LEVELS), never "auto"
+    stages: int = 1        # pipeline stages: the devices are stages x replicas, and only replicas add rows
 
     def __post_init__(self) -> None:
-        _positive_int(self, "global_batch", "devices", "batch", "accumulation")
+        _positive_int(self, "global_batch", "devices", "batch", "accumulation", "stages")
+        check(self.devices % self.stages == 0, f"{self.devices} devices do not split into {self.stages} pipeline stages")
         check(isinstance(self.checkpointing, bool), f"checkpointing must be True or False, got {self.checkpointing!r}")
         check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         check(self.shard in SHARD_LEVELS, f"shard must be one of {', '.join(SHARD_LEVELS)}, got {self.shard!r}")
-        check(self.devices * self.batch * self.accumulation == self.global_batch,
-              f"{self.devices} devices x {self.batch} per device x {self.accumulation} accumulation is "
-              f"{self.devices * self.batch * self.accumulation}, not the global batch {self.global_batch}")
+        replicas = self.devices // self.stages
+        check(replicas * self.batch * self.accumulation == self.global_batch,
+              f"{replicas} {'replicas' if self.stages > 1 else 'devices'} x {self.batch} per device x "
+              f"{self.accumulation} accumulation is {replicas * self.batch * self.accumulation}, not the global batch "
+              f"{self.global_batch}")
 
     @classmethod
     def of(cls, cfg: "TrainConfig") -> "Split":
         d = cfg.dist
         return cls(d.global_batch_size, d.num_devices, d.batch_size_per_device, d.gradient_accumulation,
-                   cfg.grad_checkpoint, cfg.precision, shard_level_of(cfg))
+                   cfg.grad_checkpoint, cfg.precision, shard_level_of(cfg), d.pipeline_stages)
 
     def apply(self, cfg: "TrainConfig") -> "TrainConfig":
         """`cfg` split this way; everything else (backend, ring connections, ...) stays. A level other than
@@ -411,7 +445,8 @@ class Split:
         # An unsharded split records what it always did.
         return {"devices": self.devices, "global_batch": self.global_batch, "batch_size_per_device": self.batch,
                 "gradient_accumulation": self.accumulation, "grad_checkpoint": self.checkpointing,
-                "precision": self.precision, **({"shard": self.shard} if self.shard != "none" else {})}
+                "precision": self.precision, **({"shard": self.shard} if self.shard != "none" else {}),
+                **({"pipeline_stages": self.stages} if self.stages > 1 else {})}
 
     def __str__(self) -> str:
         return (f"{self.batch} per device x {self.accumulation} accumulation, "

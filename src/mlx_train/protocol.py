@@ -133,6 +133,11 @@ class Metrics(Message):
     gathered_bytes: int = 0
     # Each rank's rows of every global batch, by rank: equal, or split by --shares (rank/batcher.py).
     rows: Optional[list] = None
+    # Each rank's own mean compute and sync seconds per step, by rank; a sync lasts until the slowest
+    # rank joins it, so what a rank's took beyond the quickest rank's (rank_wait_s) is waiting for the others.
+    rank_compute_s: Optional[list] = None
+    rank_comm_s: Optional[list] = None
+    rank_wait_s: Optional[list] = None
     val_loss: Optional[float] = None  # validation loss, at an evaluation
     sample: Optional[str] = None  # the embedded GPT's text after a fixed prompt, at an evaluation (rank/sample.py)
 

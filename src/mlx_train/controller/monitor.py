@@ -111,8 +111,74 @@ def render(snap: Snapshot, performance: bool = False):
         ranks.add_row(str(r), human(mem), f"{ck:08x}", *([str(rows[r])] if r < len(rows) else []))
     parts = [head, ranks]
     if performance:
-        parts.append(performance_table(snap))
+        parts += [performance_table(snap), spread_table(snap)]
     return Group(*parts)
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """The memory model's peak per rank (what mx.get_peak_memory should show) for the run's config:
+    at its own shard level, and at `none`, what data parallel would need."""
+    level: str
+    at_level: int
+    data_parallel: int
+
+
+def memory_need(cfg) -> Optional[MemoryNeed]:
+    """None when the planner cannot size the model (a factory's, or a hub id: monitor fetches nothing)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from mlx_train.config import ModelKind, shard_level_of
+    from mlx_train.planning.planner import MemoryOptimizer
+
+    if not cfg.model.kind.knows_shape or (cfg.model.kind is ModelKind.PRETRAINED
+                                          and not Path(cfg.model.name).expanduser().is_dir()):
+        return None
+    level = shard_level_of(cfg)
+    try:
+        at = MemoryOptimizer.estimate(cfg)
+        dp = at if level == "none" else MemoryOptimizer.estimate(replace(cfg, shard="none", shard_level=None))
+    except (UserError, OSError, ValueError):
+        return None
+    return MemoryNeed(level, at, dp)
+
+
+def spread_table(snap: Snapshot) -> Table:
+    """How the latest logged step was spread over the ranks, by rank: its rows of the global batch, its
+    compute time and its time in the step's collectives (the all-reduce, or sharded the reduce-scatter
+    and gathers: a rank that finishes its share first waits there for the others), the bytes it
+    reduce-scattered and gathered, and its peak memory against the memory model's need at the run's
+    shard level and at data parallel's (level none)."""
+    from mlx_train.config import shard_level_of
+
+    cfg = snap.run.load_config()
+    last = snap.last or {}
+    level = shard_level_of(cfg)
+    need = memory_need(cfg)
+    peaks = last.get("peak_memory") or []
+    n = len(peaks)
+
+    def by_rank(key: str) -> list:
+        # A record from before these were logged has none ("-").
+        v = last.get(key)
+        return v if isinstance(v, list) and len(v) == n else [None] * n
+
+    compute, wait, rows = by_rank("rank_compute_s"), by_rank("rank_wait_s"), by_rank("rows")
+    scattered, gathered = last.get("scattered_bytes", 0), last.get("gathered_bytes", 0)
+    title = f"spread over the ranks (step {last.get('step', '-')}): shard level {level}"
+    if need is not None:
+        title += f"; memory model peak per rank {human(need.at_level)}, data parallel {human(need.data_parallel)}"
+    t = Table(title=title, title_justify="left")
+    for col in ("rank", "rows", "compute s", "wait s", "reduce-scattered B/step", "gathered B/step",
+                "peak memory", "vs data parallel"):
+        t.add_column(col, justify="right")
+    for r in range(n):
+        vs_dp = f"{peaks[r] / need.data_parallel:.2f}x" if need is not None and need.data_parallel else "-"
+        t.add_row(str(r), "-" if rows[r] is None else str(rows[r]),
+                  "-" if compute[r] is None else f"{compute[r]:.4f}", "-" if wait[r] is None else f"{wait[r]:.4f}",
+                  f"{scattered:,}", f"{gathered:,}", human(peaks[r]), vs_dp)
+    return t
 
 
 def performance_table(snap: Snapshot, rows: int = 8) -> Table:
@@ -210,5 +276,6 @@ def _follow(run: RunDir, refresh_s: float, performance: bool = False) -> int:
             print(f"{snap.state} at step {shown} ({snap.restarts} restarts)", flush=True)
             if performance and snap.metrics:  # piped, --performance printed nothing more (the guide's command)
                 Console(width=200).print(performance_table(snap))
+                Console(width=200).print(spread_table(snap))
             return 0
         time.sleep(refresh_s)

@@ -121,6 +121,21 @@ def _check_hosts(hosts: List[Host], where: str) -> None:
         addrs[h.addr] = h.name
 
 
+def leave_out_slow(opts: RunOptions, cfg: TrainConfig, hosts: List[Host], flags: dict) -> Tuple[List[Host], TrainConfig]:
+    """The cluster's hosts less any too slow to help (planning/planner.py hosts_to_run), with one line
+    naming them; not when the user fixed the ranks (--devices, explicit --shares weights) or resumes."""
+    if opts.resume or "num_devices" in flags.get("dist", {}) or cfg.dist.share_weights() is not None:
+        return hosts, cfg
+    from mlx_train.planning.planner import hosts_to_run, resplit
+
+    leaving = hosts_to_run(cfg, hosts)
+    if not leaving.left_out:
+        return hosts, cfg
+    print(leaving.line, flush=True)
+    kept = list(leaving.kept)
+    return kept, resplit(cfg, sum(h.slots for h in kept))
+
+
 def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     """--optimize-memory: the planner's split of the requested global batch for this budget."""
     from mlx_train.planning.planner import split_for
@@ -208,14 +223,18 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     cfg = resolve_config(flags, opts)
     reporting.check(opts.trackers)  # a missing tracker package: one line, before anything is written
     hosts, cfg = hosts_for(opts, cfg, flags)
+    hosts, cfg = leave_out_slow(opts, cfg, hosts, flags)
     cfg = check_inputs(cfg)  # the data sets the vocabulary, so it comes before any memory judgement
     check_fits(cfg, hosts)
     if opts.optimize_memory:
         cfg = plan_for_budget(cfg, hosts)
-    from mlx_train.planning.planner import resolve_shard
+    from mlx_train.planning.planner import replica_warning, resolve_shard
 
     # Recorded in config.yaml, so the ranks run at the level planned for (TrainConfig.shard_level).
     cfg = replace(cfg, shard_level=resolve_shard(cfg, hosts))
+    warning = replica_warning(cfg, hosts)
+    if warning:
+        print(warning, flush=True)
     run = RunDir(opts.resume or opts.run_dir or RUNS_ROOT / new_run_id())
     if opts.resume:
         check_resumable(run)

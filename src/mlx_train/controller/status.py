@@ -8,11 +8,12 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from rich.console import Console
 from rich.table import Table
 
+from mlx_train.events import Event
 from mlx_train.rank import pidrecords
 from mlx_train.units import human
 from mlx_train.rundir import RUNS_ROOT, RunDir
@@ -71,6 +72,66 @@ def runs_in_progress(root: Path = RUNS_ROOT) -> List[dict]:
     return runs
 
 
+def measured_speeds(launch: Optional[dict], metrics: List[dict]) -> Dict[str, float]:
+    """Each host's measured speed, rows per second per rank, from a run's newest metrics line that has
+    every rank's rows and compute time (`rows` / `rank_compute_s`; the mean over the host's ranks) and
+    the launch that placed the ranks ({} when the run recorded neither)."""
+    line = next((m for m in reversed(metrics) if m.get("rows") and m.get("rank_compute_s")), None)
+    if launch is None or line is None:
+        return {}
+    by_host: Dict[str, List[float]] = {}
+    for r in launch.get("ranks", []):
+        rank, host = r["rank"], r["host"]
+        if rank < len(line["rows"]) and rank < len(line["rank_compute_s"]) and line["rank_compute_s"][rank] > 0:
+            by_host.setdefault(host, []).append(line["rows"][rank] / line["rank_compute_s"][rank])
+    return {host: sum(v) / len(v) for host, v in by_host.items()}
+
+
+def newest_measured(runs: List[dict], root: Path = RUNS_ROOT) -> Tuple[Optional[str], Dict[str, float]]:
+    """(run dir, its hosts' measured speeds) of the newest run with speeds: those in progress here
+    first, then the newest under `root`."""
+    dirs = [Path(r["run_dir"]) for r in runs]
+    if root.is_dir():
+        done = [p for p in root.glob("*/metrics.jsonl")]
+        dirs += [p.parent for p in sorted(done, key=lambda p: p.stat().st_mtime, reverse=True)[:5]]
+    for d in dirs:
+        rd = RunDir(d)
+        launched = rd.events(Event.LAUNCH) if rd.path.is_dir() else []
+        speeds = measured_speeds(launched[-1] if launched else None, rd.metrics() if rd.path.is_dir() else [])
+        if speeds:
+            return str(d), speeds
+    return None, {}
+
+
+def speed_rows(hosts: List, measured: Dict[str, float]) -> List[Tuple[str, str, str, str]]:
+    """Per host: (name, cores it may use, the cluster file's speed, the run's measured speed), '-' where
+    none. A local host's ranks report the machine's own name, so a lone localhost takes the only one."""
+    rows = []
+    for h in hosts:
+        seen = measured.get(h.name)
+        if seen is None and h.name == "localhost" and len(measured) == 1 and len(hosts) == 1:
+            seen = next(iter(measured.values()))
+        rows.append((h.name, f"{h.cpus:g}" if h.cpus else "-", f"{h.speed:.1f}" if h.speed else "-",
+                     f"{seen:.1f}" if seen is not None else "-"))
+    return rows
+
+
+def print_speeds(console: Console, cluster_file: Optional[str], runs: List[dict]) -> None:
+    """The table of each host's speed: what the planner leaves a host too slow to help out by."""
+    from mlx_train.fleet.hosts import configured, load_cluster
+
+    if cluster_file is None and configured() is None:
+        return
+    where, measured = newest_measured(runs)
+    t = Table(title="host speeds (rows per second per rank)" + (f", measured in {where}" if where else ""),
+              title_justify="left")
+    for col in ("host", "cpus", "speed (cluster file)", "measured"):
+        t.add_column(col)
+    for row in speed_rows(load_cluster(cluster_file).hosts, measured):
+        t.add_row(*row)
+    console.print(t)
+
+
 def status(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
     # Piped or logged: wide enough that host rows and run ids are not folded.
     console = Console(width=None if Console().is_terminal else 200)
@@ -89,7 +150,9 @@ def status(cluster_file: Optional[str] = None, local_only: bool = False) -> int:
     if not local_only:
         from mlx_train.fleet.status import print_fleet_status
 
-        return print_fleet_status(console, cluster_file)
+        code = print_fleet_status(console, cluster_file)
+        print_speeds(console, cluster_file, runs)
+        return code
     return 0
 
 

@@ -40,6 +40,7 @@ iface=$1
 py=$2
 echo "os=$(uname -s)"
 echo "cores=$( (nproc || sysctl -n hw.ncpu) 2>/dev/null)"
+echo "chip=$( (sysctl -n machdep.cpu.brand_string || sed -n 's/^model name[[:space:]]*: *//p' /proc/cpuinfo | head -n 1) 2>/dev/null)"
 # awk prints large products in %g, so Linux reports kB and Python multiplies.
 if [ -r /proc/meminfo ]; then echo "memory_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
 else echo "memory=$(sysctl -n hw.memsize 2>/dev/null)"; fi
@@ -211,7 +212,8 @@ def probe(name: str, hostvars: dict) -> Tuple[Host, int, dict]:
     if group_memory is not None:
         physical = group_memory if physical is None else min(physical, group_memory)
     cpus = float(cores_n) if group_cpus is None else min(float(cores_n), round(group_cpus, 3))
-    host = Host(dest, addr, iface=iface, python=facts["python"], memory=physical, cpus=cpus)
+    host = Host(dest, addr, iface=iface, python=facts["python"], memory=physical, cpus=cpus,
+                chip=facts.get("chip", "").strip() or None)
     return host, cores_n, node
 
 

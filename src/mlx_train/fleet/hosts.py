@@ -5,7 +5,8 @@ from an Ansible inventory (and the nodes' provisioned facts); read by `train --d
 `optimize`, `status`, `check-network` and `reset-distributed`. Each host: `name` (ssh
 destination), `addr` (pinned interface address for the ring backend), `iface`, `python`
 (absolute interpreter), `memory` (bytes), `cpus` (cores' worth of CPU it may use: its core count,
-or less under a cgroup CPU quota), `slots` (ranks). At the top, `backend`: the one the
+or less under a cgroup CPU quota), `slots` (ranks), `chip` (its processor, as configure found it), and
+optionally `speed` (rows per second per rank, as measured: `mlx-train status` shows it). At the top, `backend`: the one the
 nodes were provisioned for (Ansible's `mlx_backend`), which `train --distributed` defaults to.
 """
 
@@ -34,6 +35,8 @@ class Host:
     slots: int = 1               # ranks this host takes
     memory: Optional[int] = None  # bytes of device memory, from the cluster file (remote hosts)
     cpus: Optional[float] = None  # cores' worth of CPU time (a cgroup quota may make it fractional)
+    chip: Optional[str] = None   # the processor configure found ("Apple M2 Max"): unequal hardware (planner)
+    speed: Optional[float] = None  # rows per second per rank, when measured (planner: a host too slow to help)
     # Set before launch, never from the file: where the run's model and data lie on this host
     # (the path the config names -> its copy in this host's cache, ship.py).
     placed: Dict[str, str] = field(default_factory=dict)
@@ -76,7 +79,8 @@ def load_cluster(path: Optional[str] = None) -> Cluster:
         hosts = [Host(name=str(h["name"]), addr=str(h["addr"]), iface=str(h.get("iface") or ""),
                       python=str(h["python"]), slots=int(h.get("slots", 1)),
                       memory=int(h["memory"]) if h.get("memory") is not None else None,
-                      cpus=_cpus(h.get("cpus")))
+                      cpus=_cpus(h.get("cpus")), chip=str(h["chip"]) if h.get("chip") else None,
+                      speed=float(h["speed"]) if h.get("speed") is not None else None)
                  for h in data["hosts"]]
         backend = data.get("backend")
     except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
@@ -86,6 +90,10 @@ def load_cluster(path: Optional[str] = None) -> Cluster:
     if bad is not None:
         raise UserError(f"{p}: host {bad.name} has cpus {bad.cpus!r}, not a number of cores from 0 to {MAX_CPUS}: "
                         "fix it, or regenerate the file with `mlx-train configure --distributed`")
+    slow = next((h for h in hosts if h.speed is not None and not 0 < h.speed < float("inf")), None)
+    if slow is not None:
+        raise UserError(f"{p}: host {slow.name} has speed {slow.speed!r}, not a positive number of rows per second: "
+                        "fix it or remove it")
     if not hosts:
         raise UserError(f"{p} lists no hosts: regenerate it with `mlx-train configure --distributed`")
     return Cluster(p, hosts, str(backend) if backend else None)
@@ -106,7 +114,8 @@ def load_hosts(path: Optional[str] = None) -> List[Host]:
 def write_cluster(path: Path, hosts: List[Host], backend: Optional[str]) -> None:
     data = {**({"backend": backend} if backend else {}),
             "hosts": [{"name": h.name, "addr": h.addr, "iface": h.iface, "python": h.python, "memory": h.memory,
-                       "cpus": h.cpus, "slots": h.slots} for h in hosts]}
+                       "cpus": h.cpus, "slots": h.slots, **({"chip": h.chip} if h.chip else {}),
+                       **({"speed": h.speed} if h.speed is not None else {})} for h in hosts]}
     path.write_text("# Written by `mlx-train configure --distributed`; one rank per slot.\n"
                     + yaml.safe_dump(data, sort_keys=False))
 

@@ -76,6 +76,16 @@ LOGITS_BF16_COPIES = {False: 3.4, True: 2.4}
 # (2 ranks: 6.9 against 6.0 copies).
 UPDATE_WEIGHT_AND_GRAD_COPIES = 4
 UPDATE_TEMPORARIES = 4
+# Measured on ring ranks (bench/shard_memory.py, fp32, 2 and 3 ranks, docs/sharding.md "Memory model
+# against measured"): with more than one device the update holds more than the copies above, the
+# all-reduce's packed send buffer and its sum beside the gradient tree: data parallel ~1.7 copies more
+# (the same at 2 and 3 ranks; it replaces the 1 copy bf16 was measured to add before the buckets).
+SYNC_COPIES = 1.7
+# The update peak of the sharded levels below `full` with more than one device, in copies of the
+# trainable parameters as (whole, divided by N), AdamW's two moments included: fitted on the same
+# measurements. `gradients` holds two whole copies more than its 1/N slices suggest: on ring and MPI
+# the reduce-scatter (rank/collectives.py) packs the whole gradient tree into one flat buffer first.
+SHARDED_UPDATE_COPIES = {"optimizer": (3.0, 6.7), "gradients": (4.0, 3.7)}
 
 
 class _Record(Mapping):
@@ -393,8 +403,8 @@ def step_memory(shape: ModelShape, batch: int, accumulation: int = 1, checkpoint
     activations = activation_bytes(shape, batch, checkpointing, precision)
 
     backward_peak = parameters + optimizer_state + accumulator + activations
-    update_copies = UPDATE_WEIGHT_AND_GRAD_COPIES + state_copies + (precision == "bf16" and num_devices > 1)
-    update_peak = update_copies * fp32 + frozen + UPDATE_TEMPORARIES * per * shape.largest_tensor
+    update_copies = UPDATE_WEIGHT_AND_GRAD_COPIES + state_copies + (SYNC_COPIES if num_devices > 1 else 0)
+    update_peak = int(update_copies * fp32 + frozen + UPDATE_TEMPORARIES * per * shape.largest_tensor)
     peak = max(backward_peak, update_peak)
     return MemoryBreakdown(
         parameters=parameters, gradients=fp32 + accumulator, optimizer_state=optimizer_state,
@@ -484,6 +494,10 @@ def _sharded_step_memory(shape, batch: int, accumulation: int, checkpointing: bo
     relayed = 1 if precision == "bf16" and n > 1 else 0  # as data parallel: bf16 keeps the reduced copy apart
     update_peak = int(2 * per * P * p_share + (2 + relayed) * per * P * g_share + optimizer_state + frozen
                       + UPDATE_TEMPORARIES * per * shape.largest_tensor / n)
+    if n > 1 and level in SHARDED_UPDATE_COPIES:
+        whole, divided = SHARDED_UPDATE_COPIES[level]
+        update_peak = int((whole + (divided - (OPTIMIZER_STATE_COPIES["adamw"] - k)) / n) * per * P + frozen
+                          + UPDATE_TEMPORARIES * per * shape.largest_tensor / n)
     peak = max(backward_peak, update_peak)
     gradients = int(per * P * g_share) + accumulator
     return MemoryBreakdown(

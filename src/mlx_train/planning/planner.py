@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from mlx_train.config import (PRECISIONS, SHARD_CHOICES, SHARD_LEVELS, DistributedConfig, FineTuneConfig,
                               ModelConfig, ModelKind, Split, TrainConfig, check, model_kind, positive_int,
@@ -107,6 +107,9 @@ def split_for(cfg: TrainConfig, hosts: Iterable[Shared], keep_mode: bool = False
                                               activation_checkpointing=cfg.grad_checkpoint)
     if plan is None or not plan.fits:
         plan = MemoryOptimizer.suggest_config(**common)
+    if plan.fits and cfg.shard == "auto" and plan.shard == "none" and least_level(hosts) != "none":
+        # A higher level holds less, so the plan still fits; its breakdown stays the unsharded one.
+        plan = dataclasses.replace(plan, shard=least_level(hosts))
     if not plan.fits:
         full = "" if cfg.shard in ("auto", "full") or n == 1 else "--shard full or auto, "
         raise UserError(f"no split of the global batch {g} over {n} devices fits {budget / 2**20:.0f} MiB per "
@@ -132,25 +135,63 @@ def resolve_shard(cfg: TrainConfig, hosts: Iterable[Shared]) -> str:
     """The shard level `cfg` runs at on `hosts`, decided before launch and recorded in config.yaml
     (TrainConfig.shard_level): the level chosen with --shard, or for `auto` the least level at which the
     run's own split fits the budget every rank gets there, judged as split_for judges it (so a split it
-    planned keeps its level). `none` on one device or for a model of unknown shape. When no level fits
-    the split (the out-of-memory ladder will cut it), the least level within MIN_LEVEL_SAVING of the
-    smallest need."""
+    planned keeps its level). `none` on one device or for a model of unknown shape, and never less than
+    least_level (`optimizer` on unequal hardware). When no level fits the split (the out-of-memory ladder
+    will cut it), the least level within MIN_LEVEL_SAVING of the smallest need."""
     hosts = list(hosts)
     n = sum(h.slots for h in hosts)
     if cfg.shard != "auto":
         return cfg.shard
-    if n == 1 or not cfg.model.kind.knows_shape:
+    if n == 1:
         return "none"
+    floor = least_level(hosts)
+    if not cfg.model.kind.knows_shape:
+        return floor
+    levels = SHARD_LEVELS[SHARD_LEVELS.index(floor):]
     usable = (rank_budget_for(cfg, hosts) + RUNTIME_OVERHEAD) * SPLIT_SAFETY
     shape = model_shape(cfg.model, cfg.fine_tune)
     need = {level: step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation,
                                cfg.grad_checkpoint, cfg.precision, num_devices=n, shard=level).total
-            for level in SHARD_LEVELS}
-    fits = [level for level in SHARD_LEVELS if need[level] <= usable]
+            for level in levels}
+    fits = [level for level in levels if need[level] <= usable]
     if fits:
         return fits[0]
     least = min(need.values())
-    return next(level for level in SHARD_LEVELS if need[level] - least <= MIN_LEVEL_SAVING * need[level])
+    return next(level for level in levels if need[level] - least <= MIN_LEVEL_SAVING * need[level])
+
+
+# ---------------------------------------------------------------- unequal hardware
+#
+# Data-parallel ranks each apply AdamW to the same summed gradients: their parameters stay bit-identical
+# only if their arithmetic is, and chips of different generations may round a reduction or a square root
+# differently. The checksum comparison (controller/divergence.py) would then call every attempt
+# diverged. On such a fleet the least level is `optimizer`: each parameter's update is computed once,
+# by the rank that owns its slice, and gathered into every rank (rank/spread.py Sharded), so the
+# replicas are identical by construction, at the cost of one all-gather of the parameters per step.
+REPLICA_LEVEL = "optimizer"
+
+
+def unequal_chips(hosts: Iterable[Any]) -> tuple:
+    """The distinct processors the cluster file records for `hosts`, when there are several (else ()).
+    A host without one (a file from before configure recorded it, a local run) is not counted."""
+    chips = sorted({c for c in (getattr(h, "chip", None) for h in hosts) if c})
+    return tuple(chips) if len(chips) > 1 else ()
+
+
+def least_level(hosts: Iterable[Any]) -> str:
+    """The least shard level `--shard auto` may choose on `hosts`: `optimizer` on unequal hardware."""
+    return REPLICA_LEVEL if unequal_chips(hosts) else "none"
+
+
+def replica_warning(cfg: TrainConfig, hosts: Iterable[Any]) -> Optional[str]:
+    """The one line a run chosen at `--shard none` on unequal hardware prints before launch (None otherwise)."""
+    hosts = list(hosts)
+    chips = unequal_chips(hosts)
+    if cfg.shard != "none" or not chips or sum(h.slots for h in hosts) < 2:
+        return None
+    return (f"warning: --shard none on unequal hardware ({', '.join(chips)}): every rank applies AdamW itself, "
+            "and chips that round differently make the ranks' parameters differ, which the divergence check "
+            f"reports as a divergence; --shard {REPLICA_LEVEL} (or auto) computes each update once and shares it")
 
 
 def _divisors_desc(n: int) -> list:
@@ -414,3 +455,165 @@ def _recovery(current: Any) -> Any:
     if isinstance(current, Mapping):
         return {**values, **changes}
     return dataclasses.replace(current, **changes)
+
+
+# ---------------------------------------------------------------- a host too slow to help
+#
+# A synchronous step ends when the last rank's share is done. With equal shares every rank computes
+# G/n rows, so the step takes (G/n) / (the slowest rank's rows per second): a host slower than
+# (n-1)/n of the next slowest makes the run slower than the others alone. With shares by speed
+# (--shares auto) the step takes G / (the sum of the speeds): another host always adds compute, and
+# only the sync it adds (a further hop of every all-reduce) can outweigh it.
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """The planner's choice of hosts: those kept, those left out, and the one line that says so."""
+    kept: tuple
+    left_out: tuple
+    step_s: float        # the predicted step with the hosts kept (in the speeds' units: rows / rows per s)
+    all_step_s: float    # ... and with every host
+    line: Optional[str] = None
+
+
+def host_speeds(hosts: Sequence[Any]) -> Optional[tuple]:
+    """Each host's speed per rank, and whether it was measured: the cluster file's `speed` (rows per
+    second per rank) when every host has one, else each rank's cores (`cpus` over `slots`: relative
+    only), else None (nothing to judge by)."""
+    if hosts and all(getattr(h, "speed", None) for h in hosts):
+        return tuple(float(h.speed) for h in hosts), True
+    if hosts and all(getattr(h, "cpus", None) for h in hosts):
+        return tuple(float(h.cpus) / max(1, h.slots) for h in hosts), False
+    return None
+
+
+def predicted_step_s(speeds: Sequence[float], slots: Sequence[int], global_batch: int, by_speed: bool,
+                     sync_s: Callable[[int], float] = lambda n: 0.0) -> float:
+    """The scaling model's step time of `global_batch` rows on hosts of per-rank `speeds` with `slots`
+    ranks each: equal shares wait for the slowest rank, shares by speed for none; plus the sync of
+    that many ranks (`sync_s(n)`, seconds; only comparable when the speeds are measured rows per second)."""
+    n = sum(slots)
+    if by_speed:
+        compute = global_batch / sum(s * k for s, k in zip(speeds, slots))
+    else:
+        compute = global_batch / n / min(speeds)
+    return compute + sync_s(n)
+
+
+def without_slow_hosts(hosts: Sequence[Any], speeds: Sequence[float], global_batch: int, by_speed: bool,
+                       sync_s: Callable[[int], float] = lambda n: 0.0) -> Leaving:
+    """The hosts the run is fastest on (a pure function). The candidates are the fastest hosts first
+    (a slower one only ever lowers an equal share's pace), each set's ranks dividing the global batch;
+    the fastest prediction wins, a tie keeps more hosts. The first host is never left out alone: a run
+    needs one."""
+    order = sorted(range(len(hosts)), key=lambda i: (-speeds[i], i))
+    slots = [h.slots for h in hosts]
+
+    def step(chosen: Sequence[int]) -> float:
+        return predicted_step_s([speeds[i] for i in chosen], [slots[i] for i in chosen], global_batch, by_speed,
+                                sync_s)
+
+    everyone = step(order)
+    best, best_s = list(order), everyone
+    for k in range(len(order) - 1, 0, -1):
+        chosen = order[:k]
+        if global_batch % sum(slots[i] for i in chosen):
+            continue
+        t = step(chosen)
+        if t < best_s * (1 - 1e-9):
+            best, best_s = chosen, t
+    kept = tuple(hosts[i] for i in sorted(best))
+    left = tuple(hosts[i] for i in order if i not in best)
+    line = None
+    if left:
+        names = ", ".join(f"{h.name} ({speeds[hosts.index(h)]:g})" for h in left)
+        line = (f"leaving out {names}: too slow to help, the run is faster without it (a step in "
+                f"{best_s / everyone:.0%} of the time with every host at "
+                f"{'shares by speed' if by_speed else 'equal shares'}; per-rank speeds in brackets)")
+    return Leaving(kept, left, best_s, everyone, line)
+
+
+def hosts_to_run(cfg: TrainConfig, hosts: Sequence[Any]) -> Leaving:
+    """without_slow_hosts for `cfg` on `hosts`, by the speeds host_speeds finds: equal shares unless
+    --shares auto; the sync counted only when the speeds are measured (seconds comparable) and the link's
+    rate is known (--link-gbps) for a model of known shape. Everyone is kept when nothing can be judged."""
+    hosts = list(hosts)
+    found = host_speeds(hosts) if len(hosts) > 1 else None
+    if found is None:
+        return Leaving(tuple(hosts), (), 0.0, 0.0)
+    speeds, measured = found
+    sync: Callable[[int], float] = lambda n: 0.0
+    if measured and cfg.dist.link_gbps and cfg.model.kind.knows_shape:
+        from mlx_train.planning.perf import Link, allreduce_s
+
+        nbytes = 4 * model_shape(cfg.model, cfg.fine_tune).n_params
+        link = Link("--link-gbps", cfg.dist.link_gbps, 0.85, 50e-6)
+        sync = lambda n: allreduce_s(nbytes, n, link)  # noqa: E731
+    return without_slow_hosts(hosts, speeds, cfg.dist.global_batch_size, cfg.dist.shares == "auto", sync)
+
+
+def resplit(cfg: TrainConfig, devices: int) -> TrainConfig:
+    """`cfg`'s global batch over `devices` ranks: the largest micro-batch up to the run's own that divides
+    a rank's part, the accumulation making up the rest (the same rows, no micro-batch larger than asked)."""
+    g = cfg.dist.global_batch_size
+    check(g % devices == 0, f"the global batch {g} cannot be split evenly over {devices} devices")
+    part = g // devices
+    batch = next(b for b in range(min(part, cfg.dist.batch_size_per_device), 0, -1) if part % b == 0)
+    split = Split(g, devices, batch, part // batch, cfg.grad_checkpoint, cfg.precision, shard_level_of(cfg))
+    return split.apply(cfg)
+
+
+# ---------------------------------------------------------------- each host by its own memory
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """One host's part of a global batch under --optimize-memory: each of its ranks takes `rows` rows
+    of every global batch as `accumulation` micro-batches of at most `batch` rows (rank/batcher.share_of)."""
+    host: str
+    rows: int
+    batch: int
+    accumulation: int
+    peak: int            # the memory model's predicted total per rank, bytes
+    budget: int          # what a rank there may use (rank_budget_for that host alone)
+    fits: bool
+
+    def __str__(self) -> str:
+        return f"{self.host}: {self.rows} rows as {self.accumulation} x {self.batch}"
+
+
+def per_host_plan(cfg: TrainConfig, hosts: Sequence[Any], rows: Optional[Sequence[int]] = None) -> tuple:
+    """Each host's micro-batch and accumulation by its own memory (a pure function of `cfg`, the hosts'
+    memory and slots, and each rank's rows: the equal split of the global batch unless given, ranks
+    on the hosts in blocks as with_devices places them). A host's ranks take the largest micro-batch
+    the memory model fits in that host's budget at the run's level, precision and checkpointing, and
+    accumulate the rest, so the global batch is the same and a host with less memory gets a smaller
+    micro-batch and more accumulation. A host where even one row does not fit comes back with
+    fits=False at a micro-batch of 1."""
+    hosts = list(hosts)
+    n, g = sum(h.slots for h in hosts), cfg.dist.global_batch_size
+    if rows is None:
+        check(g % n == 0, f"the global batch {g} cannot be split evenly over {n} devices")
+        rows = [g // n] * n
+    check(len(rows) == n and sum(rows) == g, f"rows {list(rows)} are not {n} ranks' parts of the global batch {g}")
+    shape = model_shape(cfg.model, cfg.fine_tune)
+    level = shard_level_of(cfg)
+    plans, first = [], 0
+    for h in hosts:
+        most = max(rows[first:first + h.slots])  # its ranks' largest part: what must fit
+        first += h.slots
+        budget = rank_budget_for(cfg, [h])
+        usable = (budget + RUNTIME_OVERHEAD) * SPLIT_SAFETY
+        plan = None
+        # share_of cuts `most` rows into ceil(most / b) micro-batches of at most b: each count once.
+        for count in range(1, most + 1):
+            batch = -(-most // count)
+            if count > 1 and -(-most // (count - 1)) == batch:
+                continue
+            total = step_memory(shape, batch, count, cfg.grad_checkpoint, cfg.precision, num_devices=n,
+                                shard=level).total
+            plan = HostPlan(h.name, most, batch, count, total, budget, total <= usable)
+            if plan.fits:
+                break
+        plans.append(plan)
+    return tuple(plans)

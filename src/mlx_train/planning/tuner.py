@@ -9,6 +9,12 @@ calibrated on what was measured (compute and sync time per step), and the search
 next candidate is predicted slower than the best measured by EARLY_STOP_GAIN. On several hosts
 the ring's connections per address are tried last, on the best setting.
 
+With `--shard auto` on several devices the shard levels are candidates too: each setting is tried at
+the least level the planner says fits the budget (a higher level only adds traffic to the same
+compute, so it never wins at the same setting), which lets a bigger micro-batch that only fits
+sharded compete with the smaller ones that fit unsharded. The sync time is calibrated per level; a
+level not yet measured is predicted from the measured ones by its traffic (SHARD_TRAFFIC).
+
 Running a trial is the controller's job (controller/optimize.py hands the tuner a `measure`).
 """
 
@@ -19,10 +25,13 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from mlx_train.config import Split, TrainConfig
+from mlx_train.config import SHARD_LEVELS, Split, TrainConfig
 from mlx_train.planning import perf
 
 EARLY_STOP_GAIN = 0.03
+# Bytes a level moves per step against data parallel's all-reduce (ZeRO, arXiv 1910.02054, section 7):
+# a reduce-scatter and an all-gather are one all-reduce; `full` gathers the weights twice.
+SHARD_TRAFFIC = {"none": 1.0, "optimizer": 1.0, "gradients": 1.0, "full": 1.5}
 # Checkpointing recomputes each block's forward during backward: one forward more on top of
 # forward + backward (~3 forwards), before calibration.
 CHECKPOINT_COST = 4 / 3
@@ -55,8 +64,17 @@ class StepModel:
     def __init__(self) -> None:
         self.fixed, self.per_micro = 1.0, 0.0   # units until the first measurement
         self.factor = {"ckpt": CHECKPOINT_COST, "bf16": 1.0, "other": CHECKPOINT_COST}
-        self.comm = 0.0
+        self.comm = {}  # measured sync per step, by shard level
         self.tokens_per_step: Optional[float] = None
+
+    def comm_s(self, t: Trial) -> float:
+        level = t.split.shard
+        if level in self.comm:
+            return self.comm[level]
+        if not self.comm:
+            return 0.0
+        # From the measured levels, scaled by the bytes each moves.
+        return statistics.median(c / SHARD_TRAFFIC[lv] for lv, c in self.comm.items()) * SHARD_TRAFFIC[level]
 
     def compute_s(self, t: Trial) -> float:
         s = t.split
@@ -65,7 +83,7 @@ class StepModel:
 
     def step_s(self, t: Trial) -> float:
         # The trainer's phased step: nothing hides the sync (perf.MLX_OVERLAPS is False).
-        return max(1e-9, perf.predict_step(self.compute_s(t), 0.0, 2, comm_s=self.comm).step_s)
+        return max(1e-9, perf.predict_step(self.compute_s(t), 0.0, 2, comm_s=self.comm_s(t)).step_s)
 
     def tokens_per_s(self, t: Trial) -> float:
         return self.tokens_per_step / self.step_s(t) if self.tokens_per_step else 0.0
@@ -74,7 +92,8 @@ class StepModel:
         ok = [t for t in measured if t.status == "ok" and t.compute_s > 0]
         if not ok:
             return
-        self.comm = statistics.median(t.comm_s for t in ok)
+        levels = {t.split.shard for t in ok}
+        self.comm = {lv: statistics.median(t.comm_s for t in ok if t.split.shard == lv) for lv in levels}
         groups = {}
         for t in ok:
             groups.setdefault(_direction(t), []).append(t)
@@ -95,11 +114,11 @@ class StepModel:
         self.tokens_per_step = statistics.median(t.tokens_per_s * (t.compute_s + t.comm_s) for t in ok)
 
     def rank(self, candidates: List[Trial]) -> List[Trial]:
-        """Fastest predicted first; ties: bigger batches, no checkpointing, fp32."""
+        """Fastest predicted first; ties: bigger batches, no checkpointing, fp32, the lesser level."""
         for t in candidates:
             t.predicted = self.tokens_per_s(t)
         return sorted(candidates, key=lambda t: (self.step_s(t), -t.split.batch, t.split.checkpointing,
-                                                 t.split.precision != "fp32"))
+                                                 t.split.precision != "fp32", SHARD_LEVELS.index(t.split.shard)))
 
 
 def _direction(t: Trial) -> str:
@@ -143,13 +162,20 @@ class Tuner:
                                    checkpoint_every=10**6, memory_budget=self.budget)
 
     def fits(self, t: Trial) -> bool:
-        """The planner's verdict; settings it predicts over the budget are listed, never run."""
-        from mlx_train.planning.planner import MemoryOptimizer
+        """The planner's verdict; settings it predicts over the budget at every level allowed are listed,
+        never run. A setting that fits is given the least level it fits at."""
+        from mlx_train.planning.planner import MemoryOptimizer, levels_allowed
 
         cfg = self.trial_config(t)
-        if not cfg.model.kind.knows_shape or MemoryOptimizer.estimate(cfg) <= self.budget:
+        if not cfg.model.kind.knows_shape:
             return True
-        t.status = "skipped (predicted over budget)"
+        levels = levels_allowed(self.base.shard, t.split.devices) if self.base.shard == "auto" else (t.split.shard,)
+        for level in levels:
+            at = dataclasses.replace(t.split, shard=level)
+            if MemoryOptimizer.estimate(self.trial_config(dataclasses.replace(t, split=at))) <= self.budget:
+                t.split = at
+                return True
+        t.status = "skipped (predicted over budget)"  # at every level allowed
         self.trials.append(t)
         return False
 

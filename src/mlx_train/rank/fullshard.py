@@ -15,7 +15,17 @@ all_gather vjp keeps the own slice of the own cotangent, no sum (checked on 0.32
 one gives the reduce-scatter, built from all_sum because a collective inside one lazy graph must
 have inputs to order it (rank/collectives.py). The gradients arrive already summed over the ranks,
 one slice per group: the norm is sqrt(all_sum of each slice's sum of squares), AdamW updates the
-slices, and nothing is gathered after the update (the next forward does).
+slices, and nothing is gathered after the update (the next forward does). Where the backend has
+sum_scatter (NCCL, JACCL: `scatter_of`, by the backend's name) the vjp is that one collective
+instead, (N-1)/N of the bytes where the all_sum moves 2(N-1)/N.
+
+Under LoRA/DoRA/QLoRA the frozen base is held in slices too: each group's frozen leaves are one
+flat buffer per dtype (a quantized base's packed uint32 weights apart from its float scales and
+biases), sliced as the trainable ones, gathered with them (the block's inside its call, the rest's
+in `bind`) and passed through stop_gradient: no gradient, so nothing to reduce-scatter, and no
+cast (the base keeps its own dtype, as unsharded). A block with nothing to train (--lora-layers
+fewer than the blocks) has only its base gathered. The adapters are the trainable groups, as for a
+full fine-tune; checkpoints and adapters hold them alone, as unsharded.
 
 Checkpoints keep the unsharded layout: `whole_params` and `full_state` gather every group
 (all_gather_flat) and `load` slices a whole tree, so a checkpoint resumes at any level and world
@@ -39,6 +49,7 @@ from mlx_train.rank.spread import Spread, _leaves
 
 REST = "rest"  # the group of the parameters outside the blocks
 BLOCKS = "blocks"
+SUM_SCATTER, ALL_SUM = "sum_scatter", "all_sum"  # how a trainable group's gradient is reduce-scattered
 
 
 class Flat:
@@ -46,7 +57,7 @@ class Flat:
     rank's [lo, hi) slice of it; `keys` name the leaves (in order) relative to `prefix`."""
 
     def __init__(self, prefix: str, leaves: List[tuple], world: int, rank: int,
-                 group: Optional[mx.distributed.Group]):
+                 group: Optional[mx.distributed.Group], scatter: Optional[str] = ALL_SUM):
         self.prefix, self.group, self.world = prefix, group, world
         self.keys = [k for k, _ in leaves]
         self.shapes = [v.shape for _, v in leaves]
@@ -58,17 +69,29 @@ class Flat:
         self.total = sum(self.sizes)
         self.padded = collectives.padded_length(self.total, world)
         self.lo, self.hi = collectives.shard_bounds(self.padded, world, rank)
-        self.gather = _gatherer(group, self.lo, self.hi) if world > 1 else (lambda s: s)
+        self.nbytes = self.padded * self.dtype.size
+        # scatter None: a frozen group (a LoRA base), gathered with no gradient to send back.
+        self.scatter = scatter
+        if world == 1:
+            self.gather = (lambda s: s) if scatter else mx.stop_gradient
+        elif scatter is None:
+            self.gather = lambda s: mx.stop_gradient(mx.distributed.all_gather(s, group=group))
+        else:
+            self.gather = _gatherer(group, self.lo, self.hi, scatter)
 
     @property
     def full_keys(self) -> List[str]:
         return [f"{self.prefix}{k}" for k in self.keys]
 
     def slice(self, leaves: List[mx.array]) -> mx.array:
-        """This rank's slice of the flat buffer of whole `leaves` (a copy: the whole can be freed)."""
+        """This rank's slice of the flat buffer of whole `leaves` (a copy: the whole can be freed).
+        A one-row take, as in the gather's vjp: mx.contiguous of a slice that is already
+        contiguous is the view itself, which keeps the whole buffer alive (measured: a frozen
+        base's slices, never replaced by an update, held the whole base)."""
         flat = mx.concatenate([v.reshape(-1) for v in leaves] +
                               ([mx.zeros((self.padded - self.total,), self.dtype)] if self.padded > self.total else []))
-        return mx.contiguous(flat[self.lo:self.hi])
+        chunk = self.hi - self.lo
+        return mx.take(flat.reshape(-1, chunk), mx.array([self.lo // chunk]), axis=0).reshape(-1)
 
     def whole(self, flat: mx.array) -> List[mx.array]:
         """The leaves of a whole (gathered, padded) flat buffer, shaped as the parameters (views)."""
@@ -79,16 +102,40 @@ class Flat:
         """The whole leaves from this rank's slice, outside a gradient (all_gather_flat)."""
         return self.whole(collectives.all_gather_flat(shard, self.group) if self.world > 1 else shard)
 
-    def tree(self, shard: mx.array, cast: Optional[Callable]) -> Any:
-        """The group's parameters as a tree (relative keys), gathered through the gradient-aware gather."""
+    def pairs(self, shard: mx.array, cast: Optional[Callable]) -> List[tuple]:
+        """(relative key, whole leaf) of the group, gathered through its gather (gradient-aware
+        when trainable); `cast` (the compute dtype) only for trainable groups: a frozen base
+        keeps its own dtype, as unsharded."""
         leaves = self.whole(self.gather(shard))
-        if cast is not None:
+        if cast is not None and self.scatter is not None:
             leaves = [cast(v) for v in leaves]
-        return tree_unflatten(list(zip(self.keys, leaves)))
+        return list(zip(self.keys, leaves))
+
+    def blank(self) -> List[tuple]:
+        return [(k, mx.zeros((0,), self.dtype)) for k in self.keys]
 
 
-def _gatherer(group: mx.distributed.Group, lo: int, hi: int) -> Callable[[mx.array], mx.array]:
-    """all_gather whose vjp is the reduce-scatter of the cotangent: this rank's slice of its all_sum."""
+def scatter_of(backend: Optional[str]) -> str:
+    """How the gather's vjp reduce-scatters on `backend` (the name the group was made with):
+    the backend's own sum_scatter where it has one (NCCL, JACCL), else an all_sum keeping this
+    rank's slice. Chosen by name, never by trying it (rank/collectives.py: on ring it raises at
+    best and hangs at worst); an unknown name ("any", None) takes the all_sum, which runs everywhere."""
+    return SUM_SCATTER if collectives.has_sum_scatter(backend) else ALL_SUM
+
+
+def _frozen_flats(prefix: str, leaves: List[tuple], world: int, rank: int,
+                  group: Optional[mx.distributed.Group]) -> List[Flat]:
+    """The frozen leaves of a group as one Flat per dtype (a quantized base mixes packed uint32
+    weights with float scales and biases), in the order the dtypes first appear."""
+    by_dtype: dict = {}
+    for k, v in leaves:
+        by_dtype.setdefault(v.dtype, []).append((k, v))
+    return [Flat(prefix, part, world, rank, group, scatter=None) for part in by_dtype.values()]
+
+
+def _gatherer(group: mx.distributed.Group, lo: int, hi: int, scatter: str) -> Callable[[mx.array], mx.array]:
+    """all_gather whose vjp is the reduce-scatter of the cotangent: the backend's sum_scatter
+    (`scatter` SUM_SCATTER), or this rank's slice of its all_sum (ALL_SUM)."""
     @mx.custom_function
     def gather(shard):
         return mx.distributed.all_gather(shard, group=group)
@@ -98,6 +145,8 @@ def _gatherer(group: mx.distributed.Group, lo: int, hi: int) -> Callable[[mx.arr
         # A new array, not a view: a view keeps the whole summed buffer alive until the update (a
         # whole model's gradients again), and so, compiled, does an elementwise copy (it takes the
         # view's buffer over) or a sum over a length-1 axis. A gather of one row allocates its own.
+        if scatter == SUM_SCATTER:
+            return (mx.distributed.sum_scatter(cotangent, group=group),)  # a new array of the slice alone
         summed = mx.distributed.all_sum(cotangent, group=group).reshape(-1, hi - lo)
         return (mx.take(summed, mx.array([lo // (hi - lo)]), axis=0).reshape(-1),)
 
@@ -105,20 +154,25 @@ def _gatherer(group: mx.distributed.Group, lo: int, hi: int) -> Callable[[mx.arr
 
 
 class _Gathered(nn.Module):
-    """A block whose trainable weights are gathered from this rank's slice at each call, inside
-    gradient checkpointing. The block stays a child (train/eval reach it) with its trainable
-    parameters frozen and blanked between calls: they live in the slice."""
+    """A block whose weights are gathered from this rank's slices at each call, inside gradient
+    checkpointing: its trainable ones (`flat`, None when it has none, as a block --lora-layers
+    leaves unadapted) through the gradient-aware gather, its frozen ones (`frozen`, a LoRA base,
+    one Flat per dtype, their slices `frozen_shards`) with no gradient. The block stays a child
+    (train/eval reach it) with its parameters frozen and blanked between calls: they live in the
+    slices."""
 
-    def __init__(self, block: nn.Module, flat: Flat):
+    def __init__(self, block: nn.Module, flat: Optional[Flat], frozen: List[Flat], frozen_shards: List[mx.array]):
         super().__init__()
         self.block = block
         object.__setattr__(self, "_flat", flat)
+        object.__setattr__(self, "_frozen", list(zip(frozen, frozen_shards)))
         object.__setattr__(self, "_bound", (None, None))
-        object.__setattr__(self, "_blank", tree_unflatten([(k, mx.zeros((0,), flat.dtype)) for k in flat.keys]))
+        blank = (flat.blank() if flat is not None else []) + [p for f in frozen for p in f.blank()]
+        object.__setattr__(self, "_blank", tree_unflatten(blank))
         block.update(self._blank)
         block.freeze()
 
-    def bind(self, shard: mx.array, cast: Optional[Callable]) -> None:
+    def bind(self, shard: Optional[mx.array], cast: Optional[Callable]) -> None:
         object.__setattr__(self, "_bound", (shard, cast))
 
     def __getattr__(self, key: str):
@@ -132,31 +186,50 @@ class _Gathered(nn.Module):
 
     def __call__(self, x, *args, **kwargs):
         shard, cast = self._bound
-        if shard is None:
+        flat, frozen, block, blank = self._flat, self._frozen, self.block, self._blank
+        if flat is not None and shard is None:
             raise RuntimeError("a fully sharded block called before its slice was bound (Spread.bind)")
-        block, flat, blank = self.block, self._flat, self._blank
 
-        def run(shard, x):
-            block.update(flat.tree(shard, cast))
+        def run(shard, x, after):
+            # The frozen slices' gathers wait for `after` as the trainable one does (see below).
+            pairs = flat.pairs(shard, cast) if flat is not None else []
+            for f, s in frozen:
+                pairs += f.pairs(mx.depends(s, after), None)
+            block.update(tree_unflatten(pairs))
             out = block(x, *args, **kwargs)
             block.update(blank)  # no reference to the gathered weights outlives the call
             return out
 
         # Gradient checkpointing by hand (mx.checkpoint's recompute, plus order): a gather has no
         # input but the slice, so MLX would run every block's gather first and hold the whole
-        # model at once. The forward's gather waits for the block's input, the backward's for
+        # model at once. The forward's gathers wait for the block's input, the backward's for
         # the block's cotangent, and the cotangent passed on waits for the block's gradient sum.
+        # The primals are [shard, x], or [x] for a block with nothing to train.
         @mx.custom_function
-        def gathered_block(shard, x):
-            return run(mx.depends(shard, x), x)
+        def gathered_block(primals):
+            if flat is None:
+                return run(None, primals[0], primals[0])
+            shard, x = primals
+            return run(mx.depends(shard, x), x, x)
 
         @gathered_block.vjp
         def gathered_block_vjp(primals, cotangent, output):
+            if flat is None:
+                _, (d_x,) = mx.vjp(lambda x: run(None, x, cotangent), [primals[0]], [cotangent])
+                return [d_x]
             shard, x = primals
-            _, (d_shard, d_x) = mx.vjp(run, [mx.depends(shard, cotangent), x], [cotangent])
-            return d_shard, mx.depends(d_x, d_shard)
+            _, (d_shard, d_x) = mx.vjp(lambda s, x: run(s, x, cotangent), [mx.depends(shard, cotangent), x],
+                                       [cotangent])
+            return [d_shard, mx.depends(d_x, d_shard)]
 
-        return gathered_block(shard, x)
+        return gathered_block([x] if flat is None else [shard, x])
+
+
+def _held(flat: Flat, whole: dict) -> mx.array:
+    """This rank's slice of a frozen group, evaluated, so the whole leaves it came from can go."""
+    shard = flat.slice([whole[k] for k in flat.full_keys])
+    mx.eval(shard)
+    return shard
 
 
 def _block_list(model: nn.Module) -> list:
@@ -177,33 +250,58 @@ class FullShard(Spread):
         rank = self.group.rank() if self.group is not None else 0
         whole = tree_flatten(params)
         self.order = [k for k, _ in whole]  # the model's own key order, for checkpoints and checksums
+        trainable = set(self.order)
+        # The frozen parameters (a LoRA/DoRA/QLoRA base; none in a full fine-tune) are held in
+        # slices too, and gathered with the block they belong to.
+        frozen = [(k, v) for k, v in tree_flatten(model.parameters()) if k not in trainable]
+        self.scatter = scatter_of(self.backend)
         blocks = _block_list(model)
         names = {id(m): name for name, m in model.named_modules()}
-        self.flats: List[Flat] = []
+        self.flats: List[Flat] = []  # the trainable groups of the blocks that have some, in order
+        index: List[Optional[int]] = []  # each block's index in self.flats, or None
+        block_frozen: List[List[Flat]] = []
         inside = set()
         for block in blocks:
             prefix = names[id(block)] + "."
             leaves = [(k[len(prefix):], v) for k, v in whole if k.startswith(prefix)]
-            if not leaves:
-                raise UserError(f"--shard full: block {prefix[:-1]} has no trainable parameters")
-            inside.update(prefix + k for k, _ in leaves)
-            self.flats.append(Flat(prefix, leaves, self.world, rank, self.group))
+            fixed = [(k[len(prefix):], v) for k, v in frozen if k.startswith(prefix)]
+            if not leaves and not fixed:
+                raise UserError(f"--shard full: block {prefix[:-1]} has no parameters")
+            inside.update(prefix + k for k, _ in leaves + fixed)
+            index.append(len(self.flats) if leaves else None)
+            if leaves:
+                self.flats.append(Flat(prefix, leaves, self.world, rank, self.group, self.scatter))
+            block_frozen.append(_frozen_flats(prefix, fixed, self.world, rank, self.group))
+        if not self.flats:
+            raise UserError("--shard full: no block has trainable parameters (--lora-layers 0?)")
         rest = [(k, v) for k, v in whole if k not in inside]
-        self.rest = Flat("", rest, self.world, rank, self.group) if rest else None
+        self.rest = Flat("", rest, self.world, rank, self.group, self.scatter) if rest else None
+        self.rest_frozen = _frozen_flats("", [(k, v) for k, v in frozen if k not in inside], self.world, rank,
+                                         self.group)
+        frozen_whole = dict(frozen)
+        self.frozen_shards = [_held(f, frozen_whole) for f in self.rest_frozen]
+        frozen_shards = [[_held(f, frozen_whole) for f in fs] for fs in block_frozen]
         # Gathered bytes per step: each block twice (forward, and again in the backward), the rest
-        # once; scattered: every group's gradient once per micro-batch (by all_sum here).
+        # once; scattered: every trainable group's gradient once per micro-batch (frozen: none).
         many = self.world > 1
-        itemsize = 4 if self.flats[0].dtype == mx.float32 else 2
-        block_bytes = sum(f.padded for f in self.flats) * itemsize
-        rest_bytes = self.rest.padded * itemsize if self.rest else 0
-        self.gathered_bytes = 2 * block_bytes + rest_bytes if many else 0
+        block_bytes = sum(f.nbytes for f in self.flats)
+        frozen_block_bytes = sum(f.nbytes for fs in block_frozen for f in fs)
+        rest_bytes = self.rest.nbytes if self.rest else 0
+        frozen_rest_bytes = sum(f.nbytes for f in self.rest_frozen)
+        self.gathered_bytes = 2 * (block_bytes + frozen_block_bytes) + rest_bytes + frozen_rest_bytes if many else 0
         self.scattered_bytes = block_bytes + rest_bytes if many else 0
+        # What this rank holds of the frozen parameters between steps (their slices).
+        self.frozen_held_bytes = sum(s.nbytes for s in self.frozen_shards) + \
+            sum(s.nbytes for ss in frozen_shards for s in ss)
         shards = self._slices(dict(whole))
-        for i, (block, flat) in enumerate(zip(blocks, self.flats)):
-            blocks[i] = _Gathered(block, flat)
-        if self.rest is not None:
-            model.update(tree_unflatten([(k, mx.zeros((0,), self.rest.dtype)) for k in self.rest.keys]))
+        for i, block in enumerate(blocks):
+            flat = self.flats[index[i]] if index[i] is not None else None
+            blocks[i] = _Gathered(block, flat, block_frozen[i], frozen_shards[i])
+        blank = (self.rest.blank() if self.rest else []) + [p for f in self.rest_frozen for p in f.blank()]
+        if blank:
+            model.update(tree_unflatten(blank))
         self.wrappers = list(blocks)
+        self.index = index
         return shards
 
     def _slices(self, whole: dict) -> dict:
@@ -221,10 +319,13 @@ class FullShard(Spread):
         return tree[REST] if index is None else tree[BLOCKS][index]
 
     def bind(self, model: nn.Module, params: Any, cast: Optional[Callable] = None) -> None:
-        if self.rest is not None:
-            model.update(self.rest.tree(params[REST], cast))
-        for wrapper, shard in zip(self.wrappers, params[BLOCKS]):
-            wrapper.bind(shard, cast)
+        pairs = self.rest.pairs(params[REST], cast) if self.rest is not None else []
+        for flat, shard in zip(self.rest_frozen, self.frozen_shards):
+            pairs += flat.pairs(shard, None)
+        if pairs:
+            model.update(tree_unflatten(pairs))
+        for wrapper, i in zip(self.wrappers, self.index):
+            wrapper.bind(params[BLOCKS][i] if i is not None else None, cast)
 
     def init(self, params: Any) -> None:
         self.params = params

@@ -19,6 +19,19 @@ MLX_TRAIN_TEST_PERTURB="STEP:RANK" adds 1e-3 to one weight of RANK before step S
 first attempt only: a silent divergence (a flipped bit, a faulty device) that leaves the loss
 finite, which only the ranks' parameter checksums reveal (controller/divergence.py).
 
+MLX_TRAIN_TEST_ULP="RANK" makes RANK's AdamW arithmetic differ by one ulp, in every step of every
+attempt: the first element its own update computes is moved to the next representable value, after
+the update and before the parameters are shared (Spread.nudge). A GPU of another generation rounding
+a reduction or a square root otherwise: under data parallel (every rank updates every parameter) the
+ranks' checksums then differ though nothing is wrong; under owner updates (--shard optimizer, the rule
+on unequal hardware: docs/advanced_training.md) each element is computed once and gathered, so they
+do not.
+
+MLX_TRAIN_TEST_CORRUPT="STEP:RANK" adds 1e-3 to one weight of RANK right after the step that makes
+STEP steps done (before that step's checksum is taken), in the first attempt only: the divergence the
+comparison still sees under owner updates, where a weight perturbed before a step (PERTURB) is
+overwritten by the step's gather.
+
 MLX_TRAIN_TEST_SLOW_WRITE="SECONDS" makes every checkpoint write take SECONDS longer: a slow disk,
 for the watchdog's checkpoint allowance.
 """
@@ -36,6 +49,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 POISON = "MLX_TRAIN_TEST_POISON"
 BAD_DATA = "MLX_TRAIN_TEST_BAD_DATA"
 PERTURB = "MLX_TRAIN_TEST_PERTURB"
+ULP = "MLX_TRAIN_TEST_ULP"
+CORRUPT = "MLX_TRAIN_TEST_CORRUPT"
 SLOW_WRITE = "MLX_TRAIN_TEST_SLOW_WRITE"
 
 
@@ -62,21 +77,40 @@ class Faults:
     bad_data: Optional[Tuple[int, ...]] = None
     perturb: Optional[Tuple[int, ...]] = None
     slow_write_s: float = 0.0
+    ulp: Optional[Tuple[int, ...]] = None
+    corrupt: Optional[Tuple[int, ...]] = None
 
     @classmethod
     def from_env(cls, stepper: Any, rank: int, env: Mapping[str, str] = os.environ) -> "Faults":
         return cls(stepper, rank, _spec(env, POISON), _spec(env, BAD_DATA), _spec(env, PERTURB),
-                   float(env.get(SLOW_WRITE) or 0))
+                   float(env.get(SLOW_WRITE) or 0), _spec(env, ULP), _spec(env, CORRUPT))
 
     def around_step(self, step: int, data_step: int, resumed: bool, run: Callable[[], Any]) -> Any:
         """Run one training step (`run`, returning the step's stats) with the faults due at it."""
         real = self._poison(step, data_step, resumed)
         if self.perturb is not None and not resumed and self.perturb == (step, self.rank):
             self._change_first(lambda value: value + mx.array(1e-3, dtype=value.dtype))
-        stats = run()
+        stats = self._one_ulp_off(run) if self.ulp == (self.rank,) else run()
         if real is not None and stats.skipped:
             self.stepper.set_params(real)
+        if self.corrupt is not None and not resumed and self.corrupt == (step + 1, self.rank):
+            self._change_first(lambda value: value + mx.array(1e-3, dtype=value.dtype))
         return stats
+
+    def _one_ulp_off(self, run: Callable[[], Any]) -> Any:
+        """`run` with this rank's update nudged by one ulp between computing and sharing it."""
+        spread = self.stepper.spread
+        update = spread.update
+
+        def nudged(held: Any, norm: mx.array) -> None:
+            update(held, norm)
+            spread.nudge(_next_up)
+
+        spread.update = nudged  # this step only: the instance's attribute hides the class's method
+        try:
+            return run()
+        finally:
+            del spread.update
 
     def before_write(self) -> None:
         if self.slow_write_s > 0:
@@ -96,3 +130,11 @@ class Faults:
         key, value = flat[0]
         flat[0] = (key, change(value))
         self.stepper.set_params(tree_unflatten(flat))
+
+
+def _next_up(value: mx.array) -> mx.array:
+    """`value` with its first element one ulp away (its bit pattern plus one), whatever the float dtype."""
+    flat = value.reshape(-1)
+    bits = mx.view(flat, {2: mx.uint16, 4: mx.uint32, 8: mx.uint64}[value.itemsize])
+    bumped = mx.concatenate([bits[:1] + mx.array(1, dtype=bits.dtype), bits[1:]])
+    return mx.view(bumped, value.dtype).reshape(value.shape)

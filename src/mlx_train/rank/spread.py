@@ -18,7 +18,8 @@ and, for checkpoints, the optimizer state in the unsharded layout (`full_state`,
   seen as one flat buffer padded to a multiple of N; rank r owns the contiguous slice
   collectives.shard_bounds gives it and keeps AdamW's state only for that slice.
 - FullShard ("full", ZeRO-3, rank/fullshard.py): the parameters themselves are held in slices,
-  one flat buffer per transformer block, gathered inside the forward and again in the backward.
+  one flat buffer per transformer block, gathered inside the forward and again in the backward
+  (under LoRA the frozen base as well, gathered with its block, without a gradient).
   Its step holds shards, not the parameters (`own`), puts them into the model itself (`bind`),
   and gives the whole parameters only on demand (`whole_params`, a collective).
 
@@ -112,6 +113,13 @@ class Spread:
 
     def publish(self) -> None:
         """Nothing to do unless parameters were updated in slices."""
+
+    def nudge(self, change: Callable[[mx.array], mx.array]) -> None:
+        """Test-only (rank/inject.py's ulp switch): `change` the first leaf of what this rank's own
+        update just computed, between `update` and `publish`: here every parameter, each rank its own."""
+        flat = tree_flatten(self.params)
+        flat[0] = (flat[0][0], change(flat[0][1]))
+        _assign(self.params, tree_unflatten(flat))
 
     def _factor(self, norm: mx.array) -> Optional[mx.array]:
         """Clipping's factor on every gradient, or None without clipping (the same in every strategy)."""
@@ -320,6 +328,10 @@ class Sharded(Spread):
 
     def update(self, held: Any, norm: mx.array) -> None:
         self._mine = self._apply(held, norm)
+
+    def nudge(self, change: Callable[[mx.array], mx.array]) -> None:
+        """Sharded, what this rank computed is its slice alone, which publish gathers into every rank."""
+        self._mine = change(self._mine)
 
     def publish(self) -> None:
         mine, self._mine = self._mine, None

@@ -60,6 +60,9 @@ class StepStats:
     compute_s: float
     comm_s: float
     skipped: bool = False  # the update was not finite and was not applied (on every rank)
+    # Of compute_s, the forward and backward passes alone: the part that grows with the rank's rows
+    # (--shares auto measures a rank's speed by it; the update costs every rank the same).
+    grad_s: float = 0.0
 
 
 class Stepper:
@@ -246,7 +249,7 @@ class Stepper:
             self.spread.publish()  # sharded: the updated slices gathered into every rank's parameters
         t4 = time.perf_counter()
         return StepStats(float(loss.item()), float(norm.item()), (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3),
-                         skipped)
+                         skipped, t1 - t0)
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]]) -> mx.array:
         """Mean loss over `batches` with the current fp32 weights, as a lazy scalar (fully sharded:

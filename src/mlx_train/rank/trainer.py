@@ -13,6 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
+from mlx_train.rank.balance import Balancer
 from mlx_train.rank.badstep import BadSteps, LossSpike
 from mlx_train.rank.batcher import share_of, split_rows
 
@@ -43,14 +44,16 @@ class Trainer:
         self.train.require(cfg.dist.global_batch_size, "one global batch")
         self.val.require(self.size, "one validation sequence per device")
         # A small validation split may not fill the training batch size: evaluate with what fits.
-        eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // self.size)
-        self.val_dist = DistributedConfig(self.size, eval_batch, 1, cfg.dist.backend)
+        # (A pipeline's stages read their replica's rows: the validation set is split over the replicas.)
+        eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // cfg.dist.replicas)
+        self.val_dist = DistributedConfig(cfg.dist.replicas, eval_batch, 1, cfg.dist.backend)
         # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
-        # equal split's interleaved micro-batches.
+        # equal split's interleaved micro-batches. --shares auto starts equal and re-shares from the
+        # ranks' measured speeds (rank/balance.py).
         weights = cfg.dist.share_weights()
-        G, B = cfg.dist.global_batch_size, cfg.dist.batch_size_per_device
-        self.rows = [G // self.size] * self.size if weights is None else split_rows(G, weights)
-        self.share = None if weights is None else share_of(self.rank, self.rows, B)
+        G = cfg.dist.global_batch_size
+        self.set_rows([G // self.size] * self.size if weights is None else split_rows(G, weights))
+        self.balancer = Balancer(G, self.gather_floats) if cfg.dist.shares == "auto" and self.size > 1 else None
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)
@@ -68,7 +71,10 @@ class Trainer:
         shard = shard_level_of(cfg)  # planned before launch (planning/planner.resolve_shard)
         self.stepper = Stepper(model, loss_fn, self.optimizer, cfg.precision, cfg.optim.grad_clip, group,
                                bucket_bytes=all_sum_bytes(cfg.dist.backend, self.size, cores, self.grad_bytes),
-                               lanes=self.lanes, shard=shard, backend=cfg.dist.backend)
+                               lanes=self.lanes, shard=shard, backend=cfg.dist.backend) \
+            if cfg.dist.pipeline_stages == 1 else self._pipeline(model)
+        # The data splits over the replicas: a pipeline's stages all read their replica's rows.
+        self.data_rank, self.data_dist = self.rank // cfg.dist.pipeline_stages, cfg.dist.data_view()
         self.faults = inject.Faults.from_env(self.stepper, self.rank)  # the tests' faults, off unless set
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
@@ -82,8 +88,40 @@ class Trainer:
                  f"BLAS: {blas.in_use()}; allocator: {blas.allocator_in_use()}; "
                  f"{self.lanes} thread{'s' if self.lanes > 1 else ''} per micro-batch (--cpu-threads)")
 
+    def _pipeline(self, model):
+        """--pipeline-stages S: this rank's stage of the model (rank/pipeline.py), which answers the
+        Stepper's calls; no lanes (one thread), no --shard."""
+        from mlx_train.rank.pipeline import Pipeline
+
+        self.lanes = 1
+        blas.set_threads(self.cores)
+        return Pipeline(model, self.optimizer, self.cfg.precision, self.cfg.optim.grad_clip, self.group,
+                        self.cfg.dist.pipeline_stages, backend=self.cfg.dist.backend)
+
     def say(self, text: str) -> None:
         print(text, flush=True)
+
+    def set_rows(self, rows: List[int]) -> None:
+        """Each rank's rows of every global batch. Equal rows keep the equal split's interleaved
+        micro-batches (None), so equal shares are the equal split's bits whichever way they came."""
+        self.rows = [int(r) for r in rows]
+        self.share = None if len(set(self.rows)) == 1 else \
+            share_of(self.rank, self.rows, self.cfg.dist.batch_size_per_device)
+
+    def gather_floats(self, mine: List[float]) -> List[List[float]]:
+        """Every rank's `mine`, by rank (one small all_gather: the same bytes on every rank)."""
+        out = mx.distributed.all_gather(mx.array(mine, dtype=mx.float32), group=self.group)
+        return np.array(out).reshape(self.size, len(mine)).tolist()
+
+    def reshare(self, step: int) -> None:
+        """--shares auto, at the end of a step: maybe a new split, the same one on every rank."""
+        measured = self.balancer.after(step, self.rows)
+        if measured is None or measured.chosen is None:
+            return
+        if self.rank == 0:
+            self.say(f"shares after step {step}: rows {self.rows} -> {measured.chosen} (measured rows/s by rank: "
+                     f"{', '.join(f'{s:.1f}' for s in measured.speeds)})")
+        self.set_rows(measured.chosen)
 
     def run(self, resume: bool = False, stop_after: Optional[int] = None) -> None:
         cfg = self.cfg
@@ -98,15 +136,17 @@ class Trainer:
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
             data = dataskip.data_step(cfg.skip_data, step)  # past the data of earlier bad-step rollbacks
             limit = self.spike.limit()
-            batches = list(self.train.micro_batches(data, self.rank, cfg.dist) if self.share is None
+            batches = list(self.train.micro_batches(data, self.data_rank, self.data_dist) if self.share is None
                            else self.train.window(data, cfg.dist.global_batch_size, self.share))
             # Each micro-batch weighs its counted target tokens over the global batch's, so the
             # ranks' summed gradients are the global token mean's whatever each rank's share.
             counts = [int((y >= 0).sum()) for _, y in batches]
-            tokens = (counts, self.train.tokens_in_step(data, cfg.dist))
+            tokens = (counts, self.train.tokens_in_step(data, self.data_dist))
             stats = self.faults.around_step(step, data, resume,
                                             lambda: self.stepper.step(batches, loss_limit=limit, tokens=tokens))
             self.spike.observe(stats.loss, stats.skipped)
+            if self.balancer is not None:
+                self.balancer.observe(stats.grad_s, self.rows[self.rank])
             step += 1
             self.bad_steps.after(step, stats, self.rank, data_step=data, loss_limit=limit)
             if self.bad_steps.in_a_row >= protocol.ROLLBACK_AFTER_BAD_STEPS:  # every rank alike (agreed flag)
@@ -127,6 +167,8 @@ class Trainer:
             if step % cfg.log_every == 0 or step == cfg.steps or val_loss is not None:
                 self.log(step, window, val_loss, text)
                 window = []
+            if self.balancer is not None:  # before the checkpoint: it records the shares of the steps after it
+                self.reshare(step)
             self.check_memory_budget(step)
             stopping = stop_after is not None and step >= stop_after
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
@@ -140,7 +182,7 @@ class Trainer:
 
     # -- reporting ---------------------------------------------------------------------------------
     def validate(self) -> float:
-        batches = (self.val.batch(i, 0, self.rank, self.val_dist) for i in range(self.cfg.eval_batches))
+        batches = (self.val.batch(i, 0, self.data_rank, self.val_dist) for i in range(self.cfg.eval_batches))
         self.stepper.model.eval()  # no dropout (--lora-dropout) while validating
         if self.lanes > 1:  # this thread alone: its matmuls get all of the rank's cores back
             blas.set_threads(self.cores)
@@ -160,19 +202,26 @@ class Trainer:
     def log(self, step: int, window: List[tuple], val_loss: Optional[float], text: Optional[str] = None) -> None:
         # The global batch's token mean: each rank's mean weighted by its part of the tokens.
         _, last, _, part = window[-1]
-        loss = float(self.all_sum(mx.array(last.loss * part)).item())
+        loss = float(self.all_sum(mx.array(last.loss * part)).item()) if self.cfg.dist.pipeline_stages == 1 \
+            else last.loss  # a pipeline's step reports the global loss on every rank already
         checksum = self.param_checksum()
         # Every rank's own report is what the divergence check judges (controller/divergence.py).
         protocol.emit(protocol.Checksum(step=step, value=checksum))
-        mine = mx.array([mx.get_peak_memory(), checksum], dtype=mx.int64)
-        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 2)
         step_time = sum(w[0] for w in window) / len(window)
+        compute_s = sum(w[1].compute_s for w in window) / len(window)
+        comm_s = sum(w[1].comm_s for w in window) / len(window)
+        # Each rank's own compute and sync times travel in the same gather (microseconds).
+        mine = mx.array([mx.get_peak_memory(), checksum, round(compute_s * 1e6), round(comm_s * 1e6)], dtype=mx.int64)
+        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 4)
+        ranks_compute, ranks_comm = everyone[:, 2] / 1e6, everyone[:, 3] / 1e6
         record = {
             "step": step, "loss": loss, "lr": current_lr(self.optimizer),
             # Real tokens only: padding and masked prompts are not counted.
             "tokens_per_s": sum(w[2] for w in window) / sum(w[0] for w in window), "step_time_s": step_time,
-            "comm_time_s": sum(w[1].comm_s for w in window) / len(window),
-            "compute_time_s": sum(w[1].compute_s for w in window) / len(window),
+            "comm_time_s": comm_s, "compute_time_s": compute_s,
+            "rank_compute_s": [float(v) for v in ranks_compute], "rank_comm_s": [float(v) for v in ranks_comm],
+            # A sync lasts until the slowest rank joins it: what a rank's took beyond the quickest's is waiting.
+            "rank_wait_s": [float(v) for v in ranks_comm - ranks_comm.min()],
             "grad_norm": window[-1][1].grad_norm, "devices": self.size, "grad_bytes": self.grad_bytes,
             "scattered_bytes": self.stepper.spread.scattered_bytes, "gathered_bytes": self.stepper.spread.gathered_bytes,
             "global_batch": self.cfg.dist.global_batch_size, "rows": self.rows,
@@ -228,8 +277,10 @@ class Trainer:
         t0 += time.perf_counter() - t_wait
         params = checkpoint.snapshot(dict(tree_flatten(whole)))
         state = checkpoint.snapshot(dict(tree_flatten(full_state)))  # the unsharded layout, whatever the level
+        # The rows in force are those of the steps after this one (--shares auto re-shared before it).
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
-                "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]]}
+                "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]],
+                "shares": self.cfg.dist.shares, "rows": self.rows}
         self.writer.start(lambda: self._write(step, params, state, meta))
         # The training thread keeps the snapshot until the write is over, so its arrays are freed
         # here and never by the writer thread.
@@ -333,6 +384,7 @@ class Trainer:
         self.stepper.load(tree_unflatten(list(zip(params, out[:len(params)]))), new_state)
         mx.eval(self.stepper.params, self.optimizer.state)
         self.restore_loss_mean(found.meta if found is not None else {})
+        self.restore_rows(found.meta if found is not None else {})
         if self.rank == 0:
             protocol.emit(protocol.Resumed(step=step, checkpoint=str(found.path)))
         return step
@@ -344,6 +396,19 @@ class Trainer:
         rows = saved if isinstance(saved, list) and len(saved) == self.size else [[0, 0]] * self.size
         mine = self.broadcast(mx.array(rows, dtype=mx.int64)).tolist()[self.rank]
         self.spike.load(*mine)
+
+    def restore_rows(self, meta: dict) -> None:
+        """--shares auto: the rows the checkpoint was written under, so the steps after it are the
+        uninterrupted run's. Another number of ranks, or rows of another global batch, start equal
+        and measure again."""
+        if self.balancer is None:
+            return
+        saved = meta.get("rows") if self.rank == 0 else None
+        G = self.cfg.dist.global_batch_size
+        ok = isinstance(saved, list) and len(saved) == self.size and all(isinstance(r, int) and r > 0 for r in saved) \
+            and sum(saved) == G
+        rows = saved if ok else [G // self.size] * self.size
+        self.set_rows(self.broadcast(mx.array(rows, dtype=mx.int64)).tolist())
 
     def broadcast(self, x: mx.array) -> mx.array:
         if self.size == 1:

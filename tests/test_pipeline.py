@@ -1,0 +1,200 @@
+"""A training pipeline (rank/pipeline.py) trains as one process does on the same global batch.
+
+The layer split and the 1F1B order are checked as functions. Then one launch per number of stages
+(ring backend, loopback): each rank runs its stage of a tiny GPT for a few steps over M = 4
+micro-batches of 4 rows (the same 16 rows per step as one process with --accumulation 4), with a
+gradient clip that acts; rank 0 then trains the same model in one process (the Stepper) and
+compares: every rank's loss per step within 1e-5 relative, the same on every rank, the final
+parameters (gathered whole from the stages) close, the optimizer state in the unsharded layout,
+and the validation loss (forward only through the stages).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import run_ring_ranks
+
+TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
+STEPS = 8
+MODEL = {"n_layers": 3, "d_model": 32, "n_heads": 2, "seq_len": 16}
+ROWS, MICRO = 4, 4  # --batch-size 4 --accumulation 4
+CLIP = 0.5  # below the tiny GPT's gradient norms: clipping acts on every step
+TRAIN_STEPS, STOP_AT = 4, 2  # the trainer's run (S = 2): stopped at STOP_AT, resumed in one process
+
+
+def test_the_knob_counts_replicas_rows():
+    from mlx_train.config import DistributedConfig, Split, TrainConfig
+
+    d = DistributedConfig(num_devices=2, batch_size_per_device=4, gradient_accumulation=4, pipeline_stages=2)
+    assert d.replicas == 1 and d.global_batch_size == 16  # the rows of --devices 1 --batch-size 4 --accumulation 4
+    assert d.data_view() == DistributedConfig(num_devices=1, batch_size_per_device=4, gradient_accumulation=4)
+    assert Split.of(TrainConfig(dist=d)).event()["pipeline_stages"] == 2
+    with pytest.raises(ValueError, match="does not divide 3 devices"):
+        DistributedConfig(num_devices=3, pipeline_stages=2)
+    with pytest.raises(ValueError, match="drop --shares"):
+        DistributedConfig(num_devices=2, pipeline_stages=2, shares="3,1")
+    with pytest.raises(ValueError, match="drop --shard"):
+        TrainConfig(dist=d, shard="optimizer")
+
+
+def test_stage_layers_split_in_proportion():
+    from mlx_train.errors import UserError
+    from mlx_train.rank.pipeline import stage_layers
+
+    assert stage_layers(8, [1, 1]) == [range(0, 4), range(4, 8)]
+    assert stage_layers(7, [1, 1, 1]) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert stage_layers(10, [3, 1]) == [range(0, 7), range(7, 10)]  # 1 each, then 8 split 6:2
+    assert stage_layers(3, [100, 1, 1]) == [range(0, 1), range(1, 2), range(2, 3)]  # never an empty stage
+    with pytest.raises(UserError, match="at least 3 layers"):
+        stage_layers(2, [1, 1, 1])
+
+
+@pytest.mark.parametrize("stages,micro", [(2, 4), (3, 4), (4, 2), (3, 1)])
+def test_schedule_is_1f1b(stages, micro):
+    from mlx_train.rank.pipeline import BACKWARD, FORWARD, schedule
+
+    for s in range(stages):
+        ops = schedule(s, stages, micro)
+        assert [i for k, i in ops if k == FORWARD] == list(range(micro))
+        assert [i for k, i in ops if k == BACKWARD] == list(range(micro))
+        warm = min(stages - 1 - s, micro)
+        assert ops[:warm] == [(FORWARD, i) for i in range(warm)]
+        # At most S - s micro-batches in flight (forward done, backward not): 1F1B's memory bound.
+        live = np.cumsum([1 if k == FORWARD else -1 for k, _ in ops])
+        assert live.max() == min(stages - s, micro) and live[-1] == 0
+        # A micro-batch's backward on stage s follows its forward, and on the last stage at once.
+        if s == stages - 1:
+            assert ops == [op for i in range(micro) for op in ((FORWARD, i), (BACKWARD, i))]
+
+
+# -- what each rank runs -------------------------------------------------------------------------
+
+def _batches(step: int):
+    tokens = np.random.default_rng(step).integers(0, 256, (ROWS * MICRO, MODEL["seq_len"] + 1)).astype(np.int32)
+    return [(tokens[m * ROWS:(m + 1) * ROWS, :-1], tokens[m * ROWS:(m + 1) * ROWS, 1:]) for m in range(MICRO)]
+
+
+def _val():
+    tokens = np.random.default_rng(999).integers(0, 256, (ROWS, MODEL["seq_len"] + 1)).astype(np.int32)
+    return [(tokens[:, :-1], tokens[:, 1:])]
+
+
+def _model():
+    import mlx.core as mx
+
+    from mlx_train.config import ModelConfig
+    from mlx_train.rank.model import build_model
+
+    mx.random.seed(0)
+    return build_model(ModelConfig(**MODEL))
+
+
+def _train(corpus: str, run_dir: str, stages: int, resume: bool, stop_after=None) -> list:
+    """The Trainer on `run_dir` (this process's group); rank 0's Metrics as dicts."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    from mlx_train import protocol
+    from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
+    from mlx_train.rank.trainer import Trainer
+
+    group = mx.distributed.init()
+    cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=2),
+                      dist=DistributedConfig(num_devices=group.size(), batch_size_per_device=ROWS, backend="ring",
+                                             gradient_accumulation=MICRO, pipeline_stages=stages),
+                      steps=TRAIN_STEPS, log_every=1, eval_every=TRAIN_STEPS, checkpoint_every=STOP_AT)
+    seen: list = []
+    real = protocol.emit
+    protocol.emit = seen.append
+    try:
+        Trainer(cfg, group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
+    finally:
+        protocol.emit = real
+    return [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)]
+
+
+def rank_main(out_dir: str, stages: str, corpus: str = "") -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import OptimConfig
+    from mlx_train.rank.pipeline import Pipeline
+    from mlx_train.rank.step import Stepper, make_optimizer
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    r = group.rank()
+    model, _ = _model()
+    pipe = Pipeline(model, make_optimizer(OptimConfig(warmup_steps=2), STEPS), "fp32", CLIP, group, int(stages),
+                    backend="ring")
+    stats = [pipe.step(_batches(step)) for step in range(STEPS)]
+    val = float(pipe.evaluate(_val()).item())
+    params = {k: np.array(v) for k, v in tree_flatten(pipe.whole_params())}
+    state = {k: np.array(v) for k, v in tree_flatten(pipe.optimizer_state())}
+    report = {"rank": r, "stage": pipe.at.stage, "losses": [s.loss for s in stats],
+              "norms": [s.grad_norm for s in stats],
+              "skipped": any(s.skipped for s in stats), "val": val,
+              "held": sorted(k for k, v in tree_flatten(model.parameters()) if v.size)}
+    if r == 0:  # one process, the same 16 rows per step
+        model, loss_fn = _model()
+        one = Stepper(model, loss_fn, make_optimizer(OptimConfig(warmup_steps=2), STEPS), "fp32", CLIP)
+        base = [one.step(_batches(step)) for step in range(STEPS)]
+        base_params = {k: np.array(v) for k, v in tree_flatten(one.whole_params())}
+        base_state = {k: np.array(v) for k, v in tree_flatten(one.optimizer_state())}
+        report["base"] = {
+            "losses": [s.loss for s in base], "norms": [s.grad_norm for s in base],
+            "val": float(one.evaluate(_val()).item()),
+            "keys_same": list(params) == list(base_params) and sorted(state) == sorted(base_state),
+            "param_diff": max(float(np.max(np.abs(params[k] - base_params[k]))) for k in base_params),
+            "state_diff": max(float(np.max(np.abs(state[k].astype(np.float64) - base_state[k])))
+                              for k in base_state if state[k].ndim),
+            "step_same": int(state["step"]) == int(base_state["step"]) == STEPS}
+    if corpus:  # the trainer itself, stopped half-way: the test resumes its checkpoint in one process
+        report["trained"] = _train(corpus, str(Path(out_dir) / "piped"), int(stages), resume=False, stop_after=STOP_AT)
+    (Path(out_dir) / f"report-{r}.json").write_text(json.dumps(report))
+
+
+# -- the launches --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_pipeline_trains_as_one_process(tmp_path, stages):
+    corpus = tmp_path / "corpus"
+    if stages == 2:
+        corpus.mkdir()
+        for f in sorted((Path(__file__).parent.parent / "src" / "mlx_train" / "rank").glob("*.py")):
+            corpus.joinpath(f.name).write_bytes(f.read_bytes())
+    reports = run_ring_ranks(stages, "test_pipeline", (tmp_path, stages, corpus if stages == 2 else ""), tmp_path,
+                             TIMEOUT)
+    assert [rep["stage"] for rep in reports] == list(range(stages))
+    base = reports[0]["base"]
+    assert min(base["norms"]) > CLIP, "the clip must act for the norm's all_sum to matter"
+    for rep in reports:
+        assert not rep["skipped"]
+        assert rep["losses"] == reports[0]["losses"], "every rank reports the same loss"
+        rel = max(abs(a - b) / abs(b) for a, b in zip(rep["losses"], base["losses"]))
+        assert rel < 1e-5, (rep["losses"], base["losses"])
+        norm_rel = max(abs(a - b) / b for a, b in zip(rep["norms"], base["norms"]))
+        assert norm_rel < 1e-5, (rep["norms"], base["norms"])
+        assert abs(rep["val"] - base["val"]) / base["val"] < 1e-5
+    assert base["keys_same"] and base["step_same"]  # the checkpoint layout of one process
+    assert base["param_diff"] < 1e-4 and base["state_diff"] < 1e-4
+    # Each stage holds its own layers only: the embeddings first, the head last.
+    held = [{k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks") else "") for k in rep["held"]}
+            for rep in reports]
+    assert "tok" in held[0] and "head" in held[-1] and "tok" not in held[-1] and "head" not in held[0]
+    blocks = [sorted(int(k.split(".")[1]) for k in h if k.startswith("blocks")) for h in held]
+    assert sum(blocks, []) == list(range(MODEL["n_layers"]))
+    if stages == 2:  # the trainer's checkpoint is the whole model: it resumes in one process, on course
+        straight = _train(str(corpus), str(tmp_path / "straight"), 1, resume=False)
+        resumed = _train(str(corpus), str(tmp_path / "piped"), 1, resume=True)
+        piped = reports[0]["trained"]
+        assert [m["step"] for m in piped] == [1, 2] and [m["step"] for m in resumed] == [3, 4]
+        for got, want in zip(piped + resumed, straight):
+            assert abs(got["loss"] - want["loss"]) / want["loss"] < 1e-5, (got, want)
+        assert abs(resumed[-1]["val_loss"] - straight[-1]["val_loss"]) / straight[-1]["val_loss"] < 1e-5
+        assert piped[-1]["global_batch"] == straight[-1]["global_batch"] == ROWS * MICRO

@@ -42,7 +42,8 @@ def _why_no_fleet() -> str | None:
     for tool in ("ip", "unshare", "nsenter", "ssh-keygen", "/usr/sbin/sshd", "/usr/bin/ssh"):
         if not shutil.which(tool):
             return f"the test fleet needs {tool} (make install runs scripts/system-deps.sh)"
-    probe = f"{fleet_tools.NETNS_PREFIX}probe"
+    # Named for this process: a probe left by a killed run (or another session's) is not this one's.
+    probe = f"{fleet_tools.NETNS_PREFIX}probe-{os.getpid()}"
     res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if res.returncode:
         return f"cannot create network namespaces here: {res.stderr.strip()}"

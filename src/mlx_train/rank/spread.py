@@ -29,7 +29,7 @@ trainer's loop and the Stepper do not branch on the strategy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -88,6 +88,32 @@ class Spread:
         """Take whole `params` and an optimizer state in the unsharded layout (a restore); return
         what the step holds of the parameters (own()'s tree)."""
         raise NotImplementedError
+
+    def whole_pieces(self) -> Iterator[Tuple[List[tuple], List[tuple]]]:
+        """The whole parameters and the optimizer state in the unsharded layout (step and
+        learning_rate included), as (key, evaluated array) pairs, piece by piece, for a checkpoint:
+        a caller that drops each piece before asking for the next holds one piece at a time. Here
+        one piece of everything (whole_params and full_state: a collective when sharded, so every
+        rank iterates it to the end)."""
+        yield tree_flatten(self.whole_params()), tree_flatten(self.full_state())
+
+    def piece_keys(self) -> List[List[str]]:
+        """The checkpoint keys (the parameters' and the optimizer state's, step and learning_rate
+        apart) that load_pieces takes together, piece after piece: here one piece of all."""
+        return [[k for k, _ in tree_flatten(self.param_layout())] +
+                [k for k, _ in tree_flatten(self.layout()) if k not in ("step", "learning_rate")]]
+
+    def load_pieces(self, pieces: Iterable[dict], extra: dict) -> Any:
+        """load() from pieces: {checkpoint key: whole array} for each of piece_keys() in turn, and
+        `extra` (step, learning_rate). Here the pieces are joined in the layouts' order (the order
+        the norm sums in) and loaded at once."""
+        got: dict = {}
+        for piece in pieces:
+            got.update(piece)
+        order = [k for k, _ in tree_flatten(self.param_layout())]
+        state_order = [k for k, _ in tree_flatten(self.layout()) if k in got]
+        return self.load(tree_unflatten([(k, got[k]) for k in order]),
+                         {**tree_unflatten([(k, got[k]) for k in state_order]), **extra})
 
     def build(self, compiled: bool) -> None:
         """(Re)trace the graphs around the current parameters and state."""

@@ -309,9 +309,9 @@ class Trainer:
         for pairs, moments in self.stepper.spread.whole_pieces():
             for k, v in pairs:
                 crcs[k] = leaf_crc(v)
-            if keep:
-                params.update(pairs)
-                state.update(moments)
+            if keep:  # copied out of the gathered buffer now (split views would keep it), so it goes too
+                params.update(checkpoint.snapshot(dict(pairs)))
+                state.update(checkpoint.snapshot(dict(moments)))
             del pairs, moments
         checksum = combined_crc([crcs[k] for k in sorted(crcs)])  # = param_checksum of the whole
         protocol.emit(protocol.Checksum(step=step, value=checksum))
@@ -327,11 +327,11 @@ class Trainer:
         t_wait = time.perf_counter()
         self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
         t0 += time.perf_counter() - t_wait
-        # The snapshot is the gathered arrays themselves (contiguous views: no second copy), in
-        # the layouts' order; the optimizer's in the unsharded layout, whatever the level.
-        params = checkpoint.snapshot({k: params[k] for k, _ in tree_flatten(self.stepper.param_layout())})
+        # The snapshot (taken piece by piece above: one copy of the whole) in the layouts' order;
+        # the optimizer's in the unsharded layout, whatever the level.
+        params = {k: params[k] for k, _ in tree_flatten(self.stepper.param_layout())}
         order = [k for k, _ in tree_flatten(self.stepper.optimizer_layout()) if k in state]
-        state = checkpoint.snapshot({**{k: state[k] for k in order}, **state})
+        state = {**{k: state[k] for k in order}, **state}
         # The rows in force are those of the steps after this one (--shares auto re-shared before it).
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
                 "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]],
@@ -428,15 +428,15 @@ class Trainer:
         params = dict(tree_flatten(self.stepper.param_layout()))
         # The unsharded layout (a sharded step slices its part out of it in load).
         state = {k: v for k, v in tree_flatten(self.stepper.optimizer_layout()) if k not in ("step", "learning_rate")}
-        if found is not None:
-            params = {k: found.model[k] for k in params}
-            state = {k: found.optimizer[k] for k in state}
+        if found is not None:  # popped: a piece read from the file (lazily) is dropped once sent
+            params = {k: found.model.pop(k) for k in params}
+            state = {k: found.optimizer.pop(k) for k in state}
 
         def pieces():
             # One all_sum per piece (fully sharded: a group's parameters, or one of its moments),
             # dropped before the next is sent.
             for keys in self.stepper.spread.piece_keys():
-                values = [params[k] if k in params else state[k] for k in keys]
+                values = [params.pop(k) if k in params else state.pop(k) for k in keys]
                 piece = dict(zip(keys, unpack(self.broadcast(pack(values)), values)))
                 del values
                 yield piece

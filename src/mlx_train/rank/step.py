@@ -121,6 +121,13 @@ class Stepper:
         self.params = self.spread.load_pieces(pieces, extra)
         self._build()
 
+    def whole_pieces(self):
+        """whole_params() and optimizer_state() piece by piece (Spread.whole_pieces): every rank asks."""
+        return self.spread.whole_pieces()
+
+    def piece_keys(self) -> list:
+        return self.spread.piece_keys()
+
     def whole_params(self) -> Any:
         """The whole trainable parameters (checkpoints, checksums). Fully sharded, they are gathered
         from every rank: every rank must call it."""

@@ -306,7 +306,7 @@ class Trainer:
         # others only each leaf's crc and drop the piece before the next is gathered.
         keep = self.rank == 0
         crcs, params, state = {}, {}, {}
-        for pairs, moments in self.stepper.spread.whole_pieces():
+        for pairs, moments in self.stepper.whole_pieces():
             for k, v in pairs:
                 crcs[k] = leaf_crc(v)
             if keep:  # copied out of the gathered buffer now (split views would keep it), so it goes too
@@ -399,8 +399,9 @@ class Trainer:
     def restore(self) -> int:
         """Load the newest intact checkpoint on rank 0 and hand it to every rank; return its step.
 
-        MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to one all_sum
-        (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact.
+        MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to an all_sum
+        (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact: one per
+        piece of the step's (Spread.piece_keys; at `full` a group's parameters or one moment).
         """
         found, mismatch = None, 0
         if self.rank == 0:
@@ -435,7 +436,7 @@ class Trainer:
         def pieces():
             # One all_sum per piece (fully sharded: a group's parameters, or one of its moments),
             # dropped before the next is sent.
-            for keys in self.stepper.spread.piece_keys():
+            for keys in self.stepper.piece_keys():
                 values = [params.pop(k) if k in params else state.pop(k) for k in keys]
                 piece = dict(zip(keys, unpack(self.broadcast(pack(values)), values)))
                 del values

@@ -31,9 +31,10 @@ Checkpoints keep the unsharded layout, so a checkpoint resumes at any level and 
 move it a piece at a time (one group's parameters, or one of its moments): `whole_pieces` gathers
 them one by one for a save, `load_pieces` slices them one by one at a restore, so no rank holds
 the whole at once but rank 0 for its write (`whole_params`, `full_state` and `load` still gather
-or slice everything at once, for the checksums at log steps and the adapters). The gathers in the forward are fp32 (the master weights; cast after), so the arithmetic of
-a bf16 step is data parallel's: the bf16 gradients come back through the cast in fp32 and are
-summed in fp32, as data parallel's all-reduce sums them.
+or slice everything at once, for the checksums at log steps and the adapters). The gathers in
+the forward are fp32 (the master weights; cast after), so the arithmetic of a bf16 step is data
+parallel's: the bf16 gradients come back through the cast in fp32 and are summed in fp32, as data
+parallel's all-reduce sums them.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ train: install
 
 # -rs: every skip says why. A test that cannot run under CI (no fleet, no guide) is an error there.
 # --durations: the slowest tests of every run, to keep `make test` under its time.
-PYTEST := $(BIN)/python -m pytest -q -rs --durations=25
+# -n 2: two workers, as many as the reference machine has cores; many tests wait on timeouts and
+# other processes rather than compute. The fleet's tests all run on one of them (tests/conftest.py).
+PYTEST := $(BIN)/python -m pytest -q -rs --durations=25 -n 2 --dist loadgroup
 
 test: install
 	$(PYTEST) tests

@@ -26,10 +26,10 @@ README = HERE.parent / "README.md"
 RESULTS = HERE / "results.json"
 
 
-def _run(script: str, env_extra: dict, args: dict | None = None) -> dict:
+def _run(script: str, env_extra: dict, args: dict | None = None, timeout: float = 1200) -> dict:
     env = {**os.environ, **env_extra}
     out = subprocess.run([sys.executable, str(HERE / script), json.dumps(args or {})], env=env, capture_output=True,
-                         text=True, timeout=1200)
+                         text=True, timeout=timeout)
     if out.returncode:
         raise SystemExit(f"{script} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -65,6 +65,8 @@ def main() -> None:
         ("overlap", "overlap.py", {}, {"width": 256, "rounds": 7}),
         ("checkpoint", "checkpoint_write.py", {}, {"where": str(HERE.parent), "rounds": 3}),
         ("startup", "startup.py", {}, None),
+        # Root: the 3-host netns test fleet, its links limited with tc tbf; takes the fleet lock per rate.
+        ("shard", "shard_fleet.py", {}, {"rates": ["unlimited", "1gbit", "200mbit"], "rounds": 4, "steps": 3}),
         # The 3-host test fleet under CPU quotas (takes /tmp/mlx-fleet.lock itself; docs/performance.md).
         ("shares", "shares_fleet.py", {}, {"rounds": 1, "steps": 30}),
     ]
@@ -74,9 +76,15 @@ def main() -> None:
     for key, script, env, args in steps:
         if only and key not in only:
             continue
+        if key == "shard" and not only and os.geteuid() != 0:
+            # The test fleet needs root (network namespaces, tc): keep the last fleet figures, if any.
+            print("shard: skipped (the test fleet needs root: bench/run.py --only shard as root)", flush=True)
+            if RESULTS.exists() and "shard" in (old := json.loads(RESULTS.read_text())):
+                res["shard"] = old["shard"]
+            continue
         print(f"{key} ({script}) ...", flush=True)
         t0, load = time.perf_counter(), os.getloadavg()[0]
-        res[key] = _run(script, env, args)
+        res[key] = _run(script, env, args, timeout=3600 if key == "shard" else 1200)
         # The machines are shared: the 1-minute load before and after says how noisy the figure is.
         res[key]["load"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         print(f"  {time.perf_counter() - t0:.0f} s: {res[key]}", flush=True)
@@ -150,6 +158,7 @@ def table(res: dict) -> str:
         [f"BLAS: trainer tokens/s with OpenBLAS vs the wheel's reference BLAS (both: {s.get('allocator', '?')})",
          tok(r["tokens_per_s"]),
          tok(s["tokens_per_s"]), f"**{s['tokens_per_s'] / r['tokens_per_s']:.1f}x**", "-"],
+        *shard_rows(res.get("shard")),
         *([[f"training, 3 fleet hosts under CPU quotas {'/'.join(f'{c:g}' for c in sh['cpu'])} cores, "
             f"`--shares auto` (rows {sh['auto_rows']}) vs `--shares equal` (bench/shares_fleet.py)",
             f"equal {tok(sh['equal_tokens_per_s'])}", tok(sh["auto_tokens_per_s"]), f"**{sh['ratio']:.2f}x**",
@@ -179,8 +188,38 @@ def table(res: dict) -> str:
         "thread (lane) per core it owns (rank/lanes.py), so the 1-process rows use both cores for all of the "
         "step while mlx-lm's single thread uses them for its matmuls only; 2 ranks on 2 cores have one lane each."
         " Utilization: training FLOPs per token (6 x matmul parameters + attention) x tokens/s "
-        "over the best float32 matmul rate measured in the same run.",
+        "over the best float32 matmul rate measured in the same run."
+        + (" The `--shard` rows (bench/shard_fleet.py; issue 17) are one ring rank in each of the 3 test-fleet "
+           "hosts' network namespaces, which share this machine's cores, each host's link limited with tc tbf: "
+           "step time as a multiple of data parallel's on the same model, the levels' steps interleaved (lower "
+           "is better), and the bytes each rank's interface sent per step as a multiple of ZeRO's formula for "
+           "that level (docs/sharding.md, \"Step time on the test fleet\")." if "shard" in res else ""),
     ])
+
+
+def shard_rows(sh: dict | None) -> list:
+    """Issue 17's "Show it" rows: each shard level's step time and bytes sent per rank per step against
+    data parallel's on the 3-host test fleet (bench/shard_fleet.py)."""
+    if not sh:
+        return []
+    rows = []
+    for place in sh["places"]:
+        by = {r["level"]: r for r in place["rows"]}
+        dp = by["none"]
+        where = place["place"].replace("ring, 3 fleet hosts, ", "")
+        for level in sh["levels"][1:]:
+            r = by[level]
+            rows.append([f"step time, `--shard {level}`, {sh['model']}, 3 hosts ring, {where}",
+                         f"data parallel {dp['step_s'] * 1e3:.0f} ms", f"{r['step_s'] * 1e3:.0f} ms",
+                         f"**{r['x_none']:.2f}x**", f"<= {sh['goals'][level]}x"])
+        n = place["ranks"]
+        rows.append([f"bytes sent per step per rank ({where}): data parallel / " + " / ".join(sh["levels"][1:]),
+                     f"ZeRO: 2(N-1)/N x {place['grad_bytes'] / 1e6:.1f} MB gradients = "
+                     f"{2 * (n - 1) / n * place['grad_bytes'] / 1e6:.1f}"
+                     " MB; the levels 1, 1, 1.5x that",
+                     " / ".join(f"{by[lv]['sent_bytes_per_step'] / 1e6:.1f}" for lv in sh["levels"]) + " MB",
+                     "**" + " / ".join(f"{by[lv]['sent_x_zero']:.2f}" for lv in sh["levels"]) + "**", "1 / 1 / 1 / 1"])
+    return rows
 
 
 def write_readme(res: dict) -> None:

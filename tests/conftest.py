@@ -23,6 +23,18 @@ import fleet as fleet_tools  # noqa: E402  (tools/fleet.py, on the path from hel
 pytest_plugins = ["tiny_llama"]
 
 
+FLEET_FIXTURES = {"bare_fleet", "fleet", "provisioning", "cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # make test runs two xdist workers (--dist loadgroup). There is one fleet per machine (its names
+    # are global): every test that uses it runs on the same worker, one after another, and shares it.
+    for item in items:
+        if item.get_closest_marker("fleet") or FLEET_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("fleet"))
+
+
 def _why_no_fleet() -> str | None:
     """Why this machine cannot run the test fleet, or None when it can."""
     if os.geteuid() != 0:

@@ -36,6 +36,19 @@ def test_step_is_compute_plus_sync_and_accumulation_hides_it():
     assert not perf.MLX_OVERLAPS and hidden.step_s == pytest.approx(0.46 - 0.1 * perf.BACKWARD_SHARE)
 
 
+def test_shard_levels_move_zeros_multiples_of_the_all_reduce_and_full_per_micro_batch():
+    link = perf.Link("wire", 1.0, 1.0, 0.0)
+    dp = perf.allreduce_s(30e6, 3, link)
+    zero = {lv: perf.shard_sync_s(30e6, 3, link, lv, traffic=perf.ZERO_TRAFFIC) for lv in perf.ZERO_TRAFFIC}
+    assert zero == pytest.approx({"none": dp, "optimizer": dp, "gradients": dp, "full": 1.5 * dp})
+    # What the code moves today (bench/shard_fleet.py measured it), and full's gathers per micro-batch.
+    assert perf.shard_sync_s(30e6, 3, link, "optimizer") == pytest.approx(1.5 * dp)
+    assert perf.shard_sync_s(30e6, 3, link, "full", accumulation=4) == pytest.approx(8 * dp)
+    assert perf.shard_sync_s(30e6, 3, link, "gradients", accumulation=4) == pytest.approx(dp)
+    assert perf.shard_sync_s(30e6, 1, link, "full") == 0.0
+    assert perf.train_flops(1e9, 2048, recompute=False) == 6 * 1e9 * 2048
+
+
 def test_faster_links_and_fewer_devices_predict_shorter_steps():
     c, grads = 1.0, 1.4e9
     by_link = [perf.predict_step(c, grads, 4, link).step_s for link in perf.LINKS.values()]

@@ -154,3 +154,40 @@ def scaling_table(micro_batch_s: float, grad_bytes: float, links: Sequence[Link]
             rows.append(f"| {link.name} | {n} | {p.comm_s:.3f} | {p.step_s:.3f} | {p.efficiency:.0%} | "
                         f"{p.speedup:.1f}x | {k} | {pk.efficiency:.0%} |")
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- sharded levels (--shard, issue 17)
+#
+# What a rank sends per step, in units of data parallel's all-reduce (2(N-1)/N x the gradient
+# bytes). ZeRO (arXiv 1910.02054, section 7): a reduce-scatter and an all-gather move what the
+# all-reduce does; full sharding gathers the parameters twice (forward, backward) and
+# reduce-scatters the gradients, 1.5x. Full sharding does that for every micro-batch.
+ZERO_TRAFFIC = {"none": 1.0, "optimizer": 1.0, "gradients": 1.0, "full": 1.5}
+# What this code sends (measured on the test fleet's interfaces, bench/shard_fleet.py): `optimizer`
+# all-reduces the gradients whole and then all-gathers the parameters (1 + 0.5); `full` reduce-scatters
+# inside the backward by an all_sum, which moves twice a reduce-scatter's bytes (0.5 + 0.5 + 1).
+BUILT_TRAFFIC = {"none": 1.0, "optimizer": 1.5, "gradients": 1.0, "full": 2.0}
+# Collectives a step makes, each 2(N-1) hops of latency at most: per group at `full` two gathers and a
+# reduce-scatter per micro-batch.
+_CALLS = {"none": 1, "optimizer": 2, "gradients": 2}
+
+
+def shard_sync_s(grad_bytes: float, n: int, link: Link, shard: str = "none", accumulation: int = 1,
+                 groups: int = 1, traffic: Optional[dict] = None) -> float:
+    """Predicted communication of one optimizer step at shard level `shard` over `n` devices on `link`:
+    `traffic[shard]` (default BUILT_TRAFFIC, what this code moves) times data parallel's all-reduce,
+    once per step, or once per micro-batch at `full` (the parameters are gathered for each
+    micro-batch's forward and backward). `groups`: the gathered groups at `full` (blocks + 1)."""
+    if n < 2:
+        return 0.0
+    share = (traffic or BUILT_TRAFFIC)[shard]
+    times = accumulation if shard == "full" else 1
+    calls = 3 * groups * accumulation if shard == "full" else _CALLS[shard]
+    wire = wire_limit_s(grad_bytes, n, link.gbps) / link.efficiency
+    return calls * 2 * (n - 1) * link.latency_s + times * share * wire
+
+
+def train_flops(n_params: float, tokens: float, recompute: bool) -> float:
+    """FLOPs of a training step over `tokens`: 6 per parameter per token (forward 2, backward 4), 8
+    when the forward is computed again in the backward (checkpointing; `full` always does)."""
+    return (8 if recompute else 6) * n_params * tokens

@@ -25,8 +25,12 @@ piece of all but at `full`, where a piece is one group's parameters or one of it
   Its step holds shards, not the parameters (`own`), puts them into the model itself (`bind`),
   and gives the whole parameters only on demand (`whole_params`, a collective).
 
-Pipeline stages and unequal shares of the batch are further strategies at this same place: the
-trainer's loop and the Stepper do not branch on the strategy.
+Two neighbours are not Spreads, for a reason. Unequal shares of the batch (--shares) change which
+rows a rank computes, not what happens to its gradients: they live in the batcher and the loss's
+token weights (rank/batcher.py, rank/balance.py) and work under every Spread. A pipeline
+(rank/pipeline.py) changes the forward and backward themselves (a stage runs only its layers, with
+send/recv between them), which a Spread never sees: it stands in for the whole Stepper, answering
+the same calls, so the trainer's loop still does not branch on the strategy.
 """
 
 from __future__ import annotations

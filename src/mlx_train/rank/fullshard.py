@@ -27,16 +27,19 @@ cast (the base keeps its own dtype, as unsharded). A block with nothing to train
 fewer than the blocks) has only its base gathered. The adapters are the trainable groups, as for a
 full fine-tune; checkpoints and adapters hold them alone, as unsharded.
 
-Checkpoints keep the unsharded layout: `whole_params` and `full_state` gather every group
-(all_gather_flat) and `load` slices a whole tree, so a checkpoint resumes at any level and world
-size. The gathers in the forward are fp32 (the master weights; cast after), so the arithmetic of
-a bf16 step is data parallel's: the bf16 gradients come back through the cast in fp32 and are
-summed in fp32, as data parallel's all-reduce sums them.
+Checkpoints keep the unsharded layout, so a checkpoint resumes at any level and world size, and
+move it a piece at a time (one group's parameters, or one of its moments): `whole_pieces` gathers
+them one by one for a save, `load_pieces` slices them one by one at a restore, so no rank holds
+the whole at once but rank 0 for its write (`whole_params`, `full_state` and `load` still gather
+or slice everything at once, for the checksums at log steps and the adapters). The gathers in
+the forward are fp32 (the master weights; cast after), so the arithmetic of a bf16 step is data
+parallel's: the bf16 gradients come back through the cast in fp32 and are summed in fp32, as data
+parallel's all-reduce sums them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -364,6 +367,54 @@ class FullShard(Spread):
         flat = [(f"{k}.{name}", v) for name in self._names() for k, v in tree_flatten(layout)]
         rest = {k: v for k, v in self.optimizer.state.items() if k in ("step", "learning_rate")}
         return {**tree_unflatten(flat), **rest}
+
+    def whole_pieces(self) -> Iterator[Tuple[List[tuple], List[tuple]]]:
+        """One group at a time: its whole parameters, then each of its moments (m, v), each
+        gathered and evaluated on its own; last, step and learning_rate. A rank that drops each
+        piece before the next holds one group's whole beside its slices, never the model."""
+        names = self._names()
+        for flat, index in self._groups():
+            pairs = list(zip(flat.full_keys, flat.gathered(self._of(self.params, index))))
+            mx.eval([v for _, v in pairs])  # on every rank: a gather left lazy would wait for peers forever
+            yield pairs, []
+            del pairs  # the generator's own reference would keep the group alive through the next gather
+            for name in names:
+                moment = flat.gathered(self._of(self.optimizer.state, index)[name])
+                pairs = [(f"{k}.{name}", v) for k, v in zip(flat.full_keys, moment)]
+                del moment
+                mx.eval([v for _, v in pairs])
+                yield [], pairs
+                del pairs
+        yield [], [(k, v) for k, v in self.optimizer.state.items() if k in ("step", "learning_rate")]
+
+    def piece_keys(self) -> List[List[str]]:
+        """Per group, its parameters, then each of its moments: one group's one tensor set at a time."""
+        return [keys for flat, _ in self._groups()
+                for keys in [flat.full_keys] + [[f"{k}.{name}" for k in flat.full_keys] for name in self._names()]]
+
+    def load_pieces(self, pieces: Iterable[dict], extra: dict) -> Any:
+        """Each piece (a group's parameters, or one of its moments) sliced and evaluated before the
+        next is asked for, and each group's slices put in place of its old ones (so those go too):
+        one piece whole at a time, never the model, and never two sets of slices."""
+        names = self._names()
+        shards, state = self.params, self.optimizer.state
+        it = iter(pieces)  # not zip or enumerate: their reused tuple would hold the previous piece
+        for flat, index in self._groups():
+            held = {}
+            for name in [None] + names:
+                piece = next(it)
+                keys = flat.full_keys if name is None else [f"{k}.{name}" for k in flat.full_keys]
+                held[name] = flat.slice([piece[k] for k in keys])
+                mx.eval(held[name])
+                del piece  # the whole piece goes before the next arrives
+            shard = held.pop(None)
+            if index is None:
+                shards[REST], state[REST] = shard, held
+            else:
+                shards[BLOCKS][index], state[BLOCKS][index] = shard, held
+            del shard, held
+        state.update(extra)
+        return shards
 
     def load(self, params: Any, full_state: dict) -> Any:
         names = self._names()

@@ -39,7 +39,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_train.errors import UserError
-from mlx_train.rank.spread import _assign, pack, unpack
+from mlx_train.rank.spread import _assign, keys_in_one, load_in_one, pack, unpack, whole_in_one
 from mlx_train.rank.step import StepStats
 
 FORWARD, BACKWARD = "F", "B"
@@ -222,6 +222,15 @@ class Pipeline:
         self.optimizer.state = {**tree_unflatten(moments), **{k: v for k, v in optimizer_state.items()
                                                                 if k in ("step", "learning_rate")}}
         mx.eval(self.params, self.optimizer.state)
+
+    def whole_pieces(self):  # checkpoints in one piece (rank/spread.py)
+        return whole_in_one(self.whole_params(), self.optimizer_state())
+
+    def piece_keys(self) -> list:
+        return keys_in_one(self.param_layout(), self.optimizer_layout())
+
+    def load_pieces(self, pieces, extra: dict) -> None:
+        load_in_one(pieces, extra, self.param_layout(), self.optimizer_layout(), self.load)
 
     def set_params(self, params: Any) -> None:
         _assign(self.params, params)

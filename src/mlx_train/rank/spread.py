@@ -10,7 +10,9 @@ its Spread, chosen once when it is built (`choose`), in the same four calls what
     spread.publish()                    communication: every rank's parameters whole again
 
 and, for checkpoints, the optimizer state in the unsharded layout (`full_state`, `layout`) and back
-(`load`), so a checkpoint is the same files whatever wrote it and resumes under any strategy.
+(`load`), so a checkpoint is the same files whatever wrote it and resumes under any strategy; a
+save and a restore move them piece by piece (`whole_pieces`, `piece_keys`, `load_pieces`: one
+piece of all but at `full`, where a piece is one group's parameters or one of its moments).
 
 - DataParallel: today's step, bit for bit: the bucketed all_sum (`make_sync`), the norm over the
   gradient tree and AdamW per tensor; `publish` has nothing to do.
@@ -33,7 +35,7 @@ the same calls, so the trainer's loop still does not branch on the strategy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -92,6 +94,23 @@ class Spread:
         """Take whole `params` and an optimizer state in the unsharded layout (a restore); return
         what the step holds of the parameters (own()'s tree)."""
         raise NotImplementedError
+
+    def whole_pieces(self) -> Iterator[Tuple[List[tuple], List[tuple]]]:
+        """The whole parameters and the optimizer state in the unsharded layout (step and
+        learning_rate included), as (key, evaluated array) pairs, piece by piece, for a checkpoint:
+        a caller that drops each piece before asking for the next holds one piece at a time. Here
+        one piece of everything (a collective when sharded: every rank iterates it to the end)."""
+        return whole_in_one(self.whole_params(), self.full_state())
+
+    def piece_keys(self) -> List[List[str]]:
+        """The checkpoint keys (the parameters' and the optimizer state's, step and learning_rate
+        apart) that load_pieces takes together, piece after piece: here one piece of all."""
+        return keys_in_one(self.param_layout(), self.layout())
+
+    def load_pieces(self, pieces: Iterable[dict], extra: dict) -> Any:
+        """load() from pieces: {checkpoint key: whole array} for each of piece_keys() in turn, and
+        `extra` (step, learning_rate); returns what load returns. Here all joined, loaded at once."""
+        return load_in_one(pieces, extra, self.param_layout(), self.layout(), self.load)
 
     def build(self, compiled: bool) -> None:
         """(Re)trace the graphs around the current parameters and state."""
@@ -408,6 +427,30 @@ def sum_gradients(grads: Any, group: mx.distributed.Group, bucket_bytes: int = B
         filled += g.nbytes
     flush()
     return tree_unflatten([(k, out[k]) for k, _ in flat])
+
+
+def whole_in_one(params: Any, state: dict) -> Iterator[Tuple[List[tuple], List[tuple]]]:
+    """Spread.whole_pieces for a step that holds (or gathers) everything at once: one piece."""
+    yield tree_flatten(params), tree_flatten(state)
+
+
+def keys_in_one(param_layout: Any, state_layout: dict) -> List[List[str]]:
+    """Spread.piece_keys of one piece: every parameter's key, then the optimizer state's."""
+    return [[k for k, _ in tree_flatten(param_layout)] +
+            [k for k, _ in tree_flatten(state_layout) if k not in ("step", "learning_rate")]]
+
+
+def load_in_one(pieces: Iterable[dict], extra: dict, param_layout: Any, state_layout: dict,
+                load: Callable[[Any, dict], Any]) -> Any:
+    """Spread.load_pieces at once: the pieces joined in the layouts' order (the order the norm
+    sums in), `extra` (step, learning_rate) last, handed to `load`."""
+    got: dict = {}
+    for piece in pieces:
+        got.update(piece)
+    order = [k for k, _ in tree_flatten(param_layout)]
+    state_order = [k for k, _ in tree_flatten(state_layout) if k in got]
+    return load(tree_unflatten([(k, got[k]) for k in order]),
+                {**tree_unflatten([(k, got[k]) for k in state_order]), **extra})
 
 
 def pack(arrays: List[mx.array]) -> mx.array:

@@ -116,6 +116,18 @@ class Stepper:
         self.params = self.spread.load(params, optimizer_state)
         self._build()
 
+    def load_pieces(self, pieces, extra: dict) -> None:
+        """load() piece by piece (Spread.load_pieces): a fully sharded step never holds the whole."""
+        self.params = self.spread.load_pieces(pieces, extra)
+        self._build()
+
+    def whole_pieces(self):
+        """whole_params() and optimizer_state() piece by piece (Spread.whole_pieces): every rank asks."""
+        return self.spread.whole_pieces()
+
+    def piece_keys(self) -> list:
+        return self.spread.piece_keys()
+
     def whole_params(self) -> Any:
         """The whole trainable parameters (checkpoints, checksums). Fully sharded, they are gathered
         from every rank: every rank must call it."""

@@ -26,6 +26,48 @@ from mlx_train.rank.model import build_model, count_parameters
 from mlx_train.rank.step import Stepper, all_sum_bytes, current_lr, make_optimizer, pack, unpack
 
 
+def leaf_crc(v: mx.array) -> tuple:
+    """(crc32 of the array's own bytes, their length): param_checksum's part for one leaf."""
+    view = memoryview(v)  # no copy (half the time of copying to numpy first)
+    view = (view if view.c_contiguous else memoryview(np.array(v))).cast("B")
+    return zlib.crc32(view), view.nbytes
+
+
+_CRC_ZEROS: List[List[int]] = []  # [i]: the GF(2) operator appending 2**i zero bytes to a crc32 (zlib's)
+
+
+def _gf2_times(mat: List[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def combined_crc(parts: List[tuple]) -> int:
+    """The crc32 of the concatenation of byte strings from each one's (crc32, length): zlib's
+    crc32_combine, which Python's zlib lacks, so a checksum needs no leaf held after its own crc."""
+    if not _CRC_ZEROS:
+        op = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
+        for _ in range(3):  # -> one zero byte
+            op = [_gf2_times(op, op[n]) for n in range(32)]
+        for _ in range(64):
+            _CRC_ZEROS.append(op)
+            op = [_gf2_times(op, op[n]) for n in range(32)]
+    crc = 0
+    for part, length in parts:
+        i = 0
+        while length:
+            if length & 1:
+                crc = _gf2_times(_CRC_ZEROS[i], crc)
+            length >>= 1
+            i += 1
+        crc ^= part
+    return crc
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str, memory_budget: int,
                  placed: Optional[dict] = None):
@@ -259,12 +301,22 @@ class Trainer:
         # Every rank's checksum goes with the checkpoint: one written while the ranks disagreed
         # is never resumed from (a silent divergence would be saved with it). Each rank's running
         # loss mean (--loss-spike) travels in the same gather.
-        whole = self.stepper.whole_params()  # fully sharded: gathered, so every rank asks
-        checksum = self.param_checksum(whole)
+        # The whole parameters and optimizer state come piece by piece (fully sharded: one group
+        # gathered at a time, every rank in each gather); rank 0 keeps them for its write, the
+        # others only each leaf's crc and drop the piece before the next is gathered.
+        keep = self.rank == 0
+        crcs, params, state = {}, {}, {}
+        for pairs, moments in self.stepper.whole_pieces():
+            for k, v in pairs:
+                crcs[k] = leaf_crc(v)
+            if keep:  # copied out of the gathered buffer now (split views would keep it), so it goes too
+                params.update(checkpoint.snapshot(dict(pairs)))
+                state.update(checkpoint.snapshot(dict(moments)))
+            del pairs, moments
+        checksum = combined_crc([crcs[k] for k in sorted(crcs)])  # = param_checksum of the whole
         protocol.emit(protocol.Checksum(step=step, value=checksum))
         mine = mx.array([checksum, *self.spike.state()], dtype=mx.int64)
         everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 3)
-        full_state = self.stepper.optimizer_state()  # sharded: gathered from every rank, so every rank asks
         if self.rank != 0:
             return
         sums = [int(v) for v in everyone[:, 0]]
@@ -275,8 +327,11 @@ class Trainer:
         t_wait = time.perf_counter()
         self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
         t0 += time.perf_counter() - t_wait
-        params = checkpoint.snapshot(dict(tree_flatten(whole)))
-        state = checkpoint.snapshot(dict(tree_flatten(full_state)))  # the unsharded layout, whatever the level
+        # The snapshot (taken piece by piece above: one copy of the whole) in the layouts' order;
+        # the optimizer's in the unsharded layout, whatever the level.
+        params = {k: params[k] for k, _ in tree_flatten(self.stepper.param_layout())}
+        order = [k for k, _ in tree_flatten(self.stepper.optimizer_layout()) if k in state]
+        state = {**{k: state[k] for k in order}, **state}
         # The rows in force are those of the steps after this one (--shares auto re-shared before it).
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
                 "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]],
@@ -344,8 +399,9 @@ class Trainer:
     def restore(self) -> int:
         """Load the newest intact checkpoint on rank 0 and hand it to every rank; return its step.
 
-        MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to one all_sum
-        (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact.
+        MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to an all_sum
+        (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact: one per
+        piece of the step's (Spread.piece_keys; at `full` a group's parameters or one moment).
         """
         found, mismatch = None, 0
         if self.rank == 0:
@@ -373,15 +429,22 @@ class Trainer:
         params = dict(tree_flatten(self.stepper.param_layout()))
         # The unsharded layout (a sharded step slices its part out of it in load).
         state = {k: v for k, v in tree_flatten(self.stepper.optimizer_layout()) if k not in ("step", "learning_rate")}
-        if found is not None:
-            params = {k: found.model[k] for k in params}
-            state = {k: found.optimizer[k] for k in state}
-        values = list(params.values()) + list(state.values())
-        out = unpack(self.broadcast(pack(values)), values)
-        new_state = tree_unflatten(list(zip(state, out[len(params):])))
-        new_state["step"] = mx.array(step, dtype=mx.uint64)
-        new_state["learning_rate"] = self.optimizer.state["learning_rate"]
-        self.stepper.load(tree_unflatten(list(zip(params, out[:len(params)]))), new_state)
+        if found is not None:  # popped: a piece read from the file (lazily) is dropped once sent
+            params = {k: found.model.pop(k) for k in params}
+            state = {k: found.optimizer.pop(k) for k in state}
+
+        def pieces():
+            # One all_sum per piece (fully sharded: a group's parameters, or one of its moments),
+            # dropped before the next is sent.
+            for keys in self.stepper.piece_keys():
+                values = [params.pop(k) if k in params else state.pop(k) for k in keys]
+                piece = dict(zip(keys, unpack(self.broadcast(pack(values)), values)))
+                del values
+                yield piece
+                del piece
+
+        extra = {"step": mx.array(step, dtype=mx.uint64), "learning_rate": self.optimizer.state["learning_rate"]}
+        self.stepper.load_pieces(pieces(), extra)
         mx.eval(self.stepper.params, self.optimizer.state)
         self.restore_loss_mean(found.meta if found is not None else {})
         self.restore_rows(found.meta if found is not None else {})

@@ -1,0 +1,81 @@
+"""A checkpoint at `--shard full` (rank/fullshard.py) is saved and restored a group at a time: no
+rank but rank 0 (which writes the one file) ever holds the whole parameters and AdamW state.
+
+One launch of 2 ring ranks on loopback, each a Trainer at `full` on a GPT of 4 blocks: one step,
+then a save and a restore, each with MLX's peak memory reset before. Each adds to what rank 1
+holds less than half the whole parameters and m, v (the old save gathered them all at once on
+every rank, the old restore broadcast them all at once); the restored parameters are the saved
+ones (checksums). The reports' peaks are docs/sharding.md's figures ("On the test fleet").
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, run_ring_ranks
+
+TIMEOUT = 180  # seconds for the launch: a hung collective fails the test, never waits forever
+MODEL = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 32}
+
+
+def rank_main(out_dir: str, corpus: str) -> None:
+    import gc
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlx_train import protocol
+    from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
+    from mlx_train.rank.trainer import Trainer
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    out = Path(out_dir)
+    cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=1),
+                      dist=DistributedConfig(num_devices=2, batch_size_per_device=2, backend="ring"),
+                      steps=1, log_every=1, eval_every=100, checkpoint_every=100, shard="full")
+    protocol.emit = lambda message: None
+    trainer = Trainer(cfg, group, str(out / "run"), 1 << 40)
+    trainer.run(resume=False)  # one step, and its final checkpoint
+    trainer.finish_write(block=True)
+    layout = tree_flatten(trainer.stepper.param_layout())
+    whole = 3 * sum(v.nbytes for _, v in layout)  # the parameters, m and v, whole
+    gc.collect()
+    held = mx.get_active_memory()  # the slices, their m and v, the data: between steps
+    tokens = np.random.default_rng(0).integers(0, 256, (2, MODEL["seq_len"] + 1)).astype(np.int32)
+    peaks, bases = {}, {}
+    for what, call in (("step", lambda: trainer.stepper.step([(tokens[:, :-1], tokens[:, 1:])])),
+                       ("save", lambda: (trainer.save(1), trainer.finish_write(block=True))),
+                       ("restore", trainer.restore)):
+        gc.collect()
+        bases[what] = mx.get_active_memory()
+        mx.reset_peak_memory()
+        call()
+        peaks[what] = mx.get_peak_memory()
+        if what == "step":
+            before = trainer.param_checksum()
+    report = {"rank": group.rank(), "whole": whole, "held": held, "peaks": peaks, "bases": bases,
+              "same": trainer.param_checksum() == before}
+    (out / f"report-{group.rank()}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.multiproc
+def test_a_fully_sharded_checkpoint_is_saved_and_restored_a_group_at_a_time(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in sorted((REPO / "src" / "mlx_train" / "rank").glob("*.py")):
+        shutil.copy(f, corpus / f.name)
+    reports = run_ring_ranks(2, "test_fullshard_checkpoint", (tmp_path, corpus), tmp_path, TIMEOUT)
+    assert [rep["rank"] for rep in reports] == [0, 1]
+    assert all(rep["same"] for rep in reports), "the restored parameters are not the saved ones"
+    one = reports[1]
+    for what in ("save", "restore"):
+        # What a save or a restore adds to what rank 1 holds: gathered at once (before), the whole
+        # parameters, m and v (40 MB here) and more; a piece at a time, one block's parameters or
+        # one moment of it (3 MB) and its transients.
+        added = one["peaks"][what] - one["bases"][what]
+        assert added < one["whole"] / 2, f"rank 1's {what} added {added} bytes to what it holds: {one}"

@@ -35,6 +35,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("fleet"))
 
 
+def pytest_collection_finish(session):
+    # xdist's loadgroup reads the group from the node id; if that ever stops working, two workers
+    # would each bring up the one fleet over the other's. Refuse to start rather than run so.
+    if getattr(session.config.option, "loadgroup", False):
+        loose = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if loose:
+            raise pytest.UsageError(f"xdist did not group {loose[0]} with the other fleet tests (pytest-xdist "
+                                    "and pytest versions): the fleet's tests would run on two workers at once")
+
+
 def _why_no_fleet() -> str | None:
     """Why this machine cannot run the test fleet, or None when it can."""
     if os.geteuid() != 0:

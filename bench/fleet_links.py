@@ -251,14 +251,7 @@ def main() -> int:
         log(f"provisioned in {prov.seconds:.0f} s")
         env = {**os.environ, "PATH": f"{fl.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
         os.environ["PATH"] = env["PATH"]  # the probes' ssh is the fleet's wrapper
-        cluster = work / "cluster.yaml"
-        subprocess.run([MLX_TRAIN, "configure", "--distributed", "--inventory", str(fl.inventory_path), "--output",
-                        str(cluster), "--hostfile", str(work / "hostfile.json")], env=env, check=True,
-                       capture_output=True, text=True, timeout=120)
-        corpus = work / "corpus"
-        corpus.mkdir()
-        for f in (REPO / "src" / "mlx_train").rglob("*.py"):
-            shutil.copy(f, corpus / f"{f.parent.name}-{f.name}")
+        cluster, corpus = fleet_tools.configure(fl, work), fleet_tools.corpus(work / "corpus")
         from mlx_train.fleet.hosts import load_hosts
 
         nodes = load_hosts(str(cluster))[:a.devices]

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # bench/run.py imports this module from elsewhere
+from ring import rank0_result, rank_env  # noqa: E402
 MIB = 1 << 20
 STRATEGIES = ("ring", "all_sum")
 
@@ -74,39 +76,18 @@ def _rank_cmd(backend: str, sizes, rounds: int, reps: int) -> list:
                                                             "rounds": rounds, "reps": reps})]
 
 
-def _collect(procs, timeout: float, what: str) -> list:
-    """Rank 0's rows; every rank's wait bounded by `timeout` in all."""
-    deadline = time.monotonic() + timeout
-    try:
-        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate(timeout=10)
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"{what} failed: exit codes {[p.returncode for p in procs]}\n"
-                         + "\n".join(o[1][-1500:] for o in outs))
-    return json.loads(outs[0][0].strip().splitlines()[-1])
-
-
-def _rank_env(ranks: int) -> dict:
-    from mlx_train.rank import blas
-
-    return {**os.environ, **blas.rank_env(ranks_on_host=ranks), "PYTHONPATH": str(REPO / "src")}
 
 
 def loopback_ring(n: int, sizes, rounds: int, reps: int, timeout: float) -> list:
-    sys.path.insert(0, str(REPO / "bench"))
     from ring import ring_hostfile
 
     hostfile = ring_hostfile(n)
-    env = _rank_env(n)
+    env = rank_env(n)
     try:
         procs = [subprocess.Popen(_rank_cmd("ring", sizes, rounds, reps), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True,
                                   env={**env, "MLX_RANK": str(r), "MLX_HOSTFILE": hostfile}) for r in range(n)]
-        return _collect(procs, timeout, f"ring x{n} on loopback")
+        return rank0_result(procs, timeout, f"ring x{n} on loopback")
     finally:
         os.unlink(hostfile)
 
@@ -117,8 +98,8 @@ def loopback_mpi(n: int, sizes, rounds: int, reps: int, timeout: float) -> list:
     env = {**mpi.env_here(), "OMPI_MCA_btl": "self,tcp", "PYTHONPATH": str(REPO / "src")}
     argv = ["mpirun", "--oversubscribe", "-np", str(n), *mpi.forward(env), *_rank_cmd("mpi", sizes, rounds, reps)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**_rank_env(n), **env})
-    return _collect([proc], timeout, f"mpi x{n} on loopback")
+                            env={**rank_env(n), **env})
+    return rank0_result([proc], timeout, f"mpi x{n} on loopback")
 
 
 def fleet_ring(hosts, sizes, rounds: int, reps: int, timeout: float) -> list:
@@ -127,12 +108,12 @@ def fleet_ring(hosts, sizes, rounds: int, reps: int, timeout: float) -> list:
     fd, hostfile = tempfile.mkstemp(prefix="mlx-train-rs-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump([[f"{h.ip}:{base + i}"] for i, h in enumerate(hosts)], fh)
-    env = {**_rank_env(len(hosts)), "MLX_HOSTFILE": hostfile}
+    env = {**rank_env(len(hosts)), "MLX_HOSTFILE": hostfile}
     try:
         procs = [subprocess.Popen(["ip", "netns", "exec", h.netns, *_rank_cmd("ring", sizes, rounds, reps)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**env, "MLX_RANK": str(r)}) for r, h in enumerate(hosts)]
-        return _collect(procs, timeout, f"ring x{len(hosts)} on the fleet")
+        return rank0_result(procs, timeout, f"ring x{len(hosts)} on the fleet")
     finally:
         os.unlink(hostfile)
 

@@ -8,7 +8,11 @@ import os
 import socket
 import subprocess
 import tempfile
+import time
+from pathlib import Path
 from typing import List
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def ring_hostfile(ranks: int) -> str:
@@ -25,6 +29,31 @@ def ring_hostfile(ranks: int) -> str:
     with os.fdopen(fd, "w") as fh:
         json.dump(hosts, fh)
     return path
+
+
+def rank_env(ranks: int) -> dict:
+    """The environment of `ranks` ranks sharing a host: BLAS threads split between them, this checkout's
+    package first."""
+    from mlx_train.rank import blas
+
+    return {**os.environ, **blas.rank_env(ranks_on_host=ranks), "PYTHONPATH": str(REPO / "src")}
+
+
+def rank0_result(procs: List[subprocess.Popen], timeout: float, what: str):
+    """Rank 0's JSON result (its last line); every wait bounded by `timeout` in all, and every rank's
+    exit checked (a failure shows each rank's last stderr)."""
+    deadline = time.monotonic() + timeout
+    try:
+        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=10)
+    if any(p.returncode for p in procs):
+        raise SystemExit(f"{what} failed: exit codes {[p.returncode for p in procs]}\n"
+                         + "\n".join(o[1][-1500:] for o in outs))
+    return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
 def run_ranks(cmd: List[str], ranks: int, env: dict, what: str, timeout: float = 900) -> dict:

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # bench/run.py imports this module from elsewhere
+from ring import rank0_result, rank_env  # noqa: E402
 OUT = REPO / "bench" / "shard_fleet.json"  # the last fleet run (bench/run.py keeps it in results.json too)
 LEVELS = ("none", "optimizer", "gradients", "full")
 # ZeRO (arXiv 1910.02054, section 7): bytes each rank sends per step, in units of data parallel's.
@@ -140,25 +142,6 @@ def rank_main(a: dict) -> None:
         print(json.dumps({"ranks": n, "grad_bytes": grad_bytes, "params": grad_bytes // 4, "rows": rows}), flush=True)
 
 
-def _rank_env(ranks: int) -> dict:
-    from mlx_train.rank import blas
-
-    return {**os.environ, **blas.rank_env(ranks_on_host=ranks), "PYTHONPATH": str(REPO / "src")}
-
-
-def _collect(procs, timeout: float, what: str) -> dict:
-    deadline = time.monotonic() + timeout
-    try:
-        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate(timeout=10)
-    if any(p.returncode for p in procs):
-        raise SystemExit(f"{what} failed: exit codes {[p.returncode for p in procs]}\n"
-                         + "\n".join(o[1][-1500:] for o in outs))
-    return json.loads(outs[0][0].strip().splitlines()[-1])
 
 
 def _ranks(places, a: dict, timeout: float, what: str) -> dict:
@@ -167,13 +150,13 @@ def _ranks(places, a: dict, timeout: float, what: str) -> dict:
     fd, hostfile = tempfile.mkstemp(prefix="mlx-train-shard-", suffix=".json")
     with os.fdopen(fd, "w") as fh:
         json.dump([[f"{ip}:{base + i}"] for i, (_, ip) in enumerate(places)], fh)
-    env = {**_rank_env(len(places)), "MLX_HOSTFILE": hostfile}
+    env = {**rank_env(len(places)), "MLX_HOSTFILE": hostfile}
     cmd = [sys.executable, __file__, "--rank", json.dumps(a)]
     try:
         procs = [subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env={**env, "MLX_RANK": str(r)})
                  for r, (ns, _) in enumerate(places)]
-        return _collect(procs, timeout, what)
+        return rank0_result(procs, timeout, what)
     finally:
         os.unlink(hostfile)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FLEET_SIZE, MLX_TRAIN, REPO, fleet_env, unavailable
+from helpers import FLEET_SIZE, unavailable
 
 import fleet as fleet_tools  # noqa: E402  (tools/fleet.py, on the path from helpers; importing it starts nothing)
 
@@ -96,19 +96,11 @@ def provisioning(fleet) -> fleet_tools.ProvisionResult:
 @pytest.fixture(scope="session")
 def cluster(fleet, tmp_path_factory) -> Path:
     """The cluster file `mlx-train configure --distributed` writes for the provisioned fleet."""
-    d = tmp_path_factory.mktemp("cluster")
-    out = d / "cluster.yaml"
-    subprocess.run([MLX_TRAIN, "configure", "--distributed", "--inventory", str(fleet.inventory_path),
-                    "--output", str(out), "--hostfile", str(d / "hostfile.json")],
-                   env=fleet_env(fleet), check=True, capture_output=True, text=True, timeout=60)
-    return out
+    return fleet_tools.configure(fleet, tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """A small text corpus where every fleet host sees it (the fleet shares /tmp). Not the stdlib
     (the default): the controller's Python and the nodes' may be different patch releases."""
-    d = tmp_path_factory.mktemp("corpus")
-    for f in (REPO / "src" / "mlx_train").rglob("*.py"):
-        shutil.copy(f, d / f"{f.parent.name}-{f.name}")
-    return d
+    return fleet_tools.corpus(tmp_path_factory.mktemp("corpus"))

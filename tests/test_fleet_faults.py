@@ -2,7 +2,7 @@
 must finish, show the events of its detection and recovery, and end with the parameters of the
 same run without a fault. Timings are the matrix's business (make faults, docs/reliability.md),
 not the tests'. Killed ranks, a killed controller and a host lost for good have their own tests
-(test_fleet_recovery.py, test_fleet_lifeline.py, test_fleet_elastic.py)."""
+(test_fleet_recovery.py, test_fleet_lifeline.py, test_fleet_elastic.py, test_fleet_sharding.py)."""
 from __future__ import annotations
 
 import pytest

@@ -107,6 +107,7 @@ def test_host_lost_for_good_mid_run_is_resharded_over_two(fleet, cluster, corpus
     assert resize["hosts"] == ["h1", "h2"] and resize["devices"] == 2 and resize["global_batch"] == 6, resize
     assert resize["shard"] == "full", resize
     assert sorted(r["host"] for r in events(run, "launch")[-1]["ranks"]) == ["h1", "h2"]
+    assert "exclude h3" in out
     # Nothing lost: relaunched from a checkpoint it had written, every step after it taken again on
     # 2 ranks, each step's loss data parallel's on 3, and the same weights at the end.
     resumed = [e["step"] for e in events(run, "resume")]

@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -332,16 +331,7 @@ def setup(root: Path):
     res = fleet_tools.provision(fleet)
     if not res.ok:
         raise RuntimeError(f"provisioning failed:\n{res.stdout[-3000:]}")
-    cluster = root / "cluster.yaml"
-    env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([MLX_TRAIN, "configure", "--distributed", "--inventory", str(fleet.inventory_path), "--output",
-                    str(cluster), "--hostfile", str(root / "hostfile.json")], env=env, check=True,
-                   capture_output=True, timeout=120)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for f in (REPO / "src" / "mlx_train").rglob("*.py"):
-        shutil.copy(f, corpus / f"{f.parent.name}-{f.name}")
-    return fleet, cluster, corpus
+    return fleet, fleet_tools.configure(fleet, root), fleet_tools.corpus(root / "corpus")
 
 
 # Faults a long run can take again and again (the test hooks act once, in a first attempt only).

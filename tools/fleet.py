@@ -681,6 +681,25 @@ def provision(fleet: Fleet, *, inventory: Path | str | None = None, extra_args: 
     return ProvisionResult(res.returncode, res.stdout, res.stderr, time.monotonic() - t0, parse_recap(res.stdout))
 
 
+def configure(fleet: Fleet, where: Path) -> Path:
+    """The cluster file `mlx-train configure --distributed` writes for the provisioned fleet, in `where`."""
+    out = where / "cluster.yaml"
+    env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([str(Path(sys.executable).parent / "mlx-train"), "configure", "--distributed", "--inventory",
+                    str(fleet.inventory_path), "--output", str(out), "--hostfile", str(where / "hostfile.json")],
+                   env=env, check=True, capture_output=True, text=True, timeout=120)
+    return out
+
+
+def corpus(where: Path) -> Path:
+    """A small text corpus every fleet host sees (they share /tmp): this package's own sources. Not the
+    stdlib (the default data): the controller's Python and the nodes' may be different releases."""
+    where.mkdir(parents=True, exist_ok=True)
+    for f in (REPO / "src" / "mlx_train").rglob("*.py"):
+        shutil.copy(f, where / f"{f.parent.name}-{f.name}")
+    return where
+
+
 # ---------------------------------------------------------------- CLI
 
 def status() -> dict:

@@ -138,6 +138,11 @@ class DistributedConfig(_Yaml):
     pipeline_stages: int = knob(1, "split the model's layers over S consecutive devices (a training pipeline, "
                                 "1F1B over the --accumulation micro-batches; devices = S x replicas, each replica "
                                 "a data-parallel copy of the pipeline; docs/pipeline.md)", "--pipeline-stages")
+    # Hosts of unequal memory (--optimize-memory, planning/planner.py per_host_plan): rank r cuts its rows
+    # into micro-batches of at most micro_caps[r] rows and accumulates the rest, so the global batch and
+    # the data order stay the config's. None: every rank's micro-batch is batch_size_per_device.
+    micro_caps: Optional[Tuple[int, ...]] = knob(None, "each rank's largest micro-batch, by rank (set by "
+                                                 "--optimize-memory on hosts of unequal memory)")
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections",
@@ -153,6 +158,15 @@ class DistributedConfig(_Yaml):
               and 0 <= self.cpu_threads <= 256, f"cpu_threads must be 0 (automatic) to 256, got {self.cpu_threads!r}")
         check(isinstance(self.link_gbps, (int, float)) and not isinstance(self.link_gbps, bool)
               and 0 <= self.link_gbps < 1e6, f"link_gbps must be a rate in Gbit/s (0: unknown), got {self.link_gbps!r}")
+        if self.micro_caps is not None:  # a config file's list: a tuple, as the frozen config holds it
+            caps = self.micro_caps
+            check(isinstance(caps, (list, tuple)) and len(caps) == self.num_devices,
+                  f"micro_caps must give one micro-batch per device ({self.num_devices}), got {caps!r}")
+            for cap in caps:
+                positive_int("micro_caps", cap)
+            check(self.pipeline_stages == 1, "micro_caps with pipeline_stages: a pipeline's stages share their "
+                  "replica's micro-batches (drop micro_caps)")
+            object.__setattr__(self, "micro_caps", tuple(caps))
         weights = self.share_weights()
         check(weights is None or len(weights) == self.num_devices,
               f"shares gives {len(weights or ())} weights for {self.num_devices} devices: give one weight per device "
@@ -434,8 +448,10 @@ class Split:
         # Explicit weights name one share per device: another number of devices goes back to equal shares.
         shares = cfg.dist.shares if self.devices == cfg.dist.num_devices or cfg.dist.share_weights() is None \
             else "equal"
+        # Per-rank micro-batch caps were planned for one split on one set of hosts: a re-split (out-of-memory
+        # ladder, resize) gives every rank its own micro-batch again.
         dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
-                                   gradient_accumulation=self.accumulation, shares=shares)
+                                   gradient_accumulation=self.accumulation, shares=shares, micro_caps=None)
         level = {} if self.shard == shard_level_of(cfg) else {"shard_level": self.shard}
         return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision,
                                    **level)

@@ -57,7 +57,7 @@ class _Yaml:
     """Dict and YAML round trips for the config dataclasses (validated on the way in)."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _plain(self)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         return _dump(self, path)
@@ -73,8 +73,8 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", flag: Optional[str]
 
     Equivalent to `field(default=..., metadata={"help": ..., "flag": ...})`; `meta` may add choices
     (a tuple), metavar, parse (str -> value, e.g. parse_bytes, also applied to strings in a config
-    file) and store_false (the flag sets False, as `--no-live` does). A field without a flag is set
-    in the config file only.
+    file), store_false (the flag sets False, as `--no-live` does) and omit_default (left out of
+    config.yaml while it holds its default). A field without a flag is set in the config file only.
     """
     metadata = {"help": help, **({"flag": flag} if flag else {}), **meta}
     if default_factory is not dataclasses.MISSING:
@@ -142,7 +142,8 @@ class DistributedConfig(_Yaml):
     # into micro-batches of at most micro_caps[r] rows and accumulates the rest, so the global batch and
     # the data order stay the config's. None: every rank's micro-batch is batch_size_per_device.
     micro_caps: Optional[Tuple[int, ...]] = knob(None, "each rank's largest micro-batch, by rank (set by "
-                                                 "--optimize-memory on hosts of unequal memory)")
+                                                 "--optimize-memory on hosts of unequal memory)",
+                                                 omit_default=True)
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections",
@@ -161,7 +162,7 @@ class DistributedConfig(_Yaml):
         if self.micro_caps is not None:  # a config file's list: a tuple, as the frozen config holds it
             caps = self.micro_caps
             check(isinstance(caps, (list, tuple)) and len(caps) == self.num_devices,
-                  f"micro_caps must give one micro-batch per device ({self.num_devices}), got {caps!r}")
+                  f"micro_caps must give one micro-batch per device ({self.num_devices}), got {_show(caps)}")
             for cap in caps:
                 positive_int("micro_caps", cap)
             check(self.pipeline_stages == 1, "micro_caps with pipeline_stages: a pipeline's stages share their "
@@ -449,7 +450,7 @@ class Split:
         shares = cfg.dist.shares if self.devices == cfg.dist.num_devices or cfg.dist.share_weights() is None \
             else "equal"
         # Per-rank micro-batch caps were planned for one split on one set of hosts: a re-split (out-of-memory
-        # ladder, resize) gives every rank its own micro-batch again.
+        # ladder, resize) gives every rank the split's micro-batch.
         dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
                                    gradient_accumulation=self.accumulation, shares=shares, micro_caps=None)
         level = {} if self.shard == shard_level_of(cfg) else {"shard_level": self.shard}
@@ -581,7 +582,7 @@ def from_dict(cls, data: Any, where: str = "config", complete: bool = False):
     unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         raise ValueError(f"unknown key {_show(unknown[0])} in {where}: use one of {', '.join(fields)}")
-    missing = [k for k in fields if k not in data]
+    missing = [k for k in fields if k not in data and not fields[k].metadata.get("omit_default")]
     if complete and missing:
         raise ValueError(f"{where} lacks {missing[0]!r}")
     kwargs = {}
@@ -619,10 +620,27 @@ def _coerce(hint: Any, value: Any, where: str, int_max: int = INT_MAX) -> Any:
 
 
 def _dump(obj: Any, path: str | Path | None) -> str:
-    text = yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False)
+    text = yaml.safe_dump(_plain(obj), sort_keys=False)
     if path is not None:
         Path(path).write_text(text)
     return text
+
+
+def _plain(obj: Any) -> dict:
+    """`obj` as plain data, less the fields marked `omit_default` while they hold their default: a field
+    that only some runs use leaves every other run's config.yaml as it was (and older ones resumable)."""
+    out = dataclasses.asdict(obj)
+
+    def prune(o: Any, d: dict) -> None:
+        for f in dataclasses.fields(o):
+            value = getattr(o, f.name)
+            if dataclasses.is_dataclass(value):
+                prune(value, d[f.name])
+            elif f.metadata.get("omit_default") and value == f.default:
+                del d[f.name]
+
+    prune(obj, out)
+    return out
 
 
 def _load(source: str | Path) -> Any:

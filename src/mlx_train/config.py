@@ -165,6 +165,7 @@ class DistributedConfig(_Yaml):
                   f"micro_caps must give one micro-batch per device ({self.num_devices}), got {_show(caps)}")
             for cap in caps:
                 positive_int("micro_caps", cap)
+                check(cap <= INT_MAX, f"micro_caps must be at most {INT_MAX}, got {_show(cap)}")
             check(self.pipeline_stages == 1, "micro_caps with pipeline_stages: a pipeline's stages share their "
                   "replica's micro-batches (drop micro_caps)")
             object.__setattr__(self, "micro_caps", tuple(caps))

@@ -57,7 +57,7 @@ class _Yaml:
     """Dict and YAML round trips for the config dataclasses (validated on the way in)."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _plain(self)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         return _dump(self, path)
@@ -73,8 +73,8 @@ def knob(default: Any = dataclasses.MISSING, help: str = "", flag: Optional[str]
 
     Equivalent to `field(default=..., metadata={"help": ..., "flag": ...})`; `meta` may add choices
     (a tuple), metavar, parse (str -> value, e.g. parse_bytes, also applied to strings in a config
-    file) and store_false (the flag sets False, as `--no-live` does). A field without a flag is set
-    in the config file only.
+    file), store_false (the flag sets False, as `--no-live` does) and omit_default (left out of
+    config.yaml while it holds its default). A field without a flag is set in the config file only.
     """
     metadata = {"help": help, **({"flag": flag} if flag else {}), **meta}
     if default_factory is not dataclasses.MISSING:
@@ -138,6 +138,12 @@ class DistributedConfig(_Yaml):
     pipeline_stages: int = knob(1, "split the model's layers over S consecutive devices (a training pipeline, "
                                 "1F1B over the --accumulation micro-batches; devices = S x replicas, each replica "
                                 "a data-parallel copy of the pipeline; docs/pipeline.md)", "--pipeline-stages")
+    # Hosts of unequal memory (--optimize-memory, planning/planner.py per_host_plan): rank r cuts its rows
+    # into micro-batches of at most micro_caps[r] rows and accumulates the rest, so the global batch and
+    # the data order stay the config's. None: every rank's micro-batch is batch_size_per_device.
+    micro_caps: Optional[Tuple[int, ...]] = knob(None, "each rank's largest micro-batch, by rank (set by "
+                                                 "--optimize-memory on hosts of unequal memory)",
+                                                 omit_default=True)
 
     def __post_init__(self) -> None:
         _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections",
@@ -153,6 +159,16 @@ class DistributedConfig(_Yaml):
               and 0 <= self.cpu_threads <= 256, f"cpu_threads must be 0 (automatic) to 256, got {self.cpu_threads!r}")
         check(isinstance(self.link_gbps, (int, float)) and not isinstance(self.link_gbps, bool)
               and 0 <= self.link_gbps < 1e6, f"link_gbps must be a rate in Gbit/s (0: unknown), got {self.link_gbps!r}")
+        if self.micro_caps is not None:  # a config file's list: a tuple, as the frozen config holds it
+            caps = self.micro_caps
+            check(isinstance(caps, (list, tuple)) and len(caps) == self.num_devices,
+                  f"micro_caps must give one micro-batch per device ({self.num_devices}), got {_show(caps)}")
+            for cap in caps:
+                positive_int("micro_caps", cap)
+                check(cap <= INT_MAX, f"micro_caps must be at most {INT_MAX}, got {_show(cap)}")
+            check(self.pipeline_stages == 1, "micro_caps with pipeline_stages: a pipeline's stages share their "
+                  "replica's micro-batches (drop micro_caps)")
+            object.__setattr__(self, "micro_caps", tuple(caps))
         weights = self.share_weights()
         check(weights is None or len(weights) == self.num_devices,
               f"shares gives {len(weights or ())} weights for {self.num_devices} devices: give one weight per device "
@@ -434,8 +450,10 @@ class Split:
         # Explicit weights name one share per device: another number of devices goes back to equal shares.
         shares = cfg.dist.shares if self.devices == cfg.dist.num_devices or cfg.dist.share_weights() is None \
             else "equal"
+        # Per-rank micro-batch caps were planned for one split on one set of hosts: a re-split (out-of-memory
+        # ladder, resize) gives every rank the split's micro-batch.
         dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
-                                   gradient_accumulation=self.accumulation, shares=shares)
+                                   gradient_accumulation=self.accumulation, shares=shares, micro_caps=None)
         level = {} if self.shard == shard_level_of(cfg) else {"shard_level": self.shard}
         return dataclasses.replace(cfg, dist=dist, grad_checkpoint=self.checkpointing, precision=self.precision,
                                    **level)
@@ -565,7 +583,7 @@ def from_dict(cls, data: Any, where: str = "config", complete: bool = False):
     unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         raise ValueError(f"unknown key {_show(unknown[0])} in {where}: use one of {', '.join(fields)}")
-    missing = [k for k in fields if k not in data]
+    missing = [k for k in fields if k not in data and not fields[k].metadata.get("omit_default")]
     if complete and missing:
         raise ValueError(f"{where} lacks {missing[0]!r}")
     kwargs = {}
@@ -603,10 +621,27 @@ def _coerce(hint: Any, value: Any, where: str, int_max: int = INT_MAX) -> Any:
 
 
 def _dump(obj: Any, path: str | Path | None) -> str:
-    text = yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False)
+    text = yaml.safe_dump(_plain(obj), sort_keys=False)
     if path is not None:
         Path(path).write_text(text)
     return text
+
+
+def _plain(obj: Any) -> dict:
+    """`obj` as plain data, less the fields marked `omit_default` while they hold their default: a field
+    that only some runs use leaves every other run's config.yaml as it was (and older ones resumable)."""
+    out = dataclasses.asdict(obj)
+
+    def prune(o: Any, d: dict) -> None:
+        for f in dataclasses.fields(o):
+            value = getattr(o, f.name)
+            if dataclasses.is_dataclass(value):
+                prune(value, d[f.name])
+            elif f.metadata.get("omit_default") and value == f.default:
+                del d[f.name]
+
+    prune(obj, out)
+    return out
 
 
 def _load(source: str | Path) -> Any:

@@ -137,13 +137,25 @@ def leave_out_slow(opts: RunOptions, cfg: TrainConfig, hosts: List[Host], flags:
 
 
 def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
-    """--optimize-memory: the planner's split of the requested global batch for this budget."""
-    from mlx_train.planning.planner import split_for
+    """--optimize-memory: the planner's split of the requested global batch for this budget. On hosts of
+    unequal memory the split is the tightest host's, and each rank's micro-batch is what its own host
+    holds (micro_caps, the accumulation making up its rows): the same global batch and data order."""
+    from mlx_train.planning.planner import micro_caps_for, split_for
 
     plan = split_for(cfg, hosts)
     print(f"--optimize-memory: {plan.split} (predicted peak {plan.breakdown.peak / 2**20:.0f} MiB of "
           f"{rank_budget_for(cfg, hosts) / 2**20:.0f} MiB)", flush=True)
-    return plan.split.apply(cfg)
+    cfg = plan.split.apply(cfg)
+    caps = micro_caps_for(cfg, hosts)
+    if caps is None:
+        return cfg
+    per_host, first = [], 0
+    for h in hosts:
+        per_host.append(f"{h.name} {caps[first]}")
+        first += h.slots
+    print(f"--optimize-memory: hosts of unequal memory: each rank's micro-batch by its own host's "
+          f"({', '.join(per_host)}), the accumulation making up its rows", flush=True)
+    return replace(cfg, dist=replace(cfg.dist, micro_caps=caps))
 
 
 def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:

@@ -21,6 +21,7 @@ from mlx_train.errors import UserError
 from mlx_train.planning.memory import (DEFAULT_SEQ_LEN, DEFAULT_VOCAB, MAX_BATCH_PER_DEVICE, OPTIMIZER_STATE_COPIES,
                                        RUNTIME_OVERHEAD, SAFETY_FRACTION, LMShape, MemoryBreakdown, ModelShape,
                                        _Record, step_memory)
+from mlx_train.rank.batcher import split_rows
 from mlx_train.rank.device import Shared, device_memory, rank_budget_for
 
 # The out-of-memory ladder raises the shard level only when that saves at least this share of the
@@ -617,3 +618,18 @@ def per_host_plan(cfg: TrainConfig, hosts: Sequence[Any], rows: Optional[Sequenc
                 break
         plans.append(plan)
     return tuple(plans)
+
+
+def micro_caps_for(cfg: TrainConfig, hosts: Sequence[Any]) -> Optional[tuple]:
+    """Each rank's micro-batch cap (DistributedConfig.micro_caps, by rank, ranks on the hosts in blocks)
+    for `cfg`, already split for the tightest host, on `hosts` of unequal memory: per_host_plan's micro-batch
+    of each rank's host. None when every rank's budget is the same (--memory-budget, hosts alike) or the
+    plans come out alike: then the config's micro-batch is every rank's, exactly as on equal hosts."""
+    hosts = list(hosts)
+    if len({rank_budget_for(cfg, [h]) for h in hosts}) < 2 or not cfg.model.kind.knows_shape:
+        return None
+    rows = split_rows(cfg.dist.global_batch_size, cfg.dist.share_weights()) \
+        if cfg.dist.share_weights() is not None else None
+    plans = per_host_plan(cfg, hosts, rows)
+    caps = tuple(p.batch for p, h in zip(plans, hosts) for _ in range(h.slots))
+    return caps if len(set(caps)) > 1 else None

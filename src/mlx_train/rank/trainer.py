@@ -87,7 +87,11 @@ class Trainer:
         self.val.require(self.size, "one validation sequence per device")
         # A small validation split may not fill the training batch size: evaluate with what fits.
         # (A pipeline's stages read their replica's rows: the validation set is split over the replicas.)
-        eval_batch = min(cfg.dist.batch_size_per_device, self.val.n_windows // cfg.dist.replicas)
+        # On hosts of unequal memory (micro_caps) this rank's micro-batch is its own cap, and evaluation
+        # takes the smallest rank's, the same on every rank.
+        caps = cfg.dist.micro_caps
+        self.micro = caps[self.rank] if caps else cfg.dist.batch_size_per_device
+        eval_batch = min(cfg.dist.batch_size_per_device, *(caps or ()), self.val.n_windows // cfg.dist.replicas)
         self.val_dist = DistributedConfig(cfg.dist.replicas, eval_batch, 1, cfg.dist.backend)
         # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
         # equal split's interleaved micro-batches. --shares auto starts equal and re-shares from the
@@ -106,7 +110,7 @@ class Trainer:
         self.grad_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
         self.cores = cores = blas.cores_of_rank()
         self.lanes = lanes.count(cfg.dist.cpu_threads, mx.default_device() == mx.cpu, cores,
-                                 cfg.dist.batch_size_per_device, self.grad_bytes, memory_budget)
+                                 self.micro, self.grad_bytes, memory_budget)
         if self.lanes > 1:
             blas.set_threads(cores // self.lanes)  # each lane's matmuls on its share of the cores
         self.n_params = count_parameters(model)  # before the step may hold the parameters in slices
@@ -129,6 +133,9 @@ class Trainer:
         self.say(f"rank {self.rank}/{self.size}: {self.n_params:,} parameters, {corpus.description}, "
                  f"BLAS: {blas.in_use()}; allocator: {blas.allocator_in_use()}; "
                  f"{self.lanes} thread{'s' if self.lanes > 1 else ''} per micro-batch (--cpu-threads)")
+        if caps:
+            self.say(f"rank {self.rank}: {self.share.rows} rows of every global batch as micro-batches of "
+                     f"{', '.join(map(str, self.share.micro))} (its memory's cap: {self.micro})")
 
     def _pipeline(self, model):
         """--pipeline-stages S: this rank's stage of the model (rank/pipeline.py), which answers the
@@ -145,10 +152,11 @@ class Trainer:
 
     def set_rows(self, rows: List[int]) -> None:
         """Each rank's rows of every global batch. Equal rows keep the equal split's interleaved
-        micro-batches (None), so equal shares are the equal split's bits whichever way they came."""
+        micro-batches (None), so equal shares are the equal split's bits whichever way they came;
+        per-rank micro-batch caps always cut windows (each rank's own micro-batch)."""
         self.rows = [int(r) for r in rows]
-        self.share = None if len(set(self.rows)) == 1 else \
-            share_of(self.rank, self.rows, self.cfg.dist.batch_size_per_device)
+        self.share = None if len(set(self.rows)) == 1 and not self.cfg.dist.micro_caps else \
+            share_of(self.rank, self.rows, self.micro)
 
     def gather_floats(self, mine: List[float]) -> List[List[float]]:
         """Every rank's `mine`, by rank (one small all_gather: the same bytes on every rank)."""

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import run_ring_ranks
+from tiny_llama import tiny_model  # noqa: F401  (a fixture)
 
 TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
 STEPS = 8
@@ -119,7 +120,83 @@ def _train(corpus: str, run_dir: str, stages: int, resume: bool, stop_after=None
     return [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)]
 
 
-def rank_main(out_dir: str, stages: str, corpus: str = "") -> None:
+LLAMA_STEPS = 3
+LORA = {"lora_rank": 4, "lora_scale": 2.0}  # a large scale: the adapters move the loss within 3 steps
+
+
+def _llama(path: str, mode: str):
+    import mlx.core as mx
+
+    from mlx_train.config import FineTuneConfig, ModelConfig
+    from mlx_train.rank import hf
+
+    mx.random.seed(0)  # the adapters' initial values are random: the same on every rank and in one process
+    ft = FineTuneConfig(mode=mode, **({} if mode == "full" else LORA))
+    return hf.load_model(ModelConfig(name=path), ft), ft
+
+
+def _llama_batches(step: int, vocab: int):
+    """Token rows with some targets masked (-1: padding, a prompt), so the token weighting counts."""
+    rng = np.random.default_rng(100 + step)
+    tokens = rng.integers(0, vocab, (ROWS * MICRO, MODEL["seq_len"] + 1)).astype(np.int32)
+    x, y = tokens[:, :-1], tokens[:, 1:].copy()
+    y[rng.random(y.shape) < 0.3] = -1
+    batches = [(x[m * ROWS:(m + 1) * ROWS], y[m * ROWS:(m + 1) * ROWS]) for m in range(MICRO)]
+    counts = [int((b >= 0).sum()) for _, b in batches]
+    return batches, (counts, sum(counts))
+
+
+def _llama_case(group, path: str, mode: str, out_dir: str) -> dict:
+    """An mlx-lm llama through the stages (full or LoRA) against one process on rank 0: losses, the
+    trainable tree gathered whole, what each stage holds and keeps optimizer state for."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import OptimConfig
+    from mlx_train.rank import hf
+    from mlx_train.rank.pipeline import Pipeline
+    from mlx_train.rank.step import Stepper, make_optimizer
+
+    model, ft = _llama(path, mode)
+    vocab = model.args.vocab_size
+    pipe = Pipeline(model, make_optimizer(OptimConfig(warmup_steps=1), LLAMA_STEPS), "fp32", CLIP, group, 2,
+                    backend="ring")
+    losses = []
+    for step in range(LLAMA_STEPS):
+        batches, tokens = _llama_batches(step, vocab)
+        losses.append(pipe.step(batches, tokens=tokens).loss)
+    val = float(pipe.evaluate(_llama_batches(99, vocab)[0][:1]).item())
+    whole = pipe.whole_params()  # a collective: every rank gathers, rank 0 keeps it
+    params = {k: np.array(v) for k, v in tree_flatten(whole)}
+    out = {"losses": losses, "val": val, "keys": sorted(params),
+           "state_keys": sorted(k for k, _ in tree_flatten(pipe._moments())),
+           "held": sorted(k for k, v in tree_flatten(model.parameters()) if v.size)}
+    if group.rank() == 0:
+        if mode != "full":  # what the trainer writes at a checkpoint: one set of adapters, from every stage
+            from mlx_lm.tuner.utils import load_adapters
+            from mlx_lm.utils import load_model
+
+            written = Path(out_dir) / f"adapters-{mode}"
+            hf.write_adapters(written, whole, hf.adapter_config(path, ft, len(model.layers)))
+            # mlx-lm's own loader (mlx_lm.load's model half) puts them on the base, each where it was.
+            loaded, _ = load_model(Path(path))
+            loaded = dict(tree_flatten(load_adapters(loaded, str(written)).parameters()))
+            out["loaded_same"] = all(np.array_equal(np.array(loaded[k]), v) for k, v in params.items())
+        model, _ = _llama(path, mode)
+        one = Stepper(model, hf.masked_lm_loss, make_optimizer(OptimConfig(warmup_steps=1), LLAMA_STEPS), "fp32",
+                      CLIP)
+        base = []
+        for step in range(LLAMA_STEPS):
+            batches, tokens = _llama_batches(step, vocab)
+            base.append(one.step(batches, tokens=tokens).loss)
+        base_params = {k: np.array(v) for k, v in tree_flatten(one.whole_params())}
+        out["base"] = {"losses": base, "val": float(one.evaluate(_llama_batches(99, vocab)[0][:1]).item()),
+                       "keys_same": list(params) == list(base_params),
+                       "param_diff": max(float(np.max(np.abs(params[k] - base_params[k]))) for k in base_params)}
+    return out
+
+
+def rank_main(out_dir: str, stages: str, corpus: str = "", llama: str = "") -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -154,6 +231,8 @@ def rank_main(out_dir: str, stages: str, corpus: str = "") -> None:
             "state_diff": max(float(np.max(np.abs(state[k].astype(np.float64) - base_state[k])))
                               for k in base_state if state[k].ndim),
             "step_same": int(state["step"]) == int(base_state["step"]) == STEPS}
+    if llama:  # an mlx-lm model in the same launch: full, then LoRA (adapters only train)
+        report["llama"] = {mode: _llama_case(group, llama, mode, out_dir) for mode in ("full", "lora")}
     if corpus:  # the trainer itself, stopped half-way: the test resumes its checkpoint in one process
         report["trained"] = _train(corpus, str(Path(out_dir) / "piped"), int(stages), resume=False, stop_after=STOP_AT)
     (Path(out_dir) / f"report-{r}.json").write_text(json.dumps(report))
@@ -162,14 +241,15 @@ def rank_main(out_dir: str, stages: str, corpus: str = "") -> None:
 # -- the launches --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stages", [2, 3])
-def test_pipeline_trains_as_one_process(tmp_path, stages):
+def test_pipeline_trains_as_one_process(tmp_path, stages, tiny_model):
     corpus = tmp_path / "corpus"
     if stages == 2:
         corpus.mkdir()
         for f in sorted((Path(__file__).parent.parent / "src" / "mlx_train" / "rank").glob("*.py")):
             corpus.joinpath(f.name).write_bytes(f.read_bytes())
-    reports = run_ring_ranks(stages, "test_pipeline", (tmp_path, stages, corpus if stages == 2 else ""), tmp_path,
-                             TIMEOUT)
+    # The tiny llama has 2 layers: it runs in the S = 2 launch only.
+    args = (tmp_path, stages, corpus, tiny_model) if stages == 2 else (tmp_path, stages)
+    reports = run_ring_ranks(stages, "test_pipeline", args, tmp_path, TIMEOUT)
     assert [rep["stage"] for rep in reports] == list(range(stages))
     base = reports[0]["base"]
     assert min(base["norms"]) > CLIP, "the clip must act for the norm's all_sum to matter"
@@ -198,3 +278,38 @@ def test_pipeline_trains_as_one_process(tmp_path, stages):
             assert abs(got["loss"] - want["loss"]) / want["loss"] < 1e-5, (got, want)
         assert abs(resumed[-1]["val_loss"] - straight[-1]["val_loss"]) / straight[-1]["val_loss"] < 1e-5
         assert piped[-1]["global_batch"] == straight[-1]["global_batch"] == ROWS * MICRO
+        _check_llama(reports, tmp_path)
+
+
+def _check_llama(reports: list, out_dir: Path) -> None:
+    """The mlx-lm llama through 2 stages: full and LoRA train as one process; with LoRA only the
+    adapters train (and hold AdamW state), and they come out as one set mlx-lm loads."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    for mode in ("full", "lora"):
+        cases = [rep["llama"][mode] for rep in reports]
+        base = cases[0]["base"]
+        assert base["keys_same"] and base["param_diff"] < 1e-4, (mode, base)
+        for case in cases:
+            assert case["losses"] == cases[0]["losses"], "every rank reports the same loss"
+            rel = max(abs(a - b) / abs(b) for a, b in zip(case["losses"], base["losses"]))
+            assert rel < 1e-5, (mode, case["losses"], base["losses"])
+            assert abs(case["val"] - base["val"]) / base["val"] < 1e-5
+        # The embeddings on the first stage, the norm and head on the last, each layer on one.
+        first, last = (set(c["held"]) for c in cases)
+        assert any(k.startswith("model.embed_tokens") for k in first) and not any("lm_head" in k for k in first)
+        assert any("lm_head" in k for k in last) and not any(k.startswith("model.embed_tokens") for k in last)
+        assert {k.split(".")[2] for k in first if ".layers." in k} == {"0"}
+        assert {k.split(".")[2] for k in last if ".layers." in k} == {"1"}
+    lora = [rep["llama"]["lora"] for rep in reports]
+    adapters = lora[0]["keys"]
+    assert adapters and all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in adapters), adapters
+    # Each stage keeps AdamW moments for its own adapters only: the frozen base has none.
+    for case in lora:
+        assert case["state_keys"] and all(k.rsplit(".", 2)[-2] in ("lora_a", "lora_b") for k in case["state_keys"])
+    assert sum(len(c["state_keys"]) for c in lora) == 2 * len(adapters)  # m and v of each adapter, once
+    written = out_dir / "adapters-lora"
+    saved = dict(tree_flatten(mx.load(str(written / "adapters.safetensors"))))
+    assert sorted(saved) == adapters, "one set of adapters from both stages, in the whole model's names"
+    assert lora[0]["loaded_same"], "mlx-lm loads them onto the base, each adapter where it trained"

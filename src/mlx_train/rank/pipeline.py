@@ -4,7 +4,9 @@ micro-batches (docs/pipeline.md).
 Ranks are replica x S + stage: the stages of one replica are consecutive ranks, so each stage's
 peers are its ring neighbours (the ring backend's send/recv reach no further). Stage s holds a
 contiguous range of the layers (`stage_layers`), the first stage also the embeddings, the last the
-final norm, the head and the loss.
+final norm, the head and the loss: `GPTStage` for the built-in GPT, `LMStage` for mlx-lm's llama
+family. A stage's parameters are its trainable ones, so under LoRA/DoRA only the adapters get
+gradients and optimizer state and the gathered whole tree is one set of adapters.
 
 MLX 0.32's send/recv have no gradient, so each stage differentiates only itself: a forward is
 `mx.vjp` of the stage's function with its output's cotangent given as a `recv` from the next stage
@@ -114,9 +116,15 @@ class GPTStage:
     """The built-in GPT's part on one stage (rank/model.py): which parameters, and its function
     from (parameters, input) to the next stage's input, or, on the last stage, the loss."""
 
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        return all(hasattr(model, a) for a in ("tok", "pos", "blocks", "ln_f", "head"))
+
+    @staticmethod
+    def count(model: nn.Module) -> int:
+        return len(model.blocks)
+
     def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
-        if not all(hasattr(model, a) for a in ("tok", "pos", "blocks", "ln_f", "head")):
-            raise UserError("--pipeline-stages runs the built-in GPT only for now (docs/pipeline.md)")
         self.model, self.layers, self.first, self.last = model, layers, first, last
         self.width = model.tok.weight.shape[1]
 
@@ -160,6 +168,102 @@ class GPTStage:
         return nn.losses.cross_entropy(logits, targets, reduction="mean") * scale  # rank/model.py's lm_loss
 
 
+# mlx-lm families whose model is embed_tokens -> layers(h, mask) -> norm -> lm_head (or the tied
+# embeddings), nothing else in between (read in mlx-lm 0.32: gemma scales its embeddings, others
+# add what this stage would silently skip, so they are refused, not guessed at).
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class LMStage:
+    """An mlx-lm llama-family model's part on one stage (rank/hf.py loads it): the embeddings on
+    the first, its layers under the causal mask, the final norm, the head and the masked loss
+    (hf.masked_lm_loss's) on the last. Its parameters are the trainable ones only: with LoRA/DoRA
+    the adapters, the frozen (possibly quantized) base a constant of the stage's function."""
+
+    @staticmethod
+    def fits(model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        return all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")) \
+            and getattr(getattr(model, "args", None), "model_type", None) in LLAMA_LIKE
+
+    @staticmethod
+    def count(model: nn.Module) -> int:
+        return len(model.model.layers)
+
+    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
+        self.model, self.layers, self.first, self.last = model, layers, first, last
+        self.width = model.args.hidden_size  # (a quantized embedding's weight is packed: not its shape)
+        self.tied = getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head")
+        if self.tied and first != last and model.model.embed_tokens.trainable_parameters():
+            raise UserError("--pipeline-stages with tied embeddings trains them on the first and the last stage "
+                            "at once, which is not done yet: fine-tune with --fine-tune lora (the embeddings "
+                            "stay frozen) or without --pipeline-stages (docs/pipeline.md)")
+
+    def params(self) -> dict:
+        m, inner = self.model, self.model.model
+        tree: dict = {"layers": [inner.layers[i].trainable_parameters() for i in self.layers]}
+        if self.first:
+            tree["embed_tokens"] = inner.embed_tokens.trainable_parameters()
+        if self.last:
+            tree["norm"] = inner.norm.trainable_parameters()
+        tree = {"model": tree}
+        if self.last and not self.tied:
+            tree["lm_head"] = m.lm_head.trainable_parameters()
+        return tree
+
+    def whole_key(self, key: str) -> str:
+        found = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+        return f"model.layers.{self.layers[int(found.group(1))]}.{found.group(2)}" if found else key
+
+    def drop_others(self) -> None:
+        m, inner, empty = self.model, self.model.model, lambda p: mx.zeros((0,), p.dtype)
+        others = [b for i, b in enumerate(inner.layers) if i not in self.layers]
+        if not self.first and not (self.last and self.tied):
+            others.append(inner.embed_tokens)
+        if not self.last:
+            others += [inner.norm] + ([] if self.tied else [m.lm_head])
+        for module in others:
+            module.update(tree_map(empty, module.parameters()))
+
+    def __call__(self, params: dict, x: mx.array, targets: Optional[mx.array], scale: Optional[mx.array]) -> mx.array:
+        from mlx_lm.models.base import create_attention_mask
+
+        m, inner, mine = self.model, self.model.model, params.get("model", {})
+        if self.first:
+            inner.embed_tokens.update(mine.get("embed_tokens", {}))
+            x = inner.embed_tokens(x)
+        # A stage's trainable tree drops layers with nothing to train (--lora-layers): {} for them.
+        layer_params = mine.get("layers", [])
+        window = getattr(inner, "sliding_window", None)
+        for j, i in enumerate(self.layers):
+            layer = inner.layers[i]
+            layer.update(layer_params[j] if j < len(layer_params) else {})
+            mask = create_attention_mask(x, None, window_size=window if getattr(layer, "use_sliding", False) else None)
+            x = layer(x, mask, None)
+        if not self.last:
+            return x
+        inner.norm.update(mine.get("norm", {}))
+        x = inner.norm(x)
+        if self.tied:
+            logits = inner.embed_tokens.as_linear(x)
+        else:
+            m.lm_head.update(params.get("lm_head", {}))
+            logits = m.lm_head(x)
+        logits, real = logits.astype(mx.float32), targets >= 0
+        ce = nn.losses.cross_entropy(logits, mx.maximum(targets, 0)) * real
+        return ce.sum() / mx.maximum(real.sum(), 1) * scale
+
+
+def stage_kind(model: nn.Module):
+    """The stage class for `model`: the built-in GPT, or an mlx-lm llama-family model."""
+    for kind in (GPTStage, LMStage):
+        if kind.fits(model):
+            return kind
+    name = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+    raise UserError(f"--pipeline-stages runs the built-in GPT and mlx-lm's {', '.join(LLAMA_LIKE)} models; "
+                    f"model {name!r} is none of them: drop --pipeline-stages (docs/pipeline.md)")
+
+
 class Pipeline:
     """One rank's stage of a pipelined step; answers the Stepper's calls (rank/step.py).
 
@@ -175,8 +279,9 @@ class Pipeline:
         self.model, self.optimizer, self.grad_clip, self.group = model, optimizer, grad_clip, group
         self.world = group.size()
         self.at = Placement.of(group.rank(), self.world, stages)
-        self.layers = stage_layers(len(model.blocks), weights or [1.0] * stages)
-        self.part = GPTStage(model, self.layers[self.at.stage], self.at.first, self.at.last)
+        kind = stage_kind(model)
+        self.layers = stage_layers(kind.count(model), weights or [1.0] * stages)
+        self.part = kind(model, self.layers[self.at.stage], self.at.first, self.at.last)
         self.compute_dtype = mx.bfloat16 if precision == "bf16" else mx.float32
         self.duplex = backend == "ring"
         self.spread = self
@@ -186,6 +291,10 @@ class Pipeline:
         self.whole_shapes = {k: (v.shape, v.dtype) for k, v in whole}
         self.params = self.part.params()
         self.keys = [k for k, _ in tree_flatten(self.params)]
+        if not self.keys:
+            raise UserError(f"pipeline stage {self.at.stage} (layers {self.layers[self.at.stage].start}-"
+                            f"{self.layers[self.at.stage].stop - 1}) has nothing to train: --lora-layers adapts too "
+                            "few of the last blocks for every stage to hold one; raise it or use fewer --pipeline-stages")
         self.mine = {self.part.whole_key(k) for k in self.keys}
         mx.eval(self.params)
         self.part.drop_others()
@@ -290,7 +399,7 @@ class Pipeline:
             h = x if self.at.first else self._recv(self._act_shape(x), self.at.prev)
             if not self.at.first:
                 self._eval(h)
-            out = self.part(cast, h, y, mx.array(1.0))
+            out = self._boundary(self.part(cast, h, y, mx.array(1.0)))
             if self.at.last:
                 total = total + out
             else:
@@ -328,7 +437,7 @@ class Pipeline:
                 # through the cast (bf16), the gradients come back in fp32, as the Stepper's.
                 def fun(*args, _x=x, _y=y, _s=mx.array(shares[i])):
                     p = tree_unflatten(list(zip(self.keys, args[:n_leaves])))
-                    return [self.part(self._cast(p), _x if at.first else args[-1], _y, _s)]
+                    return [self._boundary(self.part(self._cast(p), _x if at.first else args[-1], _y, _s))]
 
                 primals = leaves if at.first else [*leaves, h]
                 outs, vjps = mx.vjp(fun, primals, [cot])
@@ -379,6 +488,12 @@ class Pipeline:
             for a in (transfers if self.at.stage % 2 == 0 else transfers[::-1]):
                 mx.eval(a)
         self._comm_s += time.perf_counter() - t
+
+    def _boundary(self, out: mx.array) -> mx.array:
+        """A stage's output as it crosses to the next: in the compute dtype, which the next stage's
+        recv expects (a frozen bf16 or quantized base may hand on another dtype than its adapters'
+        mixed result would; one dtype on the wire keeps both sides' shapes known in advance)."""
+        return out if self.at.last else out.astype(self.compute_dtype)
 
     def _act_shape(self, x: mx.array) -> tuple:
         return (*x.shape[:2], self.part.width)

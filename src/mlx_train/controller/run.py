@@ -262,8 +262,12 @@ def start(flags: dict, opts: RunOptions) -> int:
     cfg, hosts, run = prepare_run(flags, opts)
     split = Split.of(cfg)
     where = ", ".join(f"{h.name} x{h.slots}" for h in hosts)
+    # A pipeline's stages share their replica's rows: only replicas multiply the batch.
+    replicas = split.devices // split.stages
+    rows_from = (f"{replicas} replica{'s' * (replicas != 1)} of {split.stages} pipeline stages" if split.stages > 1
+                 else f"{split.devices} devices")
     print(f"run {run.path}: {split.devices} ranks ({where}), backend {cfg.dist.backend}; global batch "
-          f"{split.global_batch} = {split.devices} devices x {split}; {cfg.steps} steps", flush=True)
+          f"{split.global_batch} = {rows_from} x {split}; {cfg.steps} steps", flush=True)
     start_step = 0
     if opts.resume:
         from mlx_train.rank.checkpoint import list_steps

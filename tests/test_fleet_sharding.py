@@ -118,6 +118,9 @@ def test_host_lost_for_good_mid_run_is_resharded_over_two(fleet, cluster, corpus
     _same_losses(run, data_parallel)
     a, b = _params(data_parallel, STEPS), _params(run, STEPS)
     for k in a:
-        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=1e-4, atol=1e-5, err_msg=k)
+        # Summed over 2 ranks after the resize, in another order than over 3: AdamW turns the last bits of
+        # a near-zero gradient into a visibly different step for that weight (a CI run: 1.3e-5 on a 4e-4
+        # weight), so the tolerance is the elastic tests' own.
+        np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=1e-3, atol=1e-4, err_msg=k)
     print(f"resumed at step {resumed[-1]} on 2 ranks: " + json.dumps(resize))
     assert_ranks_gone(rank_pids(run), timeout=90, what="a rank outlived the elastic run (h3's, once its link is back)")

@@ -244,12 +244,8 @@ def main() -> int:
            "model": a.model, "devices": a.devices, "runs": [], "overlap": {},
            "note": "compute, sync, step: means over steps 3..N of the trainer's metrics; (fastest): the least sync"}
     try:
-        log("provisioning")
-        prov = fleet_tools.provision(fl)
-        if not prov.ok:
-            raise SystemExit(f"provisioning failed:\n{prov.stdout[-3000:]}")
-        log(f"provisioned in {prov.seconds:.0f} s")
-        env = {**os.environ, "PATH": f"{fl.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
+        fleet_tools.provisioned(fl, log)
+        env = fl.client_env()
         os.environ["PATH"] = env["PATH"]  # the probes' ssh is the fleet's wrapper
         cluster, corpus = fleet_tools.configure(fl, work), fleet_tools.corpus(work / "corpus")
         from mlx_train.fleet.hosts import load_hosts

@@ -97,12 +97,8 @@ def main() -> None:
             fl = fleet_tools.up(3)  # unlimited while Ansible provisions it
             for h in fl.hosts:
                 fleet_tools.limit(h.name)
-            log("provisioning")
-            prov = fleet_tools.provision(fl)
-            if not prov.ok:
-                raise SystemExit(f"provisioning failed:\n{prov.stdout[-3000:]}")
-            log(f"provisioned in {prov.seconds:.0f} s")
-            env = {**os.environ, "PATH": f"{fl.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
+            fleet_tools.provisioned(fl, log)
+            env = fl.client_env()
             cluster, corpus = fleet_tools.configure(fl, work), fleet_tools.corpus(work / "corpus")
             for h, cpu in zip(fl.hosts, CPU):
                 fleet_tools.limit(h.name, cpu=cpu)

@@ -64,10 +64,8 @@ def needs(what: Union[str, Callable[[], bool]], reason: str):
 
 
 def fleet_env(fleet, **extra: str) -> dict:
-    """The environment for mlx-train against the fleet: its ssh wrapper first on PATH (so `ssh h1`
-    resolves), wide tables so rows are not folded."""
-    return {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200",
-            **extra}
+    """The environment for mlx-train against the fleet (tools/fleet.py Fleet.client_env)."""
+    return fleet.client_env(**extra)
 
 
 def train_on_fleet(fleet, cluster: Path, corpus: Path, run: Path, *extra: str, popen: bool = False):

@@ -275,8 +275,7 @@ def measure(ctx: Ctx, t_inject: float, base: Optional[dict]) -> Row:
 def run_one(fleet, cluster: Path, corpus: Path, root: Path, fault: Optional[Fault], base: Optional[dict],
             log=print, steps: int = STEPS) -> Row:
     run = root / (fault.name if fault else "baseline")
-    env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200",
-           **(fault.hook if fault else {})}
+    env = fleet.client_env(**(fault.hook if fault else {}))
     ctx = Ctx(fleet, cluster, corpus, run, env, steps=steps)
     ctx.start("--run-dir", str(run))
     try:
@@ -328,9 +327,7 @@ def table(rows: List[Row]) -> str:
 def setup(root: Path):
     """The fleet up and provisioned, its cluster file, a corpus every host sees."""
     fleet = fleet_tools.up(3)
-    res = fleet_tools.provision(fleet)
-    if not res.ok:
-        raise RuntimeError(f"provisioning failed:\n{res.stdout[-3000:]}")
+    fleet_tools.provisioned(fleet)
     return fleet, fleet_tools.configure(fleet, root), fleet_tools.corpus(root / "corpus")
 
 
@@ -344,8 +341,7 @@ def soak(fleet, cluster, corpus, root: Path, n: int, seed: int) -> str:
 
     rng = random.Random(seed)
     run = root / "soak"
-    env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
-    ctx = Ctx(fleet, cluster, corpus, run, env, steps=100000, restarts=4 * n)
+    ctx = Ctx(fleet, cluster, corpus, run, fleet.client_env(), steps=100000, restarts=4 * n)
     ctx.start("--run-dir", str(run))
     faults = {f.name: f for f in FAULTS}
     done, t0 = [], time.time()

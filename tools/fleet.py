@@ -133,6 +133,12 @@ class Fleet:
     def run_in(self, host: str | Host, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return run_in(self.host(host), argv, **kw)
 
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """The environment for mlx-train against this fleet: its ssh wrapper first on PATH (so `ssh h1`
+        resolves), wide tables so rows are not folded."""
+        return {**os.environ, "PATH": f"{self.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200",
+                **extra}
+
     def ansible_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for ansible-playbook against this fleet: its state stays in .fleet/."""
         env = dict(os.environ if base is None else base)
@@ -681,13 +687,21 @@ def provision(fleet: Fleet, *, inventory: Path | str | None = None, extra_args: 
     return ProvisionResult(res.returncode, res.stdout, res.stderr, time.monotonic() - t0, parse_recap(res.stdout))
 
 
+def provisioned(fleet: Fleet, log=print) -> None:
+    """Provision the fleet for a bench or the fault matrix; stop with Ansible's output if it fails."""
+    log("provisioning")
+    res = provision(fleet)
+    if not res.ok:
+        raise SystemExit(f"provisioning failed:\n{res.stdout[-3000:]}")
+    log(f"provisioned in {res.seconds:.0f} s")
+
+
 def configure(fleet: Fleet, where: Path) -> Path:
     """The cluster file `mlx-train configure --distributed` writes for the provisioned fleet, in `where`."""
     out = where / "cluster.yaml"
-    env = {**os.environ, "PATH": f"{fleet.ssh_wrapper_dir}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([str(Path(sys.executable).parent / "mlx-train"), "configure", "--distributed", "--inventory",
                     str(fleet.inventory_path), "--output", str(out), "--hostfile", str(where / "hostfile.json")],
-                   env=env, check=True, capture_output=True, text=True, timeout=120)
+                   env=fleet.client_env(), check=True, capture_output=True, text=True, timeout=120)
     return out
 
 

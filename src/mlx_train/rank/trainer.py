@@ -26,10 +26,16 @@ from mlx_train.rank.model import build_model, count_parameters
 from mlx_train.rank.step import Stepper, all_sum_bytes, current_lr, make_optimizer, pack, unpack
 
 
+def _bytes_of(v: mx.array) -> memoryview:
+    """The array's own bytes, without a copy where they are contiguous (half the time of copying to
+    numpy first)."""
+    view = memoryview(v)
+    return (view if view.c_contiguous else memoryview(np.array(v))).cast("B")
+
+
 def leaf_crc(v: mx.array) -> tuple:
     """(crc32 of the array's own bytes, their length): param_checksum's part for one leaf."""
-    view = memoryview(v)  # no copy (half the time of copying to numpy first)
-    view = (view if view.c_contiguous else memoryview(np.array(v))).cast("B")
+    view = _bytes_of(v)
     return zlib.crc32(view), view.nbytes
 
 
@@ -281,14 +287,12 @@ class Trainer:
         if self.rank == 0:
             protocol.emit(protocol.Metrics(**record, val_loss=val_loss, sample=text))
 
-    def param_checksum(self, params=None) -> int:
+    def param_checksum(self) -> int:
         """The crc32 of the whole parameters. Fully sharded they are gathered first (every rank
         calls this): a checksum of a rank's own slice would not be comparable across ranks."""
         crc = 0
-        params = self.stepper.whole_params() if params is None else params
-        for _, v in sorted(tree_flatten(params), key=lambda kv: kv[0]):
-            view = memoryview(v)  # the array's own bytes, no copy (half the time of copying to numpy first)
-            crc = zlib.crc32((view if view.c_contiguous else memoryview(np.array(v))).cast("B"), crc)
+        for _, v in sorted(tree_flatten(self.stepper.whole_params()), key=lambda kv: kv[0]):
+            crc = zlib.crc32(_bytes_of(v), crc)
         return crc
 
     def check_memory_budget(self, step: int) -> None:

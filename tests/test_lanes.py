@@ -159,3 +159,24 @@ def test_cpu_threads_is_validated_at_the_edge():
     with pytest.raises(ValueError, match="cpu_threads must be 0"):
         DistributedConfig(cpu_threads=-1)
     assert DistributedConfig(cpu_threads=4).cpu_threads == 4
+
+
+def test_lanes_weigh_masked_targets_by_tokens_not_rows():
+    # Chat data masks prompts: here the first rows count 1 target each, the last rows all of
+    # theirs. A lane's share by rows would weigh the sparse rows' few tokens as much as the rest.
+    from mlx_train.rank.hf import masked_lm_loss
+
+    batches = _batches(8, 2)
+    for _, y in batches:
+        y[:4, 1:] = -100
+    one_losses, one = _train(_stepper(1, *_masked(masked_lm_loss)), batches)
+    lane_losses, split = _train(_stepper(2, *_masked(masked_lm_loss)), batches)
+    np.testing.assert_allclose(lane_losses, one_losses, rtol=1e-5)
+    for k in one:
+        np.testing.assert_allclose(split[k], one[k], atol=1e-6, rtol=0, err_msg=k)
+
+
+def _masked(loss):
+    mx.random.seed(0)
+    model, _ = build_model(CFG)
+    return model, loss

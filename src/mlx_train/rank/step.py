@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_map
 
 from mlx_train.config import OptimConfig
@@ -186,8 +187,10 @@ class Stepper:
         return grads, loss
 
     def _lane_gradients(self, micro_batches: List[Tuple[Any, Any]], shares: List[float]) -> Tuple[Any, mx.array]:
-        """As _gradients, each micro-batch split across the lanes (a lane's share of the scale is its
-        share of the rows, as micro-batches and ranks share it)."""
+        """As _gradients, each micro-batch split across the lanes. A lane's share of the scale is its
+        share of the micro-batch's counted target tokens (those >= 0, as the trainer counts them),
+        not of its rows: masked prompts and padding fall unevenly across the rows, and the loss is
+        a mean over counted tokens. With every target counted the two are the same float."""
         n = len(self.lanes)
         mx.eval(self.params)  # a new model's, or a set_params's, weights may still be unevaluated here
         # Each lane's random state is seeded from this thread's (the trainer seeds it every step),
@@ -197,9 +200,12 @@ class Stepper:
         loss = mx.array(0.0)
         for m, (inputs, targets) in enumerate(micro_batches):
             x, y, share = mx.array(inputs), mx.array(targets), shares[m]
-            rows = x.shape[0]
-            args = [(x[p], y[p], mx.array(share * (p.stop - p.start) / rows, dtype=mx.float32))
-                    for p in shards(rows, min(n, rows))]
+            parts = shards(x.shape[0], min(n, x.shape[0]))
+            counted = np.asarray(targets) >= 0
+            counts = [int(counted[p].sum()) for p in parts]
+            whole = sum(counts)
+            weights = [c / whole if whole else (p.stop - p.start) / x.shape[0] for c, p in zip(counts, parts)]
+            args = [(x[p], y[p], mx.array(share * w, dtype=mx.float32)) for p, w in zip(parts, weights)]
             mx.eval(args)  # a lane's thread can only run its own stream's work
             seen = [(i, a[0].shape, a[0].dtype, a[1].shape, a[1].dtype, accs[i] is None) for i, a in enumerate(args)]
             jobs = [functools.partial(self._lane_job, i, seeds[m][i], *a, accs[i]) for i, a in enumerate(args)]

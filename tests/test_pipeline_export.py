@@ -2,9 +2,11 @@
 
 The trainer itself on the tiny mlx-lm llama (2 layers, so one on each stage), 2 steps of 2
 micro-batches of 2 rows of chat data: one 2-rank launch trains it on 2 stages, full and LoRA; this
-process trains the same two runs unpipelined (one thread a micro-batch, as a stage runs it). `export --fuse` of each pipelined run writes the
-same files as the unpipelined run's export (the same names, config and tensors within 1e-5), and
-`mlx_lm.load` opens it. The two trainings' losses agree within 1e-5 relative.
+process trains the same two runs unpipelined (one thread a micro-batch, as a stage runs it; two
+lanes would change the first step's loss by 1e-3 relative, a matter of the lanes, not of the
+pipeline). The losses agree within 1e-5 relative; `export --fuse` of each pipelined run writes
+the unpipelined run's files (the same names, config and tensors within 1e-5), and `mlx_lm.load`
+opens it.
 """
 
 from __future__ import annotations

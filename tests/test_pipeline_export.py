@@ -83,3 +83,23 @@ def test_export_fuse_of_a_pipelined_run(tmp_path, tiny_model, chat_data, token_c
             assert got[2] is None or abs(got[2] - want[2]) < 1e-5 * want[2], (mode, got, want)
         logits = np.array(mlx_lm.load(str(piped))[0](x))  # mlx-lm opens it, and it is the fine-tuned model
         assert not np.allclose(logits, base, atol=1e-3), f"{mode}: the fine-tune changed nothing"
+    _generate(tmp_path / "piped-lora")
+
+
+def _generate(run: Path) -> None:
+    """`generate` on a pipelined run: it samples where the model fits this host; where the weights
+    alone exceed this host's memory it says so in one line, and where the model can run instead."""
+    import pytest
+
+    import mlx_train.rank.device as device
+    from mlx_train.controller import export
+    from mlx_train.errors import UserError
+
+    assert isinstance(export.sample(str(run), "hi", max_tokens=2), str)
+    need = export.weights_bytes(Path(export.run_model(str(run))[0])) + export.weights_bytes(run / "adapters")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(device, "device_memory", lambda: (need - 1, "a test's host"))
+        with pytest.raises(UserError) as refused:
+            export.sample(str(run), "hi", max_tokens=2)
+    line = str(refused.value)
+    assert "\n" not in line and "needs" in line and "a test's host" in line and "mlx_lm.chat" in line, line

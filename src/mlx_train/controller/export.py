@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Tuple
 
 from mlx_train.config import ModelKind
+from mlx_train.controller.status import system_memory
 from mlx_train.errors import UserError
 from mlx_train.rank import hf
 from mlx_train.rundir import RunDir
@@ -55,15 +56,14 @@ def weights_bytes(directory: Path) -> int:
 
 def check_fits(run_dir: str) -> None:
     """Generating loads the base and the adapters whole on this host: refuse in one line when their
-    weights alone exceed its memory (a pipelined run's model may fit no single host)."""
-    from mlx_train.rank.device import device_memory
-
+    weights alone exceed its physical memory (a pipelined run's model may fit no single host). Not
+    the GPU's recommended working set: above it mlx-lm still runs, slowly, and says so itself."""
     base, adapters = run_model(run_dir)
     need = weights_bytes(hf.model_path(base)) + weights_bytes(adapters)
-    have, source = device_memory()
+    have = system_memory()
     if need > have:
         raise UserError(f"run {run_dir}'s model needs {human(need)} for its weights alone; this host has "
-                        f"{human(have)} ({source}): generate on a host with more memory, or export it "
+                        f"{human(have)} of memory: generate on a host with more memory, or export it "
                         f"(mlx-train export {run_dir} --fuse OUT, shard by shard) and generate over several hosts "
                         "with mlx-lm's distributed mlx_lm.chat under mlx.launch (docs/pipeline.md)")
 

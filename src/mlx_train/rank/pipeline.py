@@ -41,6 +41,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_train.errors import UserError
+from mlx_train.rank.model import _checkpointed
 from mlx_train.rank.spread import _assign, keys_in_one, load_in_one, pack, unpack, whole_in_one
 from mlx_train.rank.step import StepStats
 
@@ -157,9 +158,12 @@ class GPTStage:
             m.tok.update(params["tok"])
             m.pos.update(params["pos"])
             x = m.tok(x) + m.pos(mx.arange(x.shape[1]))
+        # --grad-checkpoint: as GPT.__call__ does, each block recomputes its activations in the
+        # backward, so a forward in flight keeps only the blocks' inputs, not their insides.
+        checkpointed = getattr(m, "grad_checkpoint", False)
         for i, block_params in zip(self.layers, params["blocks"]):
             m.blocks[i].update(block_params)
-            x = m.blocks[i](x)
+            x = _checkpointed(m.blocks[i], x) if checkpointed else m.blocks[i](x)
         if not self.last:
             return x
         m.ln_f.update(params["ln_f"])

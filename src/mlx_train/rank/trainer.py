@@ -104,8 +104,11 @@ class Trainer:
         # ranks' measured speeds (rank/balance.py).
         weights = cfg.dist.share_weights()
         G = cfg.dist.global_batch_size
-        self.set_rows([G // self.size] * self.size if weights is None else split_rows(G, weights))
-        self.balancer = Balancer(G, self.gather_floats) if cfg.dist.shares == "auto" and self.size > 1 else None
+        # A pipeline's stages each work on their replica's rows: G / replicas a rank, not G / devices.
+        self.set_rows([G // cfg.dist.replicas] * self.size if weights is None else split_rows(G, weights))
+        # (Not a pipeline's: its replicas take equal shares, every stage of one the same rows.)
+        self.balancer = Balancer(G, self.gather_floats) \
+            if cfg.dist.shares == "auto" and self.size > 1 and cfg.dist.pipeline_stages == 1 else None
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)

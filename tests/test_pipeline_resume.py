@@ -1,0 +1,136 @@
+"""A pipelined run stopped mid-way resumes exactly, on its own split and on another (rank/pipeline.py).
+
+The trainer itself on a tiny GPT (3 layers, 4 steps of 4 micro-batches of 4 rows, a checkpoint at
+step 2). A 2-rank launch runs 2 stages straight through, then stopped at step 2 and resumed on 2
+stages: the same losses, validation loss and parameter checksums, bit for bit (the checkpoint is
+the whole model in fp32, gathered with -0.0 where a stage has nothing, and the data order is a
+function of the step). The same launch runs 2 stages with --grad-checkpoint: the blocks recompute
+in the backward, the losses are the same. A 3-rank launch resumes the 2-stage checkpoint on 3
+stages (another split of the layers: 2+1 before, 1+1+1 after): within 1e-5 relative.
+(Resuming on one process is tests/test_pipeline.py's.) Then, in one process, a stage's activation
+memory with and without --grad-checkpoint: the checkpointed step peaks lower.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from helpers import run_ring_ranks
+
+TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
+MODEL = {"n_layers": 3, "d_model": 32, "n_heads": 2, "seq_len": 16}
+ROWS, MICRO = 4, 4  # --batch-size 4 --accumulation 4: 16 rows a step
+STEPS, STOP_AT = 4, 2
+
+
+def _train(corpus: str, run_dir: str, stages: int, resume: bool = False, stop_after=None,
+           grad_checkpoint: bool = False) -> list:
+    """The Trainer on `run_dir` with this process's group; rank 0's Metrics as dicts."""
+    import dataclasses
+
+    import mlx.core as mx
+
+    from mlx_train import protocol
+    from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
+    from mlx_train.rank.trainer import Trainer
+
+    group = mx.distributed.init()
+    cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=2),
+                      dist=DistributedConfig(num_devices=group.size(), batch_size_per_device=ROWS, backend="ring",
+                                             gradient_accumulation=MICRO, pipeline_stages=stages),
+                      steps=STEPS, log_every=1, eval_every=STEPS, checkpoint_every=STOP_AT,
+                      grad_checkpoint=grad_checkpoint)
+    seen: list = []
+    real = protocol.emit
+    protocol.emit = seen.append
+    try:
+        Trainer(cfg, group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
+    finally:
+        protocol.emit = real
+    return [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)]
+
+
+def rank_main(out_dir: str, stages: str, corpus: str) -> None:
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    out, s = Path(out_dir), int(stages)
+    report: dict = {"rank": group.rank()}
+    if s == 2:
+        report["straight"] = _train(corpus, str(out / "straight"), 2)
+        report["stopped"] = _train(corpus, str(out / "piped"), 2, stop_after=STOP_AT)
+        if group.rank() == 0:  # (rank 0 wrote it; the resume below writes step 4 into "piped" only later)
+            shutil.copytree(out / "piped", out / "piped-on-3")
+        report["resumed"] = _train(corpus, str(out / "piped"), 2, resume=True)
+        report["checkpointed"] = _train(corpus, str(out / "checkpointed"), 2, grad_checkpoint=True)
+    else:
+        report["resumed"] = _train(corpus, str(out / "piped-on-3"), s, resume=True)
+    (out / f"report-{group.rank()}.json").write_text(json.dumps(report))
+
+
+def _corpus(tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in sorted((Path(__file__).parent.parent / "src" / "mlx_train" / "rank").glob("*.py")):
+        corpus.joinpath(f.name).write_bytes(f.read_bytes())
+    return corpus
+
+
+def _steps(ms: list) -> list:
+    return [m["step"] for m in ms]
+
+
+def test_pipeline_resumes_exactly_and_on_another_split(tmp_path):
+    corpus = _corpus(tmp_path)
+    two = run_ring_ranks(2, "test_pipeline_resume", (tmp_path, 2, corpus), tmp_path, TIMEOUT)[0]
+    straight, stopped, resumed = two["straight"], two["stopped"], two["resumed"]
+    assert _steps(straight) == [1, 2, 3, 4] and _steps(stopped) == [1, 2] and _steps(resumed) == [3, 4]
+    # Every rank of a step works on its replica's 16 rows (one replica of 2 stages).
+    assert all(m["rows"] == [ROWS * MICRO] * 2 and m["global_batch"] == ROWS * MICRO for m in straight)
+    # On its own split: bit for bit, the parameters (checksums) too.
+    for key in ("loss", "grad_norm", "param_checksum"):
+        assert [m[key] for m in stopped + resumed] == [m[key] for m in straight], key
+    assert resumed[-1]["val_loss"] == straight[-1]["val_loss"]
+    # --grad-checkpoint recomputes the blocks in the backward: the same training.
+    checkpointed = two["checkpointed"]
+    for got, want in zip(checkpointed, straight):
+        assert abs(got["loss"] - want["loss"]) <= 1e-6 * want["loss"], (got["loss"], want["loss"])
+
+    # On 3 stages, from the 2-stage checkpoint: another split of the layers, the same course.
+    for f in tmp_path.glob("report-*.json"):
+        f.unlink()
+    three = run_ring_ranks(3, "test_pipeline_resume", (tmp_path, 3, corpus), tmp_path, TIMEOUT)[0]["resumed"]
+    assert _steps(three) == [3, 4]
+    for got, want in zip(three, straight[STOP_AT:]):
+        assert abs(got["loss"] - want["loss"]) / want["loss"] < 1e-5, (got, want)
+        assert abs(got["grad_norm"] - want["grad_norm"]) / want["grad_norm"] < 1e-5
+    assert abs(three[-1]["val_loss"] - straight[-1]["val_loss"]) / straight[-1]["val_loss"] < 1e-5
+
+
+def test_grad_checkpoint_lowers_a_stages_activation_memory():
+    """A stage's step (one process: a 1-stage pipeline, the stage code of every stage) on a GPT whose
+    activations outweigh its weights: --grad-checkpoint's peak is lower, its loss the same."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_train.config import ModelConfig, OptimConfig
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.pipeline import Pipeline
+    from mlx_train.rank.step import make_optimizer
+
+    cfg = ModelConfig(n_layers=4, d_model=32, n_heads=2, seq_len=256)
+    tokens = np.random.default_rng(0).integers(0, 256, (16, cfg.seq_len + 1)).astype(np.int32)
+    batches = [(tokens[i:i + 8, :-1], tokens[i:i + 8, 1:]) for i in (0, 8)]
+    peaks, losses = [], []
+    for checkpointed in (False, True):
+        mx.random.seed(0)
+        model, _ = build_model(cfg, grad_checkpoint=checkpointed)
+        pipe = Pipeline(model, make_optimizer(OptimConfig(), 10), "fp32", 1.0, mx.distributed.init(), 1)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        losses.append(pipe.step(batches).loss)
+        peaks.append(mx.get_peak_memory())
+    assert losses[1] == losses[0]
+    assert peaks[1] < 0.7 * peaks[0], peaks  # attention scores alone: 8 x 2 x 256 x 256 fp32 a block

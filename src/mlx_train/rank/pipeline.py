@@ -456,12 +456,12 @@ class Pipeline:
                     pending[i] = (None, grads)
                     continue
                 mx.eval(outs)  # the forward alone: the backward's graph keeps its activations
+                pending[i] = (cot, grads)  # before the pair below: with M <= S - 1 - s it is this one's
                 sent = self._send(outs[0], at.next)
                 if following is not None and following[0] == BACKWARD:
                     self._eval(sent, pending[following[1]][0])  # that backward's cotangent, at once
                 else:
                     self._eval(sent)
-                pending[i] = (cot, grads)
             else:
                 cot, grads = pending.pop(i)
                 if cot is not None:

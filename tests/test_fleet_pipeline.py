@@ -83,7 +83,6 @@ def _hwm(pids, seen: dict) -> None:
 def test_a_base_that_fits_no_host_trains_through_two_stages(fleet, capped, base, tmp_path):
     model, data = base
     whole = (model / "model.safetensors").stat().st_size
-    assert whole > CAP  # the premise
 
     # One host cannot even load it: the OOM killer ends a bare mlx_lm load inside h1's group.
     load = (f"from pathlib import Path; import mlx.core as mx; from mlx_lm.utils import load_model; "

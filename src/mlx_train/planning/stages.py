@@ -25,7 +25,6 @@ from mlx_train.config import TrainConfig, check
 from mlx_train.errors import UserError
 from mlx_train.planning.memory import LMShape, ModelShape, activation_bytes, step_memory
 from mlx_train.rank.device import rank_budget_for
-from mlx_train.rank.pipeline import stage_layers
 from mlx_train.units import human
 
 AUTO = 0  # --pipeline-stages auto, before the controller resolves it (config.parse_stages)
@@ -126,10 +125,13 @@ class StagePlan:
 def plan(cfg: TrainConfig, hosts: Sequence[Any], stages: int) -> StagePlan:
     """`stages` stages of `cfg`'s model on `hosts`: the memory-proportional split and each one's need."""
     from mlx_train.planning.planner import model_shape
+    from mlx_train.rank.pipeline import stage_layers  # (MLX: imported by a pipelined run's controller only)
 
     shape = model_shape(cfg.model, cfg.fine_tune)
     budgets = stage_budgets(cfg, hosts, stages)
-    layers = stage_layers(shape.n_layers, budgets) if stages > 1 else [range(shape.n_layers)]
+    # The ranks split by the recorded weights (rounded): the plan splits by the same ones.
+    layers = stage_layers(shape.n_layers, stage_weights(cfg, hosts, stages) or [1.0] * stages) if stages > 1 \
+        else [range(shape.n_layers)]
     needs = [stage_need(cfg, shape, r, s, stages) for s, r in enumerate(layers)] if stages > 1 \
         else [step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation,
                           cfg.grad_checkpoint, cfg.precision).peak]

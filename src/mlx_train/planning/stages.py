@@ -21,9 +21,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-from mlx_train.config import TrainConfig, check
+from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
-from mlx_train.planning.memory import LMShape, ModelShape, activation_bytes, step_memory
+from mlx_train.planning.memory import LMShape, activation_bytes, step_memory
 from mlx_train.rank.device import rank_budget_for
 from mlx_train.units import human
 
@@ -38,7 +38,9 @@ def rank_hosts(hosts: Sequence[Any]) -> list:
 def stage_budgets(cfg: TrainConfig, hosts: Sequence[Any], stages: int) -> List[int]:
     """Each stage's memory budget: the tightest host among the ranks holding it (one per replica)."""
     by_rank = rank_hosts(hosts)
-    check(len(by_rank) % stages == 0, f"{len(by_rank)} devices do not split into {stages} pipeline stages")
+    if len(by_rank) % stages:
+        raise UserError(f"{len(by_rank)} devices do not split into {stages} pipeline stages: the devices are "
+                        "stages x replicas (pass --devices, or another --pipeline-stages)")
     return [min(rank_budget_for(cfg, [by_rank[r]]) for r in range(s, len(by_rank), stages)) for s in range(stages)]
 
 

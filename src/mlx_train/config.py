@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import yaml
 
+from mlx_train.errors import UserError
 from mlx_train.units import MAX_BYTES, parse_bytes
 
 BACKENDS = ("ring", "mpi", "any")
@@ -110,6 +111,19 @@ def flag_of(key: str, given: dict, cls=None) -> Optional[str]:
     return None
 
 
+AUTO_STAGES = 0  # --pipeline-stages auto, until the controller resolves it before launch
+
+
+def parse_stages(text: str) -> int:
+    """--pipeline-stages: a number of stages, or 'auto' (AUTO_STAGES)."""
+    if str(text).strip().lower() == "auto":
+        return AUTO_STAGES
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"pipeline_stages must be a number of stages or 'auto', got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class DistributedConfig(_Yaml):
     """How the work is split: `global batch = num_devices x batch_size_per_device x accumulation`."""
@@ -137,7 +151,13 @@ class DistributedConfig(_Yaml):
     # stage's neighbours are ring neighbours (the ring backend's send/recv reach no further).
     pipeline_stages: int = knob(1, "split the model's layers over S consecutive devices (a training pipeline, "
                                 "1F1B over the --accumulation micro-batches; devices = S x replicas, each replica "
-                                "a data-parallel copy of the pipeline; docs/pipeline.md)", "--pipeline-stages")
+                                "a data-parallel copy of the pipeline; 'auto': the fewest stages at which the model "
+                                "fits each host, 1 when it fits one; docs/pipeline.md)", "--pipeline-stages",
+                                metavar="S|auto", parse=parse_stages)
+    # Each stage's share of the layers (rank/pipeline.py stage_layers), in proportion to its host's
+    # memory: set before launch from the cluster file (planning/stages.py); None: equal stages.
+    stage_weights: Optional[Tuple[float, ...]] = knob(None, "each pipeline stage's share of the layers (set "
+                                                      "before launch from the hosts' memory)", omit_default=True)
     # Hosts of unequal memory (--optimize-memory, planning/planner.py per_host_plan): rank r cuts its rows
     # into micro-batches of at most micro_caps[r] rows and accumulates the rest, so the global batch and
     # the data order stay the config's. None: every rank's micro-batch is batch_size_per_device.
@@ -146,9 +166,10 @@ class DistributedConfig(_Yaml):
                                                  omit_default=True)
 
     def __post_init__(self) -> None:
-        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections",
-                      "pipeline_stages")
-        check(self.num_devices % self.pipeline_stages == 0,
+        _positive_int(self, "num_devices", "batch_size_per_device", "gradient_accumulation", "ring_connections")
+        if self.pipeline_stages != AUTO_STAGES:  # auto: resolved before launch (planning/stages.py)
+            positive_int("pipeline_stages", self.pipeline_stages)
+        check(self.pipeline_stages == AUTO_STAGES or self.num_devices % self.pipeline_stages == 0,
               f"pipeline_stages {self.pipeline_stages} does not divide {self.num_devices} devices: the devices "
               f"are stages x replicas (e.g. --devices {self.pipeline_stages * 2} for 2 replicas)")
         check(self.pipeline_stages == 1 or self.shares in ("equal", "auto"),
@@ -169,6 +190,12 @@ class DistributedConfig(_Yaml):
             check(self.pipeline_stages == 1, "micro_caps with pipeline_stages: a pipeline's stages share their "
                   "replica's micro-batches (drop micro_caps)")
             object.__setattr__(self, "micro_caps", tuple(caps))
+        if self.stage_weights is not None:  # a config file's list: a tuple, as the frozen config holds it
+            sw = self.stage_weights
+            check(isinstance(sw, (list, tuple)) and len(sw) == self.pipeline_stages
+                  and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in sw),
+                  f"stage_weights must give one positive weight per pipeline stage ({self.pipeline_stages}), got {_show(sw)}")
+            object.__setattr__(self, "stage_weights", tuple(float(w) for w in sw))
         weights = self.share_weights()
         check(weights is None or len(weights) == self.num_devices,
               f"shares gives {len(weights or ())} weights for {self.num_devices} devices: give one weight per device "

@@ -165,6 +165,10 @@ def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
     kind = cfg.model.kind  # a pretrained model's shape comes from its config.json (planning/memory.py)
     if not kind.knows_shape:
         return  # a model of your own: the planner does not know its shape
+    if cfg.dist.pipeline_stages > 1:  # each stage holds its layers only: judged per stage
+        from mlx_train.planning.stages import check_fits as stages_fit
+
+        return stages_fit(cfg, hosts)
     from mlx_train.config import SHARD_LEVELS
     from mlx_train.planning.memory import step_memory
     from mlx_train.planning.planner import levels_allowed, model_shape
@@ -235,7 +239,13 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     cfg = resolve_config(flags, opts)
     reporting.check(opts.trackers)  # a missing tracker package: one line, before anything is written
     hosts, cfg = hosts_for(opts, cfg, flags)
+    from mlx_train.planning import stages
+
+    # --pipeline-stages auto becomes a number first (the global batch counts replicas); each stage's
+    # share of the layers follows its host's memory, judged again on the hosts that stay.
+    cfg = stages.resolve(cfg, hosts)
     hosts, cfg = leave_out_slow(opts, cfg, hosts, flags)
+    cfg = stages.resolve(cfg, hosts)
     cfg = check_inputs(cfg)  # the data sets the vocabulary, so it comes before any memory judgement
     check_fits(cfg, hosts)
     if opts.optimize_memory:
@@ -243,7 +253,7 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     from mlx_train.planning.planner import replica_warning, resolve_shard
 
     # Recorded in config.yaml, so the ranks run at the level planned for (TrainConfig.shard_level).
-    cfg = replace(cfg, shard_level=resolve_shard(cfg, hosts))
+    cfg = replace(cfg, shard_level=resolve_shard(cfg, hosts) if cfg.dist.pipeline_stages == 1 else "none")
     warning = replica_warning(cfg, hosts)
     if warning:
         print(warning, flush=True)

@@ -106,15 +106,18 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
 
 
-def load_model(cfg: ModelConfig, ft: FineTuneConfig, grad_checkpoint: bool = False) -> nn.Module:
+def load_model(cfg: ModelConfig, ft: FineTuneConfig, grad_checkpoint: bool = False, lazy: bool = False) -> nn.Module:
     """The pretrained model with `ft` applied: frozen base plus adapters, or everything trainable.
 
     Call with the same mx.random seed on every rank: the adapters' initial values are random.
+    `lazy`: no weight is read yet (MLX reads a safetensors tensor when it is first evaluated), so a
+    pipeline stage can drop the other stages' layers unread (rank/pipeline.py load_only) and a base
+    too big for one host never has to fit one.
     """
     from mlx_lm.utils import load_model as _load
 
     path = model_path(cfg.name)
-    model, _ = _load(path)
+    model, _ = _load(path, lazy=lazy)
     apply_fine_tune(model, ft, str(path))
     model.train()  # mlx-lm loads for inference; training mode turns on the adapters' dropout
     if grad_checkpoint:
@@ -167,8 +170,9 @@ def masked_lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.
     return ce.sum() / mx.maximum(mask.sum(), 1)
 
 
-def build(cfg: ModelConfig, ft: FineTuneConfig, grad_checkpoint: bool = False) -> Tuple[nn.Module, Any]:
-    return load_model(cfg, ft, grad_checkpoint), masked_lm_loss
+def build(cfg: ModelConfig, ft: FineTuneConfig, grad_checkpoint: bool = False,
+          lazy: bool = False) -> Tuple[nn.Module, Any]:
+    return load_model(cfg, ft, grad_checkpoint, lazy), masked_lm_loss
 
 
 # -- results in mlx-lm's layout --------------------------------------------------------------------

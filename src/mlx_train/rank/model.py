@@ -78,12 +78,13 @@ def lm_loss(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
 
 
 def build_model(cfg: ModelConfig, grad_checkpoint: bool = False,
-                fine_tune: Optional[FineTuneConfig] = None) -> Tuple[nn.Module, LossFn]:
-    """Return `(model, loss_fn)`; `loss_fn(model, inputs, targets)` gives a scalar mean loss."""
+                fine_tune: Optional[FineTuneConfig] = None, lazy: bool = False) -> Tuple[nn.Module, LossFn]:
+    """Return `(model, loss_fn)`; `loss_fn(model, inputs, targets)` gives a scalar mean loss.
+    `lazy`: a pretrained model's weights are not read until evaluated (a pipeline stage's only)."""
     from mlx_train.rank import hf
 
     if cfg.kind is ModelKind.PRETRAINED:  # a model directory or hub id: mlx-lm builds it (rank/hf.py)
-        return hf.build(cfg, fine_tune or FineTuneConfig(), grad_checkpoint)
+        return hf.build(cfg, fine_tune or FineTuneConfig(), grad_checkpoint, lazy)
     if fine_tune is not None and fine_tune.mode != "full":
         raise UserError(f"--fine-tune {fine_tune.mode} needs a pretrained model (--model DIR or a hub id); "
                         f"model {cfg.name} trains in full: drop --fine-tune")

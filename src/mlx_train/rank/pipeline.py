@@ -258,6 +258,16 @@ class LMStage:
         return ce.sum() / mx.maximum(real.sum(), 1) * scale
 
 
+def load_only(part) -> None:
+    """Read this stage's weights, and only them: the other stages' layers are dropped while still
+    unevaluated, so a lazily loaded base (hf.load_model lazy=True: MLX reads a safetensors tensor
+    when it is first evaluated) never has its other layers read, and a model built from a seed
+    (the GPT: MLX draws its initial weights lazily, the keys split at construction) never draws
+    them. A stage's peak is then its own layers' bytes, not the whole model's (tests/test_pipeline_load.py)."""
+    part.drop_others()
+    mx.eval(part.model.parameters())
+
+
 def stage_kind(model: nn.Module):
     """The stage class for `model`: the built-in GPT, or an mlx-lm llama-family model."""
     for kind in (GPTStage, LMStage):
@@ -300,8 +310,7 @@ class Pipeline:
                             f"{self.layers[self.at.stage].stop - 1}) has nothing to train: --lora-layers adapts too "
                             "few of the last blocks for every stage to hold one; raise it or use fewer --pipeline-stages")
         self.mine = {self.part.whole_key(k) for k in self.keys}
-        mx.eval(self.params)
-        self.part.drop_others()
+        load_only(self.part)
         optimizer.init(self.params)
         itemsize = {k: mx.zeros((1,), d).itemsize for k, (_, d) in self.whole_shapes.items()}
         whole_bytes = sum(int(np.prod(s)) * itemsize[k] for k, (s, _) in self.whole_shapes.items())
@@ -451,12 +460,12 @@ class Pipeline:
                     pending[i] = (None, grads)
                     continue
                 mx.eval(outs)  # the forward alone: the backward's graph keeps its activations
+                pending[i] = (cot, grads)  # before the pair below: with M <= S - 1 - s it is this one's
                 sent = self._send(outs[0], at.next)
                 if following is not None and following[0] == BACKWARD:
                     self._eval(sent, pending[following[1]][0])  # that backward's cotangent, at once
                 else:
                     self._eval(sent)
-                pending[i] = (cot, grads)
             else:
                 cot, grads = pending.pop(i)
                 if cot is not None:

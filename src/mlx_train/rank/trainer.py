@@ -111,7 +111,8 @@ class Trainer:
             if cfg.dist.shares == "auto" and self.size > 1 and cfg.dist.pipeline_stages == 1 else None
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
-        model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune)
+        # A pipeline's stage reads only its own layers' weights (rank/pipeline.py load_only).
+        model, loss_fn = build_model(local.model, cfg.grad_checkpoint, cfg.fine_tune, lazy=cfg.dist.pipeline_stages > 1)
         self.adapter_config = hf.adapter_config(cfg.model.name, cfg.fine_tune, len(model.layers)) \
             if local.model.kind is ModelKind.PRETRAINED else None
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
@@ -154,7 +155,7 @@ class Trainer:
         self.lanes = 1
         blas.set_threads(self.cores)
         return Pipeline(model, self.optimizer, self.cfg.precision, self.cfg.optim.grad_clip, self.group,
-                        self.cfg.dist.pipeline_stages, backend=self.cfg.dist.backend)
+                        self.cfg.dist.pipeline_stages, weights=self.cfg.dist.stage_weights, backend=self.cfg.dist.backend)
 
     def say(self, text: str) -> None:
         print(text, flush=True)

@@ -1,11 +1,14 @@
 """A checkpoint at `--shard full` (rank/fullshard.py) is saved and restored a group at a time: no
-rank but rank 0 (which writes the one file) ever holds the whole parameters and AdamW state.
+rank, rank 0 (which writes the files, piece by piece) included, ever holds the whole parameters
+and AdamW state.
 
 One launch of 2 ring ranks on loopback, each a Trainer at `full` on a GPT of 4 blocks: one step,
-then a save and a restore, each with MLX's peak memory reset before. Each adds to what rank 1
-holds less than half the whole parameters and m, v (the old save gathered them all at once on
-every rank, the old restore broadcast them all at once); the restored parameters are the saved
-ones (checksums). The reports' peaks are docs/sharding.md's figures ("On the test fleet").
+then a save and a restore, each with MLX's peak memory reset before. Each adds to what either
+rank holds less than half the whole parameters and m, v (the old save gathered them all at once
+on every rank, later kept them all on rank 0 for its one-call write; the old restore broadcast
+them all at once); the restored parameters are the saved ones, and the checksum combined from
+the owners' slices (no gather) is the gathered whole's. The reports' peaks are
+docs/sharding.md's figures ("On the test fleet").
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ MODEL = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 32}
 
 def rank_main(out_dir: str, corpus: str) -> None:
     import gc
+    import zlib
 
     import mlx.core as mx
     import numpy as np
@@ -58,8 +62,13 @@ def rank_main(out_dir: str, corpus: str) -> None:
         peaks[what] = mx.get_peak_memory()
         if what == "step":
             before = trainer.param_checksum()
+            # The owners' crcs combined, no gather: the checksum of the whole parameters gathered.
+            gathered = 0
+            for _, v in sorted(tree_flatten(trainer.stepper.whole_params()), key=lambda kv: kv[0]):
+                gathered = zlib.crc32(memoryview(v).cast("B"), gathered)
+            owned = before == gathered
     report = {"rank": group.rank(), "whole": whole, "held": held, "peaks": peaks, "bases": bases,
-              "same": trainer.param_checksum() == before}
+              "same": trainer.param_checksum() == before, "owned": owned}
     (out / f"report-{group.rank()}.json").write_text(json.dumps(report))
 
 
@@ -72,10 +81,11 @@ def test_a_fully_sharded_checkpoint_is_saved_and_restored_a_group_at_a_time(tmp_
     reports = run_ring_ranks(2, "test_fullshard_checkpoint", (tmp_path, corpus), tmp_path, TIMEOUT)
     assert [rep["rank"] for rep in reports] == [0, 1]
     assert all(rep["same"] for rep in reports), "the restored parameters are not the saved ones"
-    one = reports[1]
-    for what in ("save", "restore"):
-        # What a save or a restore adds to what rank 1 holds: gathered at once (before), the whole
-        # parameters, m and v (40 MB here) and more; a piece at a time, one block's parameters or
-        # one moment of it (3 MB) and its transients.
-        added = one["peaks"][what] - one["bases"][what]
-        assert added < one["whole"] / 2, f"rank 1's {what} added {added} bytes to what it holds: {one}"
+    assert all(rep["owned"] for rep in reports), "the owners' combined checksum is not the whole's"
+    for one in reports:
+        for what in ("save", "restore"):
+            # What a save or a restore adds to what a rank holds: gathered (or kept for the write)
+            # at once, the whole parameters, m and v (40 MB here) and more; a piece at a time, one
+            # block's parameters or one moment of it (3 MB) and its transients.
+            added = one["peaks"][what] - one["bases"][what]
+            assert added < one["whole"] / 2, f"rank {one['rank']}'s {what} added {added} bytes to what it holds: {one}"

@@ -39,6 +39,7 @@ parallel's all-reduce sums them.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
@@ -47,7 +48,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.errors import UserError
-from mlx_train.rank import collectives
+from mlx_train.rank import checkpoint, collectives
 from mlx_train.rank.spread import Spread, _leaves
 
 REST = "rest"  # the group of the parameters outside the blocks
@@ -391,6 +392,35 @@ class FullShard(Spread):
         """Per group, its parameters, then each of its moments: one group's one tensor set at a time."""
         return [keys for flat, _ in self._groups()
                 for keys in [flat.full_keys] + [[f"{k}.{name}" for k in flat.full_keys] for name in self._names()]]
+
+    def owned_checksum(self) -> int:
+        """The crc32 of the whole parameters, keys sorted (a replica's checksum, the save's), with
+        no parameter gathered: each rank takes the crc of each leaf's part in its own slices, the
+        ranks all_gather those (one int per leaf), and every rank combines the owners' parts in
+        the leaves' and the ranks' order (checkpoint.combined_crc). Each slice is checked by its
+        owner alone: there is no replica to compare it with."""
+        rank = self.group.rank() if self.group is not None else 0
+        mine, leaves = [], []  # this rank's crc per leaf (0: none of it here); (key, group, lo, hi)
+        for flat, index in self._groups():
+            view = checkpoint.bytes_of(self._of(self.params, index))
+            offsets = np.concatenate([[0], np.cumsum(flat.sizes)]).tolist()
+            for key, a, b in zip(flat.full_keys, offsets[:-1], offsets[1:]):
+                lo, hi = max(a, flat.lo) - flat.lo, min(b, flat.hi) - flat.lo
+                mine.append(zlib.crc32(view[lo * flat.dtype.size:hi * flat.dtype.size]) if lo < hi else 0)
+                leaves.append((key, flat, a, b))
+            del view
+        crcs = mx.array(mine, dtype=mx.int64)
+        if self.world > 1:
+            crcs = mx.distributed.all_gather(crcs, group=self.group)
+        crcs = np.array(crcs).reshape(self.world, -1)
+        parts = []
+        for j in sorted(range(len(leaves)), key=lambda i: leaves[i][0]):
+            _, flat, a, b = leaves[j]
+            for r in range(self.world):
+                lo, hi = collectives.shard_bounds(flat.padded, self.world, r)
+                if min(b, hi) > max(a, lo):
+                    parts.append((int(crcs[r, j]), (min(b, hi) - max(a, lo)) * flat.dtype.size))
+        return checkpoint.combined_crc(parts)
 
     def load_pieces(self, pieces: Iterable[dict], extra: dict) -> Any:
         """Each piece (a group's parameters, or one of its moments) sliced and evaluated before the

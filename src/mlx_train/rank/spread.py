@@ -112,6 +112,12 @@ class Spread:
         `extra` (step, learning_rate); returns what load returns. Here all joined, loaded at once."""
         return load_in_one(pieces, extra, self.param_layout(), self.layout(), self.load)
 
+    def owned_checksum(self) -> Optional[int]:
+        """The whole parameters' crc32 (keys sorted) where the step holds them in slices, from each
+        owner's crcs of its own (no gather; every rank calls it); None where every rank holds a
+        replica, which the trainer checksums itself so that the ranks' replicas are compared."""
+        return None
+
     def build(self, compiled: bool) -> None:
         """(Re)trace the graphs around the current parameters and state."""
         raise NotImplementedError

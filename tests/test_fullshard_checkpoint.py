@@ -26,6 +26,7 @@ MODEL = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 32}
 
 
 def rank_main(out_dir: str, corpus: str) -> None:
+    import dataclasses
     import gc
     import zlib
 
@@ -69,6 +70,21 @@ def rank_main(out_dir: str, corpus: str) -> None:
             owned = before == gathered
     report = {"rank": group.rank(), "whole": whole, "held": held, "peaks": peaks, "bases": bases,
               "same": trainer.param_checksum() == before, "owned": owned}
+    del trainer
+    # Sharded from unsharded: a data-parallel run's checkpoint (its final one, step 1) restored at
+    # `full`, then saved again by the fully sharded run into a copy of its run directory.
+    unsharded = Trainer(dataclasses.replace(cfg, shard="none"), group, str(out / "dp"), 1 << 40)
+    unsharded.run(resume=False)
+    unsharded.finish_write(block=True)
+    want = unsharded.param_checksum()
+    del unsharded
+    if group.rank() == 0:
+        shutil.copytree(out / "dp", out / "dp-full")
+    sharded = Trainer(cfg, group, str(out / "dp-full"), 1 << 40)
+    step = sharded.restore()
+    report["from_unsharded"] = step == 1 and sharded.param_checksum() == want
+    sharded.save(step)
+    sharded.finish_write(block=True)
     (out / f"report-{group.rank()}.json").write_text(json.dumps(report))
 
 
@@ -82,6 +98,16 @@ def test_a_fully_sharded_checkpoint_is_saved_and_restored_a_group_at_a_time(tmp_
     assert [rep["rank"] for rep in reports] == [0, 1]
     assert all(rep["same"] for rep in reports), "the restored parameters are not the saved ones"
     assert all(rep["owned"] for rep in reports), "the owners' combined checksum is not the whole's"
+    assert all(rep["from_unsharded"] for rep in reports), "the unsharded checkpoint was not resumed at full"
+    # Saved again at `full`, the unsharded run's checkpoint is the same arrays, bit for bit.
+    import mlx.core as mx
+    import numpy as np
+
+    ours, theirs = (tmp_path / run / "checkpoints" / "step-000001" for run in ("dp-full", "dp"))
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = mx.load(str(ours / name)), mx.load(str(theirs / name))
+        assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype for k in a), name
+        assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a), name  # fp32 and the step's ints
     for one in reports:
         for what in ("save", "restore"):
             # What a save or a restore adds to what a rank holds: gathered (or kept for the write)

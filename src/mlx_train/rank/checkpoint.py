@@ -5,6 +5,11 @@ written under a temporary name and renamed into place, so a crash mid-write neve
 directory that looks complete; a damaged one (bad checksum, missing file) is skipped on load in
 favour of the previous one.
 
+The files are streamed (`Stream`): each safetensors header is written first from the layouts
+(`file_layout`: the bytes `mx.save_safetensors` would write), then each array at its place as it
+comes, so a fully sharded run's rank 0 writes one gathered piece at a time and never holds the
+whole (the trainer hands the pieces to its writer thread through a `Handoff`).
+
 The manifest's `meta` records the run's identity (TrainConfig.identity()); a resume refuses a
 checkpoint whose identity differs from the run's (`identity_mismatch`). No RNG state is stored:
 the data order is a pure function of (seed, step) and the trainer reseeds the RNG every step.

@@ -30,8 +30,10 @@ full fine-tune; checkpoints and adapters hold them alone, as unsharded.
 Checkpoints keep the unsharded layout, so a checkpoint resumes at any level and world size, and
 move it a piece at a time (one group's parameters, or one of its moments): `whole_pieces` gathers
 them one by one for a save, `load_pieces` slices them one by one at a restore, so no rank holds
-the whole at once but rank 0 for its write (`whole_params`, `full_state` and `load` still gather
-or slice everything at once, for the checksums at log steps and the adapters). The gathers in
+the whole at once, rank 0 included (it streams the files a piece at a time, rank/checkpoint.py).
+`whole_params`, `full_state` and `load` still gather or slice everything at once, but neither a
+save nor a checksum calls them: the log steps' checksum combines each owner's crcs of its own
+slices (`owned_checksum`). The gathers in
 the forward are fp32 (the master weights; cast after), so the arithmetic of a bf16 step is data
 parallel's: the bf16 gradients come back through the cast in fp32 and are summed in fp32, as data
 parallel's all-reduce sums them.

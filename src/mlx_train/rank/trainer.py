@@ -290,7 +290,8 @@ class Trainer:
         # loss mean (--loss-spike) travels in the same gather.
         # The whole parameters and optimizer state come piece by piece (fully sharded: one group
         # gathered at a time, every rank in each gather); every rank takes each leaf's crc, rank 0
-        # hands the piece to its writer, and the piece goes before the next but one is gathered.
+        # hands each piece to its writer and drops it once written: it holds at most two, the
+        # one being written and the next being gathered.
         try:
             crcs = {}
             for pairs, moments in self.stepper.whole_pieces():
@@ -328,7 +329,7 @@ class Trainer:
         stream, failed = None, None
         try:
             stream = checkpoint.Stream(self.ckpt_root, step, layouts)
-        except checkpoint.WriteFailed as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported once every piece is taken
             failed = exc
         for params, state in handoff.pieces():  # to the end, whatever happens: the trainer waits on it
             if stream is not None and failed is None:

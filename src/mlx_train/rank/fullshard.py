@@ -33,10 +33,9 @@ them one by one for a save, `load_pieces` slices them one by one at a restore, s
 the whole at once, rank 0 included (it streams the files a piece at a time, rank/checkpoint.py).
 `whole_params`, `full_state` and `load` still gather or slice everything at once, but neither a
 save nor a checksum calls them: the log steps' checksum combines each owner's crcs of its own
-slices (`owned_checksum`). The gathers in
-the forward are fp32 (the master weights; cast after), so the arithmetic of a bf16 step is data
-parallel's: the bf16 gradients come back through the cast in fp32 and are summed in fp32, as data
-parallel's all-reduce sums them.
+slices (`owned_checksum`). The gathers in the forward are fp32 (the master weights; cast after),
+so the arithmetic of a bf16 step is data parallel's: the bf16 gradients come back through the
+cast in fp32 and are summed in fp32, as data parallel's all-reduce sums them.
 """
 
 from __future__ import annotations
@@ -402,7 +401,7 @@ class FullShard(Spread):
         the leaves' and the ranks' order (checkpoint.combined_crc). Each slice is checked by its
         owner alone: there is no replica to compare it with."""
         rank = self.group.rank() if self.group is not None else 0
-        mine, leaves = [], []  # this rank's crc per leaf (0: none of it here); (key, group, lo, hi)
+        mine, leaves = [], []  # this rank's crc per leaf (0: none of it here); (key, its Flat, start, stop)
         for flat, index in self._groups():
             view = checkpoint.bytes_of(self._of(self.params, index))
             offsets = np.concatenate([[0], np.cumsum(flat.sizes)]).tolist()

@@ -146,7 +146,8 @@ def test_a_streamed_checkpoint_is_mlx_s_file_byte_for_byte_whatever_order_the_pi
     model["embed"] = mx.random.normal((9, 4)).astype(mx.bfloat16)
     opt = {"step": mx.array(7, dtype=mx.uint64), "learning_rate": mx.array(3e-4),
            **{f"{k}.{m}": v * 2 for k, v in model.items() for m in ("m", "v")}}
-    layouts = {name: checkpoint.file_layout(checkpoint.specs(tree)) for name, tree in (("model", model), ("optimizer", opt))}
+    layouts = {name: checkpoint.file_layout(checkpoint.specs(tree))
+               for name, tree in (("model", model), ("optimizer", opt))}
     stream = checkpoint.Stream(tmp_path / "ck", 4, layouts)
     for name, tree in (("optimizer", opt), ("model", model)):
         keys = list(tree)[::-1]  # not the layout's order, and in three pieces

@@ -223,7 +223,8 @@ class Stream:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir()
             for name, layout in layouts.items():
-                self._fds[name] = os.open(self.tmp / f"{name}.safetensors", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                self._fds[name] = os.open(self.tmp / f"{name}.safetensors", flags, 0o644)
                 _pwrite(self._fds[name], memoryview(layout.header), 0)
 
     def put(self, name: str, pairs: Iterable[Tuple[str, mx.array]]) -> None:

@@ -170,3 +170,30 @@ def test_a_streamed_checkpoint_is_mlx_s_file_byte_for_byte_whatever_order_the_pi
     with pytest.raises(RuntimeError, match="no piece held step"):
         short.close({}, keep=3)
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step-000004"]  # nothing of step 5 left
+
+
+def test_a_handoff_has_one_piece_in_flight_and_a_writer_that_failed_still_takes_every_piece():
+    """checkpoint.Handoff: `give` returns once the writer is done with the previous piece (so the
+    training thread holds at most that one and the next); a writer that failed goes on taking the
+    pieces to the end, so a sharded save never waits for ever on it."""
+    for fails in (False, True):
+        handoff, taken = checkpoint.Handoff(), []
+
+        def job():
+            for piece in handoff.pieces():
+                taken.append(piece)
+            if fails:
+                raise checkpoint.WriteFailed("disk full")
+            return handoff.meta
+
+        writer = checkpoint.Writer()
+        writer.start(job)
+        try:
+            for i in range(5):
+                handoff.give(i)
+                assert taken[:i] == list(range(i))  # every earlier piece was taken before this one was given
+        finally:  # the writer thread ends whatever happened
+            handoff.end({"agreed": True})
+            outcome, _ = writer.finish()
+        assert taken == list(range(5)) and handoff.held == 4
+        assert isinstance(outcome, checkpoint.WriteFailed) if fails else outcome == {"agreed": True}

@@ -132,3 +132,68 @@ def test_a_background_write_holds_the_state_of_its_step(tmp_path):
     failed, _ = writer.finish()
     assert isinstance(failed, checkpoint.WriteFailed) and "a-file" in str(failed)
     assert writer.finish() is None
+
+
+def test_a_streamed_checkpoint_is_mlx_s_file_byte_for_byte_whatever_order_the_pieces_come_in(tmp_path):
+    """A checkpoint written piece by piece (checkpoint.Stream: the header from the layouts first,
+    each array at its place as it comes) is the file mx.save_safetensors writes, byte for byte,
+    however many keys and dtypes, pieces in any order; a piece that never comes fails the write;
+    the adapters copied from it are hf.write_adapters' file from the arrays."""
+    from mlx_train.rank import hf
+
+    mx.random.seed(1)
+    model = {f"layers.{i}.{n}": mx.random.normal((3 + i, 5)) for i in range(12) for n in ("attn.wq", "mlp.w1", "b")}
+    model["embed"] = mx.random.normal((9, 4)).astype(mx.bfloat16)
+    opt = {"step": mx.array(7, dtype=mx.uint64), "learning_rate": mx.array(3e-4),
+           **{f"{k}.{m}": v * 2 for k, v in model.items() for m in ("m", "v")}}
+    layouts = {name: checkpoint.file_layout(checkpoint.specs(tree))
+               for name, tree in (("model", model), ("optimizer", opt))}
+    stream = checkpoint.Stream(tmp_path / "ck", 4, layouts)
+    for name, tree in (("optimizer", opt), ("model", model)):
+        keys = list(tree)[::-1]  # not the layout's order, and in three pieces
+        for part in (keys[:5], keys[5:20], keys[20:]):
+            stream.put(name, [(k, tree[k]) for k in part])
+    path = stream.close({"agreed": True}, keep=3)
+    for name, tree in (("model", model), ("optimizer", opt)):
+        mx.save_safetensors(str(tmp_path / f"{name}.safetensors"), tree)
+        assert (path / f"{name}.safetensors").read_bytes() == (tmp_path / f"{name}.safetensors").read_bytes(), name
+    assert checkpoint.verify(path) is None
+    config = {"fine_tune_type": "lora"}
+    hf.write_adapters(tmp_path / "from-arrays", model, config)
+    hf.write_adapters(tmp_path / "copied", None, config, weights=path / "model.safetensors")
+    assert (tmp_path / "copied" / hf.ADAPTER_WEIGHTS).read_bytes() == \
+        (tmp_path / "from-arrays" / hf.ADAPTER_WEIGHTS).read_bytes()
+
+    short = checkpoint.Stream(tmp_path / "ck", 5, layouts)
+    short.put("model", model.items())
+    short.put("optimizer", [(k, v) for k, v in opt.items() if k != "step"])
+    with pytest.raises(RuntimeError, match="no piece held step"):
+        short.close({}, keep=3)
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step-000004"]  # nothing of step 5 left
+
+
+def test_a_handoff_has_one_piece_in_flight_and_a_writer_that_failed_still_takes_every_piece():
+    """checkpoint.Handoff: `give` returns once the writer is done with the previous piece (so the
+    training thread holds at most that one and the next); a writer that failed goes on taking the
+    pieces to the end, so a sharded save never waits for ever on it."""
+    for fails in (False, True):
+        handoff, taken = checkpoint.Handoff(), []
+
+        def job():
+            for piece in handoff.pieces():
+                taken.append(piece)
+            if fails:
+                raise checkpoint.WriteFailed("disk full")
+            return handoff.meta
+
+        writer = checkpoint.Writer()
+        writer.start(job)
+        try:
+            for i in range(5):
+                handoff.give(i)
+                assert taken[:i] == list(range(i))  # every earlier piece was taken before this one was given
+        finally:  # the writer thread ends whatever happened
+            handoff.end({"agreed": True})
+            outcome, _ = writer.finish()
+        assert taken == list(range(5)) and handoff.held == 4
+        assert isinstance(outcome, checkpoint.WriteFailed) if fails else outcome == {"agreed": True}

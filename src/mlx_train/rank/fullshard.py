@@ -30,15 +30,17 @@ full fine-tune; checkpoints and adapters hold them alone, as unsharded.
 Checkpoints keep the unsharded layout, so a checkpoint resumes at any level and world size, and
 move it a piece at a time (one group's parameters, or one of its moments): `whole_pieces` gathers
 them one by one for a save, `load_pieces` slices them one by one at a restore, so no rank holds
-the whole at once but rank 0 for its write (`whole_params`, `full_state` and `load` still gather
-or slice everything at once, for the checksums at log steps and the adapters). The gathers in
-the forward are fp32 (the master weights; cast after), so the arithmetic of a bf16 step is data
-parallel's: the bf16 gradients come back through the cast in fp32 and are summed in fp32, as data
-parallel's all-reduce sums them.
+the whole at once, rank 0 included (it streams the files a piece at a time, rank/checkpoint.py).
+`whole_params`, `full_state` and `load` still gather or slice everything at once, but neither a
+save nor a checksum calls them: the log steps' checksum combines each owner's crcs of its own
+slices (`owned_checksum`). The gathers in the forward are fp32 (the master weights; cast after),
+so the arithmetic of a bf16 step is data parallel's: the bf16 gradients come back through the
+cast in fp32 and are summed in fp32, as data parallel's all-reduce sums them.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
@@ -47,7 +49,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.errors import UserError
-from mlx_train.rank import collectives
+from mlx_train.rank import checkpoint, collectives
 from mlx_train.rank.spread import Spread, _leaves
 
 REST = "rest"  # the group of the parameters outside the blocks
@@ -391,6 +393,35 @@ class FullShard(Spread):
         """Per group, its parameters, then each of its moments: one group's one tensor set at a time."""
         return [keys for flat, _ in self._groups()
                 for keys in [flat.full_keys] + [[f"{k}.{name}" for k in flat.full_keys] for name in self._names()]]
+
+    def owned_checksum(self) -> int:
+        """The crc32 of the whole parameters, keys sorted (a replica's checksum, the save's), with
+        no parameter gathered: each rank takes the crc of each leaf's part in its own slices, the
+        ranks all_gather those (one int per leaf), and every rank combines the owners' parts in
+        the leaves' and the ranks' order (checkpoint.combined_crc). Each slice is checked by its
+        owner alone: there is no replica to compare it with."""
+        rank = self.group.rank() if self.group is not None else 0
+        mine, leaves = [], []  # this rank's crc per leaf (0: none of it here); (key, its Flat, start, stop)
+        for flat, index in self._groups():
+            view = checkpoint.bytes_of(self._of(self.params, index))
+            offsets = np.concatenate([[0], np.cumsum(flat.sizes)]).tolist()
+            for key, a, b in zip(flat.full_keys, offsets[:-1], offsets[1:]):
+                lo, hi = max(a, flat.lo) - flat.lo, min(b, flat.hi) - flat.lo
+                mine.append(zlib.crc32(view[lo * flat.dtype.size:hi * flat.dtype.size]) if lo < hi else 0)
+                leaves.append((key, flat, a, b))
+            del view
+        crcs = mx.array(mine, dtype=mx.int64)
+        if self.world > 1:
+            crcs = mx.distributed.all_gather(crcs, group=self.group)
+        crcs = np.array(crcs).reshape(self.world, -1)
+        parts = []
+        for j in sorted(range(len(leaves)), key=lambda i: leaves[i][0]):
+            _, flat, a, b = leaves[j]
+            for r in range(self.world):
+                lo, hi = collectives.shard_bounds(flat.padded, self.world, r)
+                if min(b, hi) > max(a, lo):
+                    parts.append((int(crcs[r, j]), (min(b, hi) - max(a, lo)) * flat.dtype.size))
+        return checkpoint.combined_crc(parts)
 
     def load_pieces(self, pieces: Iterable[dict], extra: dict) -> Any:
         """Each piece (a group's parameters, or one of its moments) sliced and evaluated before the

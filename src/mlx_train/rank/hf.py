@@ -182,8 +182,9 @@ def adapter_config(model_name: str, ft: FineTuneConfig, n_blocks: int) -> dict:
             "lora_parameters": lora_parameters(ft)}
 
 
-def write_adapters(out: Path, params: Any, config: dict) -> Path:
-    """Write `params` (the trainable tree) and `config` to `out` atomically (replace by rename).
+def write_adapters(out: Path, params: Any, config: dict, weights: Optional[Path] = None) -> Path:
+    """Write `params` (the trainable tree) and `config` to `out` atomically (replace by rename);
+    or, given `weights` (a checkpoint's model.safetensors: the same tree, the same bytes), copy it.
 
     Raises checkpoint.WriteFailed when the storage refuses it (disk full, no permission, read-only),
     as a checkpoint does: the partial temporary directory is removed and adapters already at `out`
@@ -192,11 +193,14 @@ def write_adapters(out: Path, params: Any, config: dict) -> Path:
 
     out = Path(out)
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    arrays = dict(tree_flatten(params))
+    arrays = dict(tree_flatten(params)) if weights is None else {}
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), arrays)
+        if weights is None:
+            mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), arrays)
+        else:
+            shutil.copyfile(weights, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
     except (OSError, RuntimeError, ValueError) as exc:  # MLX reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,7 +12,8 @@ its Spread, chosen once when it is built (`choose`), in the same four calls what
 and, for checkpoints, the optimizer state in the unsharded layout (`full_state`, `layout`) and back
 (`load`), so a checkpoint is the same files whatever wrote it and resumes under any strategy; a
 save and a restore move them piece by piece (`whole_pieces`, `piece_keys`, `load_pieces`: one
-piece of all but at `full`, where a piece is one group's parameters or one of its moments).
+piece of all in data parallel; the parameters, then each moment, at `optimizer` and `gradients`;
+at `full` one group's parameters or one of its moments).
 
 - DataParallel: today's step, bit for bit: the bucketed all_sum (`make_sync`), the norm over the
   gradient tree and AdamW per tensor; `publish` has nothing to do.
@@ -111,6 +112,12 @@ class Spread:
         """load() from pieces: {checkpoint key: whole array} for each of piece_keys() in turn, and
         `extra` (step, learning_rate); returns what load returns. Here all joined, loaded at once."""
         return load_in_one(pieces, extra, self.param_layout(), self.layout(), self.load)
+
+    def owned_checksum(self) -> Optional[int]:
+        """The whole parameters' crc32 (keys sorted) where the step holds them in slices, from each
+        owner's crcs of its own (no gather; every rank calls it); None where every rank holds a
+        replica, which the trainer checksums itself so that the ranks' replicas are compared."""
+        return None
 
     def build(self, compiled: bool) -> None:
         """(Re)trace the graphs around the current parameters and state."""
@@ -280,6 +287,44 @@ class Sharded(Spread):
             flat += [(f"{k}.{name}", v) for k, v in zip(self.keys, self._whole(whole))]
         mx.eval([v for _, v in flat])  # here, on every rank: a gather left lazy would wait for peers forever
         return {**tree_unflatten(flat), **rest}
+
+    def whole_pieces(self) -> Iterator[Tuple[List[tuple], List[tuple]]]:
+        """The parameters (held whole: no gather), then each moment gathered on its own; last, step
+        and learning_rate. A rank holds one moment whole at a time, not m and v at once."""
+        yield tree_flatten(self.params), []
+        for name in self._names():
+            mine = self.optimizer.state[_KEY][name]
+            whole = collectives.all_gather_flat(mine, self.group) if self.group is not None else mine
+            pairs = [(f"{k}.{name}", v) for k, v in zip(self.keys, self._whole(whole))]
+            del whole, mine
+            mx.eval([v for _, v in pairs])  # on every rank: a gather left lazy would wait for peers forever
+            yield [], pairs
+            del pairs  # the generator's own reference would keep the moment alive through the next gather
+        yield [], [(k, v) for k, v in self.optimizer.state.items() if k in ("step", "learning_rate")]
+
+    def piece_keys(self) -> List[List[str]]:
+        """The parameters, then each moment: what whole_pieces gives."""
+        return [list(self.keys)] + [[f"{k}.{name}" for k in self.keys] for name in self._names()]
+
+    def load_pieces(self, pieces: Iterable[dict], extra: dict) -> Any:
+        """The parameters kept whole, each moment sliced and evaluated before the next is asked for."""
+        names = self._names()
+        it = iter(pieces)  # not zip or enumerate: their reused tuple would hold the previous piece
+        piece = next(it)
+        self._shape(tree_unflatten([(k, piece[k]) for k in self.keys]))
+        del piece
+        mine = {}
+        for name in names:
+            piece = next(it)
+            # A one-row take, a new array: a slice inside one leaf is a view, which mx.contiguous
+            # leaves as it is, and which would keep the whole moment alive (fullshard.Flat.slice).
+            part = self._slice([piece[f"{k}.{name}"] for k in self.keys])
+            mine[name] = mx.take(part.reshape(1, -1), mx.array([0]), axis=0).reshape(-1)
+            mx.eval(mine[name])  # the slice alone stays: the whole moment it came from is freed
+            del part
+            del piece
+        self.optimizer.state = {**extra, _KEY: mine}
+        return self.params
 
     def layout(self) -> dict:
         rest = {k: v for k, v in self.optimizer.state.items() if k != _KEY}

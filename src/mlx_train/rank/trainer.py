@@ -26,54 +26,6 @@ from mlx_train.rank.model import build_model, count_parameters
 from mlx_train.rank.step import Stepper, all_sum_bytes, current_lr, make_optimizer, pack, unpack
 
 
-def _bytes_of(v: mx.array) -> memoryview:
-    """The array's own bytes, without a copy where they are contiguous (half the time of copying to
-    numpy first)."""
-    view = memoryview(v)
-    return (view if view.c_contiguous else memoryview(np.array(v))).cast("B")
-
-
-def leaf_crc(v: mx.array) -> tuple:
-    """(crc32 of the array's own bytes, their length): param_checksum's part for one leaf."""
-    view = _bytes_of(v)
-    return zlib.crc32(view), view.nbytes
-
-
-_CRC_ZEROS: List[List[int]] = []  # [i]: the GF(2) operator appending 2**i zero bytes to a crc32 (zlib's)
-
-
-def _gf2_times(mat: List[int], vec: int) -> int:
-    out, i = 0, 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def combined_crc(parts: List[tuple]) -> int:
-    """The crc32 of the concatenation of byte strings from each one's (crc32, length): zlib's
-    crc32_combine, which Python's zlib lacks, so a checksum needs no leaf held after its own crc."""
-    if not _CRC_ZEROS:
-        op = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
-        for _ in range(3):  # -> one zero byte
-            op = [_gf2_times(op, op[n]) for n in range(32)]
-        for _ in range(64):
-            _CRC_ZEROS.append(op)
-            op = [_gf2_times(op, op[n]) for n in range(32)]
-    crc = 0
-    for part, length in parts:
-        i = 0
-        while length:
-            if length & 1:
-                crc = _gf2_times(_CRC_ZEROS[i], crc)
-            length >>= 1
-            i += 1
-        crc ^= part
-    return crc
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str, memory_budget: int,
                  placed: Optional[dict] = None):
@@ -292,11 +244,17 @@ class Trainer:
             protocol.emit(protocol.Metrics(**record, val_loss=val_loss, sample=text))
 
     def param_checksum(self) -> int:
-        """The crc32 of the whole parameters. Fully sharded they are gathered first (every rank
-        calls this): a checksum of a rank's own slice would not be comparable across ranks."""
+        """The crc32 of the whole parameters, keys sorted (every rank calls this). Where the step
+        holds them in slices (`full`) it is combined from each owner's crcs of its slices
+        (Spread.owned_checksum: no parameter gathered); elsewhere every rank checksums its replica,
+        which the divergence check compares across ranks."""
+        owned = getattr(self.stepper.spread, "owned_checksum", None)
+        value = owned() if owned is not None else None
+        if value is not None:
+            return value
         crc = 0
         for _, v in sorted(tree_flatten(self.stepper.whole_params()), key=lambda kv: kv[0]):
-            crc = zlib.crc32(_bytes_of(v), crc)
+            crc = zlib.crc32(checkpoint.bytes_of(v), crc)
         return crc
 
     def check_memory_budget(self, step: int) -> None:
@@ -311,64 +269,96 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, step: int) -> None:
-        """Checkpoint `step`: every rank's checksum goes with it, rank 0 snapshots the state and
-        writes it in the background while training goes on (finish_write reports it)."""
+        """Checkpoint `step`: every rank's checksum goes with it; rank 0 writes the files piece by
+        piece as the pieces come, in the background (finish_write reports it)."""
         t0 = time.perf_counter()
+        keep = self.rank == 0
+        if keep:
+            # One write at a time: the previous one ends first. Only that wait is announced to the
+            # watchdog as a checkpoint phase (handing the pieces over takes about a step), so the
+            # allowance it learns comes from waits and writes, never from the hand-over alone.
+            t_wait = time.perf_counter()
+            self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
+            t0 += time.perf_counter() - t_wait
+            handoff = checkpoint.Handoff()
+            # The files' layouts (MLX's, byte for byte) from the layouts, before any piece: the
+            # optimizer's in the unsharded layout, whatever the level.
+            flat = [tree_flatten(self.stepper.param_layout()), tree_flatten(self.stepper.optimizer_layout())]
+            layouts = {name: checkpoint.file_layout([(k, tuple(v.shape), v.dtype) for k, v in pairs])
+                       for name, pairs in zip(("model", "optimizer"), flat)}
+            del flat
+            self.pending = {"step": step, "handoff": handoff}
+            self.writer.start(lambda: self._write(step, layouts, handoff))
         # Every rank's checksum goes with the checkpoint: one written while the ranks disagreed
         # is never resumed from (a silent divergence would be saved with it). Each rank's running
         # loss mean (--loss-spike) travels in the same gather.
         # The whole parameters and optimizer state come piece by piece (fully sharded: one group
-        # gathered at a time, every rank in each gather); rank 0 keeps them for its write, the
-        # others only each leaf's crc and drop the piece before the next is gathered.
-        keep = self.rank == 0
-        crcs, params, state = {}, {}, {}
-        for pairs, moments in self.stepper.whole_pieces():
-            for k, v in pairs:
-                crcs[k] = leaf_crc(v)
-            if keep:  # copied out of the gathered buffer now (split views would keep it), so it goes too
-                params.update(checkpoint.snapshot(dict(pairs)))
-                state.update(checkpoint.snapshot(dict(moments)))
-            del pairs, moments
-        checksum = combined_crc([crcs[k] for k in sorted(crcs)])  # = param_checksum of the whole
-        protocol.emit(protocol.Checksum(step=step, value=checksum))
-        mine = mx.array([checksum, *self.spike.state()], dtype=mx.int64)
-        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 3)
-        if self.rank != 0:
+        # gathered at a time, every rank in each gather); every rank takes each leaf's crc, rank 0
+        # hands each piece to its writer and drops it once written: it holds at most two, the
+        # one being written and the next being gathered.
+        try:
+            crcs = {}
+            for pairs, moments in self.stepper.whole_pieces():
+                for k, v in pairs:
+                    crcs[k] = checkpoint.leaf_crc(v)
+                if keep:
+                    handoff.give((checkpoint.snapshot(dict(pairs)), checkpoint.snapshot(dict(moments))))
+                del pairs, moments
+            checksum = checkpoint.combined_crc(crcs[k] for k in sorted(crcs))  # = param_checksum of the whole
+            protocol.emit(protocol.Checksum(step=step, value=checksum))
+            mine = mx.array([checksum, *self.spike.state()], dtype=mx.int64)
+            everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine)
+        except BaseException:
+            if keep:
+                handoff.end(None)  # the writer removes what it wrote and ends
+            raise
+        if not keep:
             return
+        everyone = everyone.reshape(-1, 3)
         sums = [int(v) for v in everyone[:, 0]]
         agreed = len(set(sums)) == 1
-        # One write at a time: the previous one ends first. Only that wait is announced to the
-        # watchdog as a checkpoint phase (the snapshot takes no longer than a step), so the
-        # allowance it learns comes from waits and writes, never from snapshots alone.
-        t_wait = time.perf_counter()
-        self.finish_write(block=True)  # (the wait counts to the previous checkpoint's stall)
-        t0 += time.perf_counter() - t_wait
-        # The snapshot (taken piece by piece above: one copy of the whole) in the layouts' order;
-        # the optimizer's in the unsharded layout, whatever the level.
-        params = {k: params[k] for k, _ in tree_flatten(self.stepper.param_layout())}
-        order = [k for k, _ in tree_flatten(self.stepper.optimizer_layout()) if k in state]
-        state = {**{k: state[k] for k in order}, **state}
         # The rows in force are those of the steps after this one (--shares auto re-shared before it).
         meta = {"identity": self.cfg.identity(), "param_checksum": sums, "agreed": agreed,
                 "skip_data": self.cfg.skip_data, "loss_mean": [[int(b), int(n)] for b, n in everyone[:, 1:]],
                 "shares": self.cfg.dist.shares, "rows": self.rows}
-        self.writer.start(lambda: self._write(step, params, state, meta))
-        # The training thread keeps the snapshot until the write is over, so its arrays are freed
-        # here and never by the writer thread.
-        self.pending = {"step": step, "agreed": agreed, "sums": sums, "stall_s": time.perf_counter() - t0,
-                        "snapshot": (params, state)}
+        handoff.end(meta)
+        # The last piece stays with the training thread until the write is over (the writer thread
+        # frees no array).
+        self.pending.update(agreed=agreed, sums=sums, stall_s=time.perf_counter() - t0)
 
-    def _write(self, step: int, params: dict, state: dict, meta: dict) -> tuple:
-        """The writer thread's job: the checkpoint, then the adapters (pretrained models). Returns
-        (the checkpoint's path, why the adapters could not be written or None)."""
+    def _write(self, step: int, layouts: dict, handoff: checkpoint.Handoff) -> tuple:
+        """The writer thread's job: the checkpoint from the pieces handed over, then the adapters
+        (pretrained models). Returns (the checkpoint's path, why the adapters could not be written
+        or None)."""
+        stream, failed = None, None
+        try:
+            stream = checkpoint.Stream(self.ckpt_root, step, layouts)
+        except BaseException as exc:  # noqa: BLE001 - reported once every piece is taken
+            failed = exc
+        for params, state in handoff.pieces():  # to the end, whatever happens: the trainer waits on it
+            if stream is not None and failed is None:
+                try:
+                    stream.put("model", params.items())
+                    stream.put("optimizer", state.items())
+                except BaseException as exc:  # noqa: BLE001 - reported once every piece is taken
+                    stream.abort()
+                    failed = exc
+            del params, state
+        if failed is not None:
+            raise failed
+        if handoff.meta is None:
+            stream.abort()
+            raise checkpoint.WriteFailed(f"{checkpoint.step_name(step)}: the save was cut short")
         self.faults.before_write()
-        path = checkpoint.save(self.ckpt_root, step, params, state, meta=meta, keep=self.cfg.keep_checkpoints)
+        path = stream.close(handoff.meta, self.cfg.keep_checkpoints)
         if self.adapter_config is None:  # results in mlx-lm's layout (hf.py) for pretrained models only
             return path, None
+        # The adapters' weights are the checkpoint's model.safetensors, byte for byte (the same
+        # trainable tree, written as mx.save_safetensors writes it): copied, not held.
         try:
             if self.cfg.fine_tune.mode != "full":  # a full model's weights are the checkpoint itself
-                hf.write_adapters(path / "adapters", params, self.adapter_config)
-            hf.write_adapters(self.run_dir / "adapters", params, self.adapter_config)
+                hf.write_adapters(path / "adapters", None, self.adapter_config, weights=path / "model.safetensors")
+            hf.write_adapters(self.run_dir / "adapters", None, self.adapter_config, weights=path / "model.safetensors")
         except checkpoint.WriteFailed as exc:
             return path, str(exc)
         return path, None
@@ -390,7 +380,7 @@ class Trainer:
             return
         outcome, write_s = done
         p, self.pending = self.pending, None
-        stall_s = p["stall_s"] + (time.perf_counter() - t0 if block else 0.0)
+        stall_s = p.get("stall_s", 0.0) + (time.perf_counter() - t0 if block else 0.0)
         if isinstance(outcome, checkpoint.WriteFailed):
             # Disk full, no permission, a read-only mount: the previous checkpoints are intact and
             # training goes on; the next interval tries again.

@@ -48,7 +48,7 @@ def test_the_planner_caps_each_ranks_micro_batch_by_its_own_hosts_memory(tmp_pat
     alike = plan_for_budget(BASE, [Host("a", "1", memory=small), Host("b", "2", memory=small)])
     assert alike.dist.micro_caps is None and "micro_caps" not in alike.to_dict()["dist"]
     assert micro_caps_for(replace(BASE, memory_budget=GiB), _hosts(small)) is None
-    # Recorded in config.yaml and read back; a re-split (out-of-memory ladder, resize) drops them.
+    # Recorded in config.yaml and read back; a re-split alone (the out-of-memory ladder) drops them.
     planned.to_yaml(tmp_path / "config.yaml")
     assert TrainConfig.from_yaml(tmp_path / "config.yaml", complete=True) == planned
     assert Split.of(planned).apply(planned).dist.micro_caps is None

@@ -233,3 +233,60 @@ def test_monitor_shows_each_ranks_rows(tmp_path):
     lines = [line.replace("│", " ").replace("┃", " ").split() for line in console.export_text().splitlines()]
     assert ["rank", "peak", "memory", "param", "checksum", "rows"] in lines
     assert [(row[0], row[-1]) for row in lines if len(row) == 5 and row[3] == "00000007"] == [("0", "12"), ("1", "4")]
+
+
+def test_an_elastic_resize_carries_shares_and_caps_by_host(tmp_path):
+    """An excluded host takes its weight and cap with it, a re-admitted one gets them back, `auto`
+    measures again; the `reshare` event says so and monitor shows it."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from mlx_train.config import TrainConfig
+    from mlx_train.controller import elastic
+    from mlx_train.controller.monitor import render, take_snapshot
+    from mlx_train.events import Event
+    from mlx_train.fleet.hosts import Host
+    from mlx_train.rundir import RunDir
+
+    hosts = [Host(f"h{i}", f"10.0.0.{i}", python="/p", slots=s) for i, s in ((1, 1), (2, 2), (3, 1))]
+    cfg = TrainConfig(steps=30)
+    cfg = replace(cfg, dist=replace(cfg.dist, num_devices=4, batch_size_per_device=2, gradient_accumulation=3,
+                                    shares="4,2,2,1", micro_caps=(8, 4, 4, 2)))
+    m = elastic.Membership(hosts, min_devices=1, probe=lambda h: (True, ""))
+    m.exclude(hosts[1], "test")  # h2's two ranks leave
+    out, fields = m.resplit(cfg, hosts)
+    assert out.dist.num_devices == 2 and out.dist.global_batch_size == cfg.dist.global_batch_size
+    assert (out.dist.shares, out.dist.micro_caps) == ("4,1", (8, 2))
+    assert fields == {"hosts": ["h1", "h3"], "shares": "4,1", "micro_caps": [8, 2],
+                      "note": "weights h1 4, h3 1; micro-batch caps h1 8, h3 2"}
+    m.readmit(hosts[1])  # h2 back: its weights and caps too, in rank order
+    back, _ = m.resplit(out, [hosts[0], hosts[2]])
+    assert (back.dist.num_devices, back.dist.shares, back.dist.micro_caps) == (4, "4,2,2,1", (8, 4, 4, 2))
+    # auto: equal shares to start, measured again on the new group; equal shares without caps: no event.
+    auto = replace(cfg, dist=replace(cfg.dist, shares="auto", micro_caps=None))
+    m.exclude(hosts[1], "test")
+    out, fields = m.resplit(auto, hosts)
+    assert out.dist.shares == "auto" and out.dist.micro_caps is None
+    assert fields["note"] == "auto: measured again from equal shares"
+    plain = replace(auto, dist=replace(auto.dist, shares="equal"))
+    assert m.resplit(plain, hosts)[1] is None
+    # A host whose weight was never seen (not in the config it ran under): equal shares, said so.
+    m2 = elastic.Membership(hosts[:1], min_devices=1)
+    m2.active = [hosts[0], hosts[2]]
+    one = replace(cfg, dist=replace(cfg.dist, num_devices=1, batch_size_per_device=2, gradient_accumulation=12,
+                                    shares="3", micro_caps=(8,)))
+    out, fields = m2.resplit(one, hosts[:1])
+    assert (out.dist.shares, out.dist.micro_caps) == ("equal", None) and "not known" in fields["note"]
+
+    run = RunDir(tmp_path / "run")
+    run.prepare(cfg, resume=False)
+    run.append(run.metrics_path, {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 1.0, "step_time_s": 0.1,
+                                  "comm_time_s": 0.0, "compute_time_s": 0.1, "grad_norm": 1.0, "devices": 2,
+                                  "grad_bytes": 4, "global_batch": 24, "peak_memory": [1, 1],
+                                  "param_checksum": [7, 7], "rows": [19, 5], "time": 0.0, "attempt": 2})
+    run.event(Event.RESHARE, hosts=["h1", "h3"], shares="4,1", micro_caps=[8, 2],
+              note="weights h1 4, h3 1; micro-batch caps h1 8, h3 2")
+    console = Console(width=200, record=True)
+    console.print(render(take_snapshot(run)))
+    assert "reshare   weights h1 4, h3 1; micro-batch caps h1 8, h3 2" in console.export_text()

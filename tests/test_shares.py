@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -141,7 +142,8 @@ COMMON = [*TINY, "--devices", "2", "--accumulation", "2", "--steps", "20", "--lo
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same run with equal shares, with 3,1, and with auto while rank 1 is slowed (then resumed
-    from its step-10 checkpoint): one set for the tests below, which compare them."""
+    from its step-10 checkpoint, and rank 1 killed once more after the resumed run's first step: the
+    supervisor's restart from that checkpoint): one set for the tests below, which compare them."""
     tmp = tmp_path_factory.mktemp("shares")
     out = {name: tmp / name for name in ("equal", "weighted", "auto", "resumed")}
     cli("train", *COMMON, "--shares", "equal", "--run-dir", str(out["equal"]), check=True)
@@ -150,9 +152,29 @@ def runs(tmp_path_factory):
     _train_with_slow_rank(out["auto"], [*COMMON, "--shares", "auto"], rank=1, cpu=0.15)
     shutil.copytree(out["auto"], out["resumed"])
     shutil.rmtree(out["resumed"] / "checkpoints" / "step-000020")
-    cli("train", "--resume", str(out["resumed"]), check=True)
+    _resume_killing_rank_1(out["resumed"])
     assert events(out["resumed"], "resume")[-1]["step"] == 10
     return out
+
+
+def _resume_killing_rank_1(run: Path) -> None:
+    """`train --resume run`, SIGKILLing rank 1 as soon as the resumed attempt has logged a step."""
+    def lines() -> int:
+        return (run / "metrics.jsonl").read_text().count("\n")
+
+    logged = lines()
+    proc = popen("train", "--resume", str(run))
+    try:
+        deadline = time.monotonic() + 120
+        while lines() == logged and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = next(r["pid"] for r in events(run, "launch")[-1]["ranks"] if r["rank"] == 1)
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _same_losses(a, b):
@@ -206,7 +228,11 @@ def test_auto_shares_follow_a_slow_rank_with_the_equal_splits_updates(runs):
 
 
 @pytest.mark.multiproc
-def test_auto_shares_resume_exactly(runs):
+def test_auto_shares_resume_exactly_after_a_rank_is_killed(runs):
+    # The resumed run lost rank 1 after its first step; the supervisor restarted it from step 10.
+    assert {"rank": 1, "signal": 9} in [{k: e[k] for k in ("rank", "signal") if k in e}
+                                         for e in events(runs["resumed"], "rank_exit")]
+    assert [e["step"] for e in events(runs["resumed"], "resume")] == [10, 10]
     x = mx.load(str(runs["auto"] / "checkpoints" / "step-000020" / "model.safetensors"))
     y = mx.load(str(runs["resumed"] / "checkpoints" / "step-000020" / "model.safetensors"))
     assert sorted(x) == sorted(y)

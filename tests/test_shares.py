@@ -80,12 +80,29 @@ def test_auto_takes_a_split_only_when_it_pays():
     assert propose(16, [8, 8], [1.0, 0.0]) is None           # a rank that measured nothing decides nothing
 
 
+def test_a_slow_hosts_fixed_update_time_takes_rows_off_it():
+    # The bench's fleet (quotas 0.5, 0.5, 0.125): speeds 120, 120, 30 rows/s, and the update, the same
+    # work everywhere, 0.02 s on the fast hosts and 0.1 s on the slow one. Split by speed alone,
+    # 43/42/11 rows keep the slow host last (0.1 + 11/30 = 0.47 s); minding the fixed part, 44/44/8
+    # end together at 0.39 s. Speeds alone see nothing to gain in 43/42/11.
+    speeds, fixed = [120.0, 120.0, 30.0], [0.02, 0.02, 0.1]
+    assert propose(96, [43, 42, 11], speeds) is None
+    assert propose(96, [43, 42, 11], speeds, fixed=fixed) == [44, 44, 8]
+    assert round(predicted_s([44, 44, 8], speeds, fixed), 3) == 0.387
+    b = Balancer(96, lambda mine: [[0.9, 108.0, 0.06], [0.9, 108.0, 0.06], [1.1, 33.0, 0.3]], every=4, min_steps=3)
+    for step in range(1, 5):
+        b.observe(0.3, 36, fixed=0.02)
+    got = b.after(4, [43, 42, 11])  # 3 steps measured (the first traces): these are sums over them
+    assert [round(v, 9) for v in got.speeds] == speeds and [round(f, 9) for f in got.fixed] == fixed
+    assert got.chosen == [44, 44, 8]
+
+
 def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
     gathered = []
 
     def gather(mine):
         gathered.append(mine)
-        return [[1.0, 30.0], [3.0, 30.0]]  # rank 1 took three times as long for its rows
+        return [[1.0, 30.0, 0.0], [3.0, 30.0, 0.0]]  # rank 1 took three times as long for its rows
 
     b = Balancer(16, gather, every=5, min_steps=3)
     for step in range(1, 5):
@@ -94,7 +111,7 @@ def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
     b.observe(0.5, 8)
     got = b.after(5, [8, 8])
     assert got.speeds == [30.0, 10.0] and got.chosen == [12, 4]
-    assert gathered == [[2.0, 32.0]]  # the first step (tracing) was not measured
+    assert gathered == [[2.0, 32.0, 0.0]]  # the first step (tracing) was not measured
     assert b.after(10, [12, 4]) is None  # too few measured steps since: no gather
     assert len(gathered) == 1
 

@@ -48,7 +48,7 @@ def test_the_planner_caps_each_ranks_micro_batch_by_its_own_hosts_memory(tmp_pat
     alike = plan_for_budget(BASE, [Host("a", "1", memory=small), Host("b", "2", memory=small)])
     assert alike.dist.micro_caps is None and "micro_caps" not in alike.to_dict()["dist"]
     assert micro_caps_for(replace(BASE, memory_budget=GiB), _hosts(small)) is None
-    # Recorded in config.yaml and read back; a re-split (out-of-memory ladder, resize) drops them.
+    # Recorded in config.yaml and read back; a re-split alone (the out-of-memory ladder) drops them.
     planned.to_yaml(tmp_path / "config.yaml")
     assert TrainConfig.from_yaml(tmp_path / "config.yaml", complete=True) == planned
     assert Split.of(planned).apply(planned).dist.micro_caps is None
@@ -84,3 +84,24 @@ def test_a_small_host_takes_smaller_micro_batches_with_the_equal_splits_losses(t
     for x, y in zip(equal, capped):
         assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
     assert all(len(set(m["param_checksum"])) == 1 for m in capped)
+
+
+def test_a_rank_on_a_limited_host_budgets_for_its_cgroups_limit(tmp_path):
+    """A rank's own budget (rank/device.py) is within its cgroup's memory limit, the tightest of its
+    group's and its ancestors', as `configure` records the host: past it the kernel kills the rank."""
+    from mlx_train.rank.device import cgroup_memory_limit
+
+    def tree(files: dict, cgroup: str):
+        for rel, text in files.items():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(text)
+        (tmp_path / "cgroup").write_text(cgroup)
+        return cgroup_memory_limit(str(tmp_path / "cgroup"), str(tmp_path / "fs"))
+
+    unlimited = "9223372036854771712"
+    assert tree({"fs/memory/memory.limit_in_bytes": unlimited, "fs/memory/mlxfleet/memory.limit_in_bytes": unlimited,
+                 "fs/memory/mlxfleet/h3/memory.limit_in_bytes": str(512 << 20)},
+                "5:memory:/mlxfleet/h3\n1:cpu,cpuacct:/\n0::/\n") == 512 << 20
+    assert tree({"fs/memory.max": "max", "fs/a/memory.max": str(2 * GiB), "fs/a/b/memory.max": "max"},
+                "0::/a/b\n") == 2 * GiB
+    assert tree({}, "0::/nowhere\n") is None and cgroup_memory_limit(str(tmp_path / "none")) is None

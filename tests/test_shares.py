@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -79,12 +80,29 @@ def test_auto_takes_a_split_only_when_it_pays():
     assert propose(16, [8, 8], [1.0, 0.0]) is None           # a rank that measured nothing decides nothing
 
 
+def test_a_slow_hosts_fixed_update_time_takes_rows_off_it():
+    # The bench's fleet (quotas 0.5, 0.5, 0.125): speeds 120, 120, 30 rows/s, and the update, the same
+    # work everywhere, 0.02 s on the fast hosts and 0.1 s on the slow one. Split by speed alone,
+    # 43/42/11 rows keep the slow host last (0.1 + 11/30 = 0.47 s); minding the fixed part, 44/44/8
+    # end together at 0.39 s. Speeds alone see nothing to gain in 43/42/11.
+    speeds, fixed = [120.0, 120.0, 30.0], [0.02, 0.02, 0.1]
+    assert propose(96, [43, 42, 11], speeds) is None
+    assert propose(96, [43, 42, 11], speeds, fixed=fixed) == [44, 44, 8]
+    assert round(predicted_s([44, 44, 8], speeds, fixed), 3) == 0.387
+    b = Balancer(96, lambda mine: [[0.9, 108.0, 0.06], [0.9, 108.0, 0.06], [1.1, 33.0, 0.3]], every=4, min_steps=3)
+    for step in range(1, 5):
+        b.observe(0.3, 36, fixed=0.02)
+    got = b.after(4, [43, 42, 11])  # 3 steps measured (the first traces): these are sums over them
+    assert [round(v, 9) for v in got.speeds] == speeds and [round(f, 9) for f in got.fixed] == fixed
+    assert got.chosen == [44, 44, 8]
+
+
 def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
     gathered = []
 
     def gather(mine):
         gathered.append(mine)
-        return [[1.0, 30.0], [3.0, 30.0]]  # rank 1 took three times as long for its rows
+        return [[1.0, 30.0, 0.0], [3.0, 30.0, 0.0]]  # rank 1 took three times as long for its rows
 
     b = Balancer(16, gather, every=5, min_steps=3)
     for step in range(1, 5):
@@ -93,7 +111,7 @@ def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
     b.observe(0.5, 8)
     got = b.after(5, [8, 8])
     assert got.speeds == [30.0, 10.0] and got.chosen == [12, 4]
-    assert gathered == [[2.0, 32.0]]  # the first step (tracing) was not measured
+    assert gathered == [[2.0, 32.0, 0.0]]  # the first step (tracing) was not measured
     assert b.after(10, [12, 4]) is None  # too few measured steps since: no gather
     assert len(gathered) == 1
 
@@ -141,7 +159,8 @@ COMMON = [*TINY, "--devices", "2", "--accumulation", "2", "--steps", "20", "--lo
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same run with equal shares, with 3,1, and with auto while rank 1 is slowed (then resumed
-    from its step-10 checkpoint): one set for the tests below, which compare them."""
+    from its step-10 checkpoint, and rank 1 killed once more after the resumed run's first step: the
+    supervisor's restart from that checkpoint): one set for the tests below, which compare them."""
     tmp = tmp_path_factory.mktemp("shares")
     out = {name: tmp / name for name in ("equal", "weighted", "auto", "resumed")}
     cli("train", *COMMON, "--shares", "equal", "--run-dir", str(out["equal"]), check=True)
@@ -150,9 +169,29 @@ def runs(tmp_path_factory):
     _train_with_slow_rank(out["auto"], [*COMMON, "--shares", "auto"], rank=1, cpu=0.15)
     shutil.copytree(out["auto"], out["resumed"])
     shutil.rmtree(out["resumed"] / "checkpoints" / "step-000020")
-    cli("train", "--resume", str(out["resumed"]), check=True)
+    _resume_killing_rank_1(out["resumed"])
     assert events(out["resumed"], "resume")[-1]["step"] == 10
     return out
+
+
+def _resume_killing_rank_1(run: Path) -> None:
+    """`train --resume run`, SIGKILLing rank 1 as soon as the resumed attempt has logged a step."""
+    def lines() -> int:
+        return (run / "metrics.jsonl").read_text().count("\n")
+
+    logged = lines()
+    proc = popen("train", "--resume", str(run))
+    try:
+        deadline = time.monotonic() + 120
+        while lines() == logged and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pid = next(r["pid"] for r in events(run, "launch")[-1]["ranks"] if r["rank"] == 1)
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _same_losses(a, b):
@@ -206,7 +245,11 @@ def test_auto_shares_follow_a_slow_rank_with_the_equal_splits_updates(runs):
 
 
 @pytest.mark.multiproc
-def test_auto_shares_resume_exactly(runs):
+def test_auto_shares_resume_exactly_after_a_rank_is_killed(runs):
+    # The resumed run lost rank 1 after its first step; the supervisor restarted it from step 10.
+    assert {"rank": 1, "signal": 9} in [{k: e[k] for k in ("rank", "signal") if k in e}
+                                         for e in events(runs["resumed"], "rank_exit")]
+    assert [e["step"] for e in events(runs["resumed"], "resume")] == [10, 10]
     x = mx.load(str(runs["auto"] / "checkpoints" / "step-000020" / "model.safetensors"))
     y = mx.load(str(runs["resumed"] / "checkpoints" / "step-000020" / "model.safetensors"))
     assert sorted(x) == sorted(y)
@@ -233,3 +276,60 @@ def test_monitor_shows_each_ranks_rows(tmp_path):
     lines = [line.replace("│", " ").replace("┃", " ").split() for line in console.export_text().splitlines()]
     assert ["rank", "peak", "memory", "param", "checksum", "rows"] in lines
     assert [(row[0], row[-1]) for row in lines if len(row) == 5 and row[3] == "00000007"] == [("0", "12"), ("1", "4")]
+
+
+def test_an_elastic_resize_carries_shares_and_caps_by_host(tmp_path):
+    """An excluded host takes its weight and cap with it, a re-admitted one gets them back, `auto`
+    measures again; the `reshare` event says so and monitor shows it."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from mlx_train.config import TrainConfig
+    from mlx_train.controller import elastic
+    from mlx_train.controller.monitor import render, take_snapshot
+    from mlx_train.events import Event
+    from mlx_train.fleet.hosts import Host
+    from mlx_train.rundir import RunDir
+
+    hosts = [Host(f"h{i}", f"10.0.0.{i}", python="/p", slots=s) for i, s in ((1, 1), (2, 2), (3, 1))]
+    cfg = TrainConfig(steps=30)
+    cfg = replace(cfg, dist=replace(cfg.dist, num_devices=4, batch_size_per_device=2, gradient_accumulation=3,
+                                    shares="4,2,2,1", micro_caps=(8, 4, 4, 2)))
+    m = elastic.Membership(hosts, min_devices=1, probe=lambda h: (True, ""))
+    m.exclude(hosts[1], "test")  # h2's two ranks leave
+    out, fields = m.resplit(cfg, hosts)
+    assert out.dist.num_devices == 2 and out.dist.global_batch_size == cfg.dist.global_batch_size
+    assert (out.dist.shares, out.dist.micro_caps) == ("4,1", (8, 2))
+    assert fields == {"hosts": ["h1", "h3"], "shares": "4,1", "micro_caps": [8, 2],
+                      "note": "weights h1 4, h3 1; micro-batch caps h1 8, h3 2"}
+    m.readmit(hosts[1])  # h2 back: its weights and caps too, in rank order
+    back, _ = m.resplit(out, [hosts[0], hosts[2]])
+    assert (back.dist.num_devices, back.dist.shares, back.dist.micro_caps) == (4, "4,2,2,1", (8, 4, 4, 2))
+    # auto: equal shares to start, measured again on the new group; equal shares without caps: no event.
+    auto = replace(cfg, dist=replace(cfg.dist, shares="auto", micro_caps=None))
+    m.exclude(hosts[1], "test")
+    out, fields = m.resplit(auto, hosts)
+    assert out.dist.shares == "auto" and out.dist.micro_caps is None
+    assert fields["note"] == "auto: measured again from equal shares"
+    plain = replace(auto, dist=replace(auto.dist, shares="equal"))
+    assert m.resplit(plain, hosts)[1] is None
+    # A host whose weight was never seen (not in the config it ran under): equal shares, said so.
+    m2 = elastic.Membership(hosts[:1], min_devices=1)
+    m2.active = [hosts[0], hosts[2]]
+    one = replace(cfg, dist=replace(cfg.dist, num_devices=1, batch_size_per_device=2, gradient_accumulation=12,
+                                    shares="3", micro_caps=(8,)))
+    out, fields = m2.resplit(one, hosts[:1])
+    assert (out.dist.shares, out.dist.micro_caps) == ("equal", None) and "not known" in fields["note"]
+
+    run = RunDir(tmp_path / "run")
+    run.prepare(cfg, resume=False)
+    run.append(run.metrics_path, {"step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 1.0, "step_time_s": 0.1,
+                                  "comm_time_s": 0.0, "compute_time_s": 0.1, "grad_norm": 1.0, "devices": 2,
+                                  "grad_bytes": 4, "global_batch": 24, "peak_memory": [1, 1],
+                                  "param_checksum": [7, 7], "rows": [19, 5], "time": 0.0, "attempt": 2})
+    run.event(Event.RESHARE, hosts=["h1", "h3"], shares="4,1", micro_caps=[8, 2],
+              note="weights h1 4, h3 1; micro-batch caps h1 8, h3 2")
+    console = Console(width=200, record=True)
+    console.print(render(take_snapshot(run)))
+    assert "reshare   weights h1 4, h3 1; micro-batch caps h1 8, h3 2" in console.export_text()

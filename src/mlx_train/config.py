@@ -474,11 +474,12 @@ class Split:
         the one the user chose with --shard is refused (ValueError)."""
         check(cfg.shard in ("auto", self.shard), f"--shard {cfg.shard} was chosen: a split at level {self.shard} "
               "would override it")
-        # Explicit weights name one share per device: another number of devices goes back to equal shares.
+        # Explicit weights name one share per device: another number of devices goes back to equal shares
+        # (an elastic resize, which knows the hosts, then carries each host's own: controller/elastic.py).
         shares = cfg.dist.shares if self.devices == cfg.dist.num_devices or cfg.dist.share_weights() is None \
             else "equal"
-        # Per-rank micro-batch caps were planned for one split on one set of hosts: a re-split (out-of-memory
-        # ladder, resize) gives every rank the split's micro-batch.
+        # Per-rank micro-batch caps were planned for one split on one set of hosts: a re-split (the out-of-memory
+        # ladder) gives every rank the split's micro-batch; a resize puts back the remaining hosts' (elastic.py).
         dist = dataclasses.replace(cfg.dist, num_devices=self.devices, batch_size_per_device=self.batch,
                                    gradient_accumulation=self.accumulation, shares=shares, micro_caps=None)
         level = {} if self.shard == shard_level_of(cfg) else {"shard_level": self.shard}

@@ -40,6 +40,7 @@ class Event(str, enum.Enum):
     EXCLUDE = "exclude"  # elastic: a host left the group: host, reason
     READMIT = "readmit"  # elastic: an excluded host answers again: host
     RESIZE = "resize"  # elastic: the group's new hosts and split: hosts, devices, the split
+    RESHARE = "reshare"  # elastic, after resize: the shares and caps carried to the new hosts: hosts, shares, micro_caps, note
     # Beside the run (controller/reporting.py)
     REPORT_FAILED = "report_failed"  # a --report-to tracker stopped (training goes on): backend, during, reason
     # The end of a run (ENDINGS): the last event of a run that ended

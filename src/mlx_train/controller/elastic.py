@@ -8,6 +8,12 @@ budget), and the Batcher maps (seed, step) to the same samples for any split, so
 trains on exactly the same data. Excluded hosts are probed with a growing cooldown (as Horovod
 elastic's blacklist does); one that answers again is re-admitted at the next checkpoint (events
 `readmit`, `resize`), up to `--max-devices`.
+
+A resize also re-shares (event `reshare`): the shares and micro-batch caps a config names by rank
+belong to hosts, so they follow the hosts. `--shares auto` measures again from equal shares (the
+ranks' speeds on a new group are new); explicit weights keep each remaining host's weight and drop
+the lost host's (a re-admitted host gets its own back); per-rank micro-batch caps (--optimize-memory
+on hosts of unequal memory) stay with their hosts the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mlx_train.config import TrainConfig
 from mlx_train.fleet.hosts import Host
@@ -57,6 +63,10 @@ class Membership:
         self.out: Dict[str, _Out] = {}
         self.failures: Counter = Counter()
         self.lock = threading.Lock()
+        # Each host's --shares weights and micro-batch caps, by host name, as last seen: an excluded
+        # host's are kept so that it gets them back when re-admitted.
+        self.weights: Dict[str, Tuple[str, ...]] = {}
+        self.caps: Dict[str, Tuple[int, ...]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -139,6 +149,67 @@ class Membership:
             self.out.pop(host.name, None)
         names = {h.name for h in self.active} | {host.name}
         self.active = [h for h in self.hosts if h.name in names]
+
+
+    def resplit(self, cfg: TrainConfig, before: Sequence[Host]) -> Tuple[TrainConfig, Optional[dict]]:
+        """`cfg`, which ran on `before`, re-split over the active hosts and re-shared; with the
+        `reshare` event's fields, or None when the run has nothing by rank to carry (equal shares,
+        no caps). A UserError when no split fits."""
+        self._remember(cfg, before)
+        return reshare(resplit(cfg, self.active), cfg, self.active, self.weights, self.caps)
+
+    def _remember(self, cfg: TrainConfig, hosts: Sequence[Host]) -> None:
+        weights = cfg.dist.shares.split(",") if cfg.dist.share_weights() is not None else None
+        for name, ws in by_host(weights, hosts).items():
+            self.weights[name] = tuple(w.strip() for w in ws)
+        self.caps.update(by_host(cfg.dist.micro_caps, hosts))
+
+
+def by_host(values: Optional[Sequence], hosts: Sequence[Host]) -> Dict[str, tuple]:
+    """Per-rank `values` (ranks on the hosts in blocks of their slots, as launch places them) by host
+    name; empty for None."""
+    if values is None:
+        return {}
+    out, first = {}, 0
+    for h in hosts:
+        out[h.name] = tuple(values[first:first + h.slots])
+        first += h.slots
+    return out
+
+
+def reshare(new: TrainConfig, old: TrainConfig, hosts: Sequence[Host], weights: Dict[str, Tuple[str, ...]],
+            caps: Dict[str, Tuple[int, ...]]) -> Tuple[TrainConfig, Optional[dict]]:
+    """`new` (`old` re-split over `hosts`) with `old`'s shares and caps carried to `hosts` by host name
+    (`weights`, `caps`: what each host had), and the `reshare` event's fields; None for a run with
+    equal shares and no caps, which a resize leaves as it was. A host whose weight or cap is not known
+    takes the whole run back to equal shares or uncapped micro-batches: a guess would be worse."""
+    from dataclasses import replace
+
+    explicit = old.dist.share_weights() is not None
+    if old.dist.shares == "equal" and old.dist.micro_caps is None:
+        return new, None
+    names = [h.name for h in hosts]
+    shares, note = new.dist.shares, []
+    if explicit:
+        if all(n in weights and len(weights[n]) == h.slots for n, h in zip(names, hosts)):
+            shares = ",".join(w for n in names for w in weights[n])
+            note.append("weights " + ", ".join(f"{n} {','.join(weights[n])}" for n in names))
+        else:
+            shares = "equal"
+            note.append("a host's weight is not known: equal shares")
+    elif old.dist.shares == "auto":
+        note.append("auto: measured again from equal shares")
+    micro_caps = None
+    if old.dist.micro_caps is not None:
+        if all(n in caps and len(caps[n]) == h.slots for n, h in zip(names, hosts)):
+            micro_caps = tuple(c for n in names for c in caps[n])
+            note.append("micro-batch caps " + ", ".join(f"{n} {','.join(map(str, caps[n]))}" for n in names))
+        else:
+            note.append("a host's micro-batch cap is not known: every rank the split's micro-batch")
+    out = replace(new, dist=replace(new.dist, shares=shares, micro_caps=micro_caps))
+    fields = {"hosts": names, "shares": shares, "micro_caps": list(micro_caps) if micro_caps else None,
+              "note": "; ".join(note)}
+    return out, fields
 
 
 def resplit(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:

@@ -161,8 +161,10 @@ def _ssh(dest: str, command: str) -> List[str]:
 
 def _remote_command(env: Dict[str, str], argv: List[str]) -> str:
     # Environment variables do not cross ssh, so they go on the remote command line. A login
-    # shell is not used: the interpreter path is absolute.
-    return " ".join(["exec", "env", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
+    # shell is not used: the interpreter path is absolute. Not `exec`: a rank killed by a signal
+    # (the OOM killer) would make ssh exit 255, as a lost connection does; a shell that waits exits
+    # 128+n, which ssh relays, and the supervisor reads the signal (planning/oom.py).
+    return " ".join(["env", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)]) + " ; exit $?"
 
 
 def test_hooks() -> Dict[str, str]:

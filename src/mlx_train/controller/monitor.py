@@ -97,6 +97,9 @@ def render(snap: Snapshot, performance: bool = False):
         head.add_row("val loss", f"{snap.val[-1][1]:.4f}  {sparkline([v for _, v in snap.val])}")
     head.add_row("tokens/s", f"{last['tokens_per_s']:,.0f}  ({last['devices']} devices, global batch {last['global_batch']})")
     head.add_row("restarts", str(snap.restarts))
+    reshares = [e for e in snap.events if e["event"] == Event.RESHARE]
+    if reshares:  # an elastic resize carried the shares and caps to the new hosts
+        head.add_row("reshare", Text(printable(str(reshares[-1].get("note", "")))))
     if snap.sample:
         head.add_row("sample", Text(f"step {snap.sample[0]}: {printable(snap.sample[1])}"))
     ranks = Table(title="per rank", title_justify="left")

@@ -231,7 +231,7 @@ class Supervisor:
         if [h.name for h in m.active] == before:
             return
         try:
-            new = elastic.resplit(self.cfg, m.active)
+            new, reshared = m.resplit(self.cfg, self.hosts)
         except UserError as exc:
             self.view.note(f"[yellow]cannot resize:[/] {exc}")
             return
@@ -239,6 +239,9 @@ class Supervisor:
         self.run.event(Event.RESIZE, hosts=[h.name for h in m.active], **split.event())
         self.view.note(f"[yellow]resize:[/] {split.devices} devices ({', '.join(h.name for h in m.active)}), "
                        f"{split}, global batch {split.global_batch}")
+        if reshared:
+            self.run.event(Event.RESHARE, **reshared)
+            self.view.note(f"[yellow]reshare:[/] {reshared['note']}")
         self.run.save_config(new)
         self.cfg, self.hosts = new, list(m.active)
 

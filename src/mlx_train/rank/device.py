@@ -15,17 +15,52 @@ if TYPE_CHECKING:
 
 
 def device_memory() -> tuple:
-    """(bytes, source) for this machine's accelerator, or its RAM on the CPU build."""
+    """(bytes, source) for this machine's accelerator, or its RAM on the CPU build; within this
+    process's cgroup memory limit where it has one (a container, the test fleet's unequal hosts),
+    as `configure` records it: past that limit the kernel kills the rank, whatever the machine has."""
     import mlx.core as mx
 
     try:
         info = mx.device_info()
     except (AttributeError, RuntimeError):
         info = {}
-    for key in ("max_recommended_working_set_size", "memory_size"):
-        if info.get(key):
-            return int(info[key]), f"mx.device_info()['{key}']"
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "system memory (CPU build)"
+    found = next(((int(info[k]), f"mx.device_info()['{k}']") for k in ("max_recommended_working_set_size",
+                                                                       "memory_size") if info.get(k)), None)
+    if found is None:
+        found = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "system memory (CPU build)"
+    limit = cgroup_memory_limit()
+    return (limit, "the cgroup's memory limit") if limit is not None and limit < found[0] else found
+
+
+def cgroup_memory_limit(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The tightest memory limit of this process's cgroup and its ancestors (v1 memory.limit_in_bytes,
+    v2 memory.max), None where none limits it or there are no cgroups (macOS)."""
+    try:
+        with open(proc) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        _, ctrl, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in ctrl.split(","):
+            base, name = os.path.join(root, "memory"), "memory.limit_in_bytes"
+        elif ctrl == "":
+            base, name = root, "memory.max"
+        else:
+            continue
+        while True:
+            try:
+                with open(os.path.join(base + path.rstrip("/"), name)) as fh:
+                    value = fh.read().strip()
+            except OSError:
+                value = ""
+            if value.isdigit() and int(value) < 2**62:  # v1 writes a huge number for no limit, v2 `max`
+                found.append(int(value))
+            if path in ("", "/"):
+                break
+            path = path.rsplit("/", 1)[0] or "/"
+    return min(found) if found else None
 
 
 # A rank's default budget: this share of its device, split among the ranks on that device.

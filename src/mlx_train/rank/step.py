@@ -62,7 +62,7 @@ class StepStats:
     comm_s: float
     skipped: bool = False  # the update was not finite and was not applied (on every rank)
     # Of compute_s, the forward and backward passes alone: the part that grows with the rank's rows
-    # (--shares auto measures a rank's speed by it; the update costs every rank the same).
+    # (--shares auto measures a rank's speed by it, and the rest, the update, as the rank's fixed part).
     grad_s: float = 0.0
 
 

@@ -132,7 +132,8 @@ class Trainer:
             return
         if self.rank == 0:
             self.say(f"shares after step {step}: rows {self.rows} -> {measured.chosen} (measured rows/s by rank: "
-                     f"{', '.join(f'{s:.1f}' for s in measured.speeds)})")
+                     f"{', '.join(f'{s:.1f}' for s in measured.speeds)}; fixed s/step: "
+                     f"{', '.join(f'{f:.3f}' for f in measured.fixed or [])})")
         self.set_rows(measured.chosen)
 
     def run(self, resume: bool = False, stop_after: Optional[int] = None) -> None:
@@ -158,7 +159,7 @@ class Trainer:
                                             lambda: self.stepper.step(batches, loss_limit=limit, tokens=tokens))
             self.spike.observe(stats.loss, stats.skipped)
             if self.balancer is not None:
-                self.balancer.observe(stats.grad_s, self.rows[self.rank])
+                self.balancer.observe(stats.grad_s, self.rows[self.rank], stats.compute_s - stats.grad_s)
             step += 1
             self.bad_steps.after(step, stats, self.rank, data_step=data, loss_limit=limit)
             if self.bad_steps.in_a_row >= protocol.ROLLBACK_AFTER_BAD_STEPS:  # every rank alike (agreed flag)

@@ -31,7 +31,7 @@ as for every all_sum of the step.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 
@@ -92,14 +92,28 @@ def reduce_scatter(x: mx.array, group: mx.distributed.Group, how: str = "auto", 
         return mx.distributed.sum_scatter(x, group=group)
     if how == "all_sum":
         return mx.distributed.all_sum(x, group=group)[lo:hi]
-    return _ring(x, group, duplex=backend == "ring")
-
-
-def _ring(x: mx.array, group: mx.distributed.Group, duplex: bool) -> mx.array:
-    n, r = group.size(), group.rank()
     chunk = x.size // n
+    return _ring(lambda i: x[(i % n) * chunk:(i % n + 1) * chunk], chunk, x.dtype, group, duplex=backend == "ring")
+
+
+def reduce_scatter_chunks(chunk: Callable[[int], mx.array], size: int, dtype: mx.Dtype,
+                          group: mx.distributed.Group, *, backend: Optional[str] = None) -> mx.array:
+    """reduce_scatter("ring") of a flat buffer that is never whole: `chunk(i)` builds elements
+    [i * size, (i + 1) * size) of this rank's buffer (lazily), and the ring asks for each chunk in
+    the round that adds it, so at most a round's few chunks exist at once, and building one
+    (a copy out of the gradient tree) runs beside that round's send and receive. The same rounds
+    and the same additions as reduce_scatter(x, how="ring") of the whole buffer: the same bits.
+    Evaluated, as "ring" is."""
+    n = group.size()
+    if n == 1:
+        return chunk(0)
+    return _ring(lambda i: chunk(i % n), size, dtype, group, duplex=backend == "ring")
+
+
+def _ring(piece: Callable[[int], mx.array], chunk: int, dtype: mx.Dtype, group: mx.distributed.Group,
+          duplex: bool) -> mx.array:
+    n, r = group.size(), group.rank()
     right, left = (r + 1) % n, (r - 1) % n
-    piece = lambda i: x[(i % n) * chunk:(i % n + 1) * chunk]  # noqa: E731
     # Round s sends the partial sum of chunk r - s - 1 (its own copy at s = 0) and receives that of
     # chunk r - s - 2, which has then passed through s + 1 ranks; after N - 1 rounds the chunk
     # received is chunk r, through all N.
@@ -110,16 +124,16 @@ def _ring(x: mx.array, group: mx.distributed.Group, duplex: bool) -> mx.array:
         send_stream, recv_stream = _streams()
         for s in range(n - 1):
             sent = mx.distributed.send(outgoing, right, group=group, stream=send_stream)
-            got = mx.distributed.recv((chunk,), x.dtype, left, group=group, stream=recv_stream)
+            got = mx.distributed.recv((chunk,), dtype, left, group=group, stream=recv_stream)
             outgoing = got + piece(r - s - 2)
             mx.eval(sent, outgoing)
         return outgoing
     for s in range(n - 1):
         if r % 2 == 0:
             mx.eval(mx.distributed.send(outgoing, right, group=group))
-            got = mx.distributed.recv((chunk,), x.dtype, left, group=group)
+            got = mx.distributed.recv((chunk,), dtype, left, group=group)
         else:
-            got = mx.distributed.recv((chunk,), x.dtype, left, group=group)
+            got = mx.distributed.recv((chunk,), dtype, left, group=group)
             mx.eval(got)
             mx.eval(mx.distributed.send(outgoing, right, group=group))
         outgoing = got + piece(r - s - 2)

@@ -98,9 +98,12 @@ def rank_main(backend: str, out_dir: str) -> None:
         # The same ring, its chunks built in their rounds out of pieces (as the `gradients` level
         # cuts them out of the gradient tree): the same additions, so the ring's bits.
         k = x.size // n
-        chunked = c.reduce_scatter_chunks(
-            lambda i: mx.concatenate([x[i * k:i * k + k // 2], x[i * k + k // 2:(i + 1) * k]]), k, x.dtype, group,
-            backend=backend)
+
+        def piece(i, a, b):  # elements [a, b) of chunk i, put together from two parts
+            lo, mid, hi = i * k + a, i * k + (a + b) // 2, i * k + b
+            return mx.concatenate([x[lo:mid], x[mid:hi]])
+
+        chunked = c.reduce_scatter_chunks(piece, k, x.dtype, group, backend=backend)
         ring = c.reduce_scatter(x, group, "ring", backend=backend)
         results[-1]["chunks_exact"] = bool(chunked.shape == ring.shape and mx.array_equal(chunked, ring).item())
     try:

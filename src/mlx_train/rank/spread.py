@@ -260,25 +260,25 @@ class Sharded(Spread):
         rank = self.group.rank() if self.group is not None else 0
         self.lo, self.hi = collectives.shard_bounds(self.padded, self.world, rank)
         self.chunk = self.padded // self.world
-        # Each rank's chunk of the flat buffer as the pieces of the leaves that fall in it ((leaf
-        # index, start, stop) within the leaf) and the zeros past the last parameter.
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
-
-        def cut(lo: int, hi: int) -> Tuple[List[Tuple[int, int, int]], int]:
-            pieces = [(i, max(lo - a, 0), min(hi, b) - a) for i, (a, b) in
-                      enumerate(zip(offsets[:-1], offsets[1:])) if a < hi and b > lo]
-            return pieces, hi - max(lo, min(hi, self.total))
-
-        self.cuts = [cut(*collectives.shard_bounds(self.padded, self.world, c)) for c in range(self.world)]
+        self._offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self.cuts = [self._cut(*collectives.shard_bounds(self.padded, self.world, c)) for c in range(self.world)]
         self.pieces, self.pad = self.cuts[rank]
         itemsize = mx.zeros((1,), self.dtype).itemsize
         many = self.world > 1
         self.gathered_bytes = self.scattered_bytes = self.padded * itemsize if many else 0
 
-    def _slice(self, leaves: List[mx.array], chunk: Optional[int] = None) -> mx.array:
-        """This rank's slice of the flat buffer of `leaves` (in the parameters' order), or rank
-        `chunk`'s."""
-        pieces, pad = self.cuts[chunk] if chunk is not None else (self.pieces, self.pad)
+    def _cut(self, lo: int, hi: int) -> Tuple[List[Tuple[int, int, int]], int]:
+        """Elements [lo, hi) of the flat buffer as the pieces of the leaves that fall in them ((leaf
+        index, start, stop) within the leaf) and the count of zeros past the last parameter."""
+        offsets = self._offsets
+        pieces = [(i, max(lo - a, 0), min(hi, b) - a) for i, (a, b) in
+                  enumerate(zip(offsets[:-1], offsets[1:])) if a < hi and b > lo]
+        return pieces, hi - max(lo, min(hi, self.total))
+
+    def _slice(self, leaves: List[mx.array], cut: Optional[Tuple[List[Tuple[int, int, int]], int]] = None) -> mx.array:
+        """This rank's slice of the flat buffer of `leaves` (in the parameters' order), or the
+        elements `cut` (_cut) names."""
+        pieces, pad = cut if cut is not None else (self.pieces, self.pad)
         parts = [leaves[i].reshape(-1)[a:b] for i, a, b in pieces]
         if pad:
             parts.append(mx.zeros((pad,), leaves[0].dtype if leaves else self.dtype))
@@ -356,14 +356,14 @@ class Sharded(Spread):
         self._rs_backend = None if self.backend == "any" else self.backend
         self._chunked = (self.level == "gradients" and self.world > 1
                          and collectives.choose(self._rs_backend) == "ring")
-        cutters = [functools.partial(self._slice, chunk=c) for c in range(self.world)]
+        self._cutters = {}  # (chunk, start, stop) within the chunk: its function of the leaves
+        self._compiled = compiled
         if not compiled:
-            self._poison, self._flatten, self._cutters = poison, flatten, cutters
+            self._poison, self._flatten = poison, flatten
             self._norm, self._apply, self._gather = shard_norm, apply, gather
             return
         state = [self.params, self.optimizer.state]
         self._poison, self._flatten = mx.compile(poison), mx.compile(flatten)
-        self._cutters = [mx.compile(cut) for cut in cutters]
         self._norm, self._gather = mx.compile(shard_norm), mx.compile(gather)
         self._apply = mx.compile(apply, inputs=state, outputs=[self.optimizer.state])
 
@@ -375,10 +375,19 @@ class Sharded(Spread):
             mine = collectives.reduce_scatter(flat, self.group, backend=self._rs_backend)
         else:
             leaves = self._poison(grads, loss)
-            mine = collectives.reduce_scatter_chunks(lambda c: self._cutters[c](leaves), self.chunk, self.dtype,
-                                                     self.group, backend=self._rs_backend)
+            mine = collectives.reduce_scatter_chunks(lambda c, a, b: self._cutter(c, a, b)(leaves), self.chunk,
+                                                     self.dtype, self.group, backend=self._rs_backend)
         mx.eval(mine)
         return mine
+
+    def _cutter(self, chunk: int, a: int, b: int) -> Callable[[List[mx.array]], mx.array]:
+        """Elements [a, b) of chunk `chunk` of the gradients' flat buffer, as a function of the
+        leaves (compiled once per piece the ring asks for: a few per rank)."""
+        key = (chunk, a, b)
+        if key not in self._cutters:
+            cut = functools.partial(self._slice, cut=self._cut(chunk * self.chunk + a, chunk * self.chunk + b))
+            self._cutters[key] = mx.compile(cut) if self._compiled else cut
+        return self._cutters[key]
 
     def update(self, held: Any, norm: mx.array) -> None:
         self._mine = self._apply(held, norm)

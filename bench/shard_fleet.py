@@ -129,7 +129,8 @@ def rank_main(a: dict) -> None:
     for level in levels:
         s, count = steppers[level], len(times[level])
         med = statistics.median(times[level])
-        rows.append({"level": level, "step_s": med, "x_none": med / base,
+        q = statistics.quantiles(times[level], n=4)
+        rows.append({"level": level, "step_s": med, "x_none": med / base, "step_s_quartiles": [q[0], q[2]],
                      "compute_s": statistics.median(c for c, _ in split[level]),
                      "comm_s": statistics.median(c for _, c in split[level]),
                      "steps": count, "scattered_bytes": s.spread.scattered_bytes,

@@ -18,7 +18,9 @@ piece of all but at `full`, where a piece is one group's parameters or one of it
   gradient tree and AdamW per tensor; `publish` has nothing to do.
 - Sharded("optimizer") (ZeRO-1) and Sharded("gradients") (ZeRO-2): the trainable parameters are
   seen as one flat buffer padded to a multiple of N; rank r owns the contiguous slice
-  collectives.shard_bounds gives it and keeps AdamW's state only for that slice.
+  collectives.shard_bounds gives it and keeps AdamW's state only for that slice; the summed
+  gradients reach it by reduce-scatter, the updated slices every rank by all-gather (data
+  parallel's bytes).
 - FullShard ("full", ZeRO-3, rank/fullshard.py): the parameters themselves are held in slices,
   one flat buffer per transformer block, gathered inside the forward and again in the backward
   (under LoRA the frozen base as well, gathered with its block, without a gradient).

@@ -459,8 +459,9 @@ def _sharded_step_memory(shape, batch: int, accumulation: int, checkpointing: bo
     shards counted at 1/n (bytes_per_param) and what a sharded step holds on top.
 
     * The optimizer runs on the rank's slice only: its state, its raw and clipped gradients (below
-      `full` reduce-scattered, from a whole packed buffer at `optimizer`) and AdamW's temporaries are 1/n; below `full` the
-      new weights are all-gathered back whole, so old and new weights stay two full copies.
+      `full` reduce-scattered, from a whole packed buffer at `optimizer`) and AdamW's temporaries
+      are 1/n; below `full` the new weights are all-gathered back whole, so old and new weights
+      stay two full copies.
     * Sharded gradients are reduce-scattered a layer at a time as the backward makes them: one layer's
       full gradient is live on top of the shards (the accumulator is a shard too).
     * `full` keeps 1/n of the weights (and of a frozen base under LoRA) and gathers one layer's at a

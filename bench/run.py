@@ -66,7 +66,7 @@ def main() -> None:
         ("checkpoint", "checkpoint_write.py", {}, {"where": str(HERE.parent), "rounds": 3}),
         ("startup", "startup.py", {}, None),
         # Root: the 3-host netns test fleet, its links limited with tc tbf; takes the fleet lock per rate.
-        ("shard", "shard_fleet.py", {}, {"rates": ["unlimited", "1gbit", "200mbit"], "rounds": 4, "steps": 3}),
+        ("shard", "shard_fleet.py", {}, {"rates": ["unlimited", "1gbit", "200mbit"], "rounds": 8, "steps": 2}),
         # The 3-host test fleet under CPU quotas (takes /tmp/mlx-fleet.lock itself; docs/performance.md).
         ("shares", "shares_fleet.py", {}, {"rounds": 1, "steps": 30}),
     ]

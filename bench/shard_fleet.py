@@ -19,8 +19,8 @@ forward and backward, so they count as compute), the level's own byte counts (Sp
 offload), against
 ZeRO's formulas per rank: data parallel's all-reduce sends 2(N-1)/N x the gradient bytes, the
 `optimizer` and `gradients` levels the same, `full` 1.5x that; and against what this code's way
-of moving them sends (`built_bytes`: at `optimizer` data parallel's all-reduce and then an
-all-gather of the parameters; at `full` the reduce-scatter inside the backward is an all_sum).
+of moving them sends (`built_bytes`: at `optimizer` and `gradients` a ring reduce-scatter and an
+all-gather, (N-1)/N of the buffer each; at `full` the reduce-scatter inside the backward is an all_sum).
 Prints one JSON line (rank 0's rows and the run's facts; a fleet run also writes it to
 bench/shard_fleet.json); the limits are removed, and the fleet brought down unless it was up,
 after each rate.
@@ -123,13 +123,14 @@ def rank_main(a: dict) -> None:
     def built(sp) -> float:
         """What rank/spread.py and rank/fullshard.py send per step: an all_sum 2 x share of its
         buffer, a ring reduce-scatter or an all-gather 1 x share."""
-        allreduce = dp_bytes if sp.level in ("none", "optimizer") else 0.0
+        allreduce = dp_bytes if sp.level == "none" else 0.0
         return allreduce + share * sp.gathered_bytes + (2 if sp.level == "full" else 1) * share * sp.scattered_bytes
     rows = []
     for level in levels:
         s, count = steppers[level], len(times[level])
         med = statistics.median(times[level])
-        rows.append({"level": level, "step_s": med, "x_none": med / base,
+        q = statistics.quantiles(times[level], n=4)
+        rows.append({"level": level, "step_s": med, "x_none": med / base, "step_s_quartiles": [q[0], q[2]],
                      "compute_s": statistics.median(c for c, _ in split[level]),
                      "comm_s": statistics.median(c for _, c in split[level]),
                      "steps": count, "scattered_bytes": s.spread.scattered_bytes,

@@ -1,5 +1,6 @@
 """reduce_scatter and all_gather_flat (rank/collectives.py) on real ranks: every strategy gives this
-rank's slice of the exact sum, and gathering the slices gives all_sum's buffer.
+rank's slice of the exact sum, gathering the slices gives all_sum's buffer, and the ring fed chunk
+by chunk (reduce_scatter_chunks) gives the ring's bits.
 
 One process launch per world size (ring: 2 and 3 ranks on loopback; MPI: 2 ranks under mpirun),
 every case inside it: each rank rebuilds every rank's input from seeds, so it knows the exact sum,
@@ -94,6 +95,17 @@ def rank_main(backend: str, out_dir: str) -> None:
                             "gathered_rel": _rel(np.asarray(back.astype(mx.float32)),
                                                  np.asarray(reduced.astype(mx.float32))),
                             "gathered_exact": bool(mx.array_equal(back, reduced).item())})
+        # The same ring, its chunks built in their rounds out of pieces (as the `gradients` level
+        # cuts them out of the gradient tree): the same additions, so the ring's bits.
+        k = x.size // n
+
+        def piece(i, a, b):  # elements [a, b) of chunk i, put together from two parts
+            lo, mid, hi = i * k + a, i * k + (a + b) // 2, i * k + b
+            return mx.concatenate([x[lo:mid], x[mid:hi]])
+
+        chunked = c.reduce_scatter_chunks(piece, k, x.dtype, group, backend=backend)
+        ring = c.reduce_scatter(x, group, "ring", backend=backend)
+        results[-1]["chunks_exact"] = bool(chunked.shape == ring.shape and mx.array_equal(chunked, ring).item())
     try:
         c.reduce_scatter(mx.zeros((n,)), group, "native", backend=backend)
         refused = False
@@ -131,6 +143,7 @@ def _check(reports: list, n: int) -> None:
         for res in rep["results"]:
             where = f"rank {rep['rank']} of {n}: {res['case']}"
             assert res["shape_ok"], where
+            assert res.get("chunks_exact", True), f"{where}: reduce_scatter_chunks is not the ring's bits"
             if res["kind"] == "integers":  # every partial sum is exact: any order of adding gives the same bits
                 assert res["exact"] and res["gathered_exact"], where
             else:  # float32: a few ulps; bfloat16: each addition rounds to 8 bits, both sides

@@ -83,9 +83,10 @@ UPDATE_TEMPORARIES = 4
 SYNC_COPIES = 1.7
 # The update peak of the sharded levels below `full` with more than one device, in copies of the
 # trainable parameters as (whole, divided by N), AdamW's two moments included: fitted on the same
-# measurements. `gradients` holds two whole copies more than its 1/N slices suggest: on ring and MPI
-# the reduce-scatter (rank/collectives.py) packs the whole gradient tree into one flat buffer first.
-SHARDED_UPDATE_COPIES = {"optimizer": (3.0, 6.7), "gradients": (4.0, 3.7)}
+# measurements (GPT rows; the llama's checked against them). Both levels reduce-scatter; `optimizer`
+# packs the gradient tree into one whole flat buffer for it (rank/spread.py), ~0.9 of a copy more
+# than `gradients`, whose ring cuts each piece out of the gradient tree in the round that sends it.
+SHARDED_UPDATE_COPIES = {"optimizer": (3.5, 4.7), "gradients": (2.6, 5.5)}
 
 
 class _Record(Mapping):
@@ -458,8 +459,9 @@ def _sharded_step_memory(shape, batch: int, accumulation: int, checkpointing: bo
     shards counted at 1/n (bytes_per_param) and what a sharded step holds on top.
 
     * The optimizer runs on the rank's slice only: its state, its raw and clipped gradients (below
-      `full` the all-reduced whole at `optimizer`) and AdamW's temporaries are 1/n; below `full` the
-      new weights are all-gathered back whole, so old and new weights stay two full copies.
+      `full` reduce-scattered, from a whole packed buffer at `optimizer`) and AdamW's temporaries
+      are 1/n; below `full` the new weights are all-gathered back whole, so old and new weights
+      stay two full copies.
     * Sharded gradients are reduce-scattered a layer at a time as the backward makes them: one layer's
       full gradient is live on top of the shards (the accumulator is a shard too).
     * `full` keeps 1/n of the weights (and of a frozen base under LoRA) and gathers one layer's at a

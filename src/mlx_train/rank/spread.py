@@ -19,7 +19,9 @@ at `full` one group's parameters or one of its moments).
   gradient tree and AdamW per tensor; `publish` has nothing to do.
 - Sharded("optimizer") (ZeRO-1) and Sharded("gradients") (ZeRO-2): the trainable parameters are
   seen as one flat buffer padded to a multiple of N; rank r owns the contiguous slice
-  collectives.shard_bounds gives it and keeps AdamW's state only for that slice.
+  collectives.shard_bounds gives it and keeps AdamW's state only for that slice; the summed
+  gradients reach it by reduce-scatter, the updated slices every rank by all-gather (data
+  parallel's bytes).
 - FullShard ("full", ZeRO-3, rank/fullshard.py): the parameters themselves are held in slices,
   one flat buffer per transformer block, gathered inside the forward and again in the backward
   (under LoRA the frozen base as well, gathered with its block, without a gradient).
@@ -36,6 +38,7 @@ the same calls, so the trainer's loop still does not branch on the strategy.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
@@ -224,15 +227,27 @@ class DataParallel(Spread):
 class Sharded(Spread):
     """ZeRO-1 ("optimizer") and ZeRO-2 ("gradients") over the flat buffer of the trainable parameters.
 
-    optimizer: the gradients are all-reduced as in data parallel (the same graph, so the same norm,
-    bit for bit); each rank updates its slice with AdamW's state for that slice only, and the
-    parameters are rebuilt whole with all_gather_flat. gradients: the gradients are reduce-scattered
-    (collectives.reduce_scatter), so a rank holds only its slice of their sum, and the norm is
-    sqrt(all_sum of each slice's sum of squares); then as optimizer. AdamW is elementwise, so its
-    update of a slice is the per-tensor update of those elements; the schedule and bias correction
-    read the optimizer's one step count, as unsharded. The parameters stay whole (fp32 master
-    weights on every rank, as ZeRO-1/2 keep them); what is spread is m and v, 8 of AdamW's
-    16 bytes per parameter, and at "gradients" the summed gradients' buffer.
+    Both levels move what data parallel moves: the gradients are reduce-scattered (rank/collectives.py),
+    so a rank holds only its slice of their sum, and the updated slices all-gathered, (N - 1)/N of
+    the buffer each way, as the two halves of data parallel's all-reduce. The norm is sqrt(all_sum
+    of each slice's sum of squares). Each rank updates its slice with AdamW's state for that slice
+    only; AdamW is elementwise, so its update of a slice is the per-tensor update of those elements;
+    the schedule and bias correction read the optimizer's one step count, as unsharded. The
+    parameters stay whole (fp32 master weights on every rank, as ZeRO-1/2 keep them); what is
+    spread is m and v, 8 of AdamW's 16 bytes per parameter.
+
+    Where the levels differ is the gradients on their way to the sum. optimizer: the gradient tree
+    is packed into one whole flat buffer (ZeRO-1's contiguous gradient buffer), which the
+    reduce-scatter works in: a whole copy of the gradients beside the tree the backward made.
+    gradients: on the ring strategy the buffer is never whole: each chunk the reduce-scatter sends
+    or adds is cut out of the gradient tree in its round (reduce_scatter_chunks), so beyond the
+    backward's own tree only a few 1/N chunks and the summed slice exist (the same additions in the
+    same order: the same bits as `optimizer`). Where sum_scatter is native (NCCL, JACCL) or with
+    the "all_sum" strategy, it takes the whole buffer at both levels.
+
+    Against data parallel: with 2 ranks a sum of two terms is the same in either order, so the same
+    bits unless clipping acts (the norm is summed slice by slice, not tensor by tensor); with 3 or
+    more the ring adds in another order than the all-reduce: within rounding (1e-5 relative).
     """
 
     def init(self, params: Any) -> None:
@@ -253,21 +268,29 @@ class Sharded(Spread):
         self.padded = collectives.padded_length(self.total, self.world)
         rank = self.group.rank() if self.group is not None else 0
         self.lo, self.hi = collectives.shard_bounds(self.padded, self.world, rank)
-        # The pieces of the leaves that fall in [lo, hi): (leaf index, start, stop) within the leaf.
-        offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
-        self.pieces = [(i, max(self.lo - a, 0), min(self.hi, b) - a) for i, (a, b) in
-                       enumerate(zip(offsets[:-1], offsets[1:])) if a < self.hi and b > self.lo]
-        self.pad = self.hi - max(self.lo, min(self.hi, self.total))  # zeros past the last parameter
+        self.chunk = self.padded // self.world
+        self._offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self.cuts = [self._cut(*collectives.shard_bounds(self.padded, self.world, c)) for c in range(self.world)]
+        self.pieces, self.pad = self.cuts[rank]
         itemsize = mx.zeros((1,), self.dtype).itemsize
         many = self.world > 1
-        self.gathered_bytes = self.padded * itemsize if many else 0
-        self.scattered_bytes = self.padded * itemsize if many and self.level == "gradients" else 0
+        self.gathered_bytes = self.scattered_bytes = self.padded * itemsize if many else 0
 
-    def _slice(self, leaves: List[mx.array]) -> mx.array:
-        """This rank's slice of the flat buffer of `leaves` (in the parameters' order)."""
-        parts = [leaves[i].reshape(-1)[a:b] for i, a, b in self.pieces]
-        if self.pad:
-            parts.append(mx.zeros((self.pad,), leaves[0].dtype if leaves else self.dtype))
+    def _cut(self, lo: int, hi: int) -> Tuple[List[Tuple[int, int, int]], int]:
+        """Elements [lo, hi) of the flat buffer as the pieces of the leaves that fall in them ((leaf
+        index, start, stop) within the leaf) and the count of zeros past the last parameter."""
+        offsets = self._offsets
+        pieces = [(i, max(lo - a, 0), min(hi, b) - a) for i, (a, b) in
+                  enumerate(zip(offsets[:-1], offsets[1:])) if a < hi and b > lo]
+        return pieces, hi - max(lo, min(hi, self.total))
+
+    def _slice(self, leaves: List[mx.array], cut: Optional[Tuple[List[Tuple[int, int, int]], int]] = None) -> mx.array:
+        """This rank's slice of the flat buffer of `leaves` (in the parameters' order), or the
+        elements `cut` (_cut) names."""
+        pieces, pad = cut if cut is not None else (self.pieces, self.pad)
+        parts = [leaves[i].reshape(-1)[a:b] for i, a, b in pieces]
+        if pad:
+            parts.append(mx.zeros((pad,), leaves[0].dtype if leaves else self.dtype))
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _whole(self, flat: mx.array) -> List[mx.array]:
@@ -343,27 +366,27 @@ class Sharded(Spread):
         return params
 
     def build(self, compiled: bool) -> None:
-        group, gradients_level = self.group, self.level == "gradients"
+        group = self.group
 
-        def flatten(grads, loss):
+        def poison(grads, loss):
             # A rank whose loss is not finite poisons its smallest gradient, as make_sync does: the
             # all_sum of the slices' squares then makes the norm non-finite on every rank, and all
-            # skip the step alike. The padding goes into the same copy.
+            # skip the step alike.
             leaves = _leaves(grads)
             i = min(range(len(leaves)), key=lambda j: leaves[j].size)
             leaves[i] = leaves[i] * mx.where(mx.isfinite(loss), 1.0, float("nan")).astype(leaves[i].dtype)
+            return leaves
+
+        def flatten(grads, loss):
+            leaves = poison(grads, loss)
             extra = self.padded - self.total
             return pack(leaves + ([mx.zeros((extra,), self.dtype)] if extra else []))
-
-        def tree_norm(grads):
-            return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)))
 
         def shard_norm(shard):
             squares = mx.sum(mx.square(shard.astype(mx.float32)))
             return mx.sqrt(mx.distributed.all_sum(squares, group=group) if self.world > 1 else squares)
 
-        def apply(held, norm):
-            grad = held if gradients_level else self._slice(_leaves(held))
+        def apply(grad, norm):
             factor = self._factor(norm)
             if factor is not None:
                 grad = grad * factor.astype(grad.dtype)
@@ -374,25 +397,44 @@ class Sharded(Spread):
             whole = collectives.all_gather_flat(mine, group) if self.world > 1 else mine
             return tree_unflatten(list(zip(self.keys, self._whole(whole))))
 
-        self._sync = make_sync(group, self.bucket_bytes, compiled=compiled)
-        norm = shard_norm if gradients_level else tree_norm
+        # The ring's chunks cut out of the gradient tree in its rounds (`gradients`), or the
+        # whole buffer packed first (`optimizer`; and at every level where the strategy is not
+        # the ring: sum_scatter and all_sum take one whole buffer).
+        self._rs_backend = None if self.backend == "any" else self.backend
+        self._chunked = (self.level == "gradients" and self.world > 1
+                         and collectives.choose(self._rs_backend) == "ring")
+        self._cutters = {}  # (chunk, start, stop) within the chunk: its function of the leaves
+        self._compiled = compiled
         if not compiled:
-            self._flatten, self._norm, self._apply, self._gather = flatten, norm, apply, gather
+            self._poison, self._flatten = poison, flatten
+            self._norm, self._apply, self._gather = shard_norm, apply, gather
             return
         state = [self.params, self.optimizer.state]
-        self._flatten, self._norm, self._gather = mx.compile(flatten), mx.compile(norm), mx.compile(gather)
+        self._poison, self._flatten = mx.compile(poison), mx.compile(flatten)
+        self._norm, self._gather = mx.compile(shard_norm), mx.compile(gather)
         self._apply = mx.compile(apply, inputs=state, outputs=[self.optimizer.state])
 
     def reduce(self, grads: Any, loss: mx.array) -> Any:
-        if self.level != "gradients":
-            return DataParallel.reduce(self, grads, loss)
-        flat = self._flatten(grads, loss)
-        if self.world == 1:
-            return flat
-        backend = None if self.backend == "any" else self.backend
-        mine = collectives.reduce_scatter(flat, self.group, backend=backend)
+        if not self._chunked:
+            flat = self._flatten(grads, loss)
+            if self.world == 1:
+                return flat
+            mine = collectives.reduce_scatter(flat, self.group, backend=self._rs_backend)
+        else:
+            leaves = self._poison(grads, loss)
+            mine = collectives.reduce_scatter_chunks(lambda c, a, b: self._cutter(c, a, b)(leaves), self.chunk,
+                                                     self.dtype, self.group, backend=self._rs_backend)
         mx.eval(mine)
         return mine
+
+    def _cutter(self, chunk: int, a: int, b: int) -> Callable[[List[mx.array]], mx.array]:
+        """Elements [a, b) of chunk `chunk` of the gradients' flat buffer, as a function of the
+        leaves (compiled once per piece the ring asks for: a few per rank)."""
+        key = (chunk, a, b)
+        if key not in self._cutters:
+            cut = functools.partial(self._slice, cut=self._cut(chunk * self.chunk + a, chunk * self.chunk + b))
+            self._cutters[key] = mx.compile(cut) if self._compiled else cut
+        return self._cutters[key]
 
     def update(self, held: Any, norm: mx.array) -> None:
         self._mine = self._apply(held, norm)

@@ -8,6 +8,9 @@ budget), and the Batcher maps (seed, step) to the same samples for any split, so
 trains on exactly the same data. Excluded hosts are probed with a growing cooldown (as Horovod
 elastic's blacklist does); one that answers again is re-admitted at the next checkpoint (events
 `readmit`, `resize`), up to `--max-devices`.
+
+A pipeline (--pipeline-stages S) re-plans its stages too (`restage`): the checkpoint holds the whole
+model, so any split of the layers resumes from it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from mlx_train.config import TrainConfig
+from mlx_train.errors import UserError
 from mlx_train.fleet.hosts import Host
 
 FAIL_LIMIT = 2          # attempts in a row ended by the same host before it is excluded
@@ -146,4 +150,43 @@ def resplit(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     run's own precision and checkpointing first); a UserError when no split fits."""
     from mlx_train.planning.planner import split_for
 
+    if cfg.dist.pipeline_stages > 1:
+        return restage(cfg, hosts)
     return split_for(cfg, hosts, keep_mode=True).split.apply(cfg)
+
+
+def restage(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
+    """A pipeline's `cfg` for the devices of `hosts`, the same global batch: unpipelined (S = 1, data
+    parallel, no bubble) when the planner fits the whole model on one device there; else the same S
+    stages with fewer replicas when the devices divide by S (each stage keeps its layers and its
+    micro-batch, at most; 1F1B's activations in flight do not grow with the accumulation, so its
+    memory does not grow); else a UserError that says what the run needs. Another S' > 1 would need
+    a per-stage memory model to judge, which the planner has not yet: not guessed at."""
+    import dataclasses
+
+    from mlx_train.config import shard_level_of
+    from mlx_train.planning.planner import MemoryOptimizer, split_for
+    from mlx_train.rank.device import rank_budget_for
+
+    d, n = cfg.dist, sum(h.slots for h in hosts)
+    stages, g = d.pipeline_stages, d.global_batch_size
+    whole = dataclasses.replace(cfg, dist=dataclasses.replace(d, pipeline_stages=1, num_devices=n, shares="equal",
+                                                              micro_caps=None))
+    try:
+        return split_for(whole, hosts, keep_mode=True).split.apply(whole)
+    except UserError:
+        pass
+    replicas = n // stages
+    if n % stages == 0 and g % replicas == 0:
+        rows = g // replicas
+        batch = max(b for b in range(1, min(d.batch_size_per_device, rows) + 1) if rows % b == 0)
+        return dataclasses.replace(cfg, dist=dataclasses.replace(d, num_devices=n, batch_size_per_device=batch,
+                                                                 gradient_accumulation=rows // batch, micro_caps=None))
+    one = dataclasses.replace(whole, dist=dataclasses.replace(whole.dist, batch_size_per_device=1,
+                                                              gradient_accumulation=g // n if g % n == 0 else 1))
+    need = MemoryOptimizer.breakdown(one).total if shard_level_of(one) == "none" else None
+    raise UserError(f"{n} device{'s' * (n != 1)} remain{'s' * (n == 1)} for a pipeline of {stages} stages: it needs a "
+                    f"multiple of {stages} devices (the global batch {g} split evenly over its replicas)"
+                    + (f", or {need / 2**20:.0f} MiB per device to train unpipelined (they have "
+                       f"{rank_budget_for(cfg, hosts) / 2**20:.0f} MiB)" if need else "")
+                    + ": bring a host back or resume with fewer --pipeline-stages on more memory")

@@ -2,10 +2,12 @@
 stages over the devices left (elastic.restage), or says in one line what the run needs; a stalled
 stage is found by the progress watchdog like any stalled rank, and no rank of it waits on in a recv."""
 
-from dataclasses import replace
+import os
+import signal
 
 import pytest
 
+from helpers import TINY, assert_ranks_gone, cli, events, metrics, popen, wait_for
 from mlx_train.config import DistributedConfig, TrainConfig
 from mlx_train.controller import elastic
 from mlx_train.errors import UserError
@@ -45,3 +47,41 @@ def test_stages_that_fit_nowhere_stop_with_what_they_need(left):
         elastic.resplit(_pipeline(4, 2, 4, 2, 1 * MiB), _hosts(left))
     msg = str(err.value)
     assert "\n" not in msg and "a multiple of 2 devices" in msg and "MiB per device to train unpipelined" in msg, msg
+
+
+def test_a_stalled_stage_is_found_and_no_stage_waits_on_in_its_recv(tmp_path):
+    """SIGSTOP on stage 0 (alive, silent): stage 1 waits in its recv of stage 0's activations and goes
+    quiet too; the watchdog names the stopped stage, ends both, and the run resumes from its checkpoint.
+    The same run's metrics carry each stage's idle time in the schedule, shown by monitor --performance."""
+    run = tmp_path / "stalled-stage"
+    proc = popen("train", *TINY, "--accumulation", "4", "--devices", "2", "--pipeline-stages", "2", "--steps", "16",
+                 "--log-every", "4", "--checkpoint-every", "4", "--eval-every", "1000", "--stall-timeout", "5",
+                 "--run-dir", str(run), "--no-live")
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run) and metrics(run)[-1]["step"] >= 6, 180,
+                 "step 6")
+        launch = events(run, "launch")[0]
+        first = [r["pid"] for r in sorted(launch["ranks"], key=lambda r: r["rank"])]
+        os.kill(first[0], signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    stall = events(run, "stall")
+    assert len(stall) == 1 and stall[0]["rank"] == 0 and sorted(stall[0]["quiet"]) == [0, 1], stall
+    assert events(run, "restart")[0]["reason"].startswith("no progress from rank 0 on localhost")
+    resumed = events(run, "resume")[0]
+    assert resumed["step"] >= 4 and resumed["checkpoint"].endswith(f"step-{resumed['step']:06d}"), resumed
+    assert events(run)[-1]["event"] == "finish"
+    assert_ranks_gone(first)  # the stopped stage and the one waiting on it in a recv
+    last = metrics(run)[-1]
+    idle, comm = last["stage_idle_s"], last["rank_comm_s"]
+    # Both stages wait inside 1F1B (stage 1 for activations, stage 0 for gradients); a wait is part of
+    # the rank's time in transfers and collectives (to the microsecond each is logged in).
+    assert len(idle) == 2 and all(0 < i <= c + 2e-6 for i, c in zip(idle, comm)), (idle, comm)
+    shown = cli("monitor", str(run), "--once", "--performance", env={"COLUMNS": "200"}, check=True).stdout
+    table = shown.split("pipeline stages (step 16): 2 stages x 4 micro-batches, bubble in theory 20% of a step")[1]
+    cells = [[c.strip() for c in l.strip("│").split("│")] for l in table.splitlines() if l.startswith("│")]
+    assert [c[:3] for c in cells] == [["0", "0", "0"], ["0", "1", "1"]], table
+    assert [float(c[4]) for c in cells] == [round(i, 4) for i in idle], table
+    assert cells[1][-1] == "20%" and cells[1][-2].endswith("%"), table  # the replica's bubble, on its last stage

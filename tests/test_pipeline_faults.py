@@ -4,11 +4,12 @@ stage is found by the progress watchdog like any stalled rank, and no rank of it
 
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 
 from helpers import TINY, assert_ranks_gone, cli, events, metrics, popen, wait_for
-from mlx_train.config import DistributedConfig, TrainConfig
+from mlx_train.config import DistributedConfig, ModelConfig, TrainConfig
 from mlx_train.controller import elastic
 from mlx_train.errors import UserError
 from mlx_train.fleet.hosts import Host
@@ -31,22 +32,53 @@ def test_a_lost_stage_host_unpipelines_when_one_device_holds_the_model():
     assert (new.dist.num_devices, new.dist.pipeline_stages, new.dist.global_batch_size) == (1, 1, 16)
 
 
-def test_a_lost_replica_host_keeps_the_stages_when_the_model_fits_no_device():
-    # 2 replicas of 2 stages, 4 x 2 rows each: with 2 devices left, one replica of the same stages
-    # takes the whole global batch in more micro-batches of the same size.
-    run = _pipeline(4, 2, 4, 2, 1 * MiB)
-    new = elastic.resplit(run, _hosts(2))
-    d = new.dist
+def _budget_between(run, stages):
+    """A budget (what split_for and restage compare with) that holds every stage of `run`'s model in
+    `stages` stages, at its micro-batch, but not the whole model on one device at batch 1."""
+    from mlx_train.planning.memory import RUNTIME_OVERHEAD, ModelShape
+    from mlx_train.planning.planner import SPLIT_SAFETY, MemoryOptimizer
+    from mlx_train.planning.stages import stage_memory
+
+    def budget_for(total):
+        return int(total / SPLIT_SAFETY) - RUNTIME_OVERHEAD + 1
+
+    shape, d = ModelShape.from_config(run.model), run.dist
+    micro = d.global_batch_size // d.batch_size_per_device
+    stage = budget_for(max(stage_memory(shape, stages, s, d.batch_size_per_device, micro).total for s in range(stages)))
+    whole = budget_for(MemoryOptimizer.breakdown(replace(run, dist=DistributedConfig(1, 1, 1))).total)
+    assert stage < whole, "the test needs a model whose stages fit where the whole does not"
+    return stage
+
+
+def test_a_lost_stage_host_re_plans_the_layers_over_the_hosts_left():
+    # 3 stages on 3 hosts, 8 x 1 rows a step; one host lost for good: 2 stages over the 2 left, the
+    # same 8 rows a step, where the per-stage memory model fits them and one device holds no model.
+    # (--shard none: with auto, ZeRO over the 2 hosts would hold this model unpipelined, which comes first.)
+    run = replace(_pipeline(3, 3, 1, 8, None), model=ModelConfig(n_layers=12, d_model=768, n_heads=12, seq_len=32),
+                  shard="none")
+    run = replace(run, memory_budget=_budget_between(run, 2))
+    d = elastic.resplit(run, _hosts(2)).dist
+    assert (d.num_devices, d.pipeline_stages, d.batch_size_per_device, d.gradient_accumulation) == (2, 2, 1, 8)
+    assert d.global_batch_size == run.dist.global_batch_size == 8
+
+
+def test_a_model_the_stage_model_does_not_cover_keeps_its_stages_with_fewer_replicas():
+    # 2 replicas of 2 stages, 4 x 2 rows each, in bf16 (the per-stage model covers fp32 only): with 2
+    # devices left, one replica of the same stages takes the whole batch in more micro-batches.
+    run = replace(_pipeline(4, 2, 4, 2, 1 * MiB), precision="bf16")
+    d = elastic.resplit(run, _hosts(2)).dist
     assert (d.num_devices, d.pipeline_stages, d.batch_size_per_device, d.gradient_accumulation) == (2, 2, 4, 4)
     assert d.global_batch_size == run.dist.global_batch_size == 16
 
 
-@pytest.mark.parametrize("left", [1, 3])
-def test_stages_that_fit_nowhere_stop_with_what_they_need(left):
+@pytest.mark.parametrize("left, precision, needs", [(1, "fp32", "no number of stages up to 1 fits"),
+                                                     (3, "fp32", "no number of stages up to 3 fits"),
+                                                     (3, "bf16", "a multiple of 2 devices")])
+def test_stages_that_fit_nowhere_stop_with_what_they_need(left, precision, needs):
     with pytest.raises(UserError) as err:
-        elastic.resplit(_pipeline(4, 2, 4, 2, 1 * MiB), _hosts(left))
+        elastic.resplit(replace(_pipeline(4, 2, 4, 2, 1 * MiB), precision=precision), _hosts(left))
     msg = str(err.value)
-    assert "\n" not in msg and "a multiple of 2 devices" in msg and "MiB per device to train unpipelined" in msg, msg
+    assert "\n" not in msg and needs in msg and "MiB per device to train unpipelined" in msg, msg
 
 
 def test_a_stalled_stage_is_found_and_no_stage_waits_on_in_its_recv(tmp_path):

@@ -157,15 +157,18 @@ def resplit(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
 
 def restage(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     """A pipeline's `cfg` for the devices of `hosts`, the same global batch: unpipelined (S = 1, data
-    parallel, no bubble) when the planner fits the whole model on one device there; else the same S
-    stages with fewer replicas when the devices divide by S (each stage keeps its layers and its
-    micro-batch, at most; 1F1B's activations in flight do not grow with the accumulation, so its
-    memory does not grow); else a UserError that says what the run needs. Another S' > 1 would need
-    a per-stage memory model to judge, which the planner has not yet: not guessed at."""
+    parallel, no bubble) when the planner fits the whole model on one device there; else the fewest
+    stages S' (dividing the devices) whose every stage the per-stage memory model (planning/stages.py:
+    the built-in GPT in fp32, no checkpointing, full training) fits in the budget; else, for a model
+    it does not cover, the same S stages with fewer replicas when the devices divide by S (each stage
+    keeps its layers and at most its micro-batch; 1F1B's activations in flight do not grow with the
+    accumulation); else a UserError that says what the run needs."""
     import dataclasses
 
-    from mlx_train.config import shard_level_of
-    from mlx_train.planning.planner import MemoryOptimizer, split_for
+    from mlx_train.config import ModelKind, shard_level_of
+    from mlx_train.planning.memory import RUNTIME_OVERHEAD, ModelShape
+    from mlx_train.planning.planner import SPLIT_SAFETY, MemoryOptimizer, split_for
+    from mlx_train.planning.stages import stage_memory
     from mlx_train.rank.device import rank_budget_for
 
     d, n = cfg.dist, sum(h.slots for h in hosts)
@@ -176,17 +179,40 @@ def restage(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
         return split_for(whole, hosts, keep_mode=True).split.apply(whole)
     except UserError:
         pass
-    replicas = n // stages
-    if n % stages == 0 and g % replicas == 0:
+    budget = rank_budget_for(cfg, hosts)
+    modelled = cfg.model.kind is ModelKind.GPT and cfg.precision == "fp32" and not cfg.grad_checkpoint \
+        and cfg.fine_tune.mode == "full"
+
+    def split(s: int) -> Optional[TrainConfig]:
+        replicas = n // s
+        if n % s or g % replicas:
+            return None
         rows = g // replicas
         batch = max(b for b in range(1, min(d.batch_size_per_device, rows) + 1) if rows % b == 0)
-        return dataclasses.replace(cfg, dist=dataclasses.replace(d, num_devices=n, batch_size_per_device=batch,
-                                                                 gradient_accumulation=rows // batch, micro_caps=None))
+        return dataclasses.replace(cfg, dist=dataclasses.replace(d, num_devices=n, pipeline_stages=s, micro_caps=None,
+                                                                 batch_size_per_device=batch,
+                                                                 gradient_accumulation=rows // batch))
+
+    def fits(c: TrainConfig) -> bool:
+        s, shape = c.dist.pipeline_stages, ModelShape.from_config(c.model)
+        # As split_for judges a device: the peak and the runtime within SPLIT_SAFETY of budget + runtime.
+        return s <= shape.n_layers and all(
+            stage_memory(shape, s, i, c.dist.batch_size_per_device, c.dist.gradient_accumulation).total
+            <= SPLIT_SAFETY * (budget + RUNTIME_OVERHEAD) for i in range(s))
+
+    if modelled:
+        for s in range(2, n + 1):
+            c = split(s)
+            if c is not None and fits(c):
+                return c
+    elif split(stages) is not None:
+        return split(stages)
     one = dataclasses.replace(whole, dist=dataclasses.replace(whole.dist, batch_size_per_device=1,
                                                               gradient_accumulation=g // n if g % n == 0 else 1))
     need = MemoryOptimizer.breakdown(one).total if shard_level_of(one) == "none" else None
-    raise UserError(f"{n} device{'s' * (n != 1)} remain{'s' * (n == 1)} for a pipeline of {stages} stages: it needs a "
-                    f"multiple of {stages} devices (the global batch {g} split evenly over its replicas)"
-                    + (f", or {need / 2**20:.0f} MiB per device to train unpipelined (they have "
-                       f"{rank_budget_for(cfg, hosts) / 2**20:.0f} MiB)" if need else "")
+    what = f"a multiple of {stages} devices (the global batch {g} split evenly over its replicas)" if not modelled \
+        else f"more devices: no number of stages up to {n} fits every stage in the budget"
+    raise UserError(f"{n} device{'s' * (n != 1)} remain{'s' * (n == 1)} for a pipeline of {stages} stages: it needs "
+                    + what + (f", or {need / 2**20:.0f} MiB per device to train unpipelined (they have "
+                              f"{budget / 2**20:.0f} MiB)" if need else "")
                     + ": bring a host back or resume with fewer --pipeline-stages on more memory")

@@ -196,7 +196,12 @@ def table(res: dict) -> str:
            "hosts' network namespaces, which share this machine's cores, each host's link limited with tc tbf: "
            "step time as a multiple of data parallel's on the same model, the levels' steps interleaved (lower "
            "is better), and the bytes each rank's interface sent per step as a multiple of ZeRO's formula for "
-           "that level (docs/sharding.md, \"Step time on the test fleet\")." if "shard" in res else ""),
+           "that level (docs/sharding.md, \"Step time on the test fleet\")." if "shard" in res else "")
+        + (" The pipeline rows (bench/pipeline_fleet.py; issue 19) are one ring rank per stage in the fleet hosts' "
+           "namespaces, links limited with tc tbf: the stages' measured idle share of the step against "
+           "(S-1)/(M+S-1), and the step time over one process's doing the same micro-batches (on S real hosts "
+           "ideally (M+S-1)/(S M); the fleet's hosts share 2 cores; docs/pipeline.md, \"On the test fleet\")."
+           if "pipeline" in res else ""),
     ])
 
 
@@ -226,7 +231,7 @@ def shard_rows(sh: dict | None) -> list:
 
 
 def pipeline_rows(pl: dict | None) -> list:
-    """Issue 19's "Show it" row: a pipeline's measured bubble against (S-1)/(M+S-1) and its step time
+    """Issue 19's "Show it" rows: a pipeline's measured bubble against (S-1)/(M+S-1), and its step time
     against one host's for the same work, on the fleet's limited links (bench/pipeline_fleet.py)."""
     if not pl:
         return []
@@ -235,13 +240,12 @@ def pipeline_rows(pl: dict | None) -> list:
         where = place["place"].replace("ring, fleet hosts, ", "")
         for s in pl["stages"]:
             mine = [r for r in place["rows"] if r["stages"] == s]
-            rows.append([f"pipeline bubble, `--pipeline-stages {s}`, M = {'/'.join(str(r['micro']) for r in mine)} "
-                         f"micro-batches, {pl['model']}, fleet ring, {where} (measured {pl['date']})",
+            ms = "/".join(str(r["micro"]) for r in mine)
+            rows.append([f"pipeline, {s} stages, M = {ms}: bubble; step / one host's ({pl['model']}, fleet, {where})",
                          "theory " + " / ".join(f"{r['theory']:.0%}" for r in mine),
                          " / ".join(f"{r['bubble']:.0%}" for r in mine),
-                         "step x one host: **" + " / ".join(f"{r['x_one_host']:.2f}" for r in mine) + "**",
-                         "bubble ~ theory; x one host: ideal " + " / ".join(f"{r['ideal_x_one_host']:.2f}" for r in mine)
-                         + " on S real hosts (the fleet's share 2 cores)"])
+                         "**" + " / ".join(f"{r['x_one_host']:.2f}" for r in mine) + "**",
+                         "ideal " + " / ".join(f"{r['ideal_x_one_host']:.2f}" for r in mine)])
     return rows
 
 

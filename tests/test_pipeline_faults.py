@@ -26,10 +26,13 @@ def _pipeline(devices, stages, batch, accumulation, budget):
                        memory_budget=budget)
 
 
-def test_a_lost_stage_host_unpipelines_when_one_device_holds_the_model():
-    run = _pipeline(2, 2, 4, 4, 4096 * MiB)
-    new = elastic.resplit(run, _hosts(1))
-    assert (new.dist.num_devices, new.dist.pipeline_stages, new.dist.global_batch_size) == (1, 1, 16)
+@pytest.mark.parametrize("stages, left", [(2, 1), (3, 2)])
+def test_a_lost_stage_host_unpipelines_when_one_device_holds_the_model(stages, left):
+    # The global batch stays 4 x 4 rows: unpipelined over 2 devices that is 8 rows each, not 2 x 16
+    # (a fleet run by hand resized 3 stages to 2 devices of 16 rows, then refused its own checkpoint).
+    run = _pipeline(stages, stages, 4, 4, 4096 * MiB)
+    new = elastic.resplit(run, _hosts(left))
+    assert (new.dist.num_devices, new.dist.pipeline_stages, new.dist.global_batch_size) == (left, 1, 16)
 
 
 def _budget_between(run, stages):

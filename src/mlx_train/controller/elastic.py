@@ -173,12 +173,16 @@ def restage(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
 
     d, n = cfg.dist, sum(h.slots for h in hosts)
     stages, g = d.pipeline_stages, d.global_batch_size
+    # Unpipelined, every device is a replica: the same global batch is n x (g / n) rows (split_for
+    # re-splits it into micro-batches), and only when n divides it.
     whole = dataclasses.replace(cfg, dist=dataclasses.replace(d, pipeline_stages=1, num_devices=n, shares="equal",
-                                                              micro_caps=None))
-    try:
-        return split_for(whole, hosts, keep_mode=True).split.apply(whole)
-    except UserError:
-        pass
+                                                              micro_caps=None, batch_size_per_device=max(g // n, 1),
+                                                              gradient_accumulation=1))
+    if g % n == 0:
+        try:
+            return split_for(whole, hosts, keep_mode=True).split.apply(whole)
+        except UserError:
+            pass
     budget = rank_budget_for(cfg, hosts)
     modelled = cfg.model.kind is ModelKind.GPT and cfg.precision == "fp32" and not cfg.grad_checkpoint \
         and cfg.fine_tune.mode == "full"
@@ -207,8 +211,7 @@ def restage(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
                 return c
     elif split(stages) is not None:
         return split(stages)
-    one = dataclasses.replace(whole, dist=dataclasses.replace(whole.dist, batch_size_per_device=1,
-                                                              gradient_accumulation=g // n if g % n == 0 else 1))
+    one = dataclasses.replace(whole, dist=dataclasses.replace(whole.dist, batch_size_per_device=1))
     need = MemoryOptimizer.breakdown(one).total if shard_level_of(one) == "none" else None
     what = f"a multiple of {stages} devices (the global batch {g} split evenly over its replicas)" if not modelled \
         else f"more devices: no number of stages up to {n} fits every stage in the budget"

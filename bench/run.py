@@ -67,6 +67,8 @@ def main() -> None:
         ("startup", "startup.py", {}, None),
         # Root: the 3-host netns test fleet, its links limited with tc tbf; takes the fleet lock per rate.
         ("shard", "shard_fleet.py", {}, {"rates": ["unlimited", "1gbit", "200mbit"], "rounds": 8, "steps": 2}),
+        # Root: a pipeline's bubble and step time on the fleet's tbf-limited links (docs/pipeline.md).
+        ("pipeline", "pipeline_fleet.py", {}, {"rates": ["1gbit"]}),
         # The 3-host test fleet under CPU quotas (takes /tmp/mlx-fleet.lock itself; docs/performance.md).
         ("shares", "shares_fleet.py", {}, {"rounds": 1, "steps": 30}),
     ]
@@ -76,15 +78,15 @@ def main() -> None:
     for key, script, env, args in steps:
         if only and key not in only:
             continue
-        if key == "shard" and not only and os.geteuid() != 0:
+        if key in ("shard", "pipeline") and not only and os.geteuid() != 0:
             # The test fleet needs root (network namespaces, tc): keep the last fleet figures, if any.
-            print("shard: skipped (the test fleet needs root: bench/run.py --only shard as root)", flush=True)
-            if RESULTS.exists() and "shard" in (old := json.loads(RESULTS.read_text())):
-                res["shard"] = old["shard"]
+            print(f"{key}: skipped (the test fleet needs root: bench/run.py --only {key} as root)", flush=True)
+            if RESULTS.exists() and key in (old := json.loads(RESULTS.read_text())):
+                res[key] = old[key]
             continue
         print(f"{key} ({script}) ...", flush=True)
         t0, load = time.perf_counter(), os.getloadavg()[0]
-        res[key] = _run(script, env, args, timeout=3600 if key == "shard" else 1200)
+        res[key] = _run(script, env, args, timeout=3600 if key in ("shard", "pipeline") else 1200)
         # The machines are shared: the 1-minute load before and after says how noisy the figure is.
         res[key]["load"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         print(f"  {time.perf_counter() - t0:.0f} s: {res[key]}", flush=True)
@@ -159,6 +161,7 @@ def table(res: dict) -> str:
          tok(r["tokens_per_s"]),
          tok(s["tokens_per_s"]), f"**{s['tokens_per_s'] / r['tokens_per_s']:.1f}x**", "-"],
         *shard_rows(res.get("shard")),
+        *pipeline_rows(res.get("pipeline")),
         *([[f"training, 3 fleet hosts under CPU quotas {'/'.join(f'{c:g}' for c in sh['cpu'])} cores, "
             f"`--shares auto` (rows {sh['auto_rows']}) vs `--shares equal` (bench/shares_fleet.py)",
             f"equal {tok(sh['equal_tokens_per_s'])}", tok(sh["auto_tokens_per_s"]), f"**{sh['ratio']:.2f}x**",
@@ -193,7 +196,12 @@ def table(res: dict) -> str:
            "hosts' network namespaces, which share this machine's cores, each host's link limited with tc tbf: "
            "step time as a multiple of data parallel's on the same model, the levels' steps interleaved (lower "
            "is better), and the bytes each rank's interface sent per step as a multiple of ZeRO's formula for "
-           "that level (docs/sharding.md, \"Step time on the test fleet\")." if "shard" in res else ""),
+           "that level (docs/sharding.md, \"Step time on the test fleet\")." if "shard" in res else "")
+        + (" The pipeline rows (bench/pipeline_fleet.py; issue 19) are one ring rank per stage in the fleet hosts' "
+           "namespaces, links limited with tc tbf: the stages' measured idle share of the step against "
+           "(S-1)/(M+S-1), and the step time over one process's doing the same micro-batches (on S real hosts "
+           "ideally (M+S-1)/(S M); the fleet's hosts share 2 cores; docs/pipeline.md, \"On the test fleet\")."
+           if "pipeline" in res else ""),
     ])
 
 
@@ -219,6 +227,25 @@ def shard_rows(sh: dict | None) -> list:
                      " MB; the levels 1, 1, 1.5x that",
                      " / ".join(f"{by[lv]['sent_bytes_per_step'] / 1e6:.1f}" for lv in sh["levels"]) + " MB",
                      "**" + " / ".join(f"{by[lv]['sent_x_zero']:.2f}" for lv in sh["levels"]) + "**", "1 / 1 / 1 / 1"])
+    return rows
+
+
+def pipeline_rows(pl: dict | None) -> list:
+    """Issue 19's "Show it" rows: a pipeline's measured bubble against (S-1)/(M+S-1), and its step time
+    against one host's for the same work, on the fleet's limited links (bench/pipeline_fleet.py)."""
+    if not pl:
+        return []
+    rows = []
+    for place in pl["places"]:
+        where = place["place"].replace("ring, fleet hosts, ", "")
+        for s in pl["stages"]:
+            mine = [r for r in place["rows"] if r["stages"] == s]
+            ms = "/".join(str(r["micro"]) for r in mine)
+            rows.append([f"pipeline, {s} stages, M = {ms}: bubble; step / one host's ({pl['model']}, fleet, {where})",
+                         "theory " + " / ".join(f"{r['theory']:.0%}" for r in mine),
+                         " / ".join(f"{r['bubble']:.0%}" for r in mine),
+                         "**" + " / ".join(f"{r['x_one_host']:.2f}" for r in mine) + "**",
+                         "ideal " + " / ".join(f"{r['ideal_x_one_host']:.2f}" for r in mine)])
     return rows
 
 

@@ -106,3 +106,35 @@ def test_performance_shows_the_shard_level_bytes_and_memory_against_data_paralle
     assert [c[:6] for c in cells] == [["0", "5", "0.2500", "0.0625", "1,000", "2,000"],
                                       ["1", "3", "0.1250", "0.1875", "1,000", "2,000"]]
     assert [c[-1] for c in cells] == ["0.50x", "0.25x"]
+
+
+def test_a_pipelines_stages_are_rows_per_replica_with_the_bubble_against_theory(run, tmp_path):
+    """2 replicas of 2 stages (ranks 0,1 and 2,3), 4 micro-batches: each stage's compute, idle and sync
+    (its collectives after the schedule: rank_comm_s less its idle), the replica's bubble (its stages'
+    mean idle share of the step) beside (S-1)/(M+S-1) = 20% on each replica's last stage; the trackers
+    get the stages' mean idle share as perf/bubble."""
+    from rich.console import Console
+
+    from mlx_train.config import DistributedConfig
+    from mlx_train.controller.monitor import stage_table
+    from mlx_train.controller.reporting import scalars
+
+    r = RunDir(tmp_path / "pipe")
+    r.path.mkdir()
+    TrainConfig(steps=10, dist=DistributedConfig(4, 2, 4, pipeline_stages=2)).to_yaml(r.config_path)
+    record = metric(10, 1.0, devices=4, peak_memory=[1] * 4, param_checksum=[7] * 4, step_time_s=1.0,
+                    rank_compute_s=[0.8, 0.7, 0.6, 0.5], rank_comm_s=[0.2, 0.3, 0.4, 0.5],
+                    stage_idle_s=[0.1, 0.3, 0.2, 0.4])
+    write(r, metrics=[record])
+    console = Console(width=200, record=True)
+    console.print(stage_table(take_snapshot(r)))
+    text = console.export_text()
+    assert "2 stages x 4 micro-batches, bubble in theory 20% of a step" in text, text
+    cells = [[c.strip() for c in l.strip("│").split("│")] for l in text.splitlines() if l.startswith("│")]
+    assert cells == [["0", "0", "0", "0.8000", "0.1000", "0.1000", "10%", "", ""],
+                     ["0", "1", "1", "0.7000", "0.3000", "0.0000", "30%", "20%", "20%"],
+                     ["1", "0", "2", "0.6000", "0.2000", "0.2000", "20%", "", ""],
+                     ["1", "1", "3", "0.5000", "0.4000", "0.1000", "40%", "30%", "20%"]], text
+    assert scalars(record)["perf/bubble"] == pytest.approx(0.25)
+    write(run, metrics=[metric(10, 1.0)])
+    assert stage_table(take_snapshot(run)) is None and "perf/bubble" not in scalars(metric(10, 1.0))

@@ -57,6 +57,7 @@ def test_optimize_tries_each_setting_at_the_least_shard_level_that_fits():
         t.status, t.tokens_per_s, t.compute_s, t.comm_s, t.peak = "ok", 100.0 * t.split.batch, 1 / t.split.batch, 0.01, 1
 
     tuner = Tuner(base, budget, 3, False, measure)
+    tuner.stage_candidates = lambda: []  # the pipeline's rows: the next test's
     best = tuner.run()
     assert ran and all(level == split.shard == least(split) for split, level in ran), ran
     assert {level for _, level in ran} == {"gradients"}  # not full: the least level that fits
@@ -65,6 +66,42 @@ def test_optimize_tries_each_setting_at_the_least_shard_level_that_fits():
     # Data parallel chosen: nothing fits the budget, nothing runs.
     ran.clear()
     explicit = Tuner(replace(base, shard="none"), budget, 3, False, measure)
+    explicit.stage_candidates = lambda: []
     assert explicit.run() is None and not ran
     assert {t.status for t in explicit.trials} == {"skipped (predicted over budget)"}
     assert all(t.split.shard == "none" for t in explicit.trials)
+
+
+def test_optimize_tries_a_row_per_number_of_stages_fitted_by_the_stage_memory_model():
+    """With the built-in GPT on several devices each number of pipeline stages that divides them is a
+    trial (a row per S), judged by the per-stage memory model: a budget under data parallel's and
+    ZeRO's need at every micro-batch but over one stage's runs only the 2-stage trial, and the
+    config written is pipelined. No trial is run (measure is a stand-in)."""
+    from dataclasses import replace
+
+    from mlx_train.config import DistributedConfig, ModelConfig, TrainConfig
+    from mlx_train.planning.memory import ModelShape
+    from mlx_train.planning.stages import stage_memory
+    from mlx_train.planning.tuner import Tuner
+
+    model = ModelConfig(n_layers=8, d_model=512, n_heads=8, seq_len=64)
+    base = TrainConfig(model=model, dist=DistributedConfig(2, 1, 8), shard="none")
+    shape = ModelShape.from_config(model)
+    budget = max(stage_memory(shape, 2, s, 1, 8).peak for s in range(2)) + 1
+    ran = []
+
+    def measure(t, cfg):
+        ran.append(cfg.dist.pipeline_stages)
+        t.status, t.tokens_per_s, t.compute_s, t.comm_s, t.peak = "ok", 100.0, 1.0, 0.01, 1
+
+    tuner = Tuner(base, budget, 3, False, measure)
+    best = tuner.run()
+    assert ran == [2], ran  # every data-parallel setting predicted over budget, none ran
+    assert best.split.stages == 2 and (best.split.batch, best.split.accumulation) == (1, 16)
+    out = best.apply(base)
+    assert out.dist.pipeline_stages == 2 and out.dist.global_batch_size == base.dist.global_batch_size == 16
+    # Over every stage's need as well: the stage row is listed, not run.
+    ran.clear()
+    tight = Tuner(replace(base, memory_budget=None), budget // 4, 3, False, measure)
+    assert tight.run() is None and not ran
+    assert [t.split.stages for t in tight.trials if t.split.stages > 1] == [2]

@@ -138,6 +138,9 @@ class Metrics(Message):
     rank_compute_s: Optional[list] = None
     rank_comm_s: Optional[list] = None
     rank_wait_s: Optional[list] = None
+    # A pipeline's (--pipeline-stages): each rank's mean wait per step inside the 1F1B schedule, by rank
+    # (of its rank_comm_s; the rest is the sync after the micro-batches): its stage's idle time.
+    stage_idle_s: Optional[list] = None
     val_loss: Optional[float] = None  # validation loss, at an evaluation
     sample: Optional[str] = None  # the embedded GPT's text after a fixed prompt, at an evaluation (rank/sample.py)
 

@@ -14,6 +14,9 @@ belong to hosts, so they follow the hosts. `--shares auto` measures again from e
 ranks' speeds on a new group are new); explicit weights keep each remaining host's weight and drop
 the lost host's (a re-admitted host gets its own back); per-rank micro-batch caps (--optimize-memory
 on hosts of unequal memory) stay with their hosts the same way.
+
+A pipeline (--pipeline-stages S) re-plans its stages too (`restage`): the checkpoint holds the whole
+model, so any split of the layers resumes from it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from mlx_train.config import TrainConfig
+from mlx_train.errors import UserError
 from mlx_train.fleet.hosts import Host
 
 FAIL_LIMIT = 2          # attempts in a row ended by the same host before it is excluded
@@ -217,4 +221,72 @@ def resplit(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     run's own precision and checkpointing first); a UserError when no split fits."""
     from mlx_train.planning.planner import split_for
 
+    if cfg.dist.pipeline_stages > 1:
+        return restage(cfg, hosts)
     return split_for(cfg, hosts, keep_mode=True).split.apply(cfg)
+
+
+def restage(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
+    """A pipeline's `cfg` for the devices of `hosts`, the same global batch: unpipelined (S = 1, data
+    parallel, no bubble) when the planner fits the whole model on one device there; else the fewest
+    stages S' (dividing the devices) whose every stage the per-stage memory model (planning/stages.py:
+    the built-in GPT in fp32, no checkpointing, full training) fits in the budget; else, for a model
+    it does not cover, the same S stages with fewer replicas when the devices divide by S (each stage
+    keeps its layers and at most its micro-batch; 1F1B's activations in flight do not grow with the
+    accumulation); else a UserError that says what the run needs."""
+    import dataclasses
+
+    from mlx_train.config import ModelKind, shard_level_of
+    from mlx_train.planning.memory import RUNTIME_OVERHEAD, ModelShape
+    from mlx_train.planning.planner import SPLIT_SAFETY, MemoryOptimizer, split_for
+    from mlx_train.planning.stages import stage_memory
+    from mlx_train.rank.device import rank_budget_for
+
+    d, n = cfg.dist, sum(h.slots for h in hosts)
+    stages, g = d.pipeline_stages, d.global_batch_size
+    # Unpipelined, every device is a replica: the same global batch is n x (g / n) rows (split_for
+    # re-splits it into micro-batches), and only when n divides it.
+    whole = dataclasses.replace(cfg, dist=dataclasses.replace(d, pipeline_stages=1, num_devices=n, shares="equal",
+                                                              micro_caps=None, batch_size_per_device=max(g // n, 1),
+                                                              gradient_accumulation=1))
+    if g % n == 0:
+        try:
+            return split_for(whole, hosts, keep_mode=True).split.apply(whole)
+        except UserError:
+            pass
+    budget = rank_budget_for(cfg, hosts)
+    modelled = cfg.model.kind is ModelKind.GPT and cfg.precision == "fp32" and not cfg.grad_checkpoint \
+        and cfg.fine_tune.mode == "full"
+
+    def split(s: int) -> Optional[TrainConfig]:
+        replicas = n // s
+        if n % s or g % replicas:
+            return None
+        rows = g // replicas
+        batch = max(b for b in range(1, min(d.batch_size_per_device, rows) + 1) if rows % b == 0)
+        return dataclasses.replace(cfg, dist=dataclasses.replace(d, num_devices=n, pipeline_stages=s, micro_caps=None,
+                                                                 batch_size_per_device=batch,
+                                                                 gradient_accumulation=rows // batch))
+
+    def fits(c: TrainConfig) -> bool:
+        s, shape = c.dist.pipeline_stages, ModelShape.from_config(c.model)
+        # As split_for judges a device: the peak and the runtime within SPLIT_SAFETY of budget + runtime.
+        return s <= shape.n_layers and all(
+            stage_memory(shape, s, i, c.dist.batch_size_per_device, c.dist.gradient_accumulation).total
+            <= SPLIT_SAFETY * (budget + RUNTIME_OVERHEAD) for i in range(s))
+
+    if modelled:
+        for s in range(2, n + 1):
+            c = split(s)
+            if c is not None and fits(c):
+                return c
+    elif split(stages) is not None:
+        return split(stages)
+    one = dataclasses.replace(whole, dist=dataclasses.replace(whole.dist, batch_size_per_device=1))
+    need = MemoryOptimizer.breakdown(one).total if shard_level_of(one) == "none" else None
+    what = f"a multiple of {stages} devices (the global batch {g} split evenly over its replicas)" if not modelled \
+        else f"more devices: no number of stages up to {n} fits every stage in the budget"
+    raise UserError(f"{n} device{'s' * (n != 1)} remain{'s' * (n == 1)} for a pipeline of {stages} stages: it needs "
+                    + what + (f", or {need / 2**20:.0f} MiB per device to train unpipelined (they have "
+                              f"{budget / 2**20:.0f} MiB)" if need else "")
+                    + ": bring a host back or resume with fewer --pipeline-stages on more memory")

@@ -114,8 +114,39 @@ def render(snap: Snapshot, performance: bool = False):
         ranks.add_row(str(r), human(mem), f"{ck:08x}", *([str(rows[r])] if r < len(rows) else []))
     parts = [head, ranks]
     if performance:
-        parts += [performance_table(snap), spread_table(snap)]
+        parts += [performance_table(snap), spread_table(snap)] + _stages(snap)
     return Group(*parts)
+
+
+def _stages(snap: Snapshot) -> list:
+    table = stage_table(snap)
+    return [table] if table is not None else []
+
+
+def stage_table(snap: Snapshot) -> Optional[Table]:
+    """A pipelined run's latest logged step, stage by stage and replica by replica: each stage's
+    compute, its idle time inside the 1F1B schedule (waiting for its neighbours, transfers included)
+    and the sync after it, and the bubble (idle share of the step) against (S-1)/(M+S-1), which
+    assumes equal forwards and backwards on every stage. None when the run is not pipelined."""
+    from mlx_train.controller.bubble import replica_bubble, stage_times, theory
+
+    d = snap.run.load_config().dist
+    last = snap.last or {}
+    times = stage_times(last, d.pipeline_stages)
+    if not times:
+        return None
+    expected = theory(d.pipeline_stages, d.gradient_accumulation)
+    t = Table(title=f"pipeline stages (step {last.get('step', '-')}): {d.pipeline_stages} stages x "
+                    f"{d.gradient_accumulation} micro-batches, bubble in theory {expected:.0%} of a step",
+              title_justify="left")
+    for col in ("replica", "stage", "rank", "compute s", "idle s", "sync s", "idle % of step", "bubble", "theory"):
+        t.add_column(col, justify="right")
+    for st in times:
+        whole = st.stage == d.pipeline_stages - 1  # the replica's bubble on its last stage's row
+        t.add_row(str(st.replica), str(st.stage), str(st.rank), f"{st.compute_s:.4f}", f"{st.idle_s:.4f}",
+                  f"{st.sync_s:.4f}", f"{st.bubble:.0%}", f"{replica_bubble(times, st.replica):.0%}" if whole else "",
+                  f"{expected:.0%}" if whole else "")
+    return t
 
 
 @dataclass(frozen=True)
@@ -280,5 +311,7 @@ def _follow(run: RunDir, refresh_s: float, performance: bool = False) -> int:
             if performance and snap.metrics:  # piped, --performance printed nothing more (the guide's command)
                 Console(width=200).print(performance_table(snap))
                 Console(width=200).print(spread_table(snap))
+                for table in _stages(snap):
+                    Console(width=200).print(table)
             return 0
         time.sleep(refresh_s)

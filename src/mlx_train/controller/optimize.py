@@ -100,7 +100,8 @@ def optimize(flags: dict, opts: RunOptions, trial_steps: int, output: str) -> in
         from mlx_train.planning.perf import record_baseline
 
         record_baseline(out, best.tokens_per_s)
-    console.print(f"best: {best.split}, {best.connections} ring connection(s): {best.tokens_per_s:,.0f} tok/s; "
+    console.print(f"best: {best.split}" + (f", {best.split.stages} pipeline stages" if best.split.stages > 1 else "")
+                  + f", {best.connections} ring connection(s): {best.tokens_per_s:,.0f} tok/s; "
                   f"shard level {best.split.shard}{_why_level(base, best)}; "
                   f"wrote {output} (use: mlx-train train --config {output})")
     return 0
@@ -116,13 +117,13 @@ def _why_level(base: TrainConfig, best: Trial) -> str:
 
 def _table(trials: List[Trial]) -> Table:
     t = Table(title="trials, fastest first", title_justify="left")
-    for col in ("rank", "batch/device", "accumulation", "checkpointing", "precision", "shard", "ring conn.",
+    for col in ("rank", "stages", "batch/device", "accumulation", "checkpointing", "precision", "shard", "ring conn.",
                 "predicted", "tokens/s", "peak memory"):
         t.add_column(col, justify="right")
     t.add_column("status", no_wrap=True)  # one line: tests and users grep it
     ranked = sorted(trials, key=lambda x: -x.tokens_per_s)
     for i, x in enumerate(ranked, 1):
-        t.add_row(str(i) if x.status == "ok" else "-", str(x.split.batch), str(x.split.accumulation),
+        t.add_row(str(i) if x.status == "ok" else "-", str(x.split.stages), str(x.split.batch), str(x.split.accumulation),
                   "on" if x.split.checkpointing else "off", x.split.precision, x.split.shard, str(x.connections),
                   f"{x.predicted:,.0f}" if x.predicted else "-", f"{x.tokens_per_s:,.0f}" if x.status == "ok" else "-", human(x.peak) if x.peak else "-", x.status)
     return t

@@ -59,6 +59,9 @@ def scalars(record: dict) -> Dict[str, float]:
     peaks = record.get("peak_memory")
     if isinstance(peaks, list) and peaks:
         out["perf/peak_memory_max"] = float(max(peaks))
+    idle, step = record.get("stage_idle_s"), record.get("step_time_s")
+    if isinstance(idle, list) and idle and step:  # a pipeline's: its stages' mean idle share (bubble.py)
+        out["perf/bubble"] = sum(idle) / len(idle) / float(step)
     return out
 
 

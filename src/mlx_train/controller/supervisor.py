@@ -181,7 +181,9 @@ class Supervisor:
             if out.status not in _FREE:
                 self.view.note(f"[yellow]restart {attempt - free}/{self.opts.max_restarts}:[/] {out.reason}")
             if self.members.enabled:
-                self._membership(out)
+                code = self._membership(out)
+                if code is not None:
+                    return code
 
     def _end(self, out: Outcome, restarts: int) -> Optional[int]:
         """The exit code when `out` ends the run, `restarts` restarts in; None: relaunch (after out of
@@ -204,9 +206,10 @@ class Supervisor:
             return self._finish(Event.FAILED, f"[red]failed:[/] {reason}", 1, reason=reason)
         return None
 
-    def _membership(self, out: Outcome) -> None:
+    def _membership(self, out: Outcome) -> Optional[int]:
         """Elastic runs (--min-devices): exclude or re-admit hosts before the relaunch, and re-split
-        the global batch over the devices that remain (elastic.py)."""
+        the global batch over the devices that remain (elastic.py). The exit code when that ends the
+        run: a pipeline that cannot be re-planned on what remains (its stages need every host)."""
         m = self.members
         before = [h.name for h in m.active]
         if out.status is Status.RESIZE:
@@ -229,12 +232,15 @@ class Supervisor:
                 self.run.event(Event.EXCLUDE, host=h.name, reason=why)
                 self.view.note(f"[yellow]exclude {h.name}:[/] {why}")
         if [h.name for h in m.active] == before:
-            return
+            return None
         try:
             new, reshared = m.resplit(self.cfg, self.hosts)
         except UserError as exc:
+            if self.cfg.dist.pipeline_stages > 1:  # relaunched as it was, it would wait on the lost host again
+                reason = f"cannot re-plan the pipeline: {exc}"
+                return self._finish(Event.FAILED, f"[red]failed:[/] {reason}", 1, reason=reason)
             self.view.note(f"[yellow]cannot resize:[/] {exc}")
-            return
+            return None
         split = Split.of(new)
         self.run.event(Event.RESIZE, hosts=[h.name for h in m.active], **split.event())
         self.view.note(f"[yellow]resize:[/] {split.devices} devices ({', '.join(h.name for h in m.active)}), "
@@ -244,6 +250,7 @@ class Supervisor:
             self.view.note(f"[yellow]reshare:[/] {reshared['note']}")
         self.run.save_config(new)
         self.cfg, self.hosts = new, list(m.active)
+        return None
 
     def _reconfigure(self, out: Outcome) -> bool:
         """After out-of-memory: record it, take the policy's next configuration; False when none is left."""

@@ -13,6 +13,11 @@ the head on the last (a tied head: the embeddings again, on the last stage too);
 state (weights, gradients, AdamW moments, the update's copies) in proportion to the trainable
 parameters the stage holds; the activations of its layers for each micro-batch it has in flight
 under 1F1B (S - s on stage s, at most M), the logits on the last stage only.
+
+For the built-in GPT's full fp32 training without checkpointing, `stage_memory` is the finer
+model (the accumulator, 1F1B's forwards in flight with their saved tensors, the update's copies,
+whichever peak is higher), checked against real ring ranks by bench/pipeline_memory.py (within
+±15% on 12 stages, docs/pipeline.md "Memory per stage"); `stage_need` takes it there.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from mlx_train.config import TrainConfig
 from mlx_train.errors import UserError
-from mlx_train.planning.memory import LMShape, activation_bytes, step_memory
+from mlx_train.planning.memory import (ACTIVATIONS, LOGITS_FP32_COPIES, OPTIMIZER_STATE_COPIES, RUNTIME_OVERHEAD,
+                                       UPDATE_TEMPORARIES, UPDATE_WEIGHT_AND_GRAD_COPIES, LMShape, MemoryBreakdown,
+                                       ModelShape, activation_bytes, step_memory)
 from mlx_train.rank.device import rank_budget_for
 from mlx_train.units import human
 
@@ -92,6 +99,9 @@ def stage_need(cfg: TrainConfig, shape, layers: range, stage: int, stages: int) 
     """Predicted peak bytes (mx.get_peak_memory's, no runtime overhead) of `stage` holding `layers`."""
     first, last = stage == 0, stage == stages - 1
     d = cfg.dist
+    if isinstance(shape, ModelShape) and cfg.precision == "fp32" and not cfg.grad_checkpoint:
+        return stage_memory(shape, stages, stage, d.batch_size_per_device, d.gradient_accumulation,
+                            layers=len(layers)).peak
     whole = step_memory(shape, d.batch_size_per_device, d.gradient_accumulation, cfg.grad_checkpoint, cfg.precision)
     frozen_whole = shape.frozen_bytes
     acts_whole = whole.activations
@@ -189,3 +199,41 @@ def check_fits(cfg: TrainConfig, hosts: Sequence[Any]) -> None:
     raise UserError(f"pipeline stage {s} (layers {p.layers[s].start}-{p.layers[s].stop - 1}) needs about "
                     f"{human(p.needs[s])}, more than the {human(p.budgets[s])} a rank has there: use more "
                     "--pipeline-stages (or auto), more hosts, or a smaller --batch-size / --seq-len")
+
+
+def stage_params(shape: ModelShape, layers: int, first: bool, last: bool) -> int:
+    """The built-in GPT's parameters on a stage of `layers` blocks (ModelShape.n_params, split)."""
+    d, v = shape.d_model, shape.vocab_size
+    return layers * (12 * d * d + 9 * d) + (first and (v + shape.seq_len) * d) + (last and (v * d + 2 * d))
+
+
+def stage_memory(shape: ModelShape, stages: int, stage: int, batch: int, micro: int, checkpointing: bool = False,
+                 optimizer: str = "adamw", layers: Optional[int] = None) -> MemoryBreakdown:
+    """Predicted peak of one fp32 pipelined step on `stage` of `stages` (equal layer weights), `micro`
+    micro-batches of `batch` sequences; `layers` the stage's blocks where the split is not equal."""
+    from mlx_train.rank.pipeline import stage_layers
+
+    if layers is None:
+        layers = len(stage_layers(shape.n_layers, [1.0] * stages)[stage])
+    first, last = stage == 0, stage == stages - 1
+    p = 4 * stage_params(shape, layers, first, last)
+    state = OPTIMIZER_STATE_COPIES[optimizer] * p
+    tokens = batch * shape.seq_len
+    d = tokens * shape.d_model
+    s = batch * shape.n_heads * shape.seq_len * shape.seq_len
+    (saved_d, saved_s), (live_d, live_s) = ACTIVATIONS[bool(checkpointing)]
+    one = 4 * (layers * (saved_d * d + saved_s * s) + d)  # its layers' saved tensors and its input
+    in_flight = 1 if last else min(stages - stage, micro)
+    head = 4 * LOGITS_FP32_COPIES[bool(checkpointing)] * tokens * shape.vocab_size if last else 0
+    activations = int(in_flight * one + 4 * (live_d * d + live_s * s) + head)
+    accumulator = p if micro > 1 else 0
+    backward_peak = p + state + accumulator + activations
+    largest = max(4 * shape.d_model * shape.d_model, shape.vocab_size * shape.d_model if first or last else 0)
+    update_peak = int((UPDATE_WEIGHT_AND_GRAD_COPIES + OPTIMIZER_STATE_COPIES[optimizer]) * p
+                      + UPDATE_TEMPORARIES * 4 * largest)
+    peak = max(backward_peak, update_peak)
+    return MemoryBreakdown(
+        parameters=p, gradients=p + accumulator, optimizer_state=state, activations=activations,
+        optimizer_step=max(0, update_peak - (2 * p + state)), runtime_overhead=RUNTIME_OVERHEAD,
+        backward_peak=backward_peak, update_peak=update_peak, peak=peak, total=peak + RUNTIME_OVERHEAD,
+        peak_phase="backward" if backward_peak >= update_peak else "update")

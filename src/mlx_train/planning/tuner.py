@@ -15,6 +15,10 @@ compute, so it never wins at the same setting), which lets a bigger micro-batch 
 sharded compete with the smaller ones that fit unsharded. The sync time is calibrated per level; a
 level not yet measured is predicted from the measured ones by its traffic (SHARD_TRAFFIC).
 
+With several devices and the built-in GPT, each number of pipeline stages that divides them is one
+trial more after the search (`stage_candidates`), fitted by the per-stage memory model
+(planning/stages.py): a model whose state fits no device at data parallel can still run staged.
+
 Running a trial is the controller's job (controller/optimize.py hands the tuner a `measure`).
 """
 
@@ -51,7 +55,8 @@ class Trial:
 
     def apply(self, cfg: TrainConfig) -> TrainConfig:
         cfg = self.split.apply(cfg)
-        return dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, ring_connections=self.connections))
+        return dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, ring_connections=self.connections,
+                                                                 pipeline_stages=self.split.stages))
 
 
 class StepModel:
@@ -169,6 +174,8 @@ class Tuner:
         cfg = self.trial_config(t)
         if not cfg.model.kind.knows_shape:
             return True
+        if t.split.stages > 1:
+            return self._stages_fit(t, cfg)
         levels = levels_allowed(self.base.shard, t.split.devices) if self.base.shard == "auto" else (t.split.shard,)
         for level in levels:
             at = dataclasses.replace(t.split, shard=level)
@@ -178,6 +185,47 @@ class Tuner:
         t.status = "skipped (predicted over budget)"  # at every level allowed
         self.trials.append(t)
         return False
+
+    def _stages_fit(self, t: Trial, cfg: TrainConfig) -> bool:
+        """A pipeline's trial fits when every stage's peak does (planning/stages.py; the built-in GPT's
+        full fp32 training without checkpointing: other pipelines are not predicted, so they run)."""
+        from mlx_train.config import ModelKind
+        from mlx_train.planning.memory import ModelShape
+        from mlx_train.planning.stages import stage_memory
+
+        if cfg.model.kind is not ModelKind.GPT or cfg.fine_tune.mode != "full" or t.split.precision != "fp32" \
+                or t.split.checkpointing:
+            return True
+        shape, s = ModelShape.from_config(cfg.model), t.split.stages
+        if s <= shape.n_layers and all(stage_memory(shape, s, i, t.split.batch, t.split.accumulation).peak
+                                       <= self.budget for i in range(s)):
+            return True
+        t.status = "skipped (predicted over budget)"
+        self.trials.append(t)
+        return False
+
+    def stage_candidates(self) -> List[Trial]:
+        """One trial per number of pipeline stages S that divides the devices (a row per S, beside the
+        setting the search chose): the built-in GPT's full training in fp32, the best trial's micro-batch
+        where the replica's rows allow it. The search's scaling model does not predict a pipeline, so
+        each runs."""
+        from mlx_train.config import ModelKind
+
+        base, n = self.base, self.base.dist.num_devices
+        if base.model.kind is not ModelKind.GPT or base.fine_tune.mode != "full" or base.shard not in ("auto", "none"):
+            return []
+        best, g = self.best(), base.dist.global_batch_size
+        want = best.split.batch if best is not None else base.dist.batch_size_per_device
+        out = []
+        for stages in range(2, min(n, base.model.n_layers) + 1):
+            replicas = n // stages
+            if n % stages or g % replicas or stages == base.dist.pipeline_stages:
+                continue
+            rows = g // replicas
+            batch = max(b for b in range(1, min(want, rows) + 1) if rows % b == 0)
+            out.append(Trial(Split(g, n, batch, rows // batch, False, "fp32", "none", stages),
+                             base.dist.ring_connections))
+        return out
 
     def measure(self, t: Trial) -> Trial:
         self.trials.append(t)
@@ -216,6 +264,9 @@ class Tuner:
                     t.status = "skipped (a smaller batch ran out of memory)"
                     pending.remove(t)
                 self.trials += same
+        for t in self.stage_candidates():
+            if self.fits(t):
+                self.measure(t)
         best = self.best()
         if best is not None and self.multi_host:
             for k in (2, 4):

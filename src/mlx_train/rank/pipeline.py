@@ -370,6 +370,7 @@ class Pipeline:
             shares, whole = [c / total for c in counts], total / max(sum(counts), 1)
         self._comm_s = 0.0
         grads, loss = self._run(batches, shares)
+        idle = self._comm_s  # so far only the schedule's own transfers: the stage's waits in it
         if self.at.replicas > 1:
             t = time.perf_counter()
             grads = self._replicas_sum(grads)
@@ -400,7 +401,8 @@ class Pipeline:
             _assign(self.params, self.optimizer.apply_gradients(grads, self.params))
         mx.eval(self.params, self.optimizer.state)
         total_s = time.perf_counter() - t0
-        return StepStats(float(loss.item()), float(norm.item()), total_s - self._comm_s, self._comm_s, skipped)
+        return StepStats(float(loss.item()), float(norm.item()), total_s - self._comm_s, self._comm_s, skipped,
+                         idle_s=idle)
 
     def evaluate(self, batches: Iterable[Tuple[Any, Any]]) -> mx.array:
         """The replica's mean loss over `batches` (every stage given the same ones), forward only,

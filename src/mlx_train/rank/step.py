@@ -64,6 +64,9 @@ class StepStats:
     # Of compute_s, the forward and backward passes alone: the part that grows with the rank's rows
     # (--shares auto measures a rank's speed by it, and the rest, the update, as the rank's fixed part).
     grad_s: float = 0.0
+    # A pipeline stage's (rank/pipeline.py): of comm_s, its waits inside the 1F1B schedule (for its
+    # neighbours' activations and gradients, the transfers included): its share of the bubble.
+    idle_s: float = 0.0
 
 
 class Stepper:

@@ -224,8 +224,10 @@ class Trainer:
         compute_s = sum(w[1].compute_s for w in window) / len(window)
         comm_s = sum(w[1].comm_s for w in window) / len(window)
         # Each rank's own compute and sync times travel in the same gather (microseconds).
-        mine = mx.array([mx.get_peak_memory(), checksum, round(compute_s * 1e6), round(comm_s * 1e6)], dtype=mx.int64)
-        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 4)
+        idle_s = sum(w[1].idle_s for w in window) / len(window)  # a pipeline stage's waits in its schedule
+        mine = mx.array([mx.get_peak_memory(), checksum, round(compute_s * 1e6), round(comm_s * 1e6),
+                         round(idle_s * 1e6)], dtype=mx.int64)
+        everyone = np.array(mx.distributed.all_gather(mine, group=self.group) if self.size > 1 else mine).reshape(-1, 5)
         ranks_compute, ranks_comm = everyone[:, 2] / 1e6, everyone[:, 3] / 1e6
         record = {
             "step": step, "loss": loss, "lr": current_lr(self.optimizer),
@@ -241,6 +243,8 @@ class Trainer:
             "peak_memory": [int(v) for v in everyone[:, 0]],
             "param_checksum": [int(v) for v in everyone[:, 1]],
         }
+        if self.cfg.dist.pipeline_stages > 1:
+            record["stage_idle_s"] = [float(v) for v in everyone[:, 4] / 1e6]
         if self.rank == 0:
             protocol.emit(protocol.Metrics(**record, val_loss=val_loss, sample=text))
 

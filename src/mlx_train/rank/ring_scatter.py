@@ -15,8 +15,14 @@ first; the odd receive first: its send takes the received array as a dependency)
 neighbours wait on each other.
 
 On the ring backend sends and receives run on two CPU streams of their own (each is a thread),
-so a round's outgoing and incoming chunks travel at once. MPI is initialised without thread support: there everything runs on the default stream. Each rank moves
-(N - 1)/N of the buffer, half of an all_sum's 2 (N - 1)/N.
+so a round's outgoing and incoming chunks travel at once. MPI is initialised without thread
+support: there everything runs on the default stream. Each rank moves (N - 1)/N of the buffer,
+half of an all_sum's 2 (N - 1)/N. A receive also waits, on its stream, behind an op that waits
+for the buffer: queued early, it would otherwise run while the forward's all_gather is still on
+the same sockets. The caller orders the whole against its other collectives (fullshard: through
+the cotangents): two of these left unordered in one graph would share the streams in any order.
+
+Belongs in rank/collectives.py beside its evaluated ring, once that module is free to change.
 
 The result is this rank's slice, `collectives.shard_bounds`, of the sum of every rank's `x`: the
 last round's sum, a new array (not a view of `x`). Three ranks sum in another order than the
@@ -51,7 +57,9 @@ def sum_scatter(x: mx.array, group: mx.distributed.Group, duplex: bool) -> mx.ar
     chunk = x.size // n
     right, left = (r + 1) % n, (r - 1) % n
     rows = x.reshape(n, chunk)
-    piece = lambda i: rows[i % n]  # noqa: E731
+    # Each own chunk a copy (a one-row take), not a view: a sum may take an input's buffer over,
+    # and a view's buffer is the whole cotangent, which the result would then keep to the update.
+    piece = lambda i: mx.take(rows, mx.array([i % n]), axis=0).reshape(-1)  # noqa: E731
     send_stream, recv_stream = _streams() if duplex else (None, None)
     receive_first = not duplex and r % 2 == 1
     # Round s sends the partial sum of chunk r - s - 1 (its own copy at s = 0) and receives that of

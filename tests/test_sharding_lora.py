@@ -7,8 +7,8 @@ adapters, unsharded and at `full`, from the same seed and data, and reports per 
 (hf.write_adapters, as the trainer does: the same files and keys, close values), and what it
 holds between steps (the MLX memory in use after a step, less what was in use before the model
 was built): the base in halves, the slices' bytes against the base's. The gather's choice of
-reduce-scatter (the backend's sum_scatter on NCCL/JACCL, else an all_sum) is checked by name
-only: neither backend runs here, and sum_scatter is never called on ring.
+reduce-scatter (the backend's sum_scatter on NCCL/JACCL, a ring of send/recv on ring and MPI, else
+an all_sum) is checked by name; the ring's runs in the training above, sum_scatter never here.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ offload), against
 ZeRO's formulas per rank: data parallel's all-reduce sends 2(N-1)/N x the gradient bytes, the
 `optimizer` and `gradients` levels the same, `full` 1.5x that; and against what this code's way
 of moving them sends (`built_bytes`: at `optimizer` and `gradients` a ring reduce-scatter and an
-all-gather, (N-1)/N of the buffer each; at `full` the reduce-scatter inside the backward is an all_sum).
+all-gather, (N-1)/N of the buffer each; at `full` the reduce-scatter inside the backward is a ring's, or
+an all_sum's twice that where fullshard.scatter_of picks the all_sum).
 Prints one JSON line (rank 0's rows and the run's facts; a fleet run also writes it to
 bench/shard_fleet.json); the limits are removed, and the fleet brought down unless it was up,
 after each rate.
@@ -124,7 +125,8 @@ def rank_main(a: dict) -> None:
         """What rank/spread.py and rank/fullshard.py send per step: an all_sum 2 x share of its
         buffer, a ring reduce-scatter or an all-gather 1 x share."""
         allreduce = dp_bytes if sp.level == "none" else 0.0
-        return allreduce + share * sp.gathered_bytes + (2 if sp.level == "full" else 1) * share * sp.scattered_bytes
+        all_sum = getattr(sp, "scatter", None) == "all_sum"  # full's backward by all_sum: twice a ring's bytes
+        return allreduce + share * sp.gathered_bytes + (2 if all_sum else 1) * share * sp.scattered_bytes
     rows = []
     for level in levels:
         s, count = steppers[level], len(times[level])

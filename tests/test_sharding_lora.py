@@ -7,8 +7,8 @@ adapters, unsharded and at `full`, from the same seed and data, and reports per 
 (hf.write_adapters, as the trainer does: the same files and keys, close values), and what it
 holds between steps (the MLX memory in use after a step, less what was in use before the model
 was built): the base in halves, the slices' bytes against the base's. The gather's choice of
-reduce-scatter (the backend's sum_scatter on NCCL/JACCL, else an all_sum) is checked by name
-only: neither backend runs here, and sum_scatter is never called on ring.
+reduce-scatter (the backend's sum_scatter on NCCL/JACCL, a ring of send/recv on ring and MPI, else
+an all_sum) is checked by name; the ring's runs in the training above, sum_scatter never here.
 """
 
 from __future__ import annotations
@@ -125,14 +125,16 @@ def test_full_shard_slices_a_lora_base_and_trains_its_adapters_as_unsharded(tmp_
             assert none["held"] > full["base_bytes"], where
             assert full["held"] <= none["held"] / 2 + 32 * 1024, \
                 f"{where}: holds {full['held']} bytes between steps, the unsharded run {none['held']}"
-            assert full["scatter"] == "all_sum", f"{where}: ring has no sum_scatter"
+            assert full["scatter"] == "ring", f"{where}: ring has no sum_scatter: a ring of send/recv"
 
 
 def test_the_gather_reduce_scatters_with_sum_scatter_only_where_the_backend_has_it():
     from mlx_train.rank import fullshard
 
     assert fullshard.scatter_of("nccl") == fullshard.scatter_of("jaccl") == fullshard.SUM_SCATTER
-    for backend in ("ring", "mpi", "any", None):  # never tried where absent: on ring it may hang
+    for backend in ("ring", "mpi"):  # never tried where absent: on ring it may hang
+        assert fullshard.scatter_of(backend) == fullshard.RING, backend
+    for backend in ("any", None):  # an unknown backend: the all_sum, which runs on every one
         assert fullshard.scatter_of(backend) == fullshard.ALL_SUM, backend
     # The Stepper's backend reaches every trainable group's gather (one process: nothing is gathered,
     # so this shows the choice made, not sum_scatter run); frozen groups scatter nothing.
@@ -141,7 +143,7 @@ def test_the_gather_reduce_scatters_with_sum_scatter_only_where_the_backend_has_
     from mlx_train.config import ModelConfig
     from mlx_train.rank.model import build_model
 
-    for backend, how in (("jaccl", fullshard.SUM_SCATTER), ("ring", fullshard.ALL_SUM)):
+    for backend, how in (("jaccl", fullshard.SUM_SCATTER), ("ring", fullshard.RING), (None, fullshard.ALL_SUM)):
         model, _ = build_model(ModelConfig(n_layers=2, d_model=16, n_heads=2, seq_len=8))
         spread = fullshard.FullShard("full", optim.AdamW(1e-3), 0.0, None, backend=backend)
         spread.own(model, model.trainable_parameters())

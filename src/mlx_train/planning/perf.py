@@ -164,9 +164,9 @@ def scaling_table(micro_batch_s: float, grad_bytes: float, links: Sequence[Link]
 # reduce-scatters the gradients, 1.5x. Full sharding does that for every micro-batch.
 ZERO_TRAFFIC = {"none": 1.0, "optimizer": 1.0, "gradients": 1.0, "full": 1.5}
 # What this code sends (measured on the test fleet's interfaces, bench/shard_fleet.py): `optimizer`
-# and `gradients` reduce-scatter and all-gather (0.5 + 0.5); `full` reduce-scatters inside the
-# backward by an all_sum, which moves twice a reduce-scatter's bytes (0.5 + 0.5 + 1).
-BUILT_TRAFFIC = {"none": 1.0, "optimizer": 1.0, "gradients": 1.0, "full": 2.0}
+# and `gradients` reduce-scatter and all-gather (0.5 + 0.5); `full` reduce-scatters inside the backward
+# by a ring of send/recv on ring and MPI (sum_scatter on JACCL, NCCL), ZeRO's bytes (0.5 + 0.5 + 0.5).
+BUILT_TRAFFIC = {"none": 1.0, "optimizer": 1.0, "gradients": 1.0, "full": 1.5}
 # Collectives a step makes, each 2(N-1) hops of latency at most: per group at `full` two gathers and a
 # reduce-scatter per micro-batch.
 _CALLS = {"none": 1, "optimizer": 2, "gradients": 2}

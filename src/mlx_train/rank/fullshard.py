@@ -10,14 +10,17 @@ whose call gathers the block's buffer (mx.distributed.all_gather), shapes it int
 tensors, casts them to the compute dtype, runs the block, and is wrapped whole in mx.checkpoint:
 the gathered weights are not kept for the backward, which gathers them again (FSDP's second
 gather), so at most one block is whole at a time (plus the other group, gathered once per
-forward). The gather's vjp is this rank's slice of the all_sum of the cotangent: MLX's own
-all_gather vjp keeps the own slice of the own cotangent, no sum (checked on 0.32.4), so a custom
-one gives the reduce-scatter, built from all_sum because a collective inside one lazy graph must
-have inputs to order it (rank/collectives.py). The gradients arrive already summed over the ranks,
-one slice per group: the norm is sqrt(all_sum of each slice's sum of squares), AdamW updates the
-slices, and nothing is gathered after the update (the next forward does). Where the backend has
-sum_scatter (NCCL, JACCL: `scatter_of`, by the backend's name) the vjp is that one collective
-instead, (N-1)/N of the bytes where the all_sum moves 2(N-1)/N.
+forward). The gather's vjp is the reduce-scatter of the cotangent: MLX's own all_gather vjp keeps
+the own slice of the own cotangent, no sum (checked on 0.32.4), so a custom one sums. On ring and
+MPI it is a ring of send/recv held in the backward's lazy graph (rank/ring_scatter.py: its
+receives ordered by dependencies, since a receive has no inputs), (N-1)/N of the bytes; where the
+backend has sum_scatter (NCCL, JACCL) that one collective; on a backend of unknown name this
+rank's slice of an all_sum, 2(N-1)/N (`scatter_of`, by the backend's name). The order of every
+collective against the others (the ring's two streams run beside the default one) is the
+wrapper's: each block's gathers wait for what comes before them, and the cotangent it passes on
+for its reduce-scatter. The gradients arrive already summed over the ranks, one slice per group:
+the norm is sqrt(all_sum of each slice's sum of squares), AdamW updates the slices, and nothing is
+gathered after the update (the next forward does).
 
 Under LoRA/DoRA/QLoRA the frozen base is held in slices too: each group's frozen leaves are one
 flat buffer per dtype (a quantized base's packed uint32 weights apart from its float scales and
@@ -49,12 +52,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.errors import UserError
-from mlx_train.rank import checkpoint, collectives
+from mlx_train.rank import checkpoint, collectives, ring_scatter
 from mlx_train.rank.spread import Spread, _leaves
 
 REST = "rest"  # the group of the parameters outside the blocks
 BLOCKS = "blocks"
-SUM_SCATTER, ALL_SUM = "sum_scatter", "all_sum"  # how a trainable group's gradient is reduce-scattered
+# How a trainable group's gradient is reduce-scattered (scatter_of): the backend's sum_scatter, a
+# ring of send/recv inside the backward's graph (ring_scatter.py), or one all_sum keeping a slice.
+SUM_SCATTER, RING, ALL_SUM = "sum_scatter", "ring", "all_sum"
 
 
 class Flat:
@@ -62,7 +67,8 @@ class Flat:
     rank's [lo, hi) slice of it; `keys` name the leaves (in order) relative to `prefix`."""
 
     def __init__(self, prefix: str, leaves: List[tuple], world: int, rank: int,
-                 group: Optional[mx.distributed.Group], scatter: Optional[str] = ALL_SUM):
+                 group: Optional[mx.distributed.Group], scatter: Optional[str] = ALL_SUM,
+                 backend: Optional[str] = None):
         self.prefix, self.group, self.world = prefix, group, world
         self.keys = [k for k, _ in leaves]
         self.shapes = [v.shape for _, v in leaves]
@@ -82,7 +88,7 @@ class Flat:
         elif scatter is None:
             self.gather = lambda s: mx.stop_gradient(mx.distributed.all_gather(s, group=group))
         else:
-            self.gather = _gatherer(group, self.lo, self.hi, scatter)
+            self.gather = _gatherer(group, self.lo, self.hi, scatter, duplex=backend == "ring")
 
     @property
     def full_keys(self) -> List[str]:
@@ -122,10 +128,14 @@ class Flat:
 
 def scatter_of(backend: Optional[str]) -> str:
     """How the gather's vjp reduce-scatters on `backend` (the name the group was made with):
-    the backend's own sum_scatter where it has one (NCCL, JACCL), else an all_sum keeping this
-    rank's slice. Chosen by name, never by trying it (rank/collectives.py: on ring it raises at
-    best and hangs at worst); an unknown name ("any", None) takes the all_sum, which runs everywhere."""
-    return SUM_SCATTER if collectives.has_sum_scatter(backend) else ALL_SUM
+    the backend's own sum_scatter where it has one (NCCL, JACCL); on ring and MPI a ring of
+    send/recv in the backward's graph ((N - 1)/N of the bytes, rank/ring_scatter.py); else an
+    all_sum keeping this rank's slice. Chosen by name, never by trying it (rank/collectives.py:
+    sum_scatter on ring raises at best and hangs at worst); an unknown name ("any", None) takes
+    the all_sum, which runs everywhere."""
+    if collectives.has_sum_scatter(backend):
+        return SUM_SCATTER
+    return RING if backend in ring_scatter.BACKENDS else ALL_SUM
 
 
 def _frozen_flats(prefix: str, leaves: List[tuple], world: int, rank: int,
@@ -138,9 +148,11 @@ def _frozen_flats(prefix: str, leaves: List[tuple], world: int, rank: int,
     return [Flat(prefix, part, world, rank, group, scatter=None) for part in by_dtype.values()]
 
 
-def _gatherer(group: mx.distributed.Group, lo: int, hi: int, scatter: str) -> Callable[[mx.array], mx.array]:
+def _gatherer(group: mx.distributed.Group, lo: int, hi: int, scatter: str,
+              duplex: bool = False) -> Callable[[mx.array], mx.array]:
     """all_gather whose vjp is the reduce-scatter of the cotangent: the backend's sum_scatter
-    (`scatter` SUM_SCATTER), or this rank's slice of its all_sum (ALL_SUM)."""
+    (`scatter` SUM_SCATTER), a ring of send/recv (RING; `duplex`: on the ring backend, sends and
+    receives on streams of their own), or this rank's slice of its all_sum (ALL_SUM)."""
     @mx.custom_function
     def gather(shard):
         return mx.distributed.all_gather(shard, group=group)
@@ -152,6 +164,8 @@ def _gatherer(group: mx.distributed.Group, lo: int, hi: int, scatter: str) -> Ca
         # view's buffer over) or a sum over a length-1 axis. A gather of one row allocates its own.
         if scatter == SUM_SCATTER:
             return (mx.distributed.sum_scatter(cotangent, group=group),)  # a new array of the slice alone
+        if scatter == RING:
+            return (ring_scatter.sum_scatter(cotangent, group, duplex),)  # the last round's sum: a new array
         summed = mx.distributed.all_sum(cotangent, group=group).reshape(-1, hi - lo)
         return (mx.take(summed, mx.array([lo // (hi - lo)]), axis=0).reshape(-1),)
 
@@ -275,12 +289,12 @@ class FullShard(Spread):
             inside.update(prefix + k for k, _ in leaves + fixed)
             index.append(len(self.flats) if leaves else None)
             if leaves:
-                self.flats.append(Flat(prefix, leaves, self.world, rank, self.group, self.scatter))
+                self.flats.append(Flat(prefix, leaves, self.world, rank, self.group, self.scatter, self.backend))
             block_frozen.append(_frozen_flats(prefix, fixed, self.world, rank, self.group))
         if not self.flats:
             raise UserError("--shard full: no block has trainable parameters (--lora-layers 0?)")
         rest = [(k, v) for k, v in whole if k not in inside]
-        self.rest = Flat("", rest, self.world, rank, self.group, self.scatter) if rest else None
+        self.rest = Flat("", rest, self.world, rank, self.group, self.scatter, self.backend) if rest else None
         self.rest_frozen = _frozen_flats("", [(k, v) for k, v in frozen if k not in inside], self.world, rank,
                                          self.group)
         frozen_whole = dict(frozen)

@@ -81,6 +81,8 @@ UPDATE_TEMPORARIES = 4
 # all-reduce's packed send buffer and its sum beside the gradient tree: data parallel ~1.7 copies more
 # (the same at 2 and 3 ranks; it replaces the 1 copy bf16 was measured to add before the buckets).
 SYNC_COPIES = 1.7
+# `full`'s in-graph ring reduce-scatter: one layer's gradient more at the backward's peak (above).
+RING_SCATTER_COPIES = 1.0
 # The update peak of the sharded levels below `full` with more than one device, in copies of the
 # trainable parameters as (whole, divided by N), AdamW's two moments included: fitted on the same
 # measurements (GPT rows; the llama's checked against them). Both levels reduce-scatter; `optimizer`
@@ -490,6 +492,11 @@ def _sharded_step_memory(shape, batch: int, accumulation: int, checkpointing: bo
     optimizer_state = int(k * per * P / n)
     accumulator = int(per * P * g_share) if accumulation > 1 else 0
     bucket = per * layer if shard_g else 0  # one layer's gradient before its reduce-scatter
+    if shard_p and n > 1:
+        # `full`'s ring reduce-scatter in the backward (rank/ring_scatter.py) has all its rounds queued
+        # at once, and MLX allocates an op's output when it is queued: the rounds' receive buffers and
+        # sums sit beside the block's gradient, up to one more (measured 2.0-3.1 MiB on a 3 MiB block).
+        bucket += int(RING_SCATTER_COPIES * per * layer)
     activations = activation_bytes(shape, batch, bool(checkpointing), precision)
 
     backward_peak = parameters + optimizer_state + accumulator + bucket + activations

@@ -438,6 +438,27 @@ def remove_temporaries(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def mark_here(root: Path, nonce: int, rank: int) -> Optional[Path]:
+    """Leave `rank`'s mark for this launch (`nonce`) in the checkpoints directory as this host sees
+    it; None when the storage refuses it (that rank keeps no copy)."""
+    mark = Path(root) / f"{_MARK}{nonce}-{rank}"
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    except OSError:
+        return None
+    return mark
+
+
+def first_here(root: Path, nonce: int, size: int) -> int:
+    """The lowest rank whose mark of this launch this host sees in `root`: ranks that see the same
+    one write to the same storage (one directory on a shared disk, or one host's own disk)."""
+    return next((r for r in range(size) if (Path(root) / f"{_MARK}{nonce}-{r}").exists()), -1)
+
+
+_MARK = ".here-"
+
+
 def list_steps(root: Path) -> List[Path]:
     """Checkpoint directories, oldest first (temporary ones excluded)."""
     if not root.is_dir():

@@ -10,6 +10,11 @@ The files are streamed (`Stream`): each safetensors header is written first from
 comes, so a fully sharded run's rank 0 writes one gathered piece at a time and never holds the
 whole (the trainer hands the pieces to its writer thread through a `Handoff`).
 
+Rank 0 writes them, and where some rank's checkpoints directory is not rank 0's (hosts without a
+shared disk) the lowest such rank, the mirror, writes the same files into its own
+(rank/trainer.py find_stores: each rank's mark, `mark_here`/`first_here`, says which ranks share a
+directory); a restore reads the newest intact copy wherever it is.
+
 The manifest's `meta` records the run's identity (TrainConfig.identity()); a resume refuses a
 checkpoint whose identity differs from the run's (`identity_mismatch`). No RNG state is stored:
 the data order is a pure function of (seed, step) and the trainer reseeds the RNG every step.

@@ -421,12 +421,19 @@ class Supervisor:
         if msg.checkpoint is None:
             self.run.event(Event.RESUME, step=0, note="no checkpoint yet: starting from scratch")
         else:
-            self.run.event(Event.RESUME, step=msg.step, checkpoint=msg.checkpoint)
+            # The rank that read it holds the newest copy (rank/trainer.py restore): on a fleet
+            # without a shared disk, the host's own disk it came from.
+            self.run.event(Event.RESUME, step=msg.step, checkpoint=msg.checkpoint, rank=rank, host=s.group.host_of(rank))
         s.step = msg.step
 
     def _on_checkpoint(self, s: _State, rank: int, msg: protocol.Checkpoint) -> Optional[Outcome]:
         extra = {k: v for k, v in (("agreed", msg.agreed), ("stall_s", msg.stall_s), ("write_s", msg.write_s))
                  if v is not None}
+        if rank != 0:
+            # The mirror's copy on its own host's storage (rank/trainer.py find_stores): where the
+            # checkpoint also lives; rank 0's own report is the one that counts.
+            self.run.event(Event.CHECKPOINT, step=msg.step, mirror=s.group.host_of(rank), rank=rank, **extra)
+            return None
         self.run.event(Event.CHECKPOINT, step=msg.step, **extra)
         if msg.write_s is not None:
             # Written in the background: the rank's checkpoint phases are only its waits for a write,

@@ -10,6 +10,11 @@ The files are streamed (`Stream`): each safetensors header is written first from
 comes, so a fully sharded run's rank 0 writes one gathered piece at a time and never holds the
 whole (the trainer hands the pieces to its writer thread through a `Handoff`).
 
+Rank 0 writes them, and where some rank's checkpoints directory is not rank 0's (hosts without a
+shared disk) the lowest such rank, the mirror, writes the same files into its own
+(rank/trainer.py find_stores: each rank's mark, `mark_here`/`first_here`, says which ranks share a
+directory); a restore reads the newest intact copy wherever it is.
+
 The manifest's `meta` records the run's identity (TrainConfig.identity()); a resume refuses a
 checkpoint whose identity differs from the run's (`identity_mismatch`). No RNG state is stored:
 the data order is a pure function of (seed, step) and the trainer reseeds the RNG every step.
@@ -436,6 +441,27 @@ def remove_temporaries(root: Path) -> None:
         for p in root.iterdir():
             if p.name.startswith(f".tmp-{_PREFIX}") and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def mark_here(root: Path, nonce: int, rank: int) -> Optional[Path]:
+    """Leave `rank`'s mark for this launch (`nonce`) in the checkpoints directory as this host sees
+    it; None when the storage refuses it (that rank keeps no copy)."""
+    mark = Path(root) / f"{_MARK}{nonce}-{rank}"
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    except OSError:
+        return None
+    return mark
+
+
+def first_here(root: Path, nonce: int, size: int) -> int:
+    """The lowest rank whose mark of this launch this host sees in `root`: ranks that see the same
+    one write to the same storage (one directory on a shared disk, or one host's own disk)."""
+    return next((r for r in range(size) if (Path(root) / f"{_MARK}{nonce}-{r}").exists()), -1)
+
+
+_MARK = ".here-"
 
 
 def list_steps(root: Path) -> List[Path]:

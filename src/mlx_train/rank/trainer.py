@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import zlib
@@ -86,7 +87,9 @@ class Trainer:
         self.faults = inject.Faults.from_env(self.stepper, self.rank)  # the tests' faults, off unless set
         self.bad_steps = BadSteps()
         self.spike = LossSpike(cfg.loss_spike)
-        self.writer = checkpoint.Writer()  # rank 0 writes checkpoints beside the training loop
+        self.writer = checkpoint.Writer()  # rank 0 (and the mirror) write checkpoints beside the training loop
+        self.mirror: Optional[int] = None  # the rank that writes a copy on other storage (find_stores)
+        self.source = 0  # the rank whose values broadcast() sends: at restore, the checkpoint's holder
         self.pending: Optional[dict] = None  # what the write in progress is of
         self.tokens_per_step = cfg.dist.global_batch_size * cfg.model.seq_len
         # The embedded byte-level GPT shows a text sample at each evaluation (rank/sample.py).
@@ -138,7 +141,13 @@ class Trainer:
 
     def run(self, resume: bool = False, stop_after: Optional[int] = None) -> None:
         cfg = self.cfg
-        step = self.restore() if resume else 0
+        stores = self.find_stores()
+        # The lowest rank on storage other than rank 0's writes the same files there too: a host lost
+        # with its disk (rank 0's or the mirror's) leaves every checkpoint on the other.
+        self.mirror = next((r for r in stores if r != 0), None)
+        if self.rank == 0 and self.mirror is not None:
+            self.say(f"checkpoints: rank 0 and rank {self.mirror} (a mirror on other storage) write each one")
+        step = self.restore(stores) if resume else 0
         protocol.emit(protocol.Start(step=step, steps=cfg.steps, params=self.n_params,
                                      global_batch=cfg.dist.global_batch_size))
         window: List[tuple] = []
@@ -273,11 +282,29 @@ class Trainer:
             sys.exit(protocol.EXIT_OUT_OF_MEMORY)
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def find_stores(self) -> List[int]:
+        """The ranks that keep checkpoints on storage of their own, lowest first: for each storage
+        its lowest rank (ranks on one host, or on hosts sharing the run directory's disk, count
+        once). Each rank leaves a mark of this launch in its checkpoints directory and the ranks
+        say which marks they see: a few bytes in collectives, no socket of our own."""
+        if self.size == 1:
+            return [0]
+        nonce = int.from_bytes(os.urandom(4), "little") >> 1 if self.rank == 0 else 0
+        nonce = int(self.broadcast(mx.array(nonce, dtype=mx.int64)).item())
+        mark = checkpoint.mark_here(self.ckpt_root, nonce, self.rank)
+        mx.eval(self.all_sum(mx.array(1)))  # every mark is down before any is looked for
+        first = checkpoint.first_here(self.ckpt_root, nonce, self.size) if mark is not None else -1
+        seen = np.array(mx.distributed.all_gather(mx.array([first], dtype=mx.int64), group=self.group)).tolist()
+        if mark is not None:  # every rank has looked (the gather): the marks can go
+            mark.unlink(missing_ok=True)
+        return [r for r, first in enumerate(seen) if first == r]
+
     def save(self, step: int) -> None:
-        """Checkpoint `step`: every rank's checksum goes with it; rank 0 writes the files piece by
-        piece as the pieces come, in the background (finish_write reports it)."""
+        """Checkpoint `step`: every rank's checksum goes with it; rank 0 (and the mirror, on its own
+        storage) writes the files piece by piece as the pieces come, in the background
+        (finish_write reports it). The mirror's pieces are the ones every rank receives anyway."""
         t0 = time.perf_counter()
-        keep = self.rank == 0
+        keep = self.rank == 0 or self.rank == self.mirror
         if keep:
             # One write at a time: the previous one ends first. Only that wait is announced to the
             # watchdog as a checkpoint phase (handing the pieces over takes about a step), so the
@@ -403,19 +430,25 @@ class Trainer:
 
     def _write_failed(self, step: int, exc: Exception) -> None:
         kept = checkpoint.list_steps(self.ckpt_root)
+        copy = "" if self.rank == 0 else f"the mirror's copy (rank {self.rank}): "
         protocol.emit(protocol.RankWarning(Event.CHECKPOINT_FAILED, {"step": step, "reason": (
-            f"{exc}; {'the newest checkpoint is still ' + kept[-1].name if kept else 'no checkpoint yet'}, "
+            f"{copy}{exc}; {'the newest checkpoint is still ' + kept[-1].name if kept else 'no checkpoint yet'}, "
             "training goes on and the next checkpoint interval tries again")}))
 
-    def restore(self) -> int:
-        """Load the newest intact checkpoint on rank 0 and hand it to every rank; return its step.
+    def restore(self, stores: Optional[List[int]] = None) -> int:
+        """Load the newest intact checkpoint and hand it to every rank; return its step.
 
-        MLX has no broadcast, so rank 0 contributes the values and the others -0.0 to an all_sum
+        Each storage's lowest rank (`stores`: rank 0's, and another host's own disk) looks for its
+        newest intact checkpoint; the one with the newest (rank 0 on a tie) is the holder, which
+        reads it. So a run relaunched after rank 0's host was lost with its disk resumes from the
+        mirror's copy wherever that rank now is.
+
+        MLX has no broadcast, so the holder contributes the values and the others -0.0 to an all_sum
         (x + -0.0 == x bit for bit, signed zeros included), which keeps resumption exact: one per
         piece of the step's (Spread.piece_keys; at `full` a group's parameters or one moment).
         """
         found, mismatch = None, 0
-        if self.rank == 0:
+        if self.rank in (stores or [0]):
             checkpoint.remove_temporaries(self.ckpt_root)  # writes in the background may have been cut short
             result = checkpoint.load_latest(self.ckpt_root)
             for path, reason in result.skipped:
@@ -423,8 +456,15 @@ class Trainer:
             found = result.checkpoint
             if found is not None:
                 mismatch = checkpoint.identity_mismatch(found.meta, self.cfg.identity())
-        header = mx.array([found.step + 1 if found else 0, mismatch], dtype=mx.int32)
-        step, mismatch = (int(v) for v in self.broadcast(header).tolist())
+        header = [found.step + 1 if found else 0, mismatch]
+        if self.size > 1:
+            everyone = np.array(mx.distributed.all_gather(mx.array(header, dtype=mx.int64), group=self.group))
+            everyone = everyone.reshape(self.size, 2).tolist()
+            self.source = max(range(self.size), key=lambda r: (everyone[r][0], -r))
+            header = everyone[self.source]
+        if self.rank != self.source:
+            found = None  # an older copy on other storage: the holder's is sent
+        step, mismatch = header
         step -= 1
         if mismatch:
             # Every rank learns the verdict, so each exits with the same one-line error.
@@ -434,6 +474,7 @@ class Trainer:
         if step < 0:
             if self.rank == 0:
                 protocol.emit(protocol.Resumed(step=0))
+            self.source = 0
             return 0
         # Keep the model's own key order: gradient clipping sums the leaves in tree order, and a
         # different order rounds the norm differently, which would break exact resumption.
@@ -459,14 +500,15 @@ class Trainer:
         mx.eval(self.stepper.params, self.optimizer.state)
         self.restore_loss_mean(found.meta if found is not None else {})
         self.restore_rows(found.meta if found is not None else {})
-        if self.rank == 0:
+        if self.rank == self.source:  # the supervisor names the host it came from (another's than rank 0's)
             protocol.emit(protocol.Resumed(step=step, checkpoint=str(found.path)))
+        self.source = 0
         return step
 
     def restore_loss_mean(self, meta: dict) -> None:
         """Each rank's running loss mean (--loss-spike) as the checkpoint recorded it. A checkpoint of
         another number of ranks (an elastic resize) holds no mean for this split: warm up afresh."""
-        saved = meta.get("loss_mean") if self.rank == 0 else None
+        saved = meta.get("loss_mean") if self.rank == self.source else None
         rows = saved if isinstance(saved, list) and len(saved) == self.size else [[0, 0]] * self.size
         mine = self.broadcast(mx.array(rows, dtype=mx.int64)).tolist()[self.rank]
         self.spike.load(*mine)
@@ -477,7 +519,7 @@ class Trainer:
         and measure again."""
         if self.balancer is None:
             return
-        saved = meta.get("rows") if self.rank == 0 else None
+        saved = meta.get("rows") if self.rank == self.source else None
         G = self.cfg.dist.global_batch_size
         ok = isinstance(saved, list) and len(saved) == self.size and all(isinstance(r, int) and r > 0 for r in saved) \
             and sum(saved) == G
@@ -485,7 +527,8 @@ class Trainer:
         self.set_rows(self.broadcast(mx.array(rows, dtype=mx.int64)).tolist())
 
     def broadcast(self, x: mx.array) -> mx.array:
+        """`x` as rank `self.source` (rank 0 but while restoring) holds it, on every rank."""
         if self.size == 1:
             return x
-        mine = x if self.rank == 0 else mx.full(x.shape, -0.0 if mx.issubdtype(x.dtype, mx.floating) else 0, x.dtype)
+        mine = x if self.rank == self.source else mx.full(x.shape, -0.0 if mx.issubdtype(x.dtype, mx.floating) else 0, x.dtype)
         return mx.distributed.all_sum(mine, group=self.group)

@@ -106,10 +106,12 @@ def summarize(ms: list, settled: int = 12) -> dict:
     compute = [statistics.fmean(m["rank_compute_s"][r] for m in steady) for r in range(n)]
     comm = [statistics.fmean(m["rank_comm_s"][r] for m in steady) for r in range(n)]
     step = statistics.fmean(step_s)
-    # The step split: the slowest rank's compute, then the sync (the slowest rank arrives last and
-    # waits for no one: its sync, the least of any rank's, is the all_sum alone), and what is left
-    # (the data window, the balancer's bookkeeping, timing).
-    split = {"compute_s": max(compute), "sync_s": min(comm), "other_s": step - max(compute) - min(comm)}
+    # The step split, step by step: the slowest rank's compute, then the sync (the rank that arrives
+    # last waits for no one: the least of the ranks' sync times is the all_sum alone), and what is
+    # left (rank 0's wait for the others beyond that, the data window, the bookkeeping).
+    most = statistics.fmean(max(m["rank_compute_s"]) for m in steady)
+    least = statistics.fmean(min(m["rank_comm_s"]) for m in steady)
+    split = {"compute_s": most, "sync_s": least, "other_s": step - most - least}
     return {"steps": len(steady), "tokens_per_step": round(tokens), "step_s": statistics.fmean(step_s),
             "tokens_per_s": tokens * len(step_s) / sum(step_s),
             "whole_run_tokens_per_s": tokens * len(ms) / sum(m["step_time_s"] for m in ms),
@@ -148,7 +150,8 @@ SUMMARY = ("ratio", "ideal_ratio", "of_ideal", "ratios", "of_ideal_rounds", "com
 def main() -> None:
     args = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     rounds = int(args.get("rounds", 2))
-    configs = args.get("configs") or ([{"accumulation": 4, "steps": int(args["steps"])}] if "steps" in args else CONFIGS)
+    one = [{"accumulation": 4, "steps": int(args.get("steps", 30))}]
+    configs = args.get("configs") or (one if "steps" in args else CONFIGS)
     res = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": list(CPU), "rounds": rounds,
            "load": [round(os.getloadavg()[0], 1)]}

@@ -10,11 +10,7 @@ it first, so the slowest rank's fixed part plus its rows is as small as whole ro
 ever decides alone and no message besides that gather is needed. Hysteresis keeps the shares from flapping: a new
 split is taken only when it predicts a step at least GAIN faster than the split in force, and
 never more often than every EVERY steps. The first step after a start, a resume or a re-share is
-not measured (it traces the graphs of new micro-batch shapes). Each rank sends the median of its
-steps, not their mean: one step stretched by something else on the host (another program, a page
-fault storm, on the test fleet another job on its shared cores) would otherwise move rows for the
-next EVERY steps: on the test fleet a mean over nine steps, two of them stretched on one of two
-equal hosts, split 96 rows 55/33/8 where the medians gave 42/45/9 (bench/shares_fleet.py).
+not measured (it traces the graphs of new micro-batch shapes).
 
 Which samples form global batch n stays a function of (seed, n): only the cut of each global batch
 between the ranks moves, and the step's mathematics is the equal split's (rank/step.py).
@@ -22,7 +18,6 @@ between the ranks moves, and the step's mathematics is the equal split's (rank/s
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -87,37 +82,29 @@ class Balancer:
 
     def restart(self) -> None:
         """Forget the window: the next step traces new shapes and is not measured."""
-        self.per_row: List[float] = []  # each measured step's seconds per row
-        self.fixed_s: List[float] = []   # each measured step's fixed seconds
-        self.rows, self.fresh = 0, True
-
-    @property
-    def steps(self) -> int:
-        return len(self.per_row)
+        self.seconds, self.rows, self.fixed, self.steps, self.fresh = 0.0, 0, 0.0, 0, True
 
     def observe(self, seconds: float, rows: int, fixed: float = 0.0) -> None:
         """One step: `seconds` for its `rows` (forward and backward), `fixed` for the rest of its compute."""
         if self.fresh:
             self.fresh = False
             return
-        self.per_row.append(seconds / max(rows, 1))  # every rank counts every step: the gather's agreement
-        self.fixed_s.append(max(fixed, 0.0))
+        self.seconds += seconds
         self.rows += rows
+        self.fixed += max(fixed, 0.0)
+        self.steps += 1
 
     def after(self, step: int, rows: Sequence[int]) -> Optional[Measured]:
         """At a gather step (every rank alike: `step` and the count of measured steps are the same on
         every rank): every rank's speed, and the new split if it is worth taking."""
         if step % self.every or self.steps < self.min_steps:
             return None
-        # (seconds, rows, fixed seconds) as if every measured step had been the median one: the
-        # gather's format and its arithmetic on the far side stay those of sums.
-        everyone = self.gather([statistics.median(self.per_row) * self.rows, float(self.rows),
-                                statistics.median(self.fixed_s) * self.steps])
+        everyone = self.gather([self.seconds, float(self.rows), self.fixed])
         speeds = [r / s if s > 0 else 0.0 for s, r, _ in everyone]
         fixed = [f / self.steps for _, _, f in everyone]  # every rank measured the same number of steps
         chosen = propose(self.global_batch, rows, speeds, self.gain, fixed)
         if chosen is None:  # keep measuring from here: the next gather sees the latest speeds only
-            self.per_row, self.fixed_s, self.rows = [], [], 0
+            self.seconds, self.rows, self.fixed, self.steps = 0.0, 0, 0.0, 0
         else:
             self.restart()
         return Measured(speeds, chosen, fixed)

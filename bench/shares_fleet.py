@@ -18,6 +18,7 @@ on a 0.125 host is slow), then limits the hosts, runs `equal` and `auto` interle
 fleet down again unless it was up before. `bench/run.py --only shares` runs it; alone:
     PYTHONPATH=$PWD/src .venv/bin/python bench/shares_fleet.py '{"rounds": 2}'
     ... '{"rounds": 1, "configs": [{"accumulation": 4, "steps": 30}]}'
+    ... '{"cfs_period_us": 10000, "configs": [{"accumulation": 4, "steps": 30}], "out": "/tmp/p10.json"}'
 Writes bench/shares_fleet.json (this run's figures; the top level is the first configuration's,
 `configs` every one's) and prints the summary as JSON on its last line.
 """
@@ -150,10 +151,16 @@ SUMMARY = ("ratio", "ideal_ratio", "of_ideal", "ratios", "of_ideal_rounds", "com
 def main() -> None:
     args = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     rounds = int(args.get("rounds", 2))
+    # The quotas' CFS period (tools/fleet_limits.py; 100 ms): a shorter one holds a host off in shorter
+    # stretches, as a slower chip would be, not for most of 100 ms at a time (docs/performance.md).
+    period = int(args.get("cfs_period_us", fleet_tools.fleet_limits.PERIOD_US))
+    fleet_tools.fleet_limits.PERIOD_US = period
+    out = Path(args.get("out", OUT))
     one = [{"accumulation": 4, "steps": int(args.get("steps", 30))}]
     configs = args.get("configs") or (one if "steps" in args else CONFIGS)
     res = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": list(CPU), "rounds": rounds,
+           "cfs_period_us": period,
            "load": [round(os.getloadavg()[0], 1)]}
     runs = [{"equal": [], "auto": []} for _ in configs]
     with fleet_lock():
@@ -194,7 +201,7 @@ def main() -> None:
         raise SystemExit(f"no round finished: {json.dumps(res)[-2000:]}")
     first = res["configs"][0]
     res.update({k: first[k] for k in SUMMARY}, steps=first["steps"])
-    OUT.write_text(json.dumps(res, indent=1) + "\n")
+    out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({**{k: res[k] for k in (*SUMMARY, "cpu", "date", "seconds")},
                       "configs": [{k: c[k] for k in SUMMARY if k in c} for c in res["configs"]]}))
 

@@ -70,7 +70,7 @@ def main() -> None:
         # Root: a pipeline's bubble and step time on the fleet's tbf-limited links (docs/pipeline.md).
         ("pipeline", "pipeline_fleet.py", {}, {"rates": ["1gbit"]}),
         # The 3-host test fleet under CPU quotas (takes /tmp/mlx-fleet.lock itself; docs/performance.md).
-        ("shares", "shares_fleet.py", {}, {"rounds": 1, "steps": 30}),
+        ("shares", "shares_fleet.py", {}, {"rounds": 2}),  # accumulation 4 (30 steps) and 16 (24)
     ]
     unknown = set(only) - {key for key, *_ in steps}
     if unknown:
@@ -102,6 +102,17 @@ def main() -> None:
     RESULTS.write_text(json.dumps(res, indent=1))
     write_readme(res)
     print(table(res))
+
+
+def shares_rows(sh: dict | None, tok) -> list:
+    """One row per --shares configuration (accumulation 4 and 16; an older result: its one)."""
+    cpu = "/".join(f"{c:g}" for c in sh["cpu"]) if sh else ""
+    return [[f"training, 3 fleet hosts under CPU quotas {cpu} cores, micro-batch 8, accumulation "
+             f"{c.get('accumulation', 4)}, `--shares auto` (rows {c['auto_rows']}) vs `--shares equal` "
+             "(bench/shares_fleet.py)", f"equal {tok(c['equal_tokens_per_s'])}", tok(c["auto_tokens_per_s"]),
+             f"**{c['ratio']:.2f}x**", f">= 2x (ideal {c['ideal_ratio']:.2f}x: auto at {c['of_ideal']:.0%} of it"
+             + (f"; the sync {c['auto_sync_share']:.0%} of auto's step)" if "auto_sync_share" in c else ")")]
+            for c in ((sh.get("configs") or [sh]) if sh else []) if "error" not in c]
 
 
 def table(res: dict) -> str:
@@ -162,10 +173,7 @@ def table(res: dict) -> str:
          tok(s["tokens_per_s"]), f"**{s['tokens_per_s'] / r['tokens_per_s']:.1f}x**", "-"],
         *shard_rows(res.get("shard")),
         *pipeline_rows(res.get("pipeline")),
-        *([[f"training, 3 fleet hosts under CPU quotas {'/'.join(f'{c:g}' for c in sh['cpu'])} cores, "
-            f"`--shares auto` (rows {sh['auto_rows']}) vs `--shares equal` (bench/shares_fleet.py)",
-            f"equal {tok(sh['equal_tokens_per_s'])}", tok(sh["auto_tokens_per_s"]), f"**{sh['ratio']:.2f}x**",
-            f">= 2x (ideal {sh['ideal_ratio']:.2f}x: auto at {sh['of_ideal']:.0%} of it)"]] if (sh := res.get("shares")) else []),
+        *shares_rows(res.get("shares"), tok),
     ]
     when: dict = {}
     for key, t in res.get("remeasured", {}).items():

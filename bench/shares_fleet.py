@@ -151,7 +151,7 @@ SUMMARY = ("ratio", "ideal_ratio", "of_ideal", "ratios", "of_ideal_rounds", "com
 def main() -> None:
     args = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     rounds = int(args.get("rounds", 2))
-    # The quotas' CFS period (tools/fleet_limits.py; 100 ms): a shorter one holds a host off in shorter
+    # The quotas' CFS period (tools/fleet_limits.py; 10 ms): a shorter one holds a host off in shorter
     # stretches, as a slower chip would be, not for most of 100 ms at a time (docs/performance.md).
     period = int(args.get("cfs_period_us", fleet_tools.fleet_limits.PERIOD_US))
     fleet_tools.fleet_limits.PERIOD_US = period

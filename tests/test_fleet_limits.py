@@ -85,7 +85,7 @@ def test_v1_quota_and_limit_files(tmp_path):
     assert cg.version == "v1"
     cg.apply("h3", Limits(0.125, 2 * G), lambda: [4242])
     cpu, mem = tmp_path / "cpu/mlxfleet/h3", tmp_path / "memory/mlxfleet/h3"
-    assert (cpu / "cpu.cfs_quota_us").read_text() == "12500" and (cpu / "cpu.cfs_period_us").read_text() == "100000"
+    assert (cpu / "cpu.cfs_quota_us").read_text() == "1250" and (cpu / "cpu.cfs_period_us").read_text() == "10000"
     assert (mem / "memory.limit_in_bytes").read_text() == str(2 * G)
     assert (mem / "memory.memsw.limit_in_bytes").read_text() == str(2 * G)  # no escape into swap
     assert (cpu / "cgroup.procs").read_text() == (mem / "cgroup.procs").read_text() == "4242"
@@ -101,7 +101,7 @@ def test_v2_max_files_under_a_child_with_the_controllers_enabled(tmp_path):
     assert cg.version == "v2"
     cg.apply("h3", Limits(0.5, 6 * G), lambda: [4242])
     d = tmp_path / "mlxfleet/h3"
-    assert (d / "cpu.max").read_text() == "50000 100000" and (d / "memory.max").read_text() == str(6 * G)
+    assert (d / "cpu.max").read_text() == "5000 10000" and (d / "memory.max").read_text() == str(6 * G)
     assert (d / "memory.swap.max").read_text() == "0" and (d / "cgroup.procs").read_text() == "4242"
     # A fake file keeps only the last write; the kernel's accumulates "+cpu" then "+memory".
     assert (tmp_path / "mlxfleet/cgroup.subtree_control").read_text() == "+memory"

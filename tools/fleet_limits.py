@@ -23,7 +23,11 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "mlxfleet"  # one name for the machine, like the fleet's netns names: one fleet at a time
-PERIOD_US = 100_000
+# The CFS period of a host's CPU quota. A quota is enforced per period: at 0.125 cores and the
+# kernel's default 100 ms a host runs 12.5 ms and is then held off 87.5 ms, so a ring collective
+# with it waits most of a period, which no slower chip does. 10 ms spreads the same share finely
+# (bench/shares_fleet.py: the sync of the shares bench fell from 0.05-0.14 s to 0.025-0.034 s).
+PERIOD_US = 10_000
 MIN_MEMORY = 32 * 2**20  # below this an sshd and a shell do not start
 MAX_CPU = 1024.0
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}

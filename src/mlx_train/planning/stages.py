@@ -108,12 +108,20 @@ def stage_need(cfg: TrainConfig, shape, layers: range, stage: int, stages: int) 
     trainable = (whole.peak - frozen_whole - acts_whole) * _trainable_share(shape, layers, first, last)
     sub = dataclasses.replace(shape, n_layers=len(layers),
                               **({"lora_layers": _adapted_in(shape, layers)} if isinstance(shape, LMShape) else {}))
-    acts = activation_bytes(sub, d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
     if not last:  # the logits and the loss are the last stage's
-        no_head = dataclasses.replace(sub, vocab_size=1)
-        acts = activation_bytes(no_head, d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
+        sub = dataclasses.replace(sub, vocab_size=1)
+    acts = activation_bytes(sub, d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
+    # What one backward works in (a layer's internals, recomputed ones under checkpointing, the
+    # logits) is live once; what each forward in flight keeps for its backward (its layers' saved
+    # tensors) is held per micro-batch in flight, as stage_memory counts the GPT's.
+    def at(n: int) -> int:  # the counts are linear in the layers: what is left at none is live
+        return activation_bytes(dataclasses.replace(sub, n_layers=n, **({"lora_layers": 0} if isinstance(sub, LMShape)
+                                                                        else {})),
+                                d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
+
+    live = max(0, 2 * at(1) - at(2))
     in_flight = min(stages - stage, d.gradient_accumulation)
-    return int(_frozen(shape, layers, first, last) + trainable + acts * in_flight)
+    return int(_frozen(shape, layers, first, last) + trainable + (acts - live) * in_flight + live)
 
 
 def peak(cfg: TrainConfig) -> int:

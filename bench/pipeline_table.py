@@ -12,7 +12,8 @@ GPU working set and planner safety share as bench/shard_table.py), at the longes
   per Mac, and its step time: one Mac's compute of its rows plus the level's sync (perf.shard_sync_s;
   at `full` under LoRA the frozen base is gathered too, twice per micro-batch);
 - pipelined: the fewest stages S (dividing the Macs; the rest data-parallel replicas) at which every
-  stage fits, the planner's modes in order and the largest micro-batch, its largest stage's memory,
+  stage fits (its step and its checkpoint's gather of the whole trainable state, stages.plan's
+  test), the planner's modes in order and the largest micro-batch, its largest stage's memory,
   and its step (stages.pipeline_step_s): one Mac's compute of a replica's rows over S stages, times
   1F1B's (M+S-1)/M, plus an activation forward and a gradient back per schedule slot at the link's
   rate, plus the replicas' all_sum of the whole model's gradients when R > 1.
@@ -101,7 +102,8 @@ def pipelined(shape, macs: int, g: int, usable: float) -> Optional[tuple]:
         for prec, ckpt in MODES:
             for b in _divisors_desc(rows):
                 cfg = _cfg(b, rows // b, macs, s, prec, ckpt)
-                need = max(stages.stage_need(cfg, shape, r, i, s) for i, r in enumerate(layers)) + RUNTIME_OVERHEAD
+                need = max(max(stages.stage_need(cfg, shape, r, i, s), stages.checkpoint_need(shape, r, i, s))
+                           for i, r in enumerate(layers)) + RUNTIME_OVERHEAD
                 if need <= usable:
                     return s, b, rows // b, prec, ckpt, need
     return None

@@ -19,7 +19,7 @@ from mlx_train.controller.run import plan_for_budget
 from mlx_train.errors import UserError
 from mlx_train.fleet.hosts import Host
 from mlx_train.planning import oom, stages
-from mlx_train.planning.planner import MemoryOptimizer
+from mlx_train.planning.planner import MemoryOptimizer, model_shape
 
 MiB = 2**20
 GiB = 2**30
@@ -39,24 +39,30 @@ def _hosts(n=2, speed=None):
 
 
 def test_optimize_memory_pipelines_a_model_that_fits_no_device(capsys):
-    # 80 MiB: no shard level holds the step on one device (not even `full`), two stages do.
-    cfg = _gpt(80)
+    # 100 MiB, --shard none: the step fits no device unpipelined; two stages hold it (and the
+    # checkpoint's gather of the whole model's state).
+    cfg = _gpt(100, shard="none")
     planned = plan_for_budget(cfg, _hosts())
     out = capsys.readouterr().out.strip().splitlines()
     assert planned.dist.pipeline_stages == 2, planned.dist
     assert planned.dist.global_batch_size == cfg.dist.global_batch_size == 8  # the same rows per step
     assert stages.plan(planned, _hosts(), 2).fits
-    assert len(out) == 1 and out[0].startswith("--optimize-memory: the model fits no device unpipelined at any "
-                                               "shard level: 2 pipeline stages"), out
+    assert len(out) == 1 and out[0].startswith("--optimize-memory: the model fits no device unpipelined at "
+                                               "--shard none: 2 pipeline stages"), out
     # Not pipelinable (a level chosen with --shard; one device): refused before launch as before.
-    for not_pipelined, hosts in ((_gpt(80, shard="gradients"), _hosts()), (_gpt(80), _hosts(1))):
+    for not_pipelined, hosts in ((_gpt(100, shard="gradients"), _hosts()), (_gpt(100, shard="none"), _hosts(1))):
         not_pipelined = from_dict(TrainConfig, {**not_pipelined.to_dict(), "dist": {
             **not_pipelined.to_dict()["dist"], "num_devices": len(hosts)}})
         with pytest.raises(UserError, match="even at batch 1"):
             plan_for_budget(not_pipelined, hosts)
-    # Too little for any number of stages: the unpipelined refusal, one line.
-    with pytest.raises(UserError, match="even at batch 1") as exc:
-        plan_for_budget(_gpt(40), _hosts())
+    # Too little for any number of stages (a stage's step fits 80 MiB, its checkpoint's gather does
+    # not): the unpipelined refusal, one line.
+    smallest = stages.at_stages(cfg, _hosts(), 2, 1, 8, "fp32", False)
+    shape = model_shape(cfg.model, cfg.fine_tune)
+    assert max(stages.stage_need(smallest, shape, r, s, 2)
+               for s, r in enumerate(stages.plan(smallest, _hosts(), 2).layers)) < 80 * MiB
+    with pytest.raises(UserError, match="no split of the global batch 8 over 2 devices fits") as exc:
+        plan_for_budget(_gpt(80), _hosts())
     assert "\n" not in str(exc.value)
 
 

@@ -135,6 +135,24 @@ def peak(cfg: TrainConfig) -> int:
     return max(stage_need(cfg, shape, r, s, stages) for s, r in enumerate(layers))
 
 
+# A pipeline's checkpoint gathers the whole trainable tree, then AdamW's moments, on every rank
+# (rank/pipeline.py _gather_whole: a whole-model buffer, its all_sum, the unpacked copies), on top of
+# the stage's own weights and moments: a peak outside the step. Measured once, by hand (the GPT L8
+# D256 T64, 2 stages, full fp32 training: each rank peaked at 103.4 MB in its first checkpoint, the
+# stage's state 38.7 MB and 2.5 x the whole model's 25.8 MB of fp32 weights on top): that is 1.25 x
+# the whole model's two moments. Negligible under LoRA (the trainable tree is the adapters).
+CHECKPOINT_GATHER_COPIES = 1.25
+
+
+def checkpoint_need(shape, layers: range, stage: int, stages: int) -> int:
+    """Predicted peak bytes of a pipelined checkpoint's gather on `stage` holding `layers`."""
+    first, last = stage == 0, stage == stages - 1
+    trainable = shape.trainable if isinstance(shape, LMShape) else shape.n_params
+    moments = OPTIMIZER_STATE_COPIES["adamw"] * 4 * trainable
+    own = (4 * trainable + moments) * _trainable_share(shape, layers, first, last)
+    return int(_frozen(shape, layers, first, last) + own + CHECKPOINT_GATHER_COPIES * moments)
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """S stages: each one's layers, predicted need and budget (bytes)."""
@@ -163,7 +181,9 @@ def plan(cfg: TrainConfig, hosts: Sequence[Any], stages: int) -> StagePlan:
     # The ranks split by the recorded weights (rounded): the plan splits by the same ones.
     layers = stage_layers(shape.n_layers, stage_weights(cfg, hosts, stages) or [1.0] * stages) if stages > 1 \
         else [range(shape.n_layers)]
-    needs = [stage_need(cfg, shape, r, s, stages) for s, r in enumerate(layers)] if stages > 1 \
+    # A stage must hold its step and the checkpoint's gather, whichever is higher.
+    needs = [max(stage_need(cfg, shape, r, s, stages), checkpoint_need(shape, r, s, stages))
+             for s, r in enumerate(layers)] if stages > 1 \
         else [step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation,
                           cfg.grad_checkpoint, cfg.precision).peak]
     return StagePlan(stages, tuple(layers), tuple(needs), tuple(budgets))

@@ -17,7 +17,14 @@ under 1F1B (S - s on stage s, at most M), the logits on the last stage only.
 For the built-in GPT's full fp32 training without checkpointing, `stage_memory` is the finer
 model (the accumulator, 1F1B's forwards in flight with their saved tensors, the update's copies,
 whichever peak is higher), checked against real ring ranks by bench/pipeline_memory.py (within
-±15% on 12 stages, docs/pipeline.md "Memory per stage"); `stage_need` takes it there.
+±15% on 12 stages, docs/pipeline.md "Memory per stage"); `stage_need` takes it there. A stage
+must also hold its checkpoint's gather of the whole trainable state (`checkpoint_need`), which
+`plan` counts.
+
+For --optimize-memory (controller/run.py plan_for_budget): `fewest` stages at which a run that fits
+no device unpipelined fits, `fit_at` a given S's micro-batch, and `prefer`, pipeline or shard where
+both fit, by the scaling model of each (`pipeline_step_s`, `shard_step_s`; docs/pipeline.md "When to
+pipeline and when to shard", bench/pipeline_table.py).
 """
 
 from __future__ import annotations
@@ -427,8 +434,8 @@ def prefer(sharded: TrainConfig, staged: TrainConfig, hosts: Sequence[Any]) -> T
                          shape.n_layers, link, getattr(shape, "frozen_bytes", 0))
     pipe = pipeline_step_s(compute / d.replicas, d.pipeline_stages, d.gradient_accumulation,
                            activation_bytes_on_wire(staged, shape), link, d.replicas, grad)
-    which = pipe < shard
-    return which, (f"the scaling model predicts {pipe:.3g} s a step pipelined against {shard:.3g} s at --shard {level} "
-                   f"(a pipeline moves only activations; {level} moves "
-                   f"{'1.5x' if level == 'full' else '1x'} the gradients' bytes{' per micro-batch' if level == 'full' else ''}"
-                   f"{' and gathers a frozen base twice per micro-batch' if level == 'full' and getattr(shape, 'frozen_bytes', 0) else ''})")
+    full = level == "full"
+    moves = ("1.5x the gradients' bytes per micro-batch" if full else "1x the gradients' bytes") + \
+        (" and gathers a frozen base twice per micro-batch" if full and getattr(shape, "frozen_bytes", 0) else "")
+    return pipe < shard, (f"the scaling model predicts {pipe:.3g} s a step pipelined against {shard:.3g} s at "
+                          f"--shard {level} (a pipeline moves only activations; {level} moves {moves})")

@@ -140,9 +140,37 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     """--optimize-memory: the planner's split of the requested global batch for this budget. On hosts of
     unequal memory the split is the tightest host's, and each rank's micro-batch is what its own host
     holds (micro_caps, the accumulation making up its rows): the same global batch and data order."""
+    from mlx_train.planning import stages
     from mlx_train.planning.planner import micro_caps_for, split_for
 
-    plan = split_for(cfg, hosts)
+    if cfg.dist.pipeline_stages > 1:  # --pipeline-stages S: kept, the micro-batch planned per stage
+        found = stages.fit_at(cfg, hosts, cfg.dist.pipeline_stages)
+        if found is None:
+            check_fits(cfg, hosts)  # names the stage that does not fit
+            raise UserError(f"--optimize-memory: no micro-batch fits every one of the {cfg.dist.pipeline_stages} "
+                            "pipeline stages: use more --pipeline-stages (or auto) or more hosts")
+        print(f"--optimize-memory: {stages.described(*found)}", flush=True)
+        return found[0]
+    try:
+        check_fits(cfg, hosts)
+        plan = split_for(cfg, hosts)
+    except UserError as refused:
+        # Nothing fits one device at any level allowed: a pipeline holds each host's layers only.
+        found = None if stages.why_not_pipelined(cfg) else stages.fewest(cfg, hosts)
+        if found is None:
+            raise refused
+        print(f"--optimize-memory: the model fits no device unpipelined{_at_levels(cfg)}: "
+              f"{stages.described(*found)}", flush=True)
+        return found[0]
+    if plan.shard != "none" and not stages.why_not_pipelined(cfg):
+        found = stages.fewest(cfg, hosts)
+        if found is not None:
+            pipelined, why = stages.prefer(plan.split.apply(cfg), found[0], hosts)
+            print(f"--optimize-memory: a pipeline of {found[1].stages} stages fits too; "
+                  f"{'pipelined' if pipelined else f'--shard {plan.shard}'}: {why}", flush=True)
+            if pipelined:
+                print(f"--optimize-memory: {stages.described(*found)}", flush=True)
+                return found[0]
     print(f"--optimize-memory: {plan.split} (predicted peak {plan.breakdown.peak / 2**20:.0f} MiB of "
           f"{rank_budget_for(cfg, hosts) / 2**20:.0f} MiB)", flush=True)
     cfg = plan.split.apply(cfg)
@@ -156,6 +184,10 @@ def plan_for_budget(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     print(f"--optimize-memory: hosts of unequal memory: each rank's micro-batch by its own host's "
           f"({', '.join(per_host)}), the accumulation making up its rows", flush=True)
     return replace(cfg, dist=replace(cfg.dist, micro_caps=caps))
+
+
+def _at_levels(cfg: TrainConfig) -> str:
+    return " at any shard level" if cfg.shard == "auto" else f" at --shard {cfg.shard}"
 
 
 def check_fits(cfg: TrainConfig, hosts: List[Host]) -> None:
@@ -247,9 +279,9 @@ def prepare_run(flags: dict, opts: RunOptions) -> Tuple[TrainConfig, List[Host],
     hosts, cfg = leave_out_slow(opts, cfg, hosts, flags)
     cfg = stages.resolve(cfg, hosts)
     cfg = check_inputs(cfg)  # the data sets the vocabulary, so it comes before any memory judgement
-    check_fits(cfg, hosts)
-    if opts.optimize_memory:
+    if opts.optimize_memory:  # judges the fit itself: a model that fits no device may be pipelined instead
         cfg = plan_for_budget(cfg, hosts)
+    check_fits(cfg, hosts)
     from mlx_train.planning.planner import replica_warning, resolve_shard
 
     # Recorded in config.yaml, so the ranks run at the level planned for (TrainConfig.shard_level).

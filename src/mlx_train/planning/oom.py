@@ -56,6 +56,10 @@ def _predicted(cfg: TrainConfig) -> int:
     if not cfg.model.kind.knows_shape:
         return 0
     try:
+        if cfg.dist.pipeline_stages > 1:  # each rank holds its stage: the tightest stage's peak
+            from mlx_train.planning.stages import peak
+
+            return peak(cfg)
         return MemoryOptimizer.estimate(cfg)
     except (UserError, OSError, ValueError):
         return 0

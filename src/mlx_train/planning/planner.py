@@ -395,8 +395,8 @@ def _raised_level(cfg: TrainConfig, split: Split, step: Optional[Split]) -> Opti
     shape the planner knows) and that lowers the predicted peak at least as much as `step` (the ladder's
     own next rung, None when none is left); else None. A small model's activations outweigh its state,
     so it keeps cutting its batch as before."""
-    if cfg.shard != "auto" or split.devices == 1 or split.shard == SHARD_LEVELS[-1]:
-        return None
+    if cfg.shard != "auto" or split.devices == 1 or split.shard == SHARD_LEVELS[-1] or split.stages > 1:
+        return None  # (a pipeline's stages are not sharded: its ladder cuts the micro-batch only)
     raised = dataclasses.replace(split, shard=SHARD_LEVELS[SHARD_LEVELS.index(split.shard) + 1])
     if not cfg.model.kind.knows_shape:
         return raised if step is None else None  # nothing to weigh it with: only when the ladder is spent

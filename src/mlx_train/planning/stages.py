@@ -17,7 +17,14 @@ under 1F1B (S - s on stage s, at most M), the logits on the last stage only.
 For the built-in GPT's full fp32 training without checkpointing, `stage_memory` is the finer
 model (the accumulator, 1F1B's forwards in flight with their saved tensors, the update's copies,
 whichever peak is higher), checked against real ring ranks by bench/pipeline_memory.py (within
-±15% on 12 stages, docs/pipeline.md "Memory per stage"); `stage_need` takes it there.
+±15% on 12 stages, docs/pipeline.md "Memory per stage"); `stage_need` takes it there. A stage
+must also hold its checkpoint's gather of the whole trainable state (`checkpoint_need`), which
+`plan` counts.
+
+For --optimize-memory (controller/run.py plan_for_budget): `fewest` stages at which a run that fits
+no device unpipelined fits, `fit_at` a given S's micro-batch, and `prefer`, pipeline or shard where
+both fit, by the scaling model of each (`pipeline_step_s`, `shard_step_s`; docs/pipeline.md "When to
+pipeline and when to shard", bench/pipeline_table.py).
 """
 
 from __future__ import annotations
@@ -108,12 +115,49 @@ def stage_need(cfg: TrainConfig, shape, layers: range, stage: int, stages: int) 
     trainable = (whole.peak - frozen_whole - acts_whole) * _trainable_share(shape, layers, first, last)
     sub = dataclasses.replace(shape, n_layers=len(layers),
                               **({"lora_layers": _adapted_in(shape, layers)} if isinstance(shape, LMShape) else {}))
-    acts = activation_bytes(sub, d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
     if not last:  # the logits and the loss are the last stage's
-        no_head = dataclasses.replace(sub, vocab_size=1)
-        acts = activation_bytes(no_head, d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
+        sub = dataclasses.replace(sub, vocab_size=1)
+    acts = activation_bytes(sub, d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
+    # What one backward works in (a layer's internals, recomputed ones under checkpointing, the
+    # logits) is live once; what each forward in flight keeps for its backward (its layers' saved
+    # tensors) is held per micro-batch in flight, as stage_memory counts the GPT's.
+    def at(n: int) -> int:  # the counts are linear in the layers: what is left at none is live
+        return activation_bytes(dataclasses.replace(sub, n_layers=n, **({"lora_layers": 0} if isinstance(sub, LMShape)
+                                                                        else {})),
+                                d.batch_size_per_device, cfg.grad_checkpoint, cfg.precision)
+
+    live = max(0, 2 * at(1) - at(2))
     in_flight = min(stages - stage, d.gradient_accumulation)
-    return int(_frozen(shape, layers, first, last) + trainable + acts * in_flight)
+    return int(_frozen(shape, layers, first, last) + trainable + (acts - live) * in_flight + live)
+
+
+def peak(cfg: TrainConfig) -> int:
+    """The largest stage's predicted peak for a pipelined `cfg`, its layers split by its recorded
+    stage_weights (the out-of-memory judge: what a rank of this run should have reached)."""
+    from mlx_train.planning.planner import model_shape
+    from mlx_train.rank.pipeline import stage_layers
+
+    shape, stages = model_shape(cfg.model, cfg.fine_tune), cfg.dist.pipeline_stages
+    layers = stage_layers(shape.n_layers, cfg.dist.stage_weights or [1.0] * stages)
+    return max(stage_need(cfg, shape, r, s, stages) for s, r in enumerate(layers))
+
+
+# A pipeline's checkpoint gathers the whole trainable tree, then AdamW's moments, on every rank
+# (rank/pipeline.py _gather_whole: a whole-model buffer, its all_sum, the unpacked copies), on top of
+# the stage's own weights and moments: a peak outside the step. Measured once, by hand (the GPT L8
+# D256 T64, 2 stages, full fp32 training: each rank peaked at 103.4 MB in its first checkpoint, the
+# stage's state 38.7 MB and 2.5 x the whole model's 25.8 MB of fp32 weights on top): that is 1.25 x
+# the whole model's two moments. Negligible under LoRA (the trainable tree is the adapters).
+CHECKPOINT_GATHER_COPIES = 1.25
+
+
+def checkpoint_need(shape, layers: range, stage: int, stages: int) -> int:
+    """Predicted peak bytes of a pipelined checkpoint's gather on `stage` holding `layers`."""
+    first, last = stage == 0, stage == stages - 1
+    trainable = shape.trainable if isinstance(shape, LMShape) else shape.n_params
+    moments = OPTIMIZER_STATE_COPIES["adamw"] * 4 * trainable
+    own = (4 * trainable + moments) * _trainable_share(shape, layers, first, last)
+    return int(_frozen(shape, layers, first, last) + own + CHECKPOINT_GATHER_COPIES * moments)
 
 
 @dataclass(frozen=True)
@@ -144,7 +188,9 @@ def plan(cfg: TrainConfig, hosts: Sequence[Any], stages: int) -> StagePlan:
     # The ranks split by the recorded weights (rounded): the plan splits by the same ones.
     layers = stage_layers(shape.n_layers, stage_weights(cfg, hosts, stages) or [1.0] * stages) if stages > 1 \
         else [range(shape.n_layers)]
-    needs = [stage_need(cfg, shape, r, s, stages) for s, r in enumerate(layers)] if stages > 1 \
+    # A stage must hold its step and the checkpoint's gather, whichever is higher.
+    needs = [max(stage_need(cfg, shape, r, s, stages), checkpoint_need(shape, r, s, stages))
+             for s, r in enumerate(layers)] if stages > 1 \
         else [step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation,
                           cfg.grad_checkpoint, cfg.precision).peak]
     return StagePlan(stages, tuple(layers), tuple(needs), tuple(budgets))
@@ -237,3 +283,159 @@ def stage_memory(shape: ModelShape, stages: int, stage: int, batch: int, micro: 
         optimizer_step=max(0, update_peak - (2 * p + state)), runtime_overhead=RUNTIME_OVERHEAD,
         backward_peak=backward_peak, update_peak=update_peak, peak=peak, total=peak + RUNTIME_OVERHEAD,
         peak_phase="backward" if backward_peak >= update_peak else "update")
+
+
+# ---------------------------------------------------------------- --optimize-memory and stages
+#
+# --optimize-memory plans an unpipelined run first (planner.split_for: data parallel, then the shard
+# levels --shard allows). Where nothing fits there, a run the pipeline can take goes to the fewest
+# stages at which every stage fits (`fewest`), instead of being refused. Where both fit and the state
+# had to be sharded to fit, `prefer` decides: by the scaling model when it can predict both steps (each
+# host's measured `speed` in the cluster file and --link-gbps), else sharding, which has no bubble.
+
+PIPELINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # rank/pipeline.py LLAMA_LIKE (no MLX import here)
+PLANNER_MODES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # the planner's order
+
+
+def why_not_pipelined(cfg: TrainConfig) -> Optional[str]:
+    """Why `cfg`'s run cannot be pipelined (None when it can): the built-in GPT or an mlx-lm model of a
+    llama-like family whose shape the planner knows, on 2 devices or more, at --shard auto or none."""
+    from mlx_train.config import ModelKind
+
+    kind = cfg.model.kind
+    if cfg.dist.num_devices < 2:
+        return "one device"
+    if cfg.shard not in ("auto", "none"):
+        return f"--shard {cfg.shard} was chosen (a pipeline's stages are not sharded)"
+    if kind is ModelKind.FACTORY:
+        return "the planner does not know a model of your own's shape"
+    if kind is ModelKind.PRETRAINED:
+        import json
+        from mlx_train.rank.hf import model_path
+
+        try:
+            config = json.loads((model_path(cfg.model.name) / "config.json").read_text())
+        except (OSError, ValueError, UserError) as exc:
+            return f"its config.json is not readable ({exc})"
+        family = config.get("model_type")
+        if family not in PIPELINE_FAMILIES:
+            return f"the pipeline takes the {', '.join(PIPELINE_FAMILIES)} families, not {family}"
+        if config.get("tie_word_embeddings") and cfg.fine_tune.mode == "full":
+            return "tied embeddings train on the first and the last stage at once under full fine-tuning"
+    return None
+
+
+def at_stages(cfg: TrainConfig, hosts: Sequence[Any], stages: int, batch: int, accumulation: int,
+              precision: str, checkpointing: bool) -> TrainConfig:
+    """`cfg` as `stages` stages (the devices stages x replicas), the given split, the layers by memory."""
+    dist = dataclasses.replace(cfg.dist, pipeline_stages=stages, batch_size_per_device=batch,
+                               gradient_accumulation=accumulation, micro_caps=None, stage_weights=None)
+    out = dataclasses.replace(cfg, dist=dist, precision=precision, grad_checkpoint=checkpointing, shard_level="none")
+    return dataclasses.replace(out, dist=dataclasses.replace(dist, stage_weights=stage_weights(out, hosts, stages)
+                                                             if stages > 1 else None))
+
+
+def fit_at(cfg: TrainConfig, hosts: Sequence[Any], stages: int) -> Optional[Tuple[TrainConfig, StagePlan]]:
+    """`cfg`'s global batch over `stages` stages: the first of the planner's modes (fp32, then
+    checkpointing, then bf16) and in it the largest micro-batch dividing a replica's rows at which every
+    stage fits its host; None when none does (or the devices or rows do not split)."""
+    n, g = sum(h.slots for h in hosts), cfg.dist.global_batch_size
+    if n % stages or g % (n // stages):
+        return None
+    rows = g // (n // stages)
+    for precision, checkpointing in PLANNER_MODES:
+        for batch in (b for b in range(rows, 0, -1) if rows % b == 0):
+            staged = at_stages(cfg, hosts, stages, batch, rows // batch, precision, checkpointing)
+            p = plan(staged, hosts, stages)
+            if p.fits:
+                return staged, p
+    return None
+
+
+def fewest(cfg: TrainConfig, hosts: Sequence[Any]) -> Optional[Tuple[TrainConfig, StagePlan]]:
+    """The fewest stages S >= 2 (dividing the devices, at most the model's layers) at which `fit_at` fits."""
+    from mlx_train.planning.planner import model_shape
+
+    n = sum(h.slots for h in hosts)
+    layers = model_shape(cfg.model, cfg.fine_tune).n_layers
+    for s in (s for s in range(2, min(n, layers) + 1) if n % s == 0):
+        found = fit_at(cfg, hosts, s)
+        if found:
+            return found
+    return None
+
+
+def described(cfg: TrainConfig, p: StagePlan) -> str:
+    d = cfg.dist
+    return (f"{p.stages} pipeline stages x {d.replicas} replica{'s' * (d.replicas != 1)}, {d.batch_size_per_device} "
+            f"per micro-batch x {d.gradient_accumulation} micro-batches, checkpointing "
+            f"{'on' if cfg.grad_checkpoint else 'off'}, {cfg.precision} ({p})")
+
+
+def activation_bytes_on_wire(cfg: TrainConfig, shape) -> int:
+    """One micro-batch's activation at a stage boundary (its gradient back is the same size): micro-batch
+    x sequence x width in the compute dtype."""
+    return cfg.dist.batch_size_per_device * shape.seq_len * shape.d_model * (2 if cfg.precision == "bf16" else 4)
+
+
+def pipeline_step_s(compute_s: float, stages: int, micro: int, act_bytes: float, link, replicas: int = 1,
+                    grad_bytes: float = 0.0) -> float:
+    """The scaling model's step of a pipeline (docs/pipeline.md "When to pipeline and when to shard"):
+    `compute_s`, one host's compute of a replica's rows through the whole model, split over the stages
+    and stretched by 1F1B's bubble, (M+S-1)/(M S); each of the schedule's M+S-1 slots waits for one
+    activation forward and one gradient back at the link's rate (the trainer does not overlap a transfer
+    with compute); with R > 1 replicas one all_sum of the whole model's gradient buffer over every rank
+    (rank/pipeline.py: S times a stage's bytes); the norm's all_sum, two numbers, at the link's latency."""
+    from mlx_train.planning.perf import allreduce_s
+
+    n = stages * replicas
+    compute = compute_s * (micro + stages - 1) / (micro * stages)
+    wire = (micro + stages - 1) * 2 * (link.latency_s + act_bytes / (link.gbps * 1e9 / 8 * link.efficiency))
+    return compute + wire + (allreduce_s(grad_bytes, n, link) if replicas > 1 else 0.0) + 2 * (n - 1) * link.latency_s
+
+
+def shard_step_s(compute_s: float, devices: int, level: str, accumulation: int, grad_bytes: float, layers: int,
+                 link, frozen_bytes: float = 0.0) -> float:
+    """The scaling model's step of data parallel at `level` (perf.shard_sync_s, bench/shard_table.py):
+    `compute_s` (one host's compute of the global batch) over the devices, plus the level's sync; at
+    `full` a frozen base (LoRA/QLoRA, `frozen_bytes` as held) is gathered too, for the forward and
+    again for the backward of every micro-batch, (N-1)/N of it each time."""
+    from mlx_train.planning.perf import shard_sync_s
+
+    frozen = (accumulation * 2 * frozen_bytes * (devices - 1) / devices / (link.gbps * 1e9 / 8 * link.efficiency)
+              if level == "full" and devices > 1 else 0.0)
+    return compute_s / devices + shard_sync_s(grad_bytes, devices, link, level, accumulation, layers + 1) + frozen
+
+
+def prefer(sharded: TrainConfig, staged: TrainConfig, hosts: Sequence[Any]) -> Tuple[bool, str]:
+    """Whether to pipeline (`staged`) rather than shard (`sharded`, the planner's unpipelined split at a
+    level above none) when both fit, and why, in a clause. The scaling model decides when it can
+    predict both: every host's measured `speed` (rows per second per rank, the cluster file) and the
+    link's rate (--link-gbps); else sharding, which has no bubble and whose speed the sharding bench
+    measured. A pure function of the configs and the hosts."""
+    from mlx_train.planning.perf import Link
+    from mlx_train.planning.planner import model_shape
+
+    from mlx_train.config import shard_level_of
+
+    level = shard_level_of(sharded)
+    speeds = [getattr(h, "speed", None) for h in hosts]
+    gbps = sharded.dist.link_gbps
+    if not gbps or not all(speeds):
+        return False, (f"--shard {level} has no bubble (without each host's measured speed and --link-gbps the "
+                       "scaling model cannot weigh the pipeline's bubble against sharding's traffic)")
+    shape = model_shape(sharded.model, sharded.fine_tune)
+    link = Link("--link-gbps", gbps, 0.85, 50e-6)
+    grad = 4 * shape.trainable if hasattr(shape, "trainable") else 4 * shape.n_params
+    g = sharded.dist.global_batch_size
+    compute = g / min(float(s) for s in speeds)  # one host's seconds for the global batch
+    d = staged.dist
+    shard = shard_step_s(compute, sharded.dist.num_devices, level, sharded.dist.gradient_accumulation, grad,
+                         shape.n_layers, link, getattr(shape, "frozen_bytes", 0))
+    pipe = pipeline_step_s(compute / d.replicas, d.pipeline_stages, d.gradient_accumulation,
+                           activation_bytes_on_wire(staged, shape), link, d.replicas, grad)
+    full = level == "full"
+    moves = ("1.5x the gradients' bytes per micro-batch" if full else "1x the gradients' bytes") + \
+        (" and gathers a frozen base twice per micro-batch" if full and getattr(shape, "frozen_bytes", 0) else "")
+    return pipe < shard, (f"the scaling model predicts {pipe:.3g} s a step pipelined against {shard:.3g} s at "
+                          f"--shard {level} (a pipeline moves only activations; {level} moves {moves})")

@@ -403,7 +403,8 @@ class Sharded(Spread):
         self._rs_backend = None if self.backend == "any" else self.backend
         self._chunked = (self.level == "gradients" and self.world > 1
                          and collectives.choose(self._rs_backend) == "ring")
-        self._cutters = {}  # (chunk, start, stop) within the chunk: its function of the leaves
+        self._cutters = {}  # (chunk, start, stop) within the chunk: the leaves it reads, its function of them
+        self._held_norm = None
         self._compiled = compiled
         if not compiled:
             self._poison, self._flatten = poison, flatten
@@ -415,26 +416,43 @@ class Sharded(Spread):
         self._apply = mx.compile(apply, inputs=state, outputs=[self.optimizer.state])
 
     def reduce(self, grads: Any, loss: mx.array) -> Any:
+        lazy = collectives.choose(self._rs_backend) == "ring"  # the ring's own graph, evaluated here
         if not self._chunked:
             flat = self._flatten(grads, loss)
             if self.world == 1:
                 return flat
-            mine = collectives.reduce_scatter(flat, self.group, backend=self._rs_backend)
+            mine = collectives.reduce_scatter(flat, self.group, backend=self._rs_backend, lazy=lazy)
         else:
             leaves = self._poison(grads, loss)
-            mine = collectives.reduce_scatter_chunks(lambda c, a, b: self._cutter(c, a, b)(leaves), self.chunk,
-                                                     self.dtype, self.group, backend=self._rs_backend)
-        mx.eval(mine)
+            mine = collectives.reduce_scatter_chunks(lambda c, a, b, after: self._piece(leaves, c, a, b, after),
+                                                     self.chunk, self.dtype, self.group,
+                                                     backend=self._rs_backend, lazy=lazy)
+        # The norm's all_sum of one scalar in the same evaluation as the reduce-scatter: one call
+        # into the backend fewer that waits for every rank (norm() hands it over).
+        self._held_norm = (mine, self._norm(mine))
+        mx.eval(self._held_norm)
         return mine
 
-    def _cutter(self, chunk: int, a: int, b: int) -> Callable[[List[mx.array]], mx.array]:
-        """Elements [a, b) of chunk `chunk` of the gradients' flat buffer, as a function of the
-        leaves (compiled once per piece the ring asks for: a few per rank)."""
+    def norm(self, held: Any) -> mx.array:
+        mine, norm = self._held_norm if self._held_norm is not None else (None, None)
+        self._held_norm = None
+        return norm if mine is held else self._norm(held)
+
+    def _piece(self, leaves: List[mx.array], chunk: int, a: int, b: int, after: List[mx.array]) -> mx.array:
+        """Elements [a, b) of chunk `chunk` of the gradients' flat buffer, cut out of `leaves` once
+        `after` is done (only the leaves it reads wait: the ring cuts its pieces one step at a time)."""
         key = (chunk, a, b)
         if key not in self._cutters:
-            cut = functools.partial(self._slice, cut=self._cut(chunk * self.chunk + a, chunk * self.chunk + b))
-            self._cutters[key] = mx.compile(cut) if self._compiled else cut
-        return self._cutters[key]
+            cut = self._cut(chunk * self.chunk + a, chunk * self.chunk + b)
+            used = sorted({i for i, _, _ in cut[0]})
+            local = ([(used.index(i), lo, hi) for i, lo, hi in cut[0]], cut[1])
+            fn = functools.partial(self._slice, cut=local)
+            self._cutters[key] = (used, mx.compile(fn) if self._compiled else fn)
+        used, fn = self._cutters[key]
+        mine = [leaves[i] for i in used]
+        if not after:
+            return fn(mine)
+        return fn(mx.depends(mine, after)) if mine else mx.depends(fn(mine), after)  # all padding: waits all the same
 
     def update(self, held: Any, norm: mx.array) -> None:
         self._mine = self._apply(held, norm)

@@ -239,11 +239,14 @@ class Sharded(Spread):
     Where the levels differ is the gradients on their way to the sum. optimizer: the gradient tree
     is packed into one whole flat buffer (ZeRO-1's contiguous gradient buffer), which the
     reduce-scatter works in: a whole copy of the gradients beside the tree the backward made.
-    gradients: on the ring strategy the buffer is never whole: each chunk the reduce-scatter sends
-    or adds is cut out of the gradient tree in its round (reduce_scatter_chunks), so beyond the
-    backward's own tree only a few 1/N chunks and the summed slice exist (the same additions in the
-    same order: the same bits as `optimizer`). Where sum_scatter is native (NCCL, JACCL) or with
-    the "all_sum" strategy, it takes the whole buffer at both levels.
+    gradients: on the ring strategy the buffer is never whole: each piece the reduce-scatter sends
+    or adds is cut out of the gradient tree in its step, after the step before
+    (reduce_scatter_chunks), so beyond the backward's own tree only a few pieces of a 1/N chunk and
+    the summed slice exist (the same additions in the same order: the same bits as `optimizer`).
+    The ring is one lazy graph (rank/ring_scatter.py), evaluated with the norm's all_sum of the
+    slices' sums of squares: one evaluation, which `norm` then hands over (its all_sum reads the
+    ring's result, so it runs after every send and receive). Where sum_scatter is native (NCCL,
+    JACCL) or with the "all_sum" strategy, it takes the whole buffer at both levels.
 
     Against data parallel: with 2 ranks a sum of two terms is the same in either order, so the same
     bits unless clipping acts (the norm is summed slice by slice, not tensor by tensor); with 3 or
@@ -397,7 +400,7 @@ class Sharded(Spread):
             whole = collectives.all_gather_flat(mine, group, self._rs_backend) if self.world > 1 else mine
             return tree_unflatten(list(zip(self.keys, self._whole(whole))))
 
-        # The ring's chunks cut out of the gradient tree in its rounds (`gradients`), or the
+        # The ring's pieces cut out of the gradient tree in its steps (`gradients`), or the
         # whole buffer packed first (`optimizer`; and at every level where the strategy is not
         # the ring: sum_scatter and all_sum take one whole buffer).
         self._rs_backend = None if self.backend == "any" else self.backend

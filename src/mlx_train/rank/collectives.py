@@ -125,15 +125,11 @@ def _evaluated(x: mx.array) -> mx.array:
     return x
 
 
-def all_gather_flat(shard: mx.array, group: mx.distributed.Group, backend: Optional[str] = None) -> mx.array:
+def all_gather_flat(shard: mx.array, group: mx.distributed.Group) -> mx.array:
     """Every rank's `shard` (1-D, the same length everywhere) concatenated in rank order: the
-    inverse of reduce_scatter's split. Lazy. On the ring backend (`backend` "ring") a ring of
-    send/recv in sub-pieces, pipelined as the reduce-scatter (rank/ring_scatter.py `gather`): the
-    caller evaluates it before any other collective; elsewhere the backend's all_gather."""
+    inverse of reduce_scatter's split. Lazy."""
     if shard.ndim != 1:
         raise ValueError(f"all_gather_flat takes a flat 1-D shard, not shape {shard.shape}")
     if group.size() == 1:
         return shard
-    if backend == "ring":
-        return ring_scatter.gather(shard, group)
     return mx.distributed.all_gather(shard, group=group)

@@ -108,7 +108,8 @@ def ring(piece: Piece, chunk: int, dtype: mx.Dtype, group: mx.distributed.Group,
     streams = _streams() if duplex else (None,) * 4
     out: List[mx.array] = []
     for w, (d, a, b) in enumerate(ways):
-        bounds = _split(a, b, itemsize) if duplex and pieces else [(a, b)]
+        count = max(1, min(MAX_PIECES, -(-(b - a) * itemsize // PIECE_BYTES))) if duplex and pieces else 1
+        bounds = [(a + (b - a) * k // count, a + (b - a) * (k + 1) // count) for k in range(count)]
         out += _one_way(piece, d, [(lo, hi) for lo, hi in bounds if hi > lo], dtype, group,
                         streams[2 * w], streams[2 * w + 1], receive_first=not duplex and r % 2 == 1)
     return out[0] if len(out) == 1 else mx.concatenate(out)
@@ -143,39 +144,3 @@ def _one_way(piece: Piece, d: int, bounds: Sequence[Tuple[int, int]], dtype: mx.
             after.append(mx.distributed.send(outgoing[j], right, group=group, stream=send_stream))
             outgoing[j] = last = got + piece((r - d * (s + 2)) % n, lo, hi, after)
     return outgoing
-
-
-def gather(shard: mx.array, group: mx.distributed.Group) -> mx.array:
-    """Every rank's `shard` (flat, the same length everywhere) concatenated in rank order, lazy: the
-    all-gather the ring's way on the ring backend, both ways round from 3 ranks, in sub-pieces
-    passed on as they arrive (MLX's own all_gather moves each rank's whole shard at once). Round s
-    sends chunk r - d s (its own at s = 0) and receives chunk r - d(s + 1), which it sends on in the
-    next round; each step's received piece waits (mx.depends) for the step before and its own send,
-    the order of the receives as in `ring`."""
-    n, r = group.size(), group.rank()
-    if n == 1:
-        return shard
-    size = shard.size
-    ways = [(1, 0, size // 2), (-1, size // 2, size)] if n > 2 and size >= 2 else [(1, 0, size)]
-    streams = _streams()
-    parts: dict = {}  # (chunk, start) -> its elements [start, stop)
-    for w, (d, a, b) in enumerate(ways):
-        bounds = [(lo, hi) for lo, hi in _split(a, b, shard.itemsize) if hi > lo]
-        right, left = (r + d) % n, (r - d) % n
-        outgoing = [shard[lo:hi] for lo, hi in bounds]
-        last = None
-        for s in range(n - 1):
-            for j, (lo, hi) in enumerate(bounds):
-                after = [mx.reshape(outgoing[j], (1, hi - lo), stream=streams[2 * w + 1])] if last is None else [last]
-                got = mx.distributed.recv((hi - lo,), shard.dtype, left, group=group, stream=streams[2 * w + 1])
-                after.append(mx.distributed.send(outgoing[j], right, group=group, stream=streams[2 * w]))
-                outgoing[j] = last = mx.depends(got, after)
-                parts[((r - d * (s + 1)) % n, lo)] = last
-    parts[(r, 0)] = shard
-    return mx.concatenate([parts[k] for k in sorted(parts)])
-
-
-def _split(a: int, b: int, itemsize: int) -> List[Tuple[int, int]]:
-    """[a, b) in sub-pieces of about PIECE_BYTES, at most MAX_PIECES."""
-    count = max(1, min(MAX_PIECES, -(-(b - a) * itemsize // PIECE_BYTES)))
-    return [(a + (b - a) * k // count, a + (b - a) * (k + 1) // count) for k in range(count)]

@@ -397,7 +397,7 @@ class Sharded(Spread):
             return self.optimizer.apply_gradients({_KEY: grad}, {_KEY: mine})[_KEY]
 
         def gather(mine):
-            whole = collectives.all_gather_flat(mine, group, self._rs_backend) if self.world > 1 else mine
+            whole = collectives.all_gather_flat(mine, group) if self.world > 1 else mine
             return tree_unflatten(list(zip(self.keys, self._whole(whole))))
 
         # The ring's pieces cut out of the gradient tree in its steps (`gradients`), or the
@@ -415,8 +415,7 @@ class Sharded(Spread):
             return
         state = [self.params, self.optimizer.state]
         self._poison, self._flatten = mx.compile(poison), mx.compile(flatten)
-        # The ring backend's gather is a ring of send/recv on streams of their own: traced each step.
-        self._norm, self._gather = mx.compile(shard_norm), gather if self._rs_backend == "ring" else mx.compile(gather)
+        self._norm, self._gather = mx.compile(shard_norm), mx.compile(gather)
         self._apply = mx.compile(apply, inputs=state, outputs=[self.optimizer.state])
 
     def reduce(self, grads: Any, loss: mx.array) -> Any:

@@ -21,7 +21,8 @@ from what the backend has:
 
 "auto" takes sum_scatter where the backend has it, else "ring", which bench/reduce_scatter.py
 found the faster in all but one case (docs/sharding.md; 2 and 3 ranks, 1, 4 and 16 MiB of float32,
-time over one all_sum of the same buffer, medians):
+time over one all_sum of the same buffer, medians; measured with the ring's rounds evaluated one at
+a time, before it became one graph):
 - the 3-host test fleet, ring backend, each host's link limited by tc tbf: ring 0.34-0.51 at
   1 Gbit/s, 0.41-0.54 at 200 Mbit/s, moving (N - 1)/N of the buffer at 0.56-0.85 and 0.16-0.20
   Gbit/s (the wire, less TCP's and the rounds' overhead); "all_sum" 0.91-1.03 of one all_sum.

@@ -1,6 +1,7 @@
 """reduce_scatter and all_gather_flat (rank/collectives.py) on real ranks: every strategy gives this
 rank's slice of the exact sum, gathering the slices gives all_sum's buffer, and the ring fed chunk
-by chunk (reduce_scatter_chunks) gives the ring's bits.
+by chunk (reduce_scatter_chunks) gives the ring's bits; the ring's sub-pieces (rank/ring_scatter.py,
+made small here so that the largest case has several each way) arrive in order.
 
 One process launch per world size (ring: 2 and 3 ranks on loopback; MPI: 2 ranks under mpirun),
 every case inside it: each rank rebuilds every rank's input from seeds, so it knows the exact sum,
@@ -66,6 +67,10 @@ def rank_main(backend: str, out_dir: str) -> None:
     """One rank: every case, its errors written as report-<rank>.json in `out_dir`."""
     import mlx.core as mx
 
+    from mlx_train.rank import ring_scatter
+
+    # Sub-pieces of 32 KiB: the largest case's chunks pipelined in 2-4 sub-pieces each way.
+    ring_scatter.PIECE_BYTES = 1 << 15
     group = mx.distributed.init(backend=backend, strict=True)
     n, r = group.size(), group.rank()
     results = []
@@ -99,9 +104,10 @@ def rank_main(backend: str, out_dir: str) -> None:
         # cuts them out of the gradient tree): the same additions, so the ring's bits.
         k = x.size // n
 
-        def piece(i, a, b):  # elements [a, b) of chunk i, put together from two parts
+        def piece(i, a, b, after):  # elements [a, b) of chunk i, put together from two parts
             lo, mid, hi = i * k + a, i * k + (a + b) // 2, i * k + b
-            return mx.concatenate([x[lo:mid], x[mid:hi]])
+            src = mx.depends(x, after) if after else x
+            return mx.concatenate([src[lo:mid], src[mid:hi]])
 
         chunked = c.reduce_scatter_chunks(piece, k, x.dtype, group, backend=backend)
         ring = c.reduce_scatter(x, group, "ring", backend=backend)

@@ -239,11 +239,14 @@ class Sharded(Spread):
     Where the levels differ is the gradients on their way to the sum. optimizer: the gradient tree
     is packed into one whole flat buffer (ZeRO-1's contiguous gradient buffer), which the
     reduce-scatter works in: a whole copy of the gradients beside the tree the backward made.
-    gradients: on the ring strategy the buffer is never whole: each chunk the reduce-scatter sends
-    or adds is cut out of the gradient tree in its round (reduce_scatter_chunks), so beyond the
-    backward's own tree only a few 1/N chunks and the summed slice exist (the same additions in the
-    same order: the same bits as `optimizer`). Where sum_scatter is native (NCCL, JACCL) or with
-    the "all_sum" strategy, it takes the whole buffer at both levels.
+    gradients: on the ring strategy the buffer is never whole: each piece the reduce-scatter sends
+    or adds is cut out of the gradient tree in its step, after the step before
+    (reduce_scatter_chunks), so beyond the backward's own tree only a few pieces of a 1/N chunk and
+    the summed slice exist (the same additions in the same order: the same bits as `optimizer`).
+    The ring is one lazy graph (rank/ring_scatter.py), evaluated with the norm's all_sum of the
+    slices' sums of squares: one evaluation, which `norm` then hands over (its all_sum reads the
+    ring's result, so it runs after every send and receive). Where sum_scatter is native (NCCL,
+    JACCL) or with the "all_sum" strategy, it takes the whole buffer at both levels.
 
     Against data parallel: with 2 ranks a sum of two terms is the same in either order, so the same
     bits unless clipping acts (the norm is summed slice by slice, not tensor by tensor); with 3 or
@@ -397,13 +400,14 @@ class Sharded(Spread):
             whole = collectives.all_gather_flat(mine, group) if self.world > 1 else mine
             return tree_unflatten(list(zip(self.keys, self._whole(whole))))
 
-        # The ring's chunks cut out of the gradient tree in its rounds (`gradients`), or the
+        # The ring's pieces cut out of the gradient tree in its steps (`gradients`), or the
         # whole buffer packed first (`optimizer`; and at every level where the strategy is not
         # the ring: sum_scatter and all_sum take one whole buffer).
         self._rs_backend = None if self.backend == "any" else self.backend
         self._chunked = (self.level == "gradients" and self.world > 1
                          and collectives.choose(self._rs_backend) == "ring")
-        self._cutters = {}  # (chunk, start, stop) within the chunk: its function of the leaves
+        self._cutters = {}  # (chunk, start, stop) within the chunk: the leaves it reads, its function of them
+        self._held_norm = None
         self._compiled = compiled
         if not compiled:
             self._poison, self._flatten = poison, flatten
@@ -415,26 +419,43 @@ class Sharded(Spread):
         self._apply = mx.compile(apply, inputs=state, outputs=[self.optimizer.state])
 
     def reduce(self, grads: Any, loss: mx.array) -> Any:
+        lazy = collectives.choose(self._rs_backend) == "ring"  # the ring's own graph, evaluated here
         if not self._chunked:
             flat = self._flatten(grads, loss)
             if self.world == 1:
                 return flat
-            mine = collectives.reduce_scatter(flat, self.group, backend=self._rs_backend)
+            mine = collectives.reduce_scatter(flat, self.group, backend=self._rs_backend, lazy=lazy)
         else:
             leaves = self._poison(grads, loss)
-            mine = collectives.reduce_scatter_chunks(lambda c, a, b: self._cutter(c, a, b)(leaves), self.chunk,
-                                                     self.dtype, self.group, backend=self._rs_backend)
-        mx.eval(mine)
+            mine = collectives.reduce_scatter_chunks(lambda c, a, b, after: self._piece(leaves, c, a, b, after),
+                                                     self.chunk, self.dtype, self.group,
+                                                     backend=self._rs_backend, lazy=lazy)
+        # The norm's all_sum of one scalar in the same evaluation as the reduce-scatter: one call
+        # into the backend fewer that waits for every rank (norm() hands it over).
+        self._held_norm = (mine, self._norm(mine))
+        mx.eval(self._held_norm)
         return mine
 
-    def _cutter(self, chunk: int, a: int, b: int) -> Callable[[List[mx.array]], mx.array]:
-        """Elements [a, b) of chunk `chunk` of the gradients' flat buffer, as a function of the
-        leaves (compiled once per piece the ring asks for: a few per rank)."""
+    def norm(self, held: Any) -> mx.array:
+        mine, norm = self._held_norm if self._held_norm is not None else (None, None)
+        self._held_norm = None
+        return norm if mine is held else self._norm(held)
+
+    def _piece(self, leaves: List[mx.array], chunk: int, a: int, b: int, after: List[mx.array]) -> mx.array:
+        """Elements [a, b) of chunk `chunk` of the gradients' flat buffer, cut out of `leaves` once
+        `after` is done (only the leaves it reads wait: the ring cuts its pieces one step at a time)."""
         key = (chunk, a, b)
         if key not in self._cutters:
-            cut = functools.partial(self._slice, cut=self._cut(chunk * self.chunk + a, chunk * self.chunk + b))
-            self._cutters[key] = mx.compile(cut) if self._compiled else cut
-        return self._cutters[key]
+            cut = self._cut(chunk * self.chunk + a, chunk * self.chunk + b)
+            used = sorted({i for i, _, _ in cut[0]})
+            local = ([(used.index(i), lo, hi) for i, lo, hi in cut[0]], cut[1])
+            fn = functools.partial(self._slice, cut=local)
+            self._cutters[key] = (used, mx.compile(fn) if self._compiled else fn)
+        used, fn = self._cutters[key]
+        mine = [leaves[i] for i in used]
+        if not after:
+            return fn(mine)
+        return fn(mx.depends(mine, after)) if mine else mx.depends(fn(mine), after)  # all padding: waits all the same
 
     def update(self, held: Any, norm: mx.array) -> None:
         self._mine = self._apply(held, norm)

@@ -47,7 +47,7 @@ def test_optimize_tries_each_setting_at_the_least_shard_level_that_fits():
 
     # ~25M parameters: the optimizer update outweighs the activations, so levels matter at every batch.
     base = TrainConfig(model=ModelConfig(n_layers=8, d_model=512, n_heads=8, seq_len=64), dist=DistributedConfig(2, 8, 1))
-    budget = 550 * 2**20  # under data parallel's and ZeRO-1's need at every batch, over ZeRO-2's
+    budget = 650 * 2**20  # under data parallel's and ZeRO-1's need at every batch, over ZeRO-2's (718, 582 MiB)
 
     def least(split):
         return next((lv for lv in SHARD_LEVELS

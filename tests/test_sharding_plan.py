@@ -118,7 +118,9 @@ def test_the_oom_ladder_raises_the_level_before_it_halves_the_batch():
     while (current := MemoryOptimizer.suggest_recovery_config(current)) is not None:
         assert current.dist.global_batch_size == cfg.dist.global_batch_size
         seen.append((shard_level_of(current), current.dist.batch_size_per_device))
-    assert seen[:4] == [("optimizer", 2), ("gradients", 2), ("full", 2), ("full", 1)], seen
+    # On 2 ranks `optimizer` saves under MIN_LEVEL_SAVING of this model's need (4.6%): the ladder
+    # passes over it to `gradients` (18%) rather than stopping.
+    assert seen[:3] == [("gradients", 2), ("full", 2), ("full", 1)], seen
     # An explicit level asked for with --shard wins over the one resolved before.
     assert shard_level_of(replace(cfg, shard="gradients", shard_level="full")) == "gradients"
 

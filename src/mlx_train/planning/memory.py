@@ -88,7 +88,10 @@ RING_SCATTER_COPIES = 1.0
 # measurements (GPT rows; the llama's checked against them). Both levels reduce-scatter; `optimizer`
 # packs the gradient tree into one whole flat buffer for it (rank/spread.py), ~0.9 of a copy more
 # than `gradients`, whose ring cuts each piece out of the gradient tree in the round that sends it.
-SHARDED_UPDATE_COPIES = {"optimizer": (3.5, 4.7), "gradients": (2.6, 5.5)}
+# The divided terms grew when the ring became one evaluation (rank/ring_scatter.py): its rounds'
+# receive buffers and sums, and the norm's squares, now live together, a few of this rank's
+# 1/N chunks (re-measured: +19 MB at `optimizer` on 2 ranks, +6 at 3; the whole terms kept).
+SHARDED_UPDATE_COPIES = {"optimizer": (3.5, 7.6), "gradients": (2.6, 6.6)}
 
 
 class _Record(Mapping):

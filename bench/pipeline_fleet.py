@@ -23,7 +23,6 @@ down unless it was up, after each rate.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -39,7 +38,6 @@ sys.path.insert(0, str(REPO / "bench"))  # bench/run.py imports this module from
 from ring import rank0_result, rank_env  # noqa: E402
 
 OUT = REPO / "bench" / "pipeline_fleet.json"  # the last fleet run (bench/run.py keeps it in results.json too)
-LOCK = "/tmp/mlx-fleet.lock"  # every user of the machine-global test fleet takes it
 
 
 def theory(stages: int, micro: int) -> float:
@@ -159,24 +157,11 @@ def main(rates=("1gbit",), loopback: bool = False, stages=(2, 3), micros=(2, 4, 
     import fleet as fleet_tools  # tools/fleet.py
 
     for rate in rates:
-        # The fleet is machine-global and other work needs it too: held for one rate at a time.
-        with open(LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            was_up = fleet_tools.status()["up"] and len(fleet_tools.load().hosts) == 3
-            fl = fleet_tools.up(3)
-            try:
-                for h in fl.hosts:
-                    if rate != "unlimited":
-                        fleet_tools.rate_limit(h, rate)
-                rows = _measure([(h.netns, h.ip) for h in fl.hosts], a, stages, timeout, f"on the fleet at {rate}")
-                out["places"].append({"place": f"ring, fleet hosts, tbf {rate}" if rate != "unlimited"
-                                      else "ring, fleet hosts, no limit", "rate": rate,
-                                      "load": round(os.getloadavg()[0], 1), "rows": rows})
-            finally:
-                for h in fl.hosts:
-                    fleet_tools.clear_faults(h)
-                if not was_up:
-                    fleet_tools.down()
+        with fleet_tools.held_at(rate) as fl:  # one rate at a time: the fleet is the machine's
+            rows = _measure([(h.netns, h.ip) for h in fl.hosts], a, stages, timeout, f"on the fleet at {rate}")
+            out["places"].append({"place": f"ring, fleet hosts, tbf {rate}" if rate != "unlimited"
+                                  else "ring, fleet hosts, no limit", "rate": rate,
+                                  "load": round(os.getloadavg()[0], 1), "rows": rows})
     out["load_after"] = round(os.getloadavg()[0], 1)
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -29,7 +29,6 @@ after each rate.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -47,7 +46,6 @@ OUT = REPO / "bench" / "shard_fleet.json"  # the last fleet run (bench/run.py ke
 LEVELS = ("none", "optimizer", "gradients", "full")
 # ZeRO (arXiv 1910.02054, section 7): bytes each rank sends per step, in units of data parallel's.
 ZERO_TRAFFIC = {"none": 1.0, "optimizer": 1.0, "gradients": 1.0, "full": 1.5}
-LOCK = "/tmp/mlx-fleet.lock"  # every user of the machine-global test fleet takes it
 GOALS = {"optimizer": 1.05, "gradients": 1.05, "full": 1.6}  # issue 17: step time / data parallel's
 
 
@@ -181,25 +179,12 @@ def main(rates=("1gbit",), loopback: int = 0, layers: int = 4, width: int = 256,
     import fleet as fleet_tools  # tools/fleet.py
 
     for rate in rates:
-        # The fleet is machine-global and other work needs it too: held for one rate at a time.
-        with open(LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            was_up = fleet_tools.status()["up"] and len(fleet_tools.load().hosts) == 3
-            fl = fleet_tools.up(3)
-            try:
-                for h in fl.hosts:
-                    if rate != "unlimited":
-                        fleet_tools.rate_limit(h, rate)
-                res = _ranks([(h.netns, h.ip) for h in fl.hosts], {**a, "iface": fl.hosts[0].interface}, timeout,
-                             f"ring x3 on the fleet at {rate}")
-                out["places"].append({"place": f"ring, 3 fleet hosts, tbf {rate}" if rate != "unlimited"
-                                      else "ring, 3 fleet hosts, no limit", "rate": rate,
-                                      "load": round(os.getloadavg()[0], 1), **res})
-            finally:
-                for h in fl.hosts:
-                    fleet_tools.clear_faults(h)
-                if not was_up:
-                    fleet_tools.down()
+        with fleet_tools.held_at(rate) as fl:  # one rate at a time: the fleet is the machine's
+            res = _ranks([(h.netns, h.ip) for h in fl.hosts], {**a, "iface": fl.hosts[0].interface}, timeout,
+                         f"ring x3 on the fleet at {rate}")
+            out["places"].append({"place": f"ring, 3 fleet hosts, tbf {rate}" if rate != "unlimited"
+                                  else "ring, 3 fleet hosts, no limit", "rate": rate,
+                                  "load": round(os.getloadavg()[0], 1), **res})
     out["load_after"] = round(os.getloadavg()[0], 1)
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     return out

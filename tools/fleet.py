@@ -21,6 +21,8 @@ Tests import this file: `up(n) -> Fleet`, `down()`, `load()`, `run_in()`, `limit
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -666,6 +668,31 @@ def clear_faults(host: Host | str) -> None:
 # ---------------------------------------------------------------- provisioning
 
 _RECAP = re.compile(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", re.M)
+
+
+LOCK = "/tmp/mlx-fleet.lock"  # every user of the machine-global test fleet takes it
+
+
+@contextlib.contextmanager
+def held_at(rate: str, n: int = 3):
+    """The fleet of `n` hosts, its links limited to tc's `rate` ("unlimited": none), for one
+    measurement: the machine-wide lock held throughout (other work needs the fleet too, so a bench
+    holds it one rate at a time), the limits cleared after, and the fleet brought down unless it
+    was up before."""
+    with open(LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        was_up = status()["up"] and len(load().hosts) == n
+        fl = up(n)
+        try:
+            for h in fl.hosts:
+                if rate != "unlimited":
+                    rate_limit(h, rate)
+            yield fl
+        finally:
+            for h in fl.hosts:
+                clear_faults(h)
+            if not was_up:
+                down()
 
 
 def parse_recap(stdout: str) -> dict[str, dict[str, int]]:

@@ -206,7 +206,7 @@ def test_status_lists_a_run_in_progress(tmp_path):
         _wait_for(lambda: (run / "metrics.jsonl").exists() and metrics(run), what="first metrics")
         before = metrics(run)[-1]["step"]
         # Wide enough for the whole run dir (under xdist the temporary paths are longer).
-        out = cli("status", "--local", check=True, env={"COLUMNS": "400"}).stdout
+        out = cli("status", "--local", check=True, env={"COLUMNS": "2000"}).stdout
         after = metrics(run)[-1]["step"]
         row = _status_row(out, run.name)
         assert row["live ranks"] == "0,1" and row["run dir"] == str(run), row

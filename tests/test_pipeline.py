@@ -14,7 +14,6 @@ one-process run's losses, every stage reading the one-process run's rows, step b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_ring_ranks
+from helpers import record_reads, run_ring_ranks
 from tiny_llama import make_model_dir, tiny_model  # noqa: F401  (a fixture)
 
 TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
@@ -125,14 +124,7 @@ def _train(corpus: str, run_dir: str, stages: int, resume: bool, stop_after=None
     protocol.emit = seen.append
     try:
         trainer = Trainer(cfg, group, run_dir, 1 << 40)
-        read, micro_batches = [], trainer.train.micro_batches
-
-        def recorded(step, rank, dist):
-            batches = list(micro_batches(step, rank, dist))
-            read.append([step, hashlib.sha1(b"".join(x.tobytes() + y.tobytes() for x, y in batches)).hexdigest()])
-            return iter(batches)
-
-        trainer.train.micro_batches = recorded
+        read = record_reads(trainer)
         trainer.run(resume=resume, stop_after=stop_after)
     finally:
         protocol.emit = real
@@ -298,6 +290,11 @@ def test_pipeline_trains_as_one_process(tmp_path, stages, request):
     if stages == 2:  # the trainer's checkpoint is the whole model: it resumes in one process, on course
         straight = _train(str(corpus), str(tmp_path / "straight"), 1, resume=False)
         resumed = _train(str(corpus), str(tmp_path / "piped"), 1, resume=True)
+        # The data order unchanged: every stage read the one-process run's rows, step by step, and
+        # the resumed run went on where the pipelined one stopped.
+        assert [step for step, _ in straight["read"]] == list(range(TRAIN_STEPS))
+        for rep in reports:
+            assert rep["trained"]["read"] + resumed["read"] == straight["read"], rep["rank"]
         piped = reports[0]["trained"]["metrics"]
         assert [m["step"] for m in piped] == [1, 2] and [m["step"] for m in resumed["metrics"]] == [3, 4]
         for got, want in zip(piped + resumed["metrics"], straight["metrics"]):
@@ -305,11 +302,6 @@ def test_pipeline_trains_as_one_process(tmp_path, stages, request):
         assert abs(resumed["metrics"][-1]["val_loss"] - straight["metrics"][-1]["val_loss"]) \
             / straight["metrics"][-1]["val_loss"] < 1e-5
         assert piped[-1]["global_batch"] == straight["metrics"][-1]["global_batch"] == ROWS * MICRO
-        # The data order unchanged: every stage read the one-process run's rows, step by step, and
-        # the resumed run went on where the pipelined one stopped.
-        for rep in reports:
-            assert rep["trained"]["read"] + resumed["read"] == straight["read"], rep["rank"]
-        assert [step for step, _ in straight["read"]] == list(range(TRAIN_STEPS))
     _check_llama(reports, tmp_path)
 
 

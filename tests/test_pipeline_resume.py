@@ -4,8 +4,9 @@ The trainer itself on a tiny GPT (3 layers, 4 steps of 4 micro-batches of 4 rows
 step 2). A 2-rank launch runs 2 stages straight through, then stopped at step 2 and resumed on 2
 stages: the same losses, validation loss and parameter checksums, bit for bit (the checkpoint is
 the whole model in fp32, gathered with -0.0 where a stage has nothing, and the data order is a
-function of the step: every stage reads the same rows, stopped and resumed or not, recorded). The same launch runs 2 stages with --grad-checkpoint: the blocks recompute
-in the backward, the losses are the same. A 3-rank launch resumes the 2-stage checkpoint on 3
+function of the step: every stage reads the same rows, stopped and resumed or not, recorded).
+The same launch runs 2 stages with --grad-checkpoint: the blocks recompute in the backward, the
+losses are the same. A 3-rank launch resumes the 2-stage checkpoint on 3
 stages (another split of the layers: 2+1 before, 1+1+1 after): within 1e-5 relative, each stage
 reading the uninterrupted run's rows.
 (Resuming on one process is tests/test_pipeline.py's.) Then, in one process, a stage's activation

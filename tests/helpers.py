@@ -194,3 +194,21 @@ def run_ring_ranks(n: int, module: str, args: tuple, out_dir: Path, timeout: flo
                 p.communicate(timeout=10)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     return sorted((json.loads(p.read_text()) for p in out_dir.glob("report-*.json")), key=lambda rep: rep["rank"])
+
+
+def record_reads(trainer) -> List[list]:
+    """What `trainer` (rank/trainer.py) reads from now on: [data step, a digest of the step's
+    micro-batches in order] per step, appended as it trains: two runs read the same rows in the
+    same order when their lists are equal."""
+    import hashlib
+
+    read: List[list] = []
+    micro_batches = trainer.train.micro_batches
+
+    def recorded(step, rank, dist):
+        batches = list(micro_batches(step, rank, dist))
+        read.append([step, hashlib.sha1(b"".join(x.tobytes() + y.tobytes() for x, y in batches)).hexdigest()])
+        return iter(batches)
+
+    trainer.train.micro_batches = recorded
+    return read

@@ -4,9 +4,11 @@ The trainer itself on a tiny GPT (3 layers, 4 steps of 4 micro-batches of 4 rows
 step 2). A 2-rank launch runs 2 stages straight through, then stopped at step 2 and resumed on 2
 stages: the same losses, validation loss and parameter checksums, bit for bit (the checkpoint is
 the whole model in fp32, gathered with -0.0 where a stage has nothing, and the data order is a
-function of the step). The same launch runs 2 stages with --grad-checkpoint: the blocks recompute
-in the backward, the losses are the same. A 3-rank launch resumes the 2-stage checkpoint on 3
-stages (another split of the layers: 2+1 before, 1+1+1 after): within 1e-5 relative.
+function of the step: every stage reads the same rows, stopped and resumed or not, recorded).
+The same launch runs 2 stages with --grad-checkpoint: the blocks recompute in the backward, the
+losses are the same. A 3-rank launch resumes the 2-stage checkpoint on 3
+stages (another split of the layers: 2+1 before, 1+1+1 after): within 1e-5 relative, each stage
+reading the uninterrupted run's rows.
 (Resuming on one process is tests/test_pipeline.py's.) Then, in one process, a stage's activation
 memory with and without --grad-checkpoint: the checkpointed step peaks lower.
 """
@@ -17,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from helpers import run_ring_ranks
+from helpers import record_reads, run_ring_ranks
 
 TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
 MODEL = {"n_layers": 3, "d_model": 32, "n_heads": 2, "seq_len": 16}
@@ -26,8 +28,9 @@ STEPS, STOP_AT = 4, 2
 
 
 def _train(corpus: str, run_dir: str, stages: int, resume: bool = False, stop_after=None,
-           grad_checkpoint: bool = False) -> list:
-    """The Trainer on `run_dir` with this process's group; rank 0's Metrics as dicts."""
+           grad_checkpoint: bool = False) -> dict:
+    """The Trainer on `run_dir` with this process's group: rank 0's Metrics as dicts ("metrics")
+    and what this rank read, step by step ("read": helpers.record_reads)."""
     import dataclasses
 
     import mlx.core as mx
@@ -46,10 +49,12 @@ def _train(corpus: str, run_dir: str, stages: int, resume: bool = False, stop_af
     real = protocol.emit
     protocol.emit = seen.append
     try:
-        Trainer(cfg, group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
+        trainer = Trainer(cfg, group, run_dir, 1 << 40)
+        read = record_reads(trainer)
+        trainer.run(resume=resume, stop_after=stop_after)
     finally:
         protocol.emit = real
-    return [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)]
+    return {"metrics": [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)], "read": read}
 
 
 def rank_main(out_dir: str, stages: str, corpus: str) -> None:
@@ -84,8 +89,14 @@ def _steps(ms: list) -> list:
 
 def test_pipeline_resumes_exactly_and_on_another_split(tmp_path):
     corpus = _corpus(tmp_path)
-    two = run_ring_ranks(2, "test_pipeline_resume", (tmp_path, 2, corpus), tmp_path, TIMEOUT)[0]
-    straight, stopped, resumed = two["straight"], two["stopped"], two["resumed"]
+    twos = run_ring_ranks(2, "test_pipeline_resume", (tmp_path, 2, corpus), tmp_path, TIMEOUT)
+    runs = {name: twos[0][name]["metrics"] for name in ("straight", "stopped", "resumed", "checkpointed")}
+    straight, stopped, resumed = runs["straight"], runs["stopped"], runs["resumed"]
+    # The data order: each step's rows, the same on every stage, stopped or not.
+    reads = twos[0]["straight"]["read"]
+    assert [step for step, _ in reads] == list(range(STEPS))
+    for rep in twos:
+        assert rep["straight"]["read"] == reads and rep["stopped"]["read"] + rep["resumed"]["read"] == reads
     assert _steps(straight) == [1, 2, 3, 4] and _steps(stopped) == [1, 2] and _steps(resumed) == [3, 4]
     # Every rank of a step works on its replica's 16 rows (one replica of 2 stages).
     assert all(m["rows"] == [ROWS * MICRO] * 2 and m["global_batch"] == ROWS * MICRO for m in straight)
@@ -94,15 +105,17 @@ def test_pipeline_resumes_exactly_and_on_another_split(tmp_path):
         assert [m[key] for m in stopped + resumed] == [m[key] for m in straight], key
     assert resumed[-1]["val_loss"] == straight[-1]["val_loss"]
     # --grad-checkpoint recomputes the blocks in the backward: the same training.
-    checkpointed = two["checkpointed"]
+    checkpointed = runs["checkpointed"]
     for got, want in zip(checkpointed, straight):
         assert abs(got["loss"] - want["loss"]) <= 1e-6 * want["loss"], (got["loss"], want["loss"])
 
     # On 3 stages, from the 2-stage checkpoint: another split of the layers, the same course.
     for f in tmp_path.glob("report-*.json"):
         f.unlink()
-    three = run_ring_ranks(3, "test_pipeline_resume", (tmp_path, 3, corpus), tmp_path, TIMEOUT)[0]["resumed"]
+    threes = run_ring_ranks(3, "test_pipeline_resume", (tmp_path, 3, corpus), tmp_path, TIMEOUT)
+    three = threes[0]["resumed"]["metrics"]
     assert _steps(three) == [3, 4]
+    assert all(rep["resumed"]["read"] == reads[STOP_AT:] for rep in threes), "the same rows on 3 stages"
     for got, want in zip(three, straight[STOP_AT:]):
         assert abs(got["loss"] - want["loss"]) / want["loss"] < 1e-5, (got, want)
         assert abs(got["grad_norm"] - want["grad_norm"]) / want["grad_norm"] < 1e-5

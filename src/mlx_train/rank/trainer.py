@@ -139,7 +139,8 @@ class Trainer:
         if measured is None or measured.chosen is None:
             return
         if self.rank == 0:
-            self.say(f"shares after step {step}: rows {self.rows} -> {measured.chosen} (measured rows/s per rank by host: "
+            self.say(f"shares after step {step}: rows {self.rows} -> {measured.chosen} "
+                     f"(measured rows/s per rank by host: "
                      f"{', '.join(f'{s:.1f}' for s in measured.speeds)}; fixed s/step: "
                      f"{', '.join(f'{f:.3f}' for f in measured.fixed or [])})")
         self.set_rows(measured.chosen)

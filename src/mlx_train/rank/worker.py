@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         env = {**os.environ, **blas.rank_env(args.ranks_on_host)}
         os.execve(sys.executable, [sys.executable, "-m", "mlx_train.rank.worker", *sys.argv[1:]], env)
 
-    from mlx_train.rank import inject, lifeline, pidrecords
+    from mlx_train.rank import lifeline, pidrecords
 
     if args.lifeline:
         lifeline.start(args.lifeline_timeout)  # before MLX starts any thread
@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     from mlx_train import protocol
     from mlx_train.config import TrainConfig
     from mlx_train.errors import UserError
+    from mlx_train.rank import inject
     from mlx_train.rank.device import ThisHost, rank_budget_for
     from mlx_train.rank.trainer import Trainer
 

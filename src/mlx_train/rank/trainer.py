@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
-from mlx_train.rank.balance import Balancer
+from mlx_train.rank.balance import Balancer, groups_of, spread
 from mlx_train.rank.badstep import BadSteps, LossSpike
 from mlx_train.rank.batcher import share_of, split_rows
 
@@ -521,14 +521,15 @@ class Trainer:
 
     def restore_rows(self, meta: dict) -> None:
         """--shares auto: the rows the checkpoint was written under, so the steps after it are the
-        uninterrupted run's. Another number of ranks, or rows of another global batch, start equal
-        and measure again."""
+        uninterrupted run's. Another number of ranks, rows of another global batch, or rows that one
+        host's ranks here would not share equally (written on other hosts) start equal and measure
+        again."""
         if self.balancer is None:
             return
         saved = meta.get("rows") if self.rank == self.source else None
-        G = self.cfg.dist.global_batch_size
+        G, hosts = self.cfg.dist.global_batch_size, self.balancer.hosts
         ok = isinstance(saved, list) and len(saved) == self.size and all(isinstance(r, int) and r > 0 for r in saved) \
-            and sum(saved) == G
+            and sum(saved) == G and spread([sum(saved[r] for r in g) for g in groups_of(hosts)], hosts) == saved
         rows = saved if ok else [G // self.size] * self.size
         self.set_rows(self.broadcast(mx.array(rows, dtype=mx.int64)).tolist())
 

@@ -17,8 +17,10 @@ last), and `fill` splits the global batch between the hosts: each host starts wi
 then each row goes to the host that would finish it first (its fixed part plus its most loaded
 rank's rows over its speed; ties to the lower host), so the slowest host's step is as short as
 whole rows allow. `spread` then gives every rank of a host an equal part of the host's rows, the
-remainder one row each to its lowest ranks: a pure function of the gathered bytes and of which
-host each rank is on (launch.py tells every rank every rank's host, the same list everywhere).
+remainder one row each to its lowest ranks (not rows in units of a host's rank count: two hosts
+of 3 ranks could then never split a global batch of 8): a pure function of the gathered bytes and
+of which host each rank is on (launch.py tells every rank every rank's host, the same list
+everywhere; a resume whose saved rows one host's ranks would not share equally starts equal).
 Hence a run whose ranks are all on one host (every local run) keeps the equal split for good
 under `auto`, bit for bit the `--shares equal` run (the trainer does not even gather there).
 

@@ -56,13 +56,14 @@ def test_a_host_too_slow_to_help_at_equal_shares_is_left_out_with_one_line():
     assert not without_slow_hosts(hosts, [0.5, 0.5, 0.4], 12, by_speed=False).left_out
     alone = without_slow_hosts(hosts, [0.5, 0.5, 0.125], 9, by_speed=False)
     assert [h.name for h in alone.kept] == ["h1"] and alone.step_s == 9 / 0.5
-    # From the cluster file's cores: the run goes on the fast hosts, the same global batch re-split.
-    cfg = _cfg(devices=3, batch=4)
+    # From the cluster file's cores, at equal shares: the run goes on the fast hosts, the same global
+    # batch re-split.
+    cfg = _cfg(devices=3, batch=4, shares="equal")
     chosen = hosts_to_run(cfg, hosts)
     assert [h.name for h in chosen.kept] == ["h1", "h2"]
     again = resplit(cfg, 2)
     assert again.dist.num_devices == 2 and again.dist.global_batch_size == 12 and again.dist.batch_size_per_device <= 4
-    assert not hosts_to_run(_cfg(devices=3, shares="auto"), hosts).left_out
+    assert not hosts_to_run(_cfg(devices=3), hosts).left_out  # the default, auto: shares by speed
     assert not hosts_to_run(cfg, _hosts(None, None, None)).left_out  # no speeds: nothing to judge by
 
 

@@ -53,6 +53,7 @@ def test_local_ring_one_process_per_rank_on_loopback():
         assert p.argv[:4] == ["taskset", "-c", "0", sys.executable]
         assert p.argv[4:6] == ["-m", "mlx_train.rank.worker"]
         assert flag(p.argv, "--rank") == str(rank) and flag(p.argv, "--ranks-on-host") == "3"
+        assert flag(p.argv, "--rank-hosts") == "0,0,0"  # one host: --shares auto never re-shares
         assert p.env["PYTHONUNBUFFERED"] == "1"
         assert json.loads(flag(p.argv, "--config-json"))["dist"]["num_devices"] == 3
 
@@ -76,6 +77,7 @@ def test_ring_over_ssh_one_fresh_bounded_ssh_per_rank_on_the_pinned_addresses():
         assert remote[3:5] == ["-m", "mlx_train.rank.worker"] and flag(remote, "--rank") == str(rank)
         assert flag(remote, "--run-dir") == "/runs/r1" and flag(remote, "--run-id") == "r1"
         json.loads(flag(remote, "--config-json"))  # survives the quoting intact
+        assert flag(remote, "--rank-hosts") == "0,1,2"  # every rank's host, the same list on every rank
 
 
 @needs("mpirun", "no mpirun on PATH (Open MPI)")

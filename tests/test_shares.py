@@ -12,11 +12,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
 
 from helpers import TINY, cli, events, metrics, popen, unavailable
 from mlx_train.config import DistributedConfig
 from mlx_train.errors import UserError
-from mlx_train.rank.balance import Balancer, predicted_s, propose
+from mlx_train.rank.balance import Balancer, fill, groups_of, predicted_s, propose, spread
 from mlx_train.rank.batcher import Batcher, Share, share_of, split_rows
 
 
@@ -116,6 +117,37 @@ def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
     assert len(gathered) == 1
 
 
+def test_auto_re_shares_between_hosts_never_among_one_hosts_ranks():
+    # Rank 1 measured three times slower than rank 0: on hosts apart it loses rows, on one host (they
+    # share its cores: contention, not hardware) the split stays equal, bit for bit --shares equal.
+    everyone = [[1.0, 30.0, 0.0], [3.0, 30.0, 0.01]]
+    apart = Balancer(16, lambda mine: everyone, every=5, min_steps=3, hosts=[0, 1])
+    together = Balancer(16, lambda mine: everyone, every=5, min_steps=3, hosts=[7, 7])
+    for b in (apart, together):
+        for step in range(1, 5):
+            b.observe(0.5, 8)
+    assert apart.after(5, [8, 8]).chosen == [12, 4]
+    one = together.after(5, [8, 8])
+    # A host: its ranks' summed rows over their summed seconds, its slowest fixed part over the 3 steps measured.
+    assert one.chosen is None and one.speeds == [15.0] and one.fixed == [0.01 / 3]
+    # Whatever one host's ranks measure, it keeps the equal split (any number of ranks, any gather).
+    for n, speed, fixed in ((2, 1.0, 0.0), (3, 50.0, 0.2), (4, 0.3, 1.0)):
+        assert propose(8 * n, [8] * n, [speed], fixed=[fixed], hosts=[0] * n) is None
+    # Two hosts, the first with two ranks: the fast host's rows split equally between its ranks, the
+    # remainder to its lowest rank (a host's step ends with its most loaded rank).
+    b = Balancer(24, lambda mine: [[1.0, 30.0, 0.0], [1.2, 30.0, 0.0], [3.0, 30.0, 0.0]], every=5, min_steps=3,
+                 hosts=[0, 0, 1])
+    for step in range(1, 5):
+        b.observe(0.5, 8)
+    got = b.after(5, [8, 8, 8])
+    assert [round(v, 6) for v in got.speeds] == [27.272727, 10.0] and got.chosen == [10, 10, 4]
+    assert fill(25, [10.0, 10.0], [0.0, 0.0], ranks=[2, 1]) == [17, 8]
+    assert spread([17, 8], [0, 0, 1]) == [9, 8, 8]
+    assert predicted_s([9, 8, 8], [10.0, 10.0], hosts=[0, 0, 1]) == 0.9
+    # Hosts by any ids, ordered by their lowest rank; ranks need not be in blocks.
+    assert groups_of([5, 2, 5]) == [[0, 2], [1]] and spread([5, 3], [5, 2, 5]) == [3, 3, 2]
+
+
 def _cgroups():
     import fleet_limits  # tools/fleet_limits.py, on sys.path from helpers
 
@@ -125,12 +157,12 @@ def _cgroups():
         unavailable(f"a rank cannot be slowed by a CPU quota here: {exc}")
 
 
-def _train_with_slow_rank(run: Path, args: list, rank: int, cpu: float) -> None:
+def _train_with_slow_rank(run: Path, args: list, rank: int, cpu: float, env: dict = None) -> None:
     """`train` with rank `rank` put under a CPU quota of `cpu` cores (a cgroup, as the test fleet's
     unequal hosts) once the first step is logged: a rank that is really slower, from the first steps on."""
     limits, cg = _cgroups()
     state = run.parent / f"state-{run.name}"
-    proc = popen("train", *args, "--run-dir", str(run), env={**os.environ, "MLX_TRAIN_STATE": str(state)})
+    proc = popen("train", *args, "--run-dir", str(run), env={**os.environ, "MLX_TRAIN_STATE": str(state), **(env or {})})
     group = f"shares-test-{os.getpid()}"
     moved = None
     try:
@@ -152,21 +184,25 @@ def _train_with_slow_rank(run: Path, args: list, rank: int, cpu: float) -> None:
             cg.release(group, moved)
 
 
+# The two local ranks as two hosts for --shares auto (rank/inject.py): it re-shares between hosts only.
+TWO_HOSTS = {"MLX_TRAIN_TEST_HOSTS": "0,1"}
 COMMON = [*TINY, "--devices", "2", "--accumulation", "2", "--steps", "20", "--log-every", "1", "--eval-every", "20",
           "--checkpoint-every", "10"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same run with equal shares, with 3,1, and with auto while rank 1 is slowed (then resumed
-    from its step-10 checkpoint, and rank 1 killed once more after the resumed run's first step: the
-    supervisor's restart from that checkpoint): one set for the tests below, which compare them."""
+    """The same run with equal shares, with 3,1, and with auto while rank 1 is slowed, its two ranks
+    taken as two hosts (then resumed from its step-10 checkpoint, and rank 1 killed once more after the
+    resumed run's first step: the supervisor's restart from that checkpoint); and the default (auto)
+    with rank 1 slowed on its one host, to step 12: one set for the tests below, which compare them."""
     tmp = tmp_path_factory.mktemp("shares")
-    out = {name: tmp / name for name in ("equal", "weighted", "auto", "resumed")}
+    out = {name: tmp / name for name in ("equal", "weighted", "auto", "resumed", "default")}
     cli("train", *COMMON, "--shares", "equal", "--run-dir", str(out["equal"]), check=True)
     # rank 0: 12 rows in 3 micro-batches, rank 1: 4 in 1
     cli("train", *COMMON, "--shares", "3,1", "--run-dir", str(out["weighted"]), check=True)
-    _train_with_slow_rank(out["auto"], [*COMMON, "--shares", "auto"], rank=1, cpu=0.15)
+    _train_with_slow_rank(out["auto"], [*COMMON, "--shares", "auto"], rank=1, cpu=0.15, env=TWO_HOSTS)
+    _train_with_slow_rank(out["default"], [*COMMON, "--stop-after", "12"], rank=1, cpu=0.15)
     shutil.copytree(out["auto"], out["resumed"])
     shutil.rmtree(out["resumed"] / "checkpoints" / "step-000020")
     _resume_killing_rank_1(out["resumed"])
@@ -175,12 +211,12 @@ def runs(tmp_path_factory):
 
 
 def _resume_killing_rank_1(run: Path) -> None:
-    """`train --resume run`, SIGKILLing rank 1 as soon as the resumed attempt has logged a step."""
+    """`train --resume run` (its ranks as two hosts), SIGKILLing rank 1 as soon as the resumed attempt has logged a step."""
     def lines() -> int:
         return (run / "metrics.jsonl").read_text().count("\n")
 
     logged = lines()
-    proc = popen("train", "--resume", str(run))
+    proc = popen("train", "--resume", str(run), env={**os.environ, **TWO_HOSTS})
     try:
         deadline = time.monotonic() + 120
         while lines() == logged and proc.poll() is None and time.monotonic() < deadline:
@@ -242,6 +278,17 @@ def test_auto_shares_follow_a_slow_rank_with_the_equal_splits_updates(runs):
     assert all(len(m["rank_compute_s"]) == len(m["rank_wait_s"]) == 2 for m in auto)
     assert sum(m["rank_compute_s"][1] for m in auto[1:10]) > sum(m["rank_compute_s"][0] for m in auto[1:10])
     assert sum(m["rank_wait_s"][0] for m in auto[1:10]) > sum(m["rank_wait_s"][1] for m in auto[1:10])
+
+
+@pytest.mark.multiproc
+def test_the_default_auto_on_one_host_is_the_equal_split_bit_for_bit(runs):
+    # Rank 1 under a CPU quota measures far slower, but its host is rank 0's: no re-share at step 10,
+    # and every step's loss and parameters are --shares equal's exactly.
+    default, equal = metrics(runs["default"]), metrics(runs["equal"])
+    assert yaml.safe_load((runs["default"] / "config.yaml").read_text())["dist"]["shares"] == "auto"
+    assert [m["step"] for m in default] == list(range(1, 13)) and all(m["rows"] == [8, 8] for m in default)
+    assert [(m["loss"], m["param_checksum"]) for m in default] == [(m["loss"], m["param_checksum"]) for m in equal[:12]]
+    assert sum(m["rank_compute_s"][1] for m in default[1:10]) > sum(m["rank_compute_s"][0] for m in default[1:10])
 
 
 @pytest.mark.multiproc

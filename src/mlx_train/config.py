@@ -143,10 +143,12 @@ class DistributedConfig(_Yaml):
                             "core the rank owns, up to 8; 1: off). GPU ranks use 1", "--cpu-threads")
     # Each rank's rows of every global batch (rank/batcher.py split_rows); the step's mathematics is the
     # equal split's whatever the shares (docs/advanced_training.md, "Unequal shares of the batch").
-    shares: str = knob("equal", "each rank's share of the global batch: 'equal', 'auto' (equal at first, then in "
-                       "proportion to each rank's measured speed, re-balanced when that pays), or one positive weight "
-                       "per device, e.g. 3,1 (rank 0 gets 3/4 of the rows)",
-                       "--shares", metavar="equal|auto|W1,W2,...")
+    # auto re-shares between hosts only (rank/balance.py): on one host it is the equal split, bit for bit.
+    shares: str = knob("auto", "each rank's share of the global batch: 'auto' (equal at first, then each host's "
+                       "rows in proportion to its measured speed, re-balanced when that pays, a host's ranks "
+                       "equal: one host's run stays equal), 'equal', or one positive weight per device, e.g. 3,1 "
+                       "(rank 0 gets 3/4 of the rows)",
+                       "--shares", metavar="auto|equal|W1,W2,...")
     # A training pipeline (rank/pipeline.py): the devices are S x R, rank = replica x S + stage, so a
     # stage's neighbours are ring neighbours (the ring backend's send/recv reach no further).
     pipeline_stages: int = knob(1, "split the model's layers over S consecutive devices (a training pipeline, "

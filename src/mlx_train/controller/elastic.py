@@ -245,8 +245,9 @@ def restage(cfg: TrainConfig, hosts: List[Host]) -> TrainConfig:
     d, n = cfg.dist, sum(h.slots for h in hosts)
     stages, g = d.pipeline_stages, d.global_batch_size
     # Unpipelined, every device is a replica: the same global batch is n x (g / n) rows (split_for
-    # re-splits it into micro-batches), and only when n divides it.
-    whole = dataclasses.replace(cfg, dist=dataclasses.replace(d, pipeline_stages=1, num_devices=n, shares="equal",
+    # re-splits it into micro-batches), and only when n divides it. Its shares are the pipeline's (equal
+    # or auto, the only ones a pipeline takes): auto re-shares between the hosts once unpipelined.
+    whole = dataclasses.replace(cfg, dist=dataclasses.replace(d, pipeline_stages=1, num_devices=n, shares=d.shares,
                                                               micro_caps=None, batch_size_per_device=max(g // n, 1),
                                                               gradient_accumulation=1))
     if g % n == 0:

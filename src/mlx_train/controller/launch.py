@@ -227,8 +227,12 @@ def plan(cfg: TrainConfig, hosts: List[Host], run_dir: str, run_id: str, resume:
     if total != cfg.dist.num_devices:
         raise UserError(f"{cfg.dist.num_devices} devices asked for but the hosts provide {total} slots: "
                         "change --devices or the cluster file")
+    # Every rank learns every rank's host (--shares auto re-shares between hosts, never among one
+    # host's ranks: rank/balance.py), the same list on every rank.
+    on = ",".join(str(i) for i, h in enumerate(hosts) for _ in range(h.slots))
+
     def args_for(host: Host) -> List[str]:
-        return worker_args(cfg, run_dir, run_id, resume, stop_after, host.placed)
+        return [*worker_args(cfg, run_dir, run_id, resume, stop_after, host.placed), "--rank-hosts", on]
 
     if cfg.dist.backend == "mpi":
         # One command line carries every rank: the model and data must lie at one path on all hosts.

@@ -3,7 +3,8 @@ real runs. (tools/faults.py, the fault matrix, sets these from outside, beside t
 itself: signals, links down, full disks.)
 
 The trainer meets it at two seams only: once per training step (`Faults.around_step`) and once
-per checkpoint write (`Faults.before_write`, in rank 0's background writer).
+per checkpoint write (`Faults.before_write`, in rank 0's background writer); the worker at one, the
+ranks' hosts (`hosts`).
 
 MLX_TRAIN_TEST_POISON="STEP:RANK:COUNT" gives RANK NaN weights for COUNT steps from step STEP (as
 a flipped bit would give it a non-finite loss and gradients), in the run's first attempt only: a
@@ -34,6 +35,10 @@ overwritten by the step's gather.
 
 MLX_TRAIN_TEST_SLOW_WRITE="SECONDS" makes every checkpoint write take SECONDS longer: a slow disk,
 for the watchdog's checkpoint allowance.
+
+MLX_TRAIN_TEST_HOSTS="H0,H1,..." puts rank r on host Hr as `--shares auto` sees it (rank/balance.py
+re-shares between hosts, never among one host's ranks): ranks of one machine taken as hosts apart,
+one of them slowed by a cgroup as the test fleet's unequal hosts are (tests/test_shares.py).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -52,6 +57,13 @@ PERTURB = "MLX_TRAIN_TEST_PERTURB"
 ULP = "MLX_TRAIN_TEST_ULP"
 CORRUPT = "MLX_TRAIN_TEST_CORRUPT"
 SLOW_WRITE = "MLX_TRAIN_TEST_SLOW_WRITE"
+HOSTS = "MLX_TRAIN_TEST_HOSTS"
+
+
+def hosts(given: Optional[List[int]], env: Mapping[str, str] = os.environ) -> Optional[List[int]]:
+    """Each rank's host: MLX_TRAIN_TEST_HOSTS's when set, else `given` (the launcher's)."""
+    text = env.get(HOSTS)
+    return [int(x) for x in text.split(",")] if text else given
 
 
 def _spec(env: Mapping[str, str], name: str) -> Optional[Tuple[int, ...]]:

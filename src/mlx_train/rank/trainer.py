@@ -14,7 +14,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
-from mlx_train.rank.balance import Balancer
+from mlx_train.rank.balance import Balancer, groups_of, spread
 from mlx_train.rank.badstep import BadSteps, LossSpike
 from mlx_train.rank.batcher import share_of, split_rows
 
@@ -29,7 +29,7 @@ from mlx_train.rank.step import Stepper, all_sum_bytes, current_lr, make_optimiz
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, group: mx.distributed.Group, run_dir: str, memory_budget: int,
-                 placed: Optional[dict] = None):
+                 placed: Optional[dict] = None, hosts: Optional[List[int]] = None):
         self.cfg, self.group = cfg, group
         self.rank, self.size = group.rank(), group.size()
         if self.size != cfg.dist.num_devices:
@@ -53,15 +53,20 @@ class Trainer:
         eval_batch = min(cfg.dist.batch_size_per_device, *(caps or ()), self.val.n_windows // cfg.dist.replicas)
         self.val_dist = DistributedConfig(cfg.dist.replicas, eval_batch, 1, cfg.dist.backend)
         # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
-        # equal split's interleaved micro-batches. --shares auto starts equal and re-shares from the
-        # ranks' measured speeds (rank/balance.py).
+        # equal split's interleaved micro-batches. --shares auto starts equal and re-shares between
+        # hosts (`hosts`: each rank's, the same list on every rank; None: all on one) from their
+        # measured speeds (rank/balance.py); a host's ranks keep equal parts of its rows.
         weights = cfg.dist.share_weights()
         G = cfg.dist.global_batch_size
         # A pipeline's stages each work on their replica's rows: G / replicas a rank, not G / devices.
         self.set_rows([G // cfg.dist.replicas] * self.size if weights is None else split_rows(G, weights))
-        # (Not a pipeline's: its replicas take equal shares, every stage of one the same rows.)
-        self.balancer = Balancer(G, self.gather_floats) \
-            if cfg.dist.shares == "auto" and self.size > 1 and cfg.dist.pipeline_stages == 1 else None
+        # (Not a pipeline's: its replicas take equal shares, every stage of one the same rows. Nor one
+        # host's: its ranks never re-share among themselves, so there is nothing to measure or gather.)
+        hosts = list(hosts) if hosts is not None else [0] * self.size
+        if len(hosts) != self.size:
+            raise UserError(f"{len(hosts)} ranks' hosts given for {self.size} ranks")
+        self.balancer = Balancer(G, self.gather_floats, hosts=hosts) \
+            if cfg.dist.shares == "auto" and len(set(hosts)) > 1 and cfg.dist.pipeline_stages == 1 else None
 
         mx.random.seed(cfg.seed)  # the same seed on every rank gives the same initial weights
         # A pipeline's stage reads only its own layers' weights (rank/pipeline.py load_only).
@@ -134,7 +139,8 @@ class Trainer:
         if measured is None or measured.chosen is None:
             return
         if self.rank == 0:
-            self.say(f"shares after step {step}: rows {self.rows} -> {measured.chosen} (measured rows/s by rank: "
+            self.say(f"shares after step {step}: rows {self.rows} -> {measured.chosen} "
+                     f"(measured rows/s per rank by host: "
                      f"{', '.join(f'{s:.1f}' for s in measured.speeds)}; fixed s/step: "
                      f"{', '.join(f'{f:.3f}' for f in measured.fixed or [])})")
         self.set_rows(measured.chosen)
@@ -515,14 +521,15 @@ class Trainer:
 
     def restore_rows(self, meta: dict) -> None:
         """--shares auto: the rows the checkpoint was written under, so the steps after it are the
-        uninterrupted run's. Another number of ranks, or rows of another global batch, start equal
-        and measure again."""
+        uninterrupted run's. Another number of ranks, rows of another global batch, or rows that one
+        host's ranks here would not share equally (written on other hosts) start equal and measure
+        again."""
         if self.balancer is None:
             return
         saved = meta.get("rows") if self.rank == self.source else None
-        G = self.cfg.dist.global_batch_size
+        G, hosts = self.cfg.dist.global_batch_size, self.balancer.hosts
         ok = isinstance(saved, list) and len(saved) == self.size and all(isinstance(r, int) and r > 0 for r in saved) \
-            and sum(saved) == G
+            and sum(saved) == G and spread([sum(saved[r] for r in g) for g in groups_of(hosts)], hosts) == saved
         rows = saved if ok else [G // self.size] * self.size
         self.set_rows(self.broadcast(mx.array(rows, dtype=mx.int64)).tolist())
 

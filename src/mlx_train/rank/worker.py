@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--placed", default="{}",
                    help="JSON: the config's model/data path -> its copy on this host (fleet/ship.py)")
     p.add_argument("--ranks-on-host", type=int, default=1, help="ranks sharing this host (BLAS threads)")
+    p.add_argument("--rank-hosts", type=lambda text: [int(x) for x in text.split(",")],
+                   help="each rank's host, by number, comma-separated (--shares auto re-shares between hosts "
+                        "only); default: every rank on one host")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p.add_argument("--stop-after", type=int, help="checkpoint and exit cleanly after this step")
     p.add_argument("--lifeline", action="store_true",
@@ -70,6 +73,7 @@ def main(argv=None) -> int:
     from mlx_train import protocol
     from mlx_train.config import TrainConfig
     from mlx_train.errors import UserError
+    from mlx_train.rank import inject
     from mlx_train.rank.device import ThisHost, rank_budget_for
     from mlx_train.rank.trainer import Trainer
 
@@ -82,7 +86,8 @@ def main(argv=None) -> int:
                                      python=sys.executable))
         budget = rank_budget_for(cfg, [ThisHost(args.ranks_on_host)])  # memory as measured here, where the rank runs
         protocol.emit(protocol.Budget(rank=rank, budget=budget))
-        trainer = Trainer(cfg, group, args.run_dir, budget, placed=json.loads(args.placed))
+        trainer = Trainer(cfg, group, args.run_dir, budget, placed=json.loads(args.placed),
+                          hosts=inject.hosts(args.rank_hosts))
         trainer.run(resume=args.resume, stop_after=args.stop_after)
         return protocol.EXIT_OK
     except UserError as exc:

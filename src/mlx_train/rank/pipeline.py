@@ -21,8 +21,9 @@ so two neighbours never both wait in a send.
 
 After the micro-batches: with R > 1 replicas, a stage's gradients are summed over its replicas;
 the global norm is the all_sum of the stages' sums of squares; AdamW updates this stage's
-parameters only. The checkpoint layout is the whole model's (`whole_params`, `full_state`: a
-collective), so a pipelined run resumes unpipelined and the other way round.
+parameters only. The checkpoint layout is the whole model's, so a pipelined run resumes
+unpipelined and the other way round; it moves piece by piece (`whole_pieces`, `load_pieces`: a
+layer's parameters or one of its moments, one collective each), so no rank holds the whole model.
 
 The Pipeline answers the Stepper's calls (rank/step.py), so the trainer drives either alike.
 """

@@ -145,15 +145,15 @@ def peak(cfg: TrainConfig) -> int:
 # A pipeline's checkpoint moves the whole trainable tree piece by piece (rank/pipeline.py
 # whole_pieces: a layer's parameters, or one of its moments; a stage's embeddings or head apart),
 # each piece one all_sum that every rank takes part in: beside the stage's own state, a rank holds
-# the largest piece's fp32 buffer and its sum, and a writer (rank 0, the mirror) the piece before,
-# which its writer thread still writes. The stage's weights count twice outside the step: the
-# step's parameters and the ones the model's modules still hold from the last forward. Measured by
-# hand (the GPT L8 D256 T64, 2 stages, full fp32, the save as the trainer runs it): 51.8 MB held
-# after a step on rank 0 (its 38.7 MB of weights and moments, and 12.9 MB of those weights again),
-# 61.3 MB at the save's peak there (+9.5 MB: 3.0 x a block's 3.15 MB of fp32 weights), 57.8 MB on
-# rank 1 (+6.3 MB, no piece written); predicted 61.1 MB. (Before, the whole model's weights and
-# moments were gathered on every rank at once: 206.8 MB on both.)
-CHECKPOINT_PIECE_COPIES = 3
+# three copies of the largest piece (its own values or -0.0, their packed buffer, its sum) and a
+# writer (rank 0, and the mirror, on any stage) a fourth, the piece before, which its writer thread
+# still writes. The stage's weights count twice outside the step: the step's parameters and the
+# ones the model's modules still hold from the last forward. bench/pipeline_memory.py's save
+# columns: the other ranks peak at exactly the state and three pieces, the writer at four (GPT D256
+# and D128, S = 2 and 3); counted at four on every stage. Before, the whole model's weights and
+# moments were gathered on every rank at once (the GPT L8 D256 T64 on 2 stages: 206.8 MB at the
+# save on both ranks, against 61.3 and 57.8 MB a piece at a time).
+CHECKPOINT_PIECE_COPIES = 4
 STAGE_WEIGHT_COPIES = 2
 
 

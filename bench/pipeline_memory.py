@@ -6,8 +6,11 @@ For each configuration (S stages, M micro-batches, the micro-batch) it starts S 
 loopback (MLX_HOSTFILE/MLX_RANK). Each builds the built-in GPT and its stage of it (rank/pipeline.py's
 Pipeline, as the trainer does), runs one step (the optimizer state's first allocation), clears the
 cache, resets the peak, runs a second step and reports `mx.get_peak_memory()`: the measured peak of
-a step on that stage, what planning/stages.stage_memory's `peak` predicts. Prints a markdown table
-(predicted, measured, ratio) and with --json writes the rows.
+a step on that stage, what planning/stages.stage_memory's `peak` predicts. Then a checkpoint's save
+as the trainer runs it (rank/pipeline.py whole_pieces: every rank in each piece's all_sum, each
+leaf's crc; rank 0, the writer, snapshots each piece and holds it until the next has come, as its
+writer thread does), its peak from the same state, what stages.checkpoint_need predicts. Prints a
+markdown table (predicted, measured, ratio, for the step and the save) and with --json writes the rows.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ def rank_main(config: list) -> None:
 
     from mlx_train.config import ModelConfig, OptimConfig
     from mlx_train.planning.memory import ModelShape
-    from mlx_train.planning.stages import stage_memory
+    from mlx_train.planning.stages import checkpoint_need, stage_memory
+    from mlx_train.rank import checkpoint
     from mlx_train.rank.model import build_model
-    from mlx_train.rank.pipeline import Pipeline
+    from mlx_train.rank.pipeline import Pipeline, stage_layers
     from mlx_train.rank.step import make_optimizer
 
     stages, micro, batch, layers, width, seq = config
@@ -59,13 +63,30 @@ def rank_main(config: list) -> None:
     mx.reset_peak_memory()
     pipe.step(batches())
     measured = mx.get_peak_memory()
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    held = None
+    for pairs, moments in pipe.whole_pieces():
+        for _, v in pairs:
+            checkpoint.leaf_crc(v)
+        if group.rank() == 0:  # the piece before goes once this one is snapshotted (checkpoint.Handoff)
+            held = (checkpoint.snapshot(dict(pairs)), checkpoint.snapshot(dict(moments)))
+        del pairs, moments
+    del held
+    saved = mx.get_peak_memory()
     s = group.rank() % stages
-    predicted = stage_memory(ModelShape.from_config(cfg), stages, s, batch, micro).peak
-    peaks = np.array(mx.distributed.all_gather(mx.array([[measured, predicted]], dtype=mx.int64), group=group))
+    shape = ModelShape.from_config(cfg)
+    predicted = stage_memory(shape, stages, s, batch, micro).peak
+    save_predicted = checkpoint_need(shape, stage_layers(layers, [1.0] * stages)[s], s, stages)
+    peaks = np.array(mx.distributed.all_gather(mx.array([[measured, predicted, saved, save_predicted]],
+                                                        dtype=mx.int64), group=group))
     if group.rank() == 0:
         print(json.dumps([{"stages": stages, "micro": micro, "batch": batch, "layers": layers, "width": width,
                            "seq_len": seq, "stage": i, "measured": int(m), "predicted": int(p),
-                           "ratio": float(p / m)} for i, (m, p) in enumerate(peaks.reshape(-1, 2))]), flush=True)
+                           "ratio": float(p / m), "save_measured": int(sm), "save_predicted": int(sp),
+                           "save_ratio": float(sp / sm)}
+                          for i, (m, p, sm, sp) in enumerate(peaks.reshape(-1, 4))]), flush=True)
 
 
 def _free_ports(n: int) -> list:
@@ -97,11 +118,13 @@ def run(config) -> list:
 
 
 def table(rows: list) -> str:
-    lines = ["| S | M | micro-batch | GPT | stage | predicted MiB | measured MiB | predicted / measured |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| S | M | micro-batch | GPT | stage | predicted MiB | measured MiB | predicted / measured | "
+             "save: predicted MiB | measured MiB | predicted / measured |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['stages']} | {r['micro']} | {r['batch']} | L{r['layers']} D{r['width']} T{r['seq_len']} | "
-                     f"{r['stage']} | {r['predicted'] / 2**20:.1f} | {r['measured'] / 2**20:.1f} | {r['ratio']:.2f} |")
+                     f"{r['stage']} | {r['predicted'] / 2**20:.1f} | {r['measured'] / 2**20:.1f} | {r['ratio']:.2f} | "
+                     f"{r['save_predicted'] / 2**20:.1f} | {r['save_measured'] / 2**20:.1f} | {r['save_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -113,6 +136,8 @@ def main() -> None:
     print(table(rows))
     bad = [r for r in rows if abs(r["ratio"] - 1) > TOLERANCE]
     print(f"{len(rows) - len(bad)}/{len(rows)} stages within {TOLERANCE:.0%}")
+    bad = [r for r in rows if abs(r["save_ratio"] - 1) > TOLERANCE]
+    print(f"{len(rows) - len(bad)}/{len(rows)} saves within {TOLERANCE:.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps({"tolerance": TOLERANCE, "rows": rows}, indent=1) + "\n")
 

@@ -12,7 +12,7 @@ GPU working set and planner safety share as bench/shard_table.py), at the longes
   per Mac, and its step time: one Mac's compute of its rows plus the level's sync (perf.shard_sync_s;
   at `full` under LoRA the frozen base is gathered too, twice per micro-batch);
 - pipelined: the fewest stages S (dividing the Macs; the rest data-parallel replicas) at which every
-  stage fits (its step and its checkpoint's gather of the whole trainable state, stages.plan's
+  stage fits (its step and its state while its checkpoint goes by piece by piece, stages.plan's
   test), the planner's modes in order and the largest micro-batch, its largest stage's memory,
   and its step (stages.pipeline_step_s): one Mac's compute of a replica's rows over S stages, times
   1F1B's (M+S-1)/M, plus an activation forward and a gradient back per schedule slot at the link's

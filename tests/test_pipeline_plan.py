@@ -40,7 +40,7 @@ def _hosts(n=2, speed=None):
 
 def test_optimize_memory_pipelines_a_model_that_fits_no_device(capsys):
     # 100 MiB, --shard none: the step fits no device unpipelined; two stages hold it (and the
-    # checkpoint's gather of the whole model's state).
+    # checkpoint's pieces).
     cfg = _gpt(100, shard="none")
     planned = plan_for_budget(cfg, _hosts())
     out = capsys.readouterr().out.strip().splitlines()
@@ -55,14 +55,19 @@ def test_optimize_memory_pipelines_a_model_that_fits_no_device(capsys):
             **not_pipelined.to_dict()["dist"], "num_devices": len(hosts)}})
         with pytest.raises(UserError, match="even at batch 1"):
             plan_for_budget(not_pipelined, hosts)
-    # Too little for any number of stages (a stage's step fits 80 MiB, its checkpoint's gather does
-    # not): the unpipelined refusal, one line.
+    # 80 MiB: a stage's step at batch 1 fits, and so does its checkpoint, which goes a piece at a
+    # time beside the stage's state (before, its gather of the whole model's state did not fit).
     smallest = stages.at_stages(cfg, _hosts(), 2, 1, 8, "fp32", False)
     shape = model_shape(cfg.model, cfg.fine_tune)
-    assert max(stages.stage_need(smallest, shape, r, s, 2)
-               for s, r in enumerate(stages.plan(smallest, _hosts(), 2).layers)) < 80 * MiB
-    with pytest.raises(UserError, match="no split of the global batch 8 over 2 devices fits") as exc:
-        plan_for_budget(_gpt(80), _hosts())
+    layers = stages.plan(smallest, _hosts(), 2).layers
+    assert max(stages.checkpoint_need(shape, r, s, 2) for s, r in enumerate(layers)) \
+        < max(stages.stage_need(smallest, shape, r, s, 2) for s, r in enumerate(layers)) < 80 * MiB
+    assert plan_for_budget(_gpt(80), _hosts()).dist.pipeline_stages == 2
+    capsys.readouterr()
+    # Too little for any number of stages (75 MiB: a stage's step at batch 1 does not fit): the
+    # unpipelined refusal, one line.
+    with pytest.raises(UserError, match="cannot hold this model even at batch 1") as exc:
+        plan_for_budget(_gpt(75), _hosts())
     assert "\n" not in str(exc.value)
 
 

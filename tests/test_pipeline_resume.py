@@ -3,14 +3,15 @@
 The trainer itself on a tiny GPT (3 layers, 4 steps of 4 micro-batches of 4 rows, a checkpoint at
 step 2). A 2-rank launch runs 2 stages straight through, then stopped at step 2 and resumed on 2
 stages: the same losses, validation loss and parameter checksums, bit for bit (the checkpoint is
-the whole model in fp32, gathered with -0.0 where a stage has nothing, and the data order is a
-function of the step: every stage reads the same rows, stopped and resumed or not, recorded).
-The same launch runs 2 stages with --grad-checkpoint: the blocks recompute in the backward, the
-losses are the same. A 3-rank launch resumes the 2-stage checkpoint on 3
-stages (another split of the layers: 2+1 before, 1+1+1 after): within 1e-5 relative, each stage
-reading the uninterrupted run's rows.
+the whole model in fp32, each piece gathered with -0.0 where a stage has nothing, and the data
+order is a function of the step: every stage reads the same rows, stopped and resumed or not,
+recorded). The same launch runs 2 stages with --grad-checkpoint: the blocks recompute in the
+backward, the losses are the same. A 3-rank launch resumes the 2-stage checkpoint on 3 stages
+(another split of the layers: 2+1 before, 1+1+1 after): within 1e-5 relative, each stage reading
+the uninterrupted run's rows.
 (Resuming on one process is tests/test_pipeline.py's.) Then, in one process, a stage's activation
-memory with and without --grad-checkpoint: the checkpointed step peaks lower.
+memory with and without --grad-checkpoint: the checkpointed step peaks lower; and a save's pieces:
+a block's parameters or one moment at a time, its peak under the whole model's weights.
 """
 
 from __future__ import annotations
@@ -147,3 +148,46 @@ def test_grad_checkpoint_lowers_a_stages_activation_memory():
         peaks.append(mx.get_peak_memory())
     assert losses[1] == losses[0]
     assert peaks[1] < 0.7 * peaks[0], peaks  # attention scores alone: 8 x 2 x 256 x 256 fp32 a block
+
+
+def test_a_checkpoint_goes_a_layer_at_a_time():
+    """A pipeline's save (one process: a 1-stage pipeline, the stage code of every stage) gives a
+    block's parameters or one of its moments at a time, the embeddings and the head apart, in
+    piece_keys' order, every key of the whole model's layout once; its peak beside the stage's state
+    stays under the whole model's fp32 weights (the whole-model gather held its weights and moments)."""
+    import gc
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlx_train.config import ModelConfig, OptimConfig
+    from mlx_train.planning.memory import ModelShape
+    from mlx_train.rank.model import build_model
+    from mlx_train.rank.pipeline import Pipeline
+    from mlx_train.rank.step import make_optimizer
+
+    cfg = ModelConfig(n_layers=6, d_model=64, n_heads=2, seq_len=16)
+    mx.random.seed(0)
+    model, _ = build_model(cfg)
+    pipe = Pipeline(model, make_optimizer(OptimConfig(), 10), "fp32", 1.0, mx.distributed.init(), 1)
+    tokens = np.random.default_rng(0).integers(0, 256, (4, cfg.seq_len + 1)).astype(np.int32)
+    pipe.step([(tokens[:, :-1], tokens[:, 1:])])
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    held = mx.get_active_memory()
+    got, sizes = [], []
+    for pairs, moments in pipe.whole_pieces():
+        got.append([k for k, _ in pairs + moments])
+        sizes.append(sum(v.size for _, v in pairs + moments))
+        del pairs, moments
+    peak = mx.get_peak_memory() - held
+    assert got[-1] == ["step", "learning_rate"] and got[:-1] == pipe.piece_keys()
+    layout = [k for k, _ in tree_flatten(pipe.param_layout())]
+    layout += [k for k, _ in tree_flatten(pipe.optimizer_layout()) if k not in ("step", "learning_rate")]
+    assert sorted(k for piece in got[:-1] for k in piece) == sorted(layout)
+    shape = ModelShape.from_config(cfg)
+    # (One stage holds the embeddings and the head: one piece of its own, beside the blocks'.)
+    assert len(got) == 3 * (cfg.n_layers + 1) + 1 and max(sizes[:-1]) == shape.largest_layer
+    assert 0 < peak < 4 * shape.n_params, (peak, 4 * shape.n_params)

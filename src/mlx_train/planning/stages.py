@@ -18,8 +18,8 @@ For the built-in GPT's full fp32 training without checkpointing, `stage_memory` 
 model (the accumulator, 1F1B's forwards in flight with their saved tensors, the update's copies,
 whichever peak is higher), checked against real ring ranks by bench/pipeline_memory.py (within
 ±15% on 12 stages, docs/pipeline.md "Memory per stage"); `stage_need` takes it there. A stage
-must also hold its checkpoint's gather of the whole trainable state (`checkpoint_need`), which
-`plan` counts.
+must also hold its state while its checkpoint goes by piece by piece (`checkpoint_need`: the
+largest piece in flight), which `plan` counts.
 
 For --optimize-memory (controller/run.py plan_for_budget): `fewest` stages at which a run that fits
 no device unpipelined fits, `fit_at` a given S's micro-batch, and `prefer`, pipeline or shard where
@@ -142,22 +142,29 @@ def peak(cfg: TrainConfig) -> int:
     return max(stage_need(cfg, shape, r, s, stages) for s, r in enumerate(layers))
 
 
-# A pipeline's checkpoint gathers the whole trainable tree, then AdamW's moments, on every rank
-# (rank/pipeline.py _gather_whole: a whole-model buffer, its all_sum, the unpacked copies), on top of
-# the stage's own weights and moments: a peak outside the step. Measured once, by hand (the GPT L8
-# D256 T64, 2 stages, full fp32 training: each rank peaked at 103.4 MB in its first checkpoint, the
-# stage's state 38.7 MB and 2.5 x the whole model's 25.8 MB of fp32 weights on top): that is 1.25 x
-# the whole model's two moments. Negligible under LoRA (the trainable tree is the adapters).
-CHECKPOINT_GATHER_COPIES = 1.25
+# A pipeline's checkpoint moves the whole trainable tree piece by piece (rank/pipeline.py
+# whole_pieces: a layer's parameters, or one of its moments; a stage's embeddings or head apart),
+# each piece one all_sum that every rank takes part in: beside the stage's own state, a rank holds
+# three copies of the largest piece (its own values or -0.0, their packed buffer, its sum) and a
+# writer (rank 0, and the mirror, on any stage) a fourth, the piece before, which its writer thread
+# still writes. The stage's weights count twice outside the step: the step's parameters and the
+# ones the model's modules still hold from the last forward. bench/pipeline_memory.py's save
+# columns: the other ranks peak at exactly the state and three pieces, the writer at four (GPT D256
+# and D128, S = 2 and 3); counted at four on every stage. Before, the whole model's weights and
+# moments were gathered on every rank at once (the GPT L8 D256 T64 on 2 stages: 206.8 MB at the
+# save on both ranks, against 61.3 and 57.8 MB a piece at a time).
+CHECKPOINT_PIECE_COPIES = 4
+STAGE_WEIGHT_COPIES = 2
 
 
 def checkpoint_need(shape, layers: range, stage: int, stages: int) -> int:
-    """Predicted peak bytes of a pipelined checkpoint's gather on `stage` holding `layers`."""
+    """Predicted peak bytes of a pipelined checkpoint on `stage` holding `layers`: its state and
+    the largest piece (a block, the embeddings or the head: `largest_layer`) in flight."""
     first, last = stage == 0, stage == stages - 1
     trainable = shape.trainable if isinstance(shape, LMShape) else shape.n_params
     moments = OPTIMIZER_STATE_COPIES["adamw"] * 4 * trainable
-    own = (4 * trainable + moments) * _trainable_share(shape, layers, first, last)
-    return int(_frozen(shape, layers, first, last) + own + CHECKPOINT_GATHER_COPIES * moments)
+    own = (STAGE_WEIGHT_COPIES * 4 * trainable + moments) * _trainable_share(shape, layers, first, last)
+    return int(_frozen(shape, layers, first, last) + own + CHECKPOINT_PIECE_COPIES * 4 * shape.largest_layer)
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,7 @@ def plan(cfg: TrainConfig, hosts: Sequence[Any], stages: int) -> StagePlan:
     # The ranks split by the recorded weights (rounded): the plan splits by the same ones.
     layers = stage_layers(shape.n_layers, stage_weights(cfg, hosts, stages) or [1.0] * stages) if stages > 1 \
         else [range(shape.n_layers)]
-    # A stage must hold its step and the checkpoint's gather, whichever is higher.
+    # A stage must hold its step and its checkpoint's pieces, whichever is higher.
     needs = [max(stage_need(cfg, shape, r, s, stages), checkpoint_need(shape, r, s, stages))
              for s, r in enumerate(layers)] if stages > 1 \
         else [step_memory(shape, cfg.dist.batch_size_per_device, cfg.dist.gradient_accumulation,

@@ -21,8 +21,9 @@ so two neighbours never both wait in a send.
 
 After the micro-batches: with R > 1 replicas, a stage's gradients are summed over its replicas;
 the global norm is the all_sum of the stages' sums of squares; AdamW updates this stage's
-parameters only. The checkpoint layout is the whole model's (`whole_params`, `full_state`: a
-collective), so a pipelined run resumes unpipelined and the other way round.
+parameters only. The checkpoint layout is the whole model's, so a pipelined run resumes
+unpipelined and the other way round; it moves piece by piece (`whole_pieces`, `load_pieces`: a
+layer's parameters or one of its moments, one collective each), so no rank holds the whole model.
 
 The Pipeline answers the Stepper's calls (rank/step.py), so the trainer drives either alike.
 """
@@ -32,7 +33,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,8 +42,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_train.errors import UserError
+from mlx_train.rank import checkpoint
 from mlx_train.rank.model import _checkpointed
-from mlx_train.rank.spread import _assign, keys_in_one, load_in_one, pack, unpack, whole_in_one
+from mlx_train.rank.spread import _assign, pack, unpack
 from mlx_train.rank.step import StepStats
 
 FORWARD, BACKWARD = "F", "B"
@@ -117,6 +119,8 @@ class GPTStage:
     """The built-in GPT's part on one stage (rank/model.py): which parameters, and its function
     from (parameters, input) to the next stage's input, or, on the last stage, the loss."""
 
+    LAYER = re.compile(r"blocks\.(\d+)\.(.*)")  # a block's flat key: its number, the rest
+
     @staticmethod
     def fits(model: nn.Module) -> bool:
         return all(hasattr(model, a) for a in ("tok", "pos", "blocks", "ln_f", "head"))
@@ -140,7 +144,7 @@ class GPTStage:
 
     def whole_key(self, key: str) -> str:
         """A stage tree's flat key as the whole model names it (its blocks are numbered from 0)."""
-        found = re.match(r"blocks\.(\d+)\.(.*)", key)
+        found = self.LAYER.match(key)
         return f"blocks.{self.layers[int(found.group(1))]}.{found.group(2)}" if found else key
 
     def drop_others(self) -> None:
@@ -184,6 +188,8 @@ class LMStage:
     (hf.masked_lm_loss's) on the last. Its parameters are the trainable ones only: with LoRA/DoRA
     the adapters, the frozen (possibly quantized) base a constant of the stage's function."""
 
+    LAYER = re.compile(r"model\.layers\.(\d+)\.(.*)")
+
     @staticmethod
     def fits(model: nn.Module) -> bool:
         inner = getattr(model, "model", None)
@@ -216,7 +222,7 @@ class LMStage:
         return tree
 
     def whole_key(self, key: str) -> str:
-        found = re.match(r"model\.layers\.(\d+)\.(.*)", key)
+        found = self.LAYER.match(key)
         return f"model.layers.{self.layers[int(found.group(1))]}.{found.group(2)}" if found else key
 
     def drop_others(self) -> None:
@@ -310,11 +316,12 @@ class Pipeline:
                             f"{self.layers[self.at.stage].stop - 1}) has nothing to train: --lora-layers adapts too "
                             "few of the last blocks for every stage to hold one; raise it or use fewer --pipeline-stages")
         self.mine = {self.part.whole_key(k) for k in self.keys}
+        self.groups = self._piece_groups(kind, model)
         load_only(self.part)
         optimizer.init(self.params)
         itemsize = {k: mx.zeros((1,), d).itemsize for k, (_, d) in self.whole_shapes.items()}
         whole_bytes = sum(int(np.prod(s)) * itemsize[k] for k, (s, _) in self.whole_shapes.items())
-        # A replicas' sum (and the checkpoint's gather) is one all_sum of the whole model's buffer.
+        # A replicas' sum is one all_sum of the whole model's buffer (a checkpoint's, one per piece).
         self.gathered_bytes = whole_bytes if self.at.replicas > 1 else 0
         self._comm_s = 0.0
         self._streams = (mx.new_thread_local_stream(mx.cpu), mx.new_thread_local_stream(mx.cpu)) \
@@ -337,22 +344,64 @@ class Pipeline:
 
     def load(self, params: Any, optimizer_state: dict) -> None:
         """Whole parameters and optimizer state (the unsharded layout): this stage keeps its part."""
-        flat, state = dict(tree_flatten(params)), dict(tree_flatten(optimizer_state))
-        mine = tree_unflatten([(k, flat[self.part.whole_key(k)]) for k in self.keys])
-        _assign(self.params, mine)
-        moments = [(f"{k}.{n}", state[f"{self.part.whole_key(k)}.{n}"]) for k in self.keys for n in self._names()]
-        self.optimizer.state = {**tree_unflatten(moments), **{k: v for k, v in optimizer_state.items()
-                                                                if k in ("step", "learning_rate")}}
-        mx.eval(self.params, self.optimizer.state)
+        self._take({**dict(tree_flatten(params)), **dict(tree_flatten(optimizer_state))},
+                   {k: v for k, v in optimizer_state.items() if k in ("step", "learning_rate")})
 
-    def whole_pieces(self):  # checkpoints in one piece (rank/spread.py)
-        return whole_in_one(self.whole_params(), self.optimizer_state())
+    def whole_pieces(self) -> Iterator[Tuple[List[tuple], List[tuple]]]:
+        """The checkpoint piece by piece (rank/spread.py): for each group of `groups` (a layer, or
+        a stage's embeddings or its norm and head), its parameters, then each of its moments; last,
+        step and learning_rate. Each piece is one all_sum of that piece's bytes, to which the rank
+        of replica 0 holding it contributes and every other rank -0.0 (x + -0.0 is x, bit for bit):
+        every rank, the writers (rank 0, the mirror) among them, takes part in each in this order
+        and holds one piece beside its stage, never the whole model."""
+        first = self.at.replica == 0
+        params = {self.part.whole_key(k): v for k, v in tree_flatten(self.params)} if first else {}
+        moments = {self.part.whole_key(k): v for k, v in tree_flatten(self._moments())} if first else {}
+        for stage, keys in self.groups:
+            mine = first and stage == self.at.stage
+            pairs = self._gather_piece(keys, "", params, mine)
+            yield pairs, []
+            del pairs  # the generator's own reference would keep the piece alive through the next gather
+            for name in self._names():
+                pairs = self._gather_piece(keys, f".{name}", moments, mine)
+                yield [], pairs
+                del pairs
+        yield [], list(self._scalars().items())
 
     def piece_keys(self) -> list:
-        return keys_in_one(self.param_layout(), self.optimizer_layout())
+        """What whole_pieces gives, piece after piece: per group, its parameters, then each moment."""
+        sfxs = [""] + [f".{n}" for n in self._names()]
+        return [[f"{k}{sfx}" for k in keys] for _, keys in self.groups for sfx in sfxs]
 
     def load_pieces(self, pieces, extra: dict) -> None:
-        load_in_one(pieces, extra, self.param_layout(), self.optimizer_layout(), self.load)
+        """Each piece evaluated as it comes (every rank takes part in its broadcast) and kept only
+        by the stage that holds it: a stage holds its own layers and one piece, never the model."""
+        got: dict = {}
+        it = iter(pieces)  # not zip or enumerate: their reused tuple would hold the previous piece
+        for stage, _ in self.groups:
+            for _ in range(1 + len(self._names())):
+                piece = next(it)
+                mx.eval(list(piece.values()))
+                if stage == self.at.stage:
+                    got.update(piece)
+                del piece
+        self._take(got, extra)
+
+    def owned_checksum(self) -> int:
+        """The whole parameters' crc32 (keys sorted: the save's checksum) with none gathered: each
+        rank takes its own leaves' crcs, one all_gather of those (two ints a leaf), and each rank
+        combines its own replica's stages' (checkpoint.combined_crc), so replicas are compared."""
+        flat = {self.part.whole_key(k): v for k, v in tree_flatten(self.params)}
+        mine = [checkpoint.leaf_crc(flat[k]) if k in flat else (0, 0) for k in self.whole_keys]
+        rows = mx.array(mine, dtype=mx.int64)
+        if self.world > 1:
+            rows = mx.distributed.all_gather(rows, group=self.group)
+        rows = np.array(rows).reshape(self.world, len(self.whole_keys), 2)
+        at = {k: i for i, k in enumerate(self.whole_keys)}
+        stage_of = {k: s for s, keys in self.groups for k in keys}
+        base = self.at.replica * self.at.stages
+        return checkpoint.combined_crc((int(rows[base + stage_of[k], at[k], 0]), int(rows[base + stage_of[k], at[k], 1]))
+                                       for k in sorted(self.whole_keys))
 
     def set_params(self, params: Any) -> None:
         _assign(self.params, params)
@@ -545,6 +594,47 @@ class Pipeline:
         whole = [(name, v.astype(dtypes[name])) for (name, _), v in zip(layout, out)]
         mx.eval([v for _, v in whole])  # here, on every rank: a gather left lazy would wait forever
         return tree_unflatten(whole)
+
+    def _gather_piece(self, keys: Sequence[str], sfx: str, flat: Dict[str, mx.array],
+                      mine: bool) -> List[Tuple[str, mx.array]]:
+        """One piece of the whole model (`keys`, each with `sfx`): one all_sum of its fp32 buffer,
+        `flat`'s values where `mine`, -0.0 elsewhere; evaluated here, on every rank (a gather left
+        lazy would wait forever)."""
+        parts = [flat[f"{k}{sfx}"].astype(mx.float32) if mine else mx.full(self.whole_shapes[k][0], -0.0, mx.float32)
+                 for k in keys]
+        summed = mx.distributed.all_sum(pack(parts), group=self.group)
+        pairs = [(f"{k}{sfx}", v.astype(self.whole_shapes[k][1])) for k, v in zip(keys, unpack(summed, parts))]
+        del parts, summed
+        mx.eval([v for _, v in pairs])
+        return pairs
+
+    def _piece_groups(self, kind, model: nn.Module) -> List[Tuple[int, List[str]]]:
+        """The checkpoint's pieces: (the stage holding it, its whole-model keys in the model's
+        order) for each layer, and for each stage's other parameters (the embeddings on the first,
+        the final norm and head on the last). Every rank knows every stage's keys (its model has
+        every module; only the other stages' weights are dropped)."""
+        owner: Dict[str, Tuple[int, int]] = {}
+        for s, layers in enumerate(self.layers):
+            part = self.part if s == self.at.stage else kind(model, layers, s == 0, s == self.at.stages - 1)
+            for k, _ in tree_flatten(part.params()):
+                whole = part.whole_key(k)
+                found = kind.LAYER.match(whole)
+                owner[whole] = (s, int(found.group(1)) if found else -1)
+        if set(owner) != set(self.whole_keys):
+            raise RuntimeError(f"pipeline stages hold {sorted(set(owner) ^ set(self.whole_keys))[:5]} "
+                               "not as the whole model does")
+        groups: Dict[Tuple[int, int], List[str]] = {}
+        for k in self.whole_keys:
+            groups.setdefault(owner[k], []).append(k)
+        return [(s, keys) for (s, _), keys in groups.items()]
+
+    def _take(self, flat: Dict[str, mx.array], scalars: dict) -> None:
+        """This stage's parameters and moments out of `flat` (whole-model keys), and `scalars`."""
+        mine = tree_unflatten([(k, flat[self.part.whole_key(k)]) for k in self.keys])
+        _assign(self.params, mine)
+        moments = [(f"{k}.{n}", flat[f"{self.part.whole_key(k)}.{n}"]) for k in self.keys for n in self._names()]
+        self.optimizer.state = {**tree_unflatten(moments), **scalars}
+        mx.eval(self.params, self.optimizer.state)
 
     def _replicas_sum(self, grads: Any) -> Any:
         """This stage's gradients summed over the replicas of the stage. The ring backend has no

@@ -6,7 +6,8 @@ process trains the same two runs unpipelined (one thread a micro-batch, as a sta
 lanes would change the first step's loss by 1e-3 relative, a matter of the lanes, not of the
 pipeline). The losses agree within 1e-5 relative; `export --fuse` of each pipelined run writes
 the unpipelined run's files (the same names, config and tensors within 1e-5), and `mlx_lm.load`
-opens it.
+opens it. The same launch stops a 4-step pipelined LoRA run at its step-2 checkpoint and resumes
+it: its losses and its adapters are the straight run's, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ TIMEOUT = 240
 MODES = ("full", "lora")
 
 
-def _train(model: str, data: str, run_dir: str, mode: str, stages: int) -> list:
+def _train(model: str, data: str, run_dir: str, mode: str, stages: int, steps: int = 2, resume: bool = False,
+           stop_after=None) -> list:
     """The trainer on `run_dir` (written as the controller would: its config.yaml); rank 0's losses."""
     import mlx.core as mx
 
@@ -37,15 +39,15 @@ def _train(model: str, data: str, run_dir: str, mode: str, stages: int) -> list:
                       optim=OptimConfig(lr=2e-3, warmup_steps=1),
                       dist=DistributedConfig(num_devices=group.size(), batch_size_per_device=2, backend="ring",
                                              gradient_accumulation=2, pipeline_stages=stages, cpu_threads=1),
-                      steps=2, log_every=1, eval_every=2, checkpoint_every=2)
-    if group.rank() == 0:
+                      steps=steps, log_every=1, eval_every=2, checkpoint_every=2)
+    if group.rank() == 0 and not resume:
         Path(run_dir).mkdir(parents=True)
         RunDir(run_dir).save_config(cfg)  # what `export` reads the base model's name from
     seen: list = []
     real = protocol.emit
     protocol.emit = seen.append
     try:
-        Trainer(cfg, group, run_dir, 1 << 40).run()
+        Trainer(cfg, group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
     finally:
         protocol.emit = real
     return [(m.loss, m.grad_norm, m.val_loss) for m in seen if isinstance(m, protocol.Metrics)]
@@ -56,6 +58,11 @@ def rank_main(out_dir: str, model: str, data: str) -> None:
 
     group = mx.distributed.init(backend="ring", strict=True)
     report = {mode: _train(model, data, str(Path(out_dir) / f"piped-{mode}"), mode, 2) for mode in MODES}
+    # A LoRA run stopped at its checkpoint and resumed, against the same run straight through.
+    out = Path(out_dir)
+    report["straight"] = _train(model, data, str(out / "lora-straight"), "lora", 2, steps=4)
+    report["stopped"] = _train(model, data, str(out / "lora-resumed"), "lora", 2, steps=4, stop_after=2)
+    report["resumed"] = _train(model, data, str(out / "lora-resumed"), "lora", 2, steps=4, resume=True)
     (Path(out_dir) / f"report-{group.rank()}.json").write_text(json.dumps({"rank": group.rank(), **report}))
 
 
@@ -84,6 +91,11 @@ def test_export_fuse_of_a_pipelined_run(tmp_path, tiny_model, chat_data, token_c
         logits = np.array(mlx_lm.load(str(piped))[0](x))  # mlx-lm opens it, and it is the fine-tuned model
         assert not np.allclose(logits, base, atol=1e-3), f"{mode}: the fine-tune changed nothing"
     _generate(tmp_path / "piped-lora")
+    assert piped_losses["stopped"] + piped_losses["resumed"] == piped_losses["straight"]
+    assert len(piped_losses["straight"]) == 4 and len(piped_losses["resumed"]) == 2
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        got, want = (tmp_path / kind / "adapters" / name for kind in ("lora-resumed", "lora-straight"))
+        assert got.read_bytes() == want.read_bytes(), name
 
 
 def _generate(run: Path) -> None:

@@ -1,6 +1,6 @@
 """Elastic membership on the 3-host fleet: h3's link down with --min-devices 2 -> h3 excluded, and
 once it is back, re-admitted at a checkpoint. A host lost for good (excluded, the run resized to
-h1,h2 with the same global batch, ending on the uninterrupted run's weights) is
+the 2 left with the same global batch, ending on the uninterrupted run's weights) is
 tests/test_fleet_sharding.py's, at --shard full, where the resize also re-shards."""
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def test_rank_crashing_under_prlimit_is_recovered(tmp_path):
     """MLX's CPU build segfaults when an address-space limit stops an allocation (engine facts)."""
     run = tmp_path / "prlimit"
     cli("train", "--layers", "2", "--width", "128", "--heads", "4", "--seq-len", "256", "--batch-size", "64",
-        "--steps", "4", "--log-every", "2", "--memory-budget", "600MiB", "--rank-wrapper", "prlimit --as=1100000000",
+        "--steps", "3", "--log-every", "1", "--memory-budget", "600MiB", "--rank-wrapper", "prlimit --as=1100000000",
         "--run-dir", str(run), "--no-live", check=True, timeout=600)
     crash = events(run, "rank_exit")[0]
     assert crash["signal"] == 11, crash

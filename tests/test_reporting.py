@@ -79,9 +79,6 @@ def no_wandb_account(tmp_path_factory):
         for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_DIR"):
             mp.delenv(var, raising=False)
         mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-        # wandb makes temporary directories at import and removes them at a clean exit only: the
-        # processes these tests kill would leave them in the machine's /tmp.
-        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
         yield
 
 

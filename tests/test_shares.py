@@ -17,7 +17,7 @@ import yaml
 from helpers import TINY, cli, events, metrics, popen, unavailable
 from mlx_train.config import DistributedConfig
 from mlx_train.errors import UserError
-from mlx_train.rank.balance import Balancer, fill, groups_of, predicted_s, propose, spread
+from mlx_train.rank.balance import Balancer, fill, groups_of, noise_by_host, predicted_s, propose, spread
 from mlx_train.rank.batcher import Batcher, Share, share_of, split_rows
 
 
@@ -112,9 +112,37 @@ def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
     b.observe(0.5, 8)
     got = b.after(5, [8, 8])
     assert got.speeds == [30.0, 10.0] and got.chosen == [12, 4]
-    assert gathered == [[2.0, 32.0, 0.0]]  # the first step (tracing) was not measured
+    # The first step (tracing) was not measured; then each step's seconds per row, summed and squared.
+    assert gathered == [[2.0, 32.0, 0.0, 4 * 0.0625, 4 * 0.0625 ** 2]]
     assert b.after(10, [12, 4]) is None  # too few measured steps since: no gather
     assert len(gathered) == 1
+
+
+def test_auto_waits_out_noise_but_not_a_slower_host():
+    # Two equal hosts on a busy machine: 10 steps each, times per row scattered +-40% around the same
+    # mean, one window's means 1.4x apart. GAIN alone would move rows ([8, 8] -> [9, 7] predicts 12.5%);
+    # with the spread's standard error counted it stays. A host 3x slower in every step still moves at once.
+    def window(means, spread):
+        out = []
+        for m in means:
+            per_row = [m * (1 + spread * (1 if i % 2 else -1)) for i in range(10)]
+            out.append([8 * sum(per_row), 80.0, 0.0, sum(per_row), sum(t * t for t in per_row)])
+        return out
+
+    def decide(everyone):
+        b = Balancer(16, lambda mine: everyone, every=5, min_steps=3, hosts=[0, 1])
+        for _ in range(11):
+            b.observe(0.5, 8)
+        return b.after(5, [8, 8]).chosen
+
+    busy = window([0.010, 0.014], 0.4)
+    assert propose(16, [8, 8], [80 / b[0] for b in busy]) == [9, 7]  # GAIN alone
+    noise = noise_by_host(busy, [0, 1], 10)
+    assert 0.12 < max(noise) < 0.15  # 40% per step over 10 steps: ~13% standard error
+    assert decide(busy) is None
+    assert decide(window([0.010, 0.030], 0.4)) == [12, 4]  # really slower: 3x, beyond the noise
+    assert decide(window([0.010, 0.014], 0.02)) == [9, 7]  # steady steps: the 1.4x is real
+    assert noise_by_host([[1.0, 30.0, 0.0]], [0], 10) == [0.0]  # a rank that sent no spread: none counted
 
 
 def test_auto_re_shares_between_hosts_never_among_one_hosts_ranks():

@@ -76,8 +76,9 @@ def test_auto_takes_a_split_only_when_it_pays():
     assert predicted_s([12, 4], [3.0, 1.0]) == 4.0
     assert propose(16, [12, 4], [3.0, 1.0]) is None          # already there
     assert propose(16, [8, 8], [1.05, 1.0]) is None          # [8, 8] again: nothing to gain
-    assert propose(16, [8, 8], [1.2, 1.0]) is None           # [9, 7]: 7.5 against 8, under the 10% asked
-    assert propose(16, [8, 8], [1.2, 1.0], gain=0.05) == [9, 7]
+    assert propose(32, [16, 16], [1.1, 1.0]) is None         # [17, 15]: 15.45 against 16, under the 5% asked
+    assert propose(32, [16, 16], [1.1, 1.0], gain=0.03) == [17, 15]
+    assert propose(16, [8, 8], [1.2, 1.0]) == [9, 7]          # 7.5 against 8: over 5%
     assert propose(16, [8, 8], [1.0, 0.0]) is None           # a rank that measured nothing decides nothing
 
 

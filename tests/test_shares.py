@@ -91,7 +91,7 @@ def test_a_slow_hosts_fixed_update_time_takes_rows_off_it():
     assert propose(96, [43, 42, 11], speeds) is None
     assert propose(96, [43, 42, 11], speeds, fixed=fixed) == [44, 44, 8]
     assert round(predicted_s([44, 44, 8], speeds, fixed), 3) == 0.387
-    b = Balancer(96, lambda mine: [[0.9, 108.0, 0.06], [0.9, 108.0, 0.06], [1.1, 33.0, 0.3]], every=4, min_steps=3)
+    b = Balancer(96, lambda mine: [[0.9, 108.0, 0.06, 0.0, 0.0], [0.9, 108.0, 0.06, 0.0, 0.0], [1.1, 33.0, 0.3, 0.0, 0.0]], every=4, min_steps=3)
     for step in range(1, 5):
         b.observe(0.3, 36, fixed=0.02)
     got = b.after(4, [43, 42, 11])  # 3 steps measured (the first traces): these are sums over them
@@ -104,7 +104,7 @@ def test_the_balancer_gathers_at_the_same_steps_on_every_rank():
 
     def gather(mine):
         gathered.append(mine)
-        return [[1.0, 30.0, 0.0], [3.0, 30.0, 0.0]]  # rank 1 took three times as long for its rows
+        return [[1.0, 30.0, 0.0, 0.0, 0.0], [3.0, 30.0, 0.0, 0.0, 0.0]]  # rank 1 took three times as long for its rows
 
     b = Balancer(16, gather, every=5, min_steps=3)
     for step in range(1, 5):
@@ -143,13 +143,13 @@ def test_auto_waits_out_noise_but_not_a_slower_host():
     assert decide(busy) is None
     assert decide(window([0.010, 0.030], 0.4)) == [12, 4]  # really slower: 3x, beyond the noise
     assert decide(window([0.010, 0.014], 0.02)) == [9, 7]  # steady steps: the 1.4x is real
-    assert noise_by_host([[1.0, 30.0, 0.0]], [0], 10) == [0.0]  # a rank that sent no spread: none counted
+    assert noise_by_host([[1.0, 30.0, 0.0, 0.0, 0.0]], [0], 10) == [0.0]  # a rank that timed no rows: none counted
 
 
 def test_auto_re_shares_between_hosts_never_among_one_hosts_ranks():
     # Rank 1 measured three times slower than rank 0: on hosts apart it loses rows, on one host (they
     # share its cores: contention, not hardware) the split stays equal, bit for bit --shares equal.
-    everyone = [[1.0, 30.0, 0.0], [3.0, 30.0, 0.01]]
+    everyone = [[1.0, 30.0, 0.0, 0.0, 0.0], [3.0, 30.0, 0.01, 0.0, 0.0]]
     apart = Balancer(16, lambda mine: everyone, every=5, min_steps=3, hosts=[0, 1])
     together = Balancer(16, lambda mine: everyone, every=5, min_steps=3, hosts=[7, 7])
     for b in (apart, together):
@@ -164,7 +164,7 @@ def test_auto_re_shares_between_hosts_never_among_one_hosts_ranks():
         assert propose(8 * n, [8] * n, [speed], fixed=[fixed], hosts=[0] * n) is None
     # Two hosts, the first with two ranks: the fast host's rows split equally between its ranks, the
     # remainder to its lowest rank (a host's step ends with its most loaded rank).
-    b = Balancer(24, lambda mine: [[1.0, 30.0, 0.0], [1.2, 30.0, 0.0], [3.0, 30.0, 0.0]], every=5, min_steps=3,
+    b = Balancer(24, lambda mine: [[1.0, 30.0, 0.0, 0.0, 0.0], [1.2, 30.0, 0.0, 0.0, 0.0], [3.0, 30.0, 0.0, 0.0, 0.0]], every=5, min_steps=3,
                  hosts=[0, 0, 1])
     for step in range(1, 5):
         b.observe(0.5, 8)

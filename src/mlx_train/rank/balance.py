@@ -82,11 +82,11 @@ def by_host(everyone: Sequence[Sequence[float]], hosts: Sequence[int], steps: in
 
 def noise_by_host(everyone: Sequence[Sequence[float]], hosts: Sequence[int], steps: int) -> List[float]:
     """Each host's relative standard error of its mean time per row, from its ranks' gathered sums of
-    each step's time per row and of its square (the 4th and 5th numbers; 0 where a rank sent only
-    three), hosts as `groups_of` orders them."""
+    each step's time per row and of its square (the 4th and 5th numbers), hosts as `groups_of`
+    orders them."""
     out = []
     for ranks in groups_of(hosts):
-        if steps < 2 or any(len(everyone[r]) < 5 for r in ranks):
+        if steps < 2:
             out.append(0.0)
             continue
         n = steps * len(ranks)

@@ -3,8 +3,8 @@
 Every rank times its own forward and backward passes (the part of a step that grows with its rows)
 and the rest of its compute (the update: the same work on every rank, but not the same time on
 unequal hosts, where a slow host's update alone can cost what a few rows do). At steps that are
-multiples of EVERY, one all_gather of a five-number vector per rank (seconds, rows, the rest's
-seconds, and each step's seconds per row summed and squared) tells every rank every rank's numbers; each then computes the same new split from the same
+multiples of EVERY, one all_gather of a three-number vector per rank (seconds, rows, the rest's
+seconds) tells every rank every rank's numbers; each then computes the same new split from the same
 bytes, so no rank ever decides alone and no message besides that gather is needed.
 
 Hosts, not ranks, are measured and re-shared. Ranks on one host share its cores, its memory and
@@ -25,17 +25,7 @@ Hence a run whose ranks are all on one host (every local run) keeps the equal sp
 under `auto`, bit for bit the `--shares equal` run (the trainer does not even gather there).
 
 Hysteresis keeps the shares from flapping: a new split is taken only when it predicts a step at
-least GAIN faster than the split in force, plus NOISE_Z times the largest relative standard error
-of a host's measured time per row (from its steps' spread over the window), and never more often
-than every EVERY steps. The noise term is what a busy machine needs: equal hosts whose steps
-scatter by tens of percent (other jobs on the cores) measure apart by as much from window to
-window, and moved rows back and forth every 10-20 steps with a GAIN of 10% alone (three equal
-test-fleet hosts on 2 shared cores: [6,6] -> [7,5] -> [8,4]); a host that is really slower is
-slower in every step, its spread small against the difference, and moves at the first gather as
-before. With the noise counted, GAIN only has to say that a re-share (one step re-tracing new
-shapes) is worth it: 5%. At 10% the second gather on the unequal fleet kept 43/42/11 rows where
-44/43/9 predicted a step 8.5% shorter: the first split comes from steps at equal shares, and the
-one row the slow host held too many cost that much on every step after. The first
+least GAIN faster than the split in force, and never more often than every EVERY steps. The first
 step after a start, a resume or a re-share is not measured (it traces the graphs of new
 micro-batch shapes).
 
@@ -50,8 +40,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 EVERY = 10       # steps between the gathers (and so the most often shares can change)
 MIN_STEPS = 3    # measured steps a gather needs since the last one (or the start)
-GAIN = 0.05      # a new split must predict a step this much faster than the one in force
-NOISE_Z = 2.0    # ... and faster by this many standard errors of the noisiest host's measured speed
+GAIN = 0.10      # a new split must predict a step this much faster than the one in force
 
 
 def groups_of(hosts: Sequence[int]) -> List[List[int]]:
@@ -78,22 +67,6 @@ def by_host(everyone: Sequence[Sequence[float]], hosts: Sequence[int], steps: in
         speeds.append(rows / seconds if seconds > 0 else 0.0)
         fixed.append(max(everyone[r][2] for r in ranks) / max(steps, 1))
     return speeds, fixed
-
-
-def noise_by_host(everyone: Sequence[Sequence[float]], hosts: Sequence[int], steps: int) -> List[float]:
-    """Each host's relative standard error of its mean time per row, from its ranks' gathered sums of
-    each step's time per row and of its square (the 4th and 5th numbers), hosts as `groups_of`
-    orders them."""
-    out = []
-    for ranks in groups_of(hosts):
-        if steps < 2:
-            out.append(0.0)
-            continue
-        n = steps * len(ranks)
-        mean = sum(everyone[r][3] for r in ranks) / n
-        var = max(sum(everyone[r][4] for r in ranks) / n - mean * mean, 0.0) * n / (n - 1)
-        out.append((var / n) ** 0.5 / mean if mean > 0 else 0.0)
-    return out
 
 
 def spread(host_rows: Sequence[int], hosts: Sequence[int]) -> List[int]:
@@ -181,12 +154,7 @@ class Balancer:
 
     def restart(self) -> None:
         """Forget the window: the next step traces new shapes and is not measured."""
-        self._clear()
-        self.fresh = True
-
-    def _clear(self) -> None:
-        self.seconds, self.rows, self.fixed, self.steps = 0.0, 0, 0.0, 0
-        self.per_row, self.per_row_sq = 0.0, 0.0  # each step's seconds per row, summed and squared
+        self.seconds, self.rows, self.fixed, self.steps, self.fresh = 0.0, 0, 0.0, 0, True
 
     def observe(self, seconds: float, rows: int, fixed: float = 0.0) -> None:
         """One step: `seconds` for its `rows` (forward and backward), `fixed` for the rest of its compute."""
@@ -197,22 +165,18 @@ class Balancer:
         self.rows += rows
         self.fixed += max(fixed, 0.0)
         self.steps += 1
-        if rows > 0:
-            self.per_row += seconds / rows
-            self.per_row_sq += (seconds / rows) ** 2
 
     def after(self, step: int, rows: Sequence[int]) -> Optional[Measured]:
         """At a gather step (every rank alike: `step` and the count of measured steps are the same on
         every rank): every host's speed, and the new split if it is worth taking."""
         if step % self.every or self.steps < self.min_steps:
             return None
-        everyone = self.gather([self.seconds, float(self.rows), self.fixed, self.per_row, self.per_row_sq])
+        everyone = self.gather([self.seconds, float(self.rows), self.fixed])
         hosts = self.hosts if self.hosts is not None else each_rank_a_host(len(everyone))
         speeds, fixed = by_host(everyone, hosts, self.steps)  # every rank measured the same number of steps
-        noise = max(noise_by_host(everyone, hosts, self.steps), default=0.0)
-        chosen = propose(self.global_batch, rows, speeds, self.gain + NOISE_Z * noise, fixed, hosts)
+        chosen = propose(self.global_batch, rows, speeds, self.gain, fixed, hosts)
         if chosen is None:  # keep measuring from here: the next gather sees the latest speeds only
-            self._clear()
+            self.seconds, self.rows, self.fixed, self.steps = 0.0, 0, 0.0, 0
         else:
             self.restart()
         return Measured(speeds, chosen, fixed)

@@ -20,6 +20,7 @@ from mlx_train import procs
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
+from corpus import write as write_corpus  # noqa: E402,F401  (tools/corpus.py: text that never changes)
 from fleet import wait_for  # noqa: E402,F401  (tools/fleet.py: one bounded wait for tests and tools)
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_ring_ranks
+from helpers import run_ring_ranks, write_corpus
 
 TIMEOUT = 180  # seconds for the launch: a hung collective fails the test, never waits forever
 MODEL = {"n_layers": 4, "d_model": 256, "n_heads": 4, "seq_len": 32}
@@ -90,10 +90,7 @@ def rank_main(out_dir: str, corpus: str) -> None:
 
 @pytest.mark.multiproc
 def test_a_fully_sharded_checkpoint_is_saved_and_restored_a_group_at_a_time(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for f in sorted((REPO / "src" / "mlx_train" / "rank").glob("*.py")):
-        shutil.copy(f, corpus / f.name)
+    corpus = write_corpus(tmp_path / "corpus")
     reports = run_ring_ranks(2, "test_fullshard_checkpoint", (tmp_path, corpus), tmp_path, TIMEOUT)
     assert [rep["rank"] for rep in reports] == [0, 1]
     assert all(rep["same"] for rep in reports), "the restored parameters are not the saved ones"

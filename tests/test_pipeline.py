@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import record_reads, run_ring_ranks
+from helpers import record_reads, run_ring_ranks, write_corpus
 from tiny_llama import make_model_dir, tiny_model  # noqa: F401  (a fixture)
 
 TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
@@ -263,9 +263,7 @@ def tiny_model_3(tmp_path_factory) -> Path:
 def test_pipeline_trains_as_one_process(tmp_path, stages, request):
     corpus = tmp_path / "corpus"
     if stages == 2:
-        corpus.mkdir()
-        for f in sorted((Path(__file__).parent.parent / "src" / "mlx_train" / "rank").glob("*.py")):
-            corpus.joinpath(f.name).write_bytes(f.read_bytes())
+        write_corpus(corpus)
     # A llama of one layer a stage, fine-tuned in the same launch; the trainer's run at S = 2 only.
     llama = request.getfixturevalue("tiny_model" if stages == 2 else "tiny_model_3")
     args = (tmp_path, stages, corpus if stages == 2 else "", llama)

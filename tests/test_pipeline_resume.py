@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from helpers import record_reads, run_ring_ranks
+from helpers import record_reads, run_ring_ranks, write_corpus
 
 TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
 MODEL = {"n_layers": 3, "d_model": 32, "n_heads": 2, "seq_len": 16}
@@ -77,11 +77,7 @@ def rank_main(out_dir: str, stages: str, corpus: str) -> None:
 
 
 def _corpus(tmp_path: Path) -> Path:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for f in sorted((Path(__file__).parent.parent / "src" / "mlx_train" / "rank").glob("*.py")):
-        corpus.joinpath(f.name).write_bytes(f.read_bytes())
-    return corpus
+    return write_corpus(tmp_path / "corpus")
 
 
 def _steps(ms: list) -> list:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, run_ring_ranks
+from helpers import run_ring_ranks, write_corpus
 
 TIMEOUT = 420  # seconds for a whole launch: a hung collective fails the test, never waits forever
 # The issue's 100 steps were run once by hand (MLX_TRAIN_SHARD_STEPS=100, docs/sharding.md); the
@@ -156,7 +156,11 @@ def _train(group, corpus: str, run_dir: str, level: str, resume: bool, stop_afte
     from mlx_train.rank.trainer import Trainer
 
     n = group.size()
-    cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=2),
+    # No clipping: its norm, summed slice by slice, rounds otherwise than data parallel's (the
+    # clipping cases above show it within 1e-5); without it the levels' checkpoints are data
+    # parallel's bits.
+    cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus),
+                      optim=OptimConfig(warmup_steps=2, grad_clip=0.0),
                       dist=DistributedConfig(num_devices=n, batch_size_per_device=12 // n, backend="ring"),
                       steps=TRAIN_STEPS, log_every=1, eval_every=100, checkpoint_every=STOP_AT)
     seen: list = []
@@ -244,7 +248,7 @@ def _losses(metrics: list) -> dict:
 @pytest.mark.multiproc
 def _same_checkpoint(mine: Path, theirs: Path, values: bool) -> None:
     """A sharded run's checkpoint has an unsharded run's files, keys, shapes and dtypes (and, with
-    `values`, close values)."""
+    `values`, the same values, bit for bit)."""
     import mlx.core as mx
 
     assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in theirs.iterdir())
@@ -254,14 +258,11 @@ def _same_checkpoint(mine: Path, theirs: Path, values: bool) -> None:
         for k in a:
             assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{name} {k}"
             if values:
-                assert np.allclose(np.array(a[k]), np.array(b[k]), rtol=1e-4, atol=1e-6), f"{name} {k}"
+                assert np.array_equal(np.array(a[k]), np.array(b[k])), f"{name} {k}"
 
 
 def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_world_sizes(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for f in sorted((REPO / "src" / "mlx_train" / "rank").glob("*.py")):
-        shutil.copy(f, corpus / f.name)
+    corpus = write_corpus(tmp_path / "corpus")
     two = tmp_path / "two"
     two.mkdir()
     reports = _launch(2, two, corpus)
@@ -271,9 +272,13 @@ def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_wor
     assert [m["step"] for m in sharded] == list(range(1, STOP_AT + 1))
     assert sharded[-1]["scattered_bytes"] > 0 and sharded[-1]["gathered_bytes"] > 0
     assert straight[-1]["scattered_bytes"] == straight[-1]["gathered_bytes"] == 0
-    for step, loss in _losses(sharded).items():
-        assert loss == pytest.approx(_losses(straight)[step], rel=1e-5), step
-    # The same checkpoint files and keys as an unsharded run's, and the gathered state's values.
+    assert _losses(sharded) == {step: loss for step, loss in _losses(straight).items() if step <= STOP_AT}
+    # The same checkpoint files and keys as an unsharded run's, and the gathered state's bits (the
+    # same arithmetic: 2 ranks, no clipping). Not "close": where the arithmetic differs, AdamW turns
+    # a gradient element that cancels to ~1e-9 into a full-size update of whatever sign its rounding
+    # gives, so one weight in 16k differed by 1.6e-5 after 6 steps (the clipping factor summed slice
+    # by slice) while every loss agreed to 1e-7: a tolerance on weights holds for one corpus and not
+    # the next.
     theirs = two / "straight" / "checkpoints" / f"step-{STOP_AT:06d}"
     _same_checkpoint(two / "sharded" / "checkpoints" / f"step-{STOP_AT:06d}", theirs, values=True)
 

@@ -52,6 +52,7 @@ def _load_procs():
 
 procs = _load_procs()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpus as corpus_text  # noqa: E402  (tools/corpus.py)
 import fleet_limits  # noqa: E402  (tools/fleet_limits.py: standard library only, like this file)
 from fleet_limits import Limits, LimitsUnavailable  # noqa: E402,F401
 FLEET_DIR = REPO / ".fleet"
@@ -733,12 +734,9 @@ def configure(fleet: Fleet, where: Path) -> Path:
 
 
 def corpus(where: Path) -> Path:
-    """A small text corpus every fleet host sees (they share /tmp): this package's own sources. Not the
-    stdlib (the default data): the controller's Python and the nodes' may be different releases."""
-    where.mkdir(parents=True, exist_ok=True)
-    for f in (REPO / "src" / "mlx_train").rglob("*.py"):
-        shutil.copy(f, where / f"{f.parent.name}-{f.name}")
-    return where
+    """A small text corpus every fleet host sees (they share /tmp): tools/corpus.py's, the same bytes
+    on every host and at every commit."""
+    return corpus_text.write(where)
 
 
 # ---------------------------------------------------------------- CLI

@@ -7,10 +7,11 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,3 +73,33 @@ def run_ranks(cmd: List[str], ranks: int, env: dict, what: str, timeout: float =
     if any(codes):
         raise SystemExit(f"{what} failed: exit codes {codes}\n{outs[0][1][-2000:]}")
     return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
+def command_line(argv: List[str], rank_main: Callable[[dict], None], main: Callable[..., dict],
+                 table: Callable[[dict], str], results: Path) -> None:
+    """A fleet bench's entry: `--rank JSON` runs one rank (the bench starts them), `--table` prints
+    the README's table of its last results, else main(**JSON) and its result as JSON."""
+    if len(argv) > 2 and argv[1] == "--rank":
+        rank_main(json.loads(argv[2]))
+    elif len(argv) > 1 and argv[1] == "--table":
+        print(table(json.loads(results.read_text())))
+    else:
+        print(json.dumps(main(**json.loads(argv[1]) if len(argv) > 1 else {})))
+
+
+def ranks_at(script: str, places: List[Tuple[Optional[str], str]], args: dict, timeout: float, what: str) -> dict:
+    """`script --rank ARGS` as one rank per (network namespace or None, ip) in `places` (one place: a
+    single process, no ring); rank 0's result."""
+    base = 20000 + os.getpid() % 20000
+    fd, hostfile = tempfile.mkstemp(prefix="mlx-train-bench-", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump([[f"{ip}:{base + i}"] for i, (_, ip) in enumerate(places)], fh)
+    env = {**rank_env(len(places)), **({"MLX_HOSTFILE": hostfile} if len(places) > 1 else {})}
+    cmd = [sys.executable, script, "--rank", json.dumps(args)]
+    try:
+        procs = [subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env={**env, "MLX_RANK": str(r)})
+                 for r, (ns, _) in enumerate(places)]
+        return rank0_result(procs, timeout, what)
+    finally:
+        os.unlink(hostfile)

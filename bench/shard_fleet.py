@@ -33,15 +33,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))  # bench/run.py imports this module from elsewhere
-from ring import rank0_result, rank_env  # noqa: E402
+from ring import command_line, ranks_at  # noqa: E402
 OUT = REPO / "bench" / "shard_fleet.json"  # the last fleet run (bench/run.py keeps it in results.json too)
 LEVELS = ("none", "optimizer", "gradients", "full")
 # ZeRO (arXiv 1910.02054, section 7): bytes each rank sends per step, in units of data parallel's.
@@ -146,20 +144,7 @@ def rank_main(a: dict) -> None:
 
 
 def _ranks(places, a: dict, timeout: float, what: str) -> dict:
-    """One rank per (netns or None, ip) in `places`."""
-    base = 20000 + os.getpid() % 20000
-    fd, hostfile = tempfile.mkstemp(prefix="mlx-train-shard-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump([[f"{ip}:{base + i}"] for i, (_, ip) in enumerate(places)], fh)
-    env = {**rank_env(len(places)), "MLX_HOSTFILE": hostfile}
-    cmd = [sys.executable, __file__, "--rank", json.dumps(a)]
-    try:
-        procs = [subprocess.Popen((["ip", "netns", "exec", ns] if ns else []) + cmd, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env={**env, "MLX_RANK": str(r)})
-                 for r, (ns, _) in enumerate(places)]
-        return rank0_result(procs, timeout, what)
-    finally:
-        os.unlink(hostfile)
+    return ranks_at(__file__, places, a, timeout, what)
 
 
 def main(rates=("1gbit",), loopback: int = 0, layers: int = 4, width: int = 256, heads: int = 4, seq_len: int = 64,
@@ -218,9 +203,4 @@ def table(out: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--rank":
-        rank_main(json.loads(sys.argv[2]))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--table":
-        print(table(json.loads(OUT.read_text())))
-    else:
-        print(json.dumps(main(**json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})))
+    command_line(sys.argv, rank_main, main, table, OUT)

@@ -213,3 +213,22 @@ def record_reads(trainer) -> List[list]:
 
     trainer.train.micro_batches = recorded
     return read
+
+
+def train_in_process(cfg, group, run_dir: str, resume: bool = False, stop_after: Optional[int] = None,
+                     record: bool = False) -> Tuple[list, Optional[List[list]]]:
+    """This rank's Trainer (rank/trainer.py) on `run_dir` with `cfg`, inside a rank of a test's
+    launch: the protocol.Metrics it emitted, and with `record` what it read (`record_reads`)."""
+    from mlx_train import protocol
+    from mlx_train.rank.trainer import Trainer
+
+    seen: list = []
+    real = protocol.emit
+    protocol.emit = seen.append
+    try:
+        trainer = Trainer(cfg, group, run_dir, 1 << 40)
+        read = record_reads(trainer) if record else None
+        trainer.run(resume=resume, stop_after=stop_after)
+    finally:
+        protocol.emit = real
+    return [m for m in seen if isinstance(m, protocol.Metrics)], read

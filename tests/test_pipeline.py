@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import record_reads, run_ring_ranks, write_corpus
+from helpers import run_ring_ranks, train_in_process, write_corpus
 from tiny_llama import make_model_dir, tiny_model  # noqa: F401  (a fixture)
 
 TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
@@ -112,25 +112,15 @@ def _train(corpus: str, run_dir: str, stages: int, resume: bool, stop_after=None
 
     import mlx.core as mx
 
-    from mlx_train import protocol
     from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
-    from mlx_train.rank.trainer import Trainer
 
     group = mx.distributed.init()
     cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=2),
                       dist=DistributedConfig(num_devices=group.size(), batch_size_per_device=ROWS, backend="ring",
                                              gradient_accumulation=MICRO, pipeline_stages=stages),
                       steps=TRAIN_STEPS, log_every=1, eval_every=TRAIN_STEPS, checkpoint_every=STOP_AT)
-    seen: list = []
-    real = protocol.emit
-    protocol.emit = seen.append
-    try:
-        trainer = Trainer(cfg, group, run_dir, 1 << 40)
-        read = record_reads(trainer)
-        trainer.run(resume=resume, stop_after=stop_after)
-    finally:
-        protocol.emit = real
-    return {"metrics": [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)], "read": read}
+    seen, read = train_in_process(cfg, group, run_dir, resume, stop_after, record=True)
+    return {"metrics": [dataclasses.asdict(m) for m in seen], "read": read}
 
 
 LLAMA_STEPS = int(_STEPS or 3)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import run_ring_ranks  # (the tiny llama's fixtures come in through conftest.py)
+from helpers import run_ring_ranks, train_in_process  # (the tiny llama's fixtures come in through conftest.py)
 
 TIMEOUT = 240
 MODES = ("full", "lora")
@@ -28,9 +28,7 @@ def _train(model: str, data: str, run_dir: str, mode: str, stages: int, steps: i
     """The trainer on `run_dir` (written as the controller would: its config.yaml); rank 0's losses."""
     import mlx.core as mx
 
-    from mlx_train import protocol
     from mlx_train.config import DataConfig, DistributedConfig, FineTuneConfig, ModelConfig, OptimConfig, TrainConfig
-    from mlx_train.rank.trainer import Trainer
     from mlx_train.rundir import RunDir
 
     group = mx.distributed.init()
@@ -43,14 +41,8 @@ def _train(model: str, data: str, run_dir: str, mode: str, stages: int, steps: i
     if group.rank() == 0 and not resume:
         Path(run_dir).mkdir(parents=True)
         RunDir(run_dir).save_config(cfg)  # what `export` reads the base model's name from
-    seen: list = []
-    real = protocol.emit
-    protocol.emit = seen.append
-    try:
-        Trainer(cfg, group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
-    finally:
-        protocol.emit = real
-    return [(m.loss, m.grad_norm, m.val_loss) for m in seen if isinstance(m, protocol.Metrics)]
+    seen, _ = train_in_process(cfg, group, run_dir, resume, stop_after)
+    return [(m.loss, m.grad_norm, m.val_loss) for m in seen]
 
 
 def rank_main(out_dir: str, model: str, data: str) -> None:

@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from helpers import record_reads, run_ring_ranks, write_corpus
+from helpers import run_ring_ranks, train_in_process, write_corpus
 
 TIMEOUT = 240  # seconds for a whole launch: a hung transfer fails the test, never waits forever
 MODEL = {"n_layers": 3, "d_model": 32, "n_heads": 2, "seq_len": 16}
@@ -36,9 +36,7 @@ def _train(corpus: str, run_dir: str, stages: int, resume: bool = False, stop_af
 
     import mlx.core as mx
 
-    from mlx_train import protocol
     from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
-    from mlx_train.rank.trainer import Trainer
 
     group = mx.distributed.init()
     cfg = TrainConfig(model=ModelConfig(**MODEL), data=DataConfig(path=corpus), optim=OptimConfig(warmup_steps=2),
@@ -46,16 +44,8 @@ def _train(corpus: str, run_dir: str, stages: int, resume: bool = False, stop_af
                                              gradient_accumulation=MICRO, pipeline_stages=stages),
                       steps=STEPS, log_every=1, eval_every=STEPS, checkpoint_every=STOP_AT,
                       grad_checkpoint=grad_checkpoint)
-    seen: list = []
-    real = protocol.emit
-    protocol.emit = seen.append
-    try:
-        trainer = Trainer(cfg, group, run_dir, 1 << 40)
-        read = record_reads(trainer)
-        trainer.run(resume=resume, stop_after=stop_after)
-    finally:
-        protocol.emit = real
-    return {"metrics": [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)], "read": read}
+    seen, read = train_in_process(cfg, group, run_dir, resume, stop_after, record=True)
+    return {"metrics": [dataclasses.asdict(m) for m in seen], "read": read}
 
 
 def rank_main(out_dir: str, stages: str, corpus: str) -> None:

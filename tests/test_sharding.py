@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_ring_ranks, write_corpus
+from helpers import run_ring_ranks, train_in_process, write_corpus
 
 TIMEOUT = 420  # seconds for a whole launch: a hung collective fails the test, never waits forever
 # The issue's 100 steps were run once by hand (MLX_TRAIN_SHARD_STEPS=100, docs/sharding.md); the
@@ -151,9 +151,7 @@ def _with_shard(cfg, level: str):
 
 def _train(group, corpus: str, run_dir: str, level: str, resume: bool, stop_after=None) -> list:
     """The rank's Trainer on `run_dir`; rank 0's Metrics as dicts."""
-    from mlx_train import protocol
     from mlx_train.config import DataConfig, DistributedConfig, ModelConfig, OptimConfig, TrainConfig
-    from mlx_train.rank.trainer import Trainer
 
     n = group.size()
     # No clipping: its norm, summed slice by slice, rounds otherwise than data parallel's (the
@@ -163,14 +161,8 @@ def _train(group, corpus: str, run_dir: str, level: str, resume: bool, stop_afte
                       optim=OptimConfig(warmup_steps=2, grad_clip=0.0),
                       dist=DistributedConfig(num_devices=n, batch_size_per_device=12 // n, backend="ring"),
                       steps=TRAIN_STEPS, log_every=1, eval_every=100, checkpoint_every=STOP_AT)
-    seen: list = []
-    real = protocol.emit
-    protocol.emit = seen.append
-    try:
-        Trainer(_with_shard(cfg, level), group, run_dir, 1 << 40).run(resume=resume, stop_after=stop_after)
-    finally:
-        protocol.emit = real
-    return [dataclasses.asdict(m) for m in seen if isinstance(m, protocol.Metrics)]
+    seen, _ = train_in_process(_with_shard(cfg, level), group, run_dir, resume, stop_after)
+    return [dataclasses.asdict(m) for m in seen]
 
 
 def rank_main(out_dir: str, corpus: str) -> None:

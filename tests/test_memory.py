@@ -117,6 +117,20 @@ def test_tiny_budget_gives_fits_false_with_the_closest_attempt():
     assert plan.breakdown.total > plan.hardware.usable_memory
 
 
+def test_the_plan_line_states_the_need_it_compares_with_the_memory():
+    """A step whose MLX peak is under the usable memory while peak + runtime is over it does not fit,
+    and its one line says the number that decided it (it used to show only the peak, under the
+    usable memory, beside "does not fit")."""
+    ask = dict(model_size=1e8, num_devices=1, global_batch_size=1, precision="fp32", activation_checkpointing=True,
+               safety_fraction=1.0)
+    mem = MemoryOptimizer.suggest_config(**ask, memory_per_device=64 * GiB).breakdown
+    plan = MemoryOptimizer.suggest_config(**ask, memory_per_device=(mem.peak + mem.total) // 2)
+    assert mem.peak < plan.hardware.usable_memory < mem.total and not plan.fits
+    line = str(plan)
+    assert line.startswith("does not fit") and f"needs {mem.total / 2**20:.0f} of " in line, line
+    assert f"peak {mem.peak / 2**20:.0f} MiB" in line and "outside MLX" in line, line
+
+
 def test_recovery_steps_down_keeping_the_global_batch_and_ends_with_none():
     cfg = TrainConfig(dist=DistributedConfig(num_devices=2, batch_size_per_device=8, gradient_accumulation=1))
     seen = []

@@ -350,9 +350,9 @@ class MemoryBreakdown(_Record):
     gathered: int = 0      # `full`: one layer's weights (and its gradient) gathered, already in the terms above
 
     def __str__(self) -> str:
-        return (f"peak {self.peak / MiB:.0f} MiB at {self.peak_phase}: parameters {self.parameters / MiB:.0f}, "
+        return (f"peak {self.peak / MiB:.0f} MiB at {self.peak_phase} (parameters {self.parameters / MiB:.0f}, "
                 f"gradients {self.gradients / MiB:.0f}, optimizer state {self.optimizer_state / MiB:.0f}, "
-                f"activations {self.activations / MiB:.0f} MiB")
+                f"activations {self.activations / MiB:.0f} MiB) + {self.runtime_overhead / MiB:.0f} MiB outside MLX")
 
 
 # Which of the training state's roles a level splits over the ranks: (parameters, gradients, optimizer).

@@ -64,8 +64,10 @@ class MemoryPlan(_Record):
                      self.activation_checkpointing, self.precision, self.shard)
 
     def __str__(self) -> str:
-        return (f"{'fits' if self.fits else 'does not fit'}: {self.num_devices} devices x {self.split}; "
-                f"{self.breakdown} of {self.hardware.usable_memory / 2**20:.0f} MiB usable")
+        # `total`, the number compared: a peak alone just under the usable memory read as fitting.
+        return (f"{'fits' if self.fits else 'does not fit'}: {self.num_devices} devices x {self.split}; needs "
+                f"{self.breakdown.total / 2**20:.0f} of {self.hardware.usable_memory / 2**20:.0f} MiB usable: "
+                f"{self.breakdown}")
 
     def to_distributed_config(self, backend: str = "ring") -> DistributedConfig:
         return DistributedConfig(num_devices=self.num_devices, batch_size_per_device=self.suggested_batch_size,

@@ -18,7 +18,7 @@ from helpers import TINY, cli, events, metrics, popen, unavailable
 from mlx_train.config import DistributedConfig
 from mlx_train.errors import UserError
 from mlx_train.rank.balance import Balancer, fill, groups_of, predicted_s, propose, spread
-from mlx_train.rank.batcher import Batcher, Share, share_of, split_rows
+from mlx_train.rank.batcher import Batcher, Share, micro_batch_count, share_of, split_rows
 
 
 @pytest.mark.parametrize("global_batch, weights", [
@@ -50,6 +50,11 @@ def test_a_rank_cuts_its_rows_into_micro_batches_of_at_most_the_batch_size():
         Share(11, (3,)),
         Share(14, (1,))]
     assert share_of(0, [5], 4).micro == (3, 2)
+    # --shard full: every rank as many micro-batches as the rank that needs the most, empty ones last.
+    assert micro_batch_count([15, 1], [4, 4]) == 4 and micro_batch_count([8, 8], [8, 2]) == 4
+    assert share_of(1, [15, 1], 4, count=4) == Share(15, (1, 0, 0, 0))
+    assert share_of(1, [12, 4], 4, count=3) == Share(12, (2, 1, 1))
+    assert share_of(0, [12, 4], 4, count=3) == share_of(0, [12, 4], 4)
 
 
 @pytest.mark.parametrize("weights", [(3, 1), (1, 2, 5)])
@@ -197,10 +202,14 @@ def runs(tmp_path_factory):
     resumed run's first step: the supervisor's restart from that checkpoint); and the default (auto)
     with rank 1 slowed on its one host, to step 12: one set for the tests below, which compare them."""
     tmp = tmp_path_factory.mktemp("shares")
-    out = {name: tmp / name for name in ("equal", "weighted", "auto", "resumed", "default")}
+    out = {name: tmp / name for name in ("equal", "weighted", "full", "auto", "resumed", "default")}
     cli("train", *COMMON, "--shares", "equal", "--run-dir", str(out["equal"]), check=True)
     # rank 0: 12 rows in 3 micro-batches, rank 1: 4 in 1
     cli("train", *COMMON, "--shares", "3,1", "--run-dir", str(out["weighted"]), check=True)
+    # Fully sharded (collectives in every micro-batch): rank 0's 14 rows in 4 micro-batches, so rank 1's
+    # 2 rows in 4 too, 2 of them empty. A rank short of micro-batches would wait for ever: no restart.
+    cli("train", *COMMON, "--shares", "15,1", "--shard", "full", "--max-restarts", "0", "--stall-timeout", "60",
+        "--run-dir", str(out["full"]), check=True)
     _train_with_slow_rank(out["auto"], [*COMMON, "--shares", "auto"], rank=1, cpu=0.15, env=TWO_HOSTS)
     _train_with_slow_rank(out["default"], [*COMMON, "--stop-after", "12"], rank=1, cpu=0.15)
     shutil.copytree(out["auto"], out["resumed"])
@@ -250,6 +259,18 @@ def test_unequal_shares_make_the_equal_splits_updates(runs):
     assert all(float(row[2]) > 0 and float(row[3]) >= 0 for row in spread), spread
     last = weighted[-1]  # rank 0's own times are the record's (its means, to the microsecond)
     assert abs(last["rank_compute_s"][0] - last["compute_time_s"]) <= 1e-6
+
+
+@pytest.mark.multiproc
+def test_fully_sharded_unequal_shares_take_equal_micro_batch_counts(runs):
+    equal, full = metrics(runs["equal"]), metrics(runs["full"])
+    assert [m["step"] for m in full] == list(range(1, 21)) and all(m["rows"] == [14, 2] for m in full)
+    assert full[-1]["gathered_bytes"] > 0  # the blocks were gathered: fully sharded
+    # Each micro-batch's gradients summed over the ranks before the micro-batches are added up: another
+    # order than data parallel's, so within 1e-5, not the bits.
+    for x, y in zip(equal, full):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+    assert all(len(set(m["param_checksum"])) == 1 for m in full)
 
 
 def _spread_rows(run_dir) -> list:

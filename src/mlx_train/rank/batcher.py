@@ -45,13 +45,21 @@ class Share:
         return sum(self.micro)
 
 
-def share_of(rank: int, rows: Sequence[int], batch: int) -> Share:
+def share_of(rank: int, rows: Sequence[int], batch: int, count: int = 0) -> Share:
     """Rank `rank`'s window, its rows cut into the fewest micro-batches of at most `batch` rows, as
-    even as can be (at most two sizes, so at most two traced shapes)."""
+    even as can be (at most two sizes, so at most two traced shapes). `count`: at least that many
+    micro-batches (`--shard full` runs collectives in every micro-batch, so every rank takes the same
+    number, `micro_batch_count`); a rank with fewer rows than that ends with empty ones."""
     mine = rows[rank]
-    count = -(-mine // batch)
+    count = max(count, -(-mine // batch))
     size, extra = divmod(mine, count)
     return Share(sum(rows[:rank]), tuple(size + 1 if m < extra else size for m in range(count)))
+
+
+def micro_batch_count(rows: Sequence[int], batches: Sequence[int]) -> int:
+    """The micro-batches every rank takes when all must take the same number: the most any rank's
+    rows need at its micro-batch (`batches`, by rank)."""
+    return max(-(-r // b) for r, b in zip(rows, batches))
 
 
 class Batcher:

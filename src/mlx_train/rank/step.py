@@ -236,7 +236,12 @@ class Stepper:
         counted target tokens, the global batch's): without it every micro-batch of every rank is an
         equal part of the global batch."""
         t0 = time.perf_counter()
-        micro_batches = list(micro_batches)
+        # An empty micro-batch (a rank with fewer rows than the micro-batches `full` makes every rank
+        # take) still runs the forward and backward, and with them the collectives the other ranks
+        # wait in: as one row of token 0 that weighs nothing (its share is 0, so are its gradients).
+        micro_batches = [(x, y) if len(x) else (np.zeros((1, *np.shape(x)[1:]), np.asarray(x).dtype),
+                                                 np.zeros((1, *np.shape(y)[1:]), np.asarray(y).dtype))
+                         for x, y in micro_batches]
         # The mean over micro-batches and ranks is folded into the loss, so the backward pass
         # yields already-averaged gradients and the all-reduce is a bare sum (no extra pass).
         # Weighted by tokens, the sum over ranks is the global batch's token mean however unequal

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_train.rank import blas, checkpoint, dataskip, hf, inject, lanes, sample
 from mlx_train.rank.balance import Balancer, groups_of, spread
 from mlx_train.rank.badstep import BadSteps, LossSpike
-from mlx_train.rank.batcher import share_of, split_rows
+from mlx_train.rank.batcher import micro_batch_count, share_of, split_rows
 
 from mlx_train import protocol
 from mlx_train.events import Event
@@ -125,8 +125,13 @@ class Trainer:
         micro-batches (None), so equal shares are the equal split's bits whichever way they came;
         per-rank micro-batch caps always cut windows (each rank's own micro-batch)."""
         self.rows = [int(r) for r in rows]
-        self.share = None if len(set(self.rows)) == 1 and not self.cfg.dist.micro_caps else \
-            share_of(self.rank, self.rows, self.micro)
+        # `full` gathers each block's weights and reduce-scatters its gradients in every micro-batch:
+        # a rank with fewer micro-batches than another would leave it waiting in a collective forever.
+        dist = self.cfg.dist
+        count = micro_batch_count(self.rows, dist.micro_caps or [dist.batch_size_per_device] * self.size) \
+            if shard_level_of(self.cfg) == "full" else 0
+        self.share = None if len(set(self.rows)) == 1 and not dist.micro_caps else \
+            share_of(self.rank, self.rows, self.micro, count)
 
     def gather_floats(self, mine: List[float]) -> List[List[float]]:
         """Every rank's `mine`, by rank (one small all_gather: the same bytes on every rank)."""

@@ -56,6 +56,19 @@ def test_first_step_allowance_then_override(clock):
     assert dog.timeout() == (8, STEP)
 
 
+def test_a_longer_override_lengthens_start_up_and_the_first_step(clock):
+    # Steps of 10 minutes (--stall-timeout 1800): the first one must not be cut at 120 s.
+    dog = Watchdog([0, 1], override=1800, clock=clock)
+    assert dog.timeout() == (1800, STARTUP)
+    dog.started(0, 0)
+    dog.started(1, 0)
+    assert dog.timeout() == (1800, FIRST_STEP)
+    clock.t += 600
+    assert dog.check() is None, "a 10-minute first step under --stall-timeout 1800"
+    clock.t += 1201
+    assert dog.check().phase == FIRST_STEP
+
+
 def test_warm_up_then_adaptive_with_a_floor(clock):
     dog = Watchdog([0], clock=clock)
     dog.started(0, 0)

@@ -528,7 +528,7 @@ class RunOptions:
     max_restarts: int = knob(3, "relaunches after a rank failure before giving up", "--max-restarts")
     stall_timeout: Optional[float] = knob(None, "seconds without progress from a rank before a restart (default: "
                                           "adaptive, 5 x the median step, at least 10 s, with allowances for "
-                                          "start-up, evaluation and checkpoints)", "--stall-timeout")
+                                          "start-up, evaluation and checkpoints; raise it for steps over 120 s)", "--stall-timeout")
     stop_after: Optional[int] = knob(None, "checkpoint and stop cleanly after this step", "--stop-after")
     min_devices: Optional[int] = knob(None, "elastic: exclude a host that fails repeatedly or cannot be reached and "
                                             "go on with the rest while at least N devices remain (default: off)",

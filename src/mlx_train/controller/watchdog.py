@@ -10,7 +10,10 @@ peers were waiting on that phase in their next collective and report only once i
 Allowances adapt: after warm-up a step may take `multiple` x the median step seen, never less than
 `floor_s`; an evaluation or a checkpoint `multiple` x its own last durations once one was seen.
 `override` (--stall-timeout) replaces all of these once a rank has finished its first step;
-start-up and the first step keep their own allowances (imports, data, restore, compilation).
+start-up and the first step keep their own allowances (imports, data, restore, compilation) or the
+override where it is longer: a step slower than the first step's allowance (a large model fully
+sharded over Ethernet gathers its weights 1.5 times a step) would otherwise end every attempt in
+its first step, whatever the user asked for.
 """
 
 from __future__ import annotations
@@ -101,9 +104,9 @@ class Watchdog:
     def allowance(self, phase: str) -> float:
         a = self.allow
         if phase == STARTUP:
-            return a.startup_s
+            return max(a.startup_s, self.override or 0.0)
         if phase == FIRST_STEP:
-            return a.first_step_s
+            return max(a.first_step_s, self.override or 0.0)
         if self.override is not None:
             return self.override
         seen = self.durations[phase]

@@ -108,6 +108,31 @@ def test_performance_shows_the_shard_level_bytes_and_memory_against_data_paralle
     assert [c[-1] for c in cells] == ["0.50x", "0.25x"]
 
 
+@pytest.mark.parametrize("level", ["gradients", "full"])
+def test_performance_shows_no_bandwidth_where_the_collectives_are_inside_compute(tmp_path, level):
+    """At `full` the gathers and reduce-scatters run in the forward and backward ("compute s"): comm s
+    is only what is left outside, so bytes over it would be a bandwidth no link has (it showed 19.5
+    GB/s on loopback)."""
+    from rich.console import Console
+
+    from mlx_train.config import DistributedConfig
+    from mlx_train.controller.monitor import performance_table
+
+    r = RunDir(tmp_path / "run")
+    r.path.mkdir()
+    TrainConfig(steps=10, dist=DistributedConfig(2, 4, 1), shard=level, shard_level=level).to_yaml(r.config_path)
+    write(r, metrics=[metric(4, 1.0, grad_bytes=562_176, comm_time_s=0.00003)])
+    console = Console(width=250, record=True)
+    console.print(performance_table(take_snapshot(r)))
+    text = console.export_text()
+    row = next(line for line in text.splitlines() if line.startswith("│")).replace("│", " ").split()
+    if level == "full":
+        assert "collectives inside compute s" in text and "all-reduced" not in text
+        assert row[3:5] == ["-", "-"], row
+    else:
+        assert "all-reduced per step 562,176 B" in text and row[3] != "-", row
+
+
 def test_a_pipelines_stages_are_rows_per_replica_with_the_bubble_against_theory(run, tmp_path):
     """2 replicas of 2 stages (ranks 0,1 and 2,3), 4 micro-batches: each stage's compute, idle and sync
     (its collectives after the schedule: rank_comm_s less its idle), the replica's bubble (its stages'

@@ -219,25 +219,29 @@ def performance_table(snap: Snapshot, rows: int = 8) -> Table:
     """Per logged step: compute vs communication, all-reduce bandwidth as nccl-tests defines it, and,
     when the run records its link rate (--link-gbps), the sync against the wire's limit. The title
     says how many bytes each rank all-reduces per step (the trainable parameters' gradients: under
-    LoRA only the adapters')."""
+    LoRA only the adapters'). At `--shard full` the gathers and reduce-scatters run inside the
+    forward and backward, so their time is in "compute s" and no bandwidth can be told apart."""
+    from mlx_train.config import shard_level_of
     from mlx_train.planning.perf import bus_bandwidth, scaling_efficiency, wire_limit_s
 
-    gbps = snap.run.load_config().dist.link_gbps
+    cfg = snap.run.load_config()
+    gbps, inside = cfg.dist.link_gbps, shard_level_of(cfg) == "full"
     last = snap.metrics[-1] if snap.metrics else {}
     # The same every step (the trainable parameters' gradients), so it goes in the title.
-    sent = last.get("grad_bytes", 0) if last.get("devices", 1) > 1 else 0
-    notes = ([f"all-reduced per step {sent:,} B"] if sent else []) + ([f"links {gbps:g} Gbit/s"] if gbps else [])
+    sent = last.get("grad_bytes", 0) if last.get("devices", 1) > 1 and not inside else 0
+    notes = ([f"all-reduced per step {sent:,} B"] if sent else []) + \
+        (["shard full: collectives inside compute s"] if inside else []) + ([f"links {gbps:g} Gbit/s"] if gbps else [])
     t = Table(title="performance" + (f" ({', '.join(notes)})" if notes else ""), title_justify="left")
     cols = ["step", "compute s", "comm s", "algbw GB/s", "busbw GB/s"] + (["sync % of wire"] if gbps else [])
     for col in cols + ["tok/s/device", "scaling eff."]:
         t.add_column(col, justify="right")
     for m in snap.metrics[-rows:]:
-        algbw, busbw = bus_bandwidth(m.get("grad_bytes", 0), m["comm_time_s"], m["devices"])
+        algbw, busbw = (0, 0) if inside else bus_bandwidth(m.get("grad_bytes", 0), m["comm_time_s"], m["devices"])
         eff = scaling_efficiency(snap.run, m)
         row = [str(m["step"]), f"{m.get('compute_time_s', 0):.4f}", f"{m['comm_time_s']:.4f}",
                f"{algbw:.2f}" if algbw else "-", f"{busbw:.2f}" if busbw else "-"]
         if gbps:
-            limit = wire_limit_s(m.get("grad_bytes", 0), m["devices"], gbps)
+            limit = 0 if inside else wire_limit_s(m.get("grad_bytes", 0), m["devices"], gbps)
             row.append(f"{limit / m['comm_time_s']:.0%}" if limit and m["comm_time_s"] > 0 else "-")
         t.add_row(*row, f"{m['tokens_per_s'] / m['devices']:,.0f}", f"{eff:.0%}" if eff is not None else "-")
     return t

@@ -266,11 +266,10 @@ def test_sharded_levels_train_as_data_parallel_and_checkpoints_resume_across_wor
     assert straight[-1]["scattered_bytes"] == straight[-1]["gathered_bytes"] == 0
     assert _losses(sharded) == {step: loss for step, loss in _losses(straight).items() if step <= STOP_AT}
     # The same checkpoint files and keys as an unsharded run's, and the gathered state's bits (the
-    # same arithmetic: 2 ranks, no clipping). Not "close": where the arithmetic differs, AdamW turns
-    # a gradient element that cancels to ~1e-9 into a full-size update of whatever sign its rounding
-    # gives, so one weight in 16k differed by 1.6e-5 after 6 steps (the clipping factor summed slice
-    # by slice) while every loss agreed to 1e-7: a tolerance on weights holds for one corpus and not
-    # the next.
+    # same arithmetic: 2 ranks, no clipping). Not "close": where the arithmetic differs in the last
+    # bits (the clipping factor summed slice by slice), AdamW divides a gradient element whose terms
+    # cancel to ~1e-9 by its own small size, so one weight in 16k differed by 1.6e-5 after 6 steps
+    # while every loss agreed to 1e-7: a tolerance on weights holds for one corpus and not the next.
     theirs = two / "straight" / "checkpoints" / f"step-{STOP_AT:06d}"
     _same_checkpoint(two / "sharded" / "checkpoints" / f"step-{STOP_AT:06d}", theirs, values=True)
 

@@ -49,7 +49,8 @@ class Trainer:
         # On hosts of unequal memory (micro_caps) this rank's micro-batch is its own cap, and evaluation
         # takes the smallest rank's, the same on every rank.
         caps = cfg.dist.micro_caps
-        self.micro = caps[self.rank] if caps else cfg.dist.batch_size_per_device
+        self.micros = list(caps) if caps else [cfg.dist.batch_size_per_device] * self.size  # by rank
+        self.micro = self.micros[self.rank]
         eval_batch = min(cfg.dist.batch_size_per_device, *(caps or ()), self.val.n_windows // cfg.dist.replicas)
         self.val_dist = DistributedConfig(cfg.dist.replicas, eval_batch, 1, cfg.dist.backend)
         # Unequal shares (--shares W1,W2,...): this rank's window of every global batch; None is the
@@ -127,10 +128,8 @@ class Trainer:
         self.rows = [int(r) for r in rows]
         # `full` gathers each block's weights and reduce-scatters its gradients in every micro-batch:
         # a rank with fewer micro-batches than another would leave it waiting in a collective forever.
-        dist = self.cfg.dist
-        count = micro_batch_count(self.rows, dist.micro_caps or [dist.batch_size_per_device] * self.size) \
-            if shard_level_of(self.cfg) == "full" else 0
-        self.share = None if len(set(self.rows)) == 1 and not dist.micro_caps else \
+        count = micro_batch_count(self.rows, self.micros) if shard_level_of(self.cfg) == "full" else 0
+        self.share = None if len(set(self.rows)) == 1 and not self.cfg.dist.micro_caps else \
             share_of(self.rank, self.rows, self.micro, count)
 
     def gather_floats(self, mine: List[float]) -> List[List[float]]:
